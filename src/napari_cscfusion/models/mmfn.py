@@ -1,0 +1,94 @@
+"""CSC-MMFN: guided super-resolution of a low-resolution modality by a high-resolution guide.
+Two CSC backbones code each input; a fast guided filter transfers the guide's codes to the
+low-resolution content; a decoder adds the result to the bilinear upsampling of the input."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .csc import CSCEncoder, ReflectConv2d
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def box_sum(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Sum over (2r+1)^2 windows clipped at the border, by cumulative sums (as the authors'
+    fast guided filter does; the clipped windows give the exact border counts)."""
+
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        c = t.cumsum(dim)
+        n = t.shape[dim]
+        head = c.narrow(dim, r, r + 1)
+        mid = c.narrow(dim, 2 * r + 1, n - 2 * r - 1) - c.narrow(dim, 0, n - 2 * r - 1)
+        tail = c.narrow(dim, n - 1, 1) - c.narrow(dim, n - 2 * r - 1, r)
+        return torch.cat((head, mid, tail), dim)
+
+    return along(along(x, 2), 3)
+
+
+def fast_guided_filter(
+    lr_guide: torch.Tensor, lr_target: torch.Tensor, hr_guide: torch.Tensor,
+    radius: int = 1, eps: float = 1e-4,
+) -> torch.Tensor:
+    """Fast guided filter (Wu et al. 2018): linear coefficients at low resolution, upsampled."""
+    h, w = lr_guide.shape[-2:]
+    if h <= 2 * radius + 1 or w <= 2 * radius + 1:
+        raise ValueError(
+            f"the low-resolution image must be larger than {2 * radius + 1} px per side, "
+            f"got {h}x{w}"
+        )
+    n = box_sum(lr_guide.new_ones(1, 1, h, w), radius)
+    mean_x = box_sum(lr_guide, radius) / n
+    mean_y = box_sum(lr_target, radius) / n
+    cov_xy = box_sum(lr_guide * lr_target, radius) / n - mean_x * mean_y
+    var_x = box_sum(lr_guide * lr_guide, radius) / n - mean_x * mean_x
+    a = cov_xy / (var_x + eps)
+    b = mean_y - a * mean_x
+    size = hr_guide.shape[-2:]
+    return upsample(a, size) * hr_guide + upsample(b, size)
+
+
+class CSCMMFN(nn.Module):
+    def __init__(self, lr_channels: int = 31, guide_channels: int = 3, code_channels: int = 256,
+                 num_dcus: int = 3, radius: int = 1, eps: float = 1e-4):
+        super().__init__()
+        self.hparams = {"lr_channels": lr_channels, "guide_channels": guide_channels,
+                        "code_channels": code_channels, "num_dcus": num_dcus,
+                        "radius": radius, "eps": eps}
+        self.radius, self.eps = radius, eps
+
+        def backbone(c: int) -> CSCEncoder:
+            return CSCEncoder(c, code_channels, num_dcus, "sst", stem=True, stem_norm=False,
+                              nonnegative_threshold=True)
+
+        self.lr_encoder = backbone(lr_channels)
+        self.guide_encoder = backbone(guide_channels)
+        self.decoder = ReflectConv2d(code_channels, lr_channels, 3)
+
+    @property
+    def lr_channels(self) -> int:
+        return self.hparams["lr_channels"]
+
+    @property
+    def guide_channels(self) -> int:
+        return self.hparams["guide_channels"]
+
+    def encode(self, lr: torch.Tensor, guide: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Codes of both inputs and the fused high-resolution codes."""
+        z_guide = self.guide_encoder(guide)
+        z_lr = self.lr_encoder(lr)
+        z_guide_low = upsample(z_guide, lr.shape[-2:])
+        z_fused = fast_guided_filter(z_guide_low, z_lr, z_guide, self.radius, self.eps)
+        return {"guide": z_guide, "low_res": z_lr, "fused": z_fused}
+
+    def decode(self, z_fused: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        # The authors upsample to (H, H), which breaks non-square images: use (H, W).
+        return self.decoder(z_fused) + upsample(lr, z_fused.shape[-2:])
+
+    def forward(self, lr: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """lr [N,c,h,w], guide [N,g,H,W] in [0,1] -> [N,c,H,W] (unclamped: training output)."""
+        return self.decode(self.encode(lr, guide)["fused"], lr)
