@@ -1,0 +1,43 @@
+"""Device choice: 'auto' takes CUDA, then Apple MPS, then the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+
+def available_devices() -> list[str]:
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out = [f"cuda:{i}" for i in range(torch.cuda.device_count())] + out
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.insert(0, "mps")
+    return out
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device is None or (isinstance(device, str) and device.lower() == "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a device name ({exc}); use 'auto', 'cpu', "
+                         f"'cuda', 'cuda:N' or 'mps'") from None
+    ok = True
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and (dev.index is None
+                                             or dev.index < torch.cuda.device_count())
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        ok = mps is not None and mps.is_available()
+    elif dev.type != "cpu":
+        ok = False
+    if not ok:
+        raise ValueError(f"device: {str(device)!r} is not available on this machine; available: "
+                         f"{', '.join(available_devices())} (or 'auto')")
+    return dev
