@@ -2,6 +2,7 @@
 
 from .device import available_devices, resolve_device
 from .fusion import (
+    Cancelled,
     FusionResult,
     fuse_exposures,
     fuse_grey_sources,
@@ -11,6 +12,6 @@ from .fusion import (
 )
 from .registry import FusionModel, load_model
 
-__all__ = ["FusionModel", "FusionResult", "available_devices", "fuse_exposures",
+__all__ = ["Cancelled", "FusionModel", "FusionResult", "available_devices", "fuse_exposures",
            "fuse_grey_sources", "fuse_guided", "fuse_infrared_visible", "load_model",
            "resolve_device", "stretch_percentiles"]

@@ -24,6 +24,16 @@ MMF_MIN_LOW_SIZE = 4  # the fast guided filter (r=1) needs more than 3 px per si
 MEF_BATCH_VALUES = 64_000_000
 
 
+class Cancelled(Exception):
+    """Raised by a ``progress`` callback to stop a fusion run between steps."""
+
+
+def report(progress, done: int, total: int) -> None:
+    """Call the user's progress(done, total) callback, if any. It may raise Cancelled."""
+    if progress is not None:
+        progress(done, total)
+
+
 @dataclass
 class FusionResult:
     """image: float32 in [0,1]; codes: name -> float32 (q,H,W) when asked for; weights:
@@ -56,7 +66,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 # --- infrared + visible (and any N grey sources) with CSC-IVFN ----------------------------
 
 def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_rule: str,
-                      detail_rule: str, device: torch.device, codes: bool
+                      detail_rule: str, device: torch.device, codes: bool, progress=None
                       ) -> tuple[np.ndarray, dict, dict]:
     """Fuse S >= 2 registered grey float32 images in [0,1] (name -> (H,W)) with CSC-IVFN.
 
@@ -69,9 +79,12 @@ def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_ru
     net = model.network_on(device)
     x = torch.from_numpy(np.stack([images[n] for n in names]))[:, None].to(device)
     with torch.inference_mode():
+        report(progress, 0, 3)
         z_base, z_detail = net.encode(x)
+        report(progress, 1, 3)
         fused_base, w_base = apply_rule(base_rule, z_base)
         fused_detail, w_detail = apply_rule(detail_rule, z_detail)
+        report(progress, 2, 3)
         out = net.decode(IVF_ALPHA * fused_base[None], IVF_ALPHA * fused_detail[None])[0, 0]
         weights = {
             # per-channel base weights are summarised by their mean over channels
@@ -85,17 +98,19 @@ def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_ru
                 code_maps[f"{n}_detail"] = _to_numpy(z_detail[i])
             code_maps["fused_base"] = _to_numpy(fused_base)
             code_maps["fused_detail"] = _to_numpy(fused_detail)
+    report(progress, 3, 3)
     return _to_numpy(out), code_maps, weights
 
 
 def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
-                          detail_rule: str = "l1", device="auto", codes: bool = False
-                          ) -> FusionResult:
+                          detail_rule: str = "l1", device="auto", codes: bool = False,
+                          progress=None) -> FusionResult:
     """Fuse a registered infrared/visible pair of grey images (H,W) with CSC-IVFN.
 
     base_rule / detail_rule: 'saliency' (authors' base default), 'l1' (authors' detail
     default) or 'average'. codes=True also returns the sparse codes after the last DCU
-    (q maps per source: memory-hungry). Returns a FusionResult with a (H,W) float32 image.
+    (q maps per source: memory-hungry). progress(done, total) is called between steps and
+    may raise Cancelled. Returns a FusionResult with a (H,W) float32 image.
     """
     t0 = time.perf_counter()
     for a, n in ((ir, "ir"), (vis, "vis")):
@@ -107,7 +122,8 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     dev = resolve_device(device)
     t1 = time.perf_counter()
     image, code_maps, weights = fuse_grey_sources(
-        {"infrared": n_ir.data, "visible": n_vis.data}, model, base_rule, detail_rule, dev, codes)
+        {"infrared": n_ir.data, "visible": n_vis.data}, model, base_rule, detail_rule, dev, codes,
+        progress)
     meta = _base_metadata(model, dev, {"ir": n_ir.note, "vis": n_vis.note})
     meta.update(sources=["infrared", "visible"], base_rule=base_rule, detail_rule=detail_rule,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
@@ -116,12 +132,18 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
 
 # --- multi-exposure with CSC-MEFN ---------------------------------------------------------
 
-def _exposure_logits(net, y: torch.Tensor, code_channels: int) -> torch.Tensor:
+def _exposure_logits(net, y: torch.Tensor, code_channels: int, progress=None) -> torch.Tensor:
     per = max(1, MEF_BATCH_VALUES // (code_channels * y.shape[-2] * y.shape[-1]))
-    return torch.cat([net.logits(y[i:i + per]) for i in range(0, y.shape[0], per)], 0)
+    out = []
+    for i in range(0, y.shape[0], per):
+        report(progress, i, y.shape[0])
+        out.append(net.logits(y[i:i + per]))
+    report(progress, y.shape[0], y.shape[0])
+    return torch.cat(out, 0)
 
 
-def fuse_exposures(stack, model=None, device="auto", codes: bool = False) -> FusionResult:
+def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
+                   progress=None) -> FusionResult:
     """Fuse K >= 2 registered exposures: stack (K,H,W) grey or (K,H,W,3) RGB.
 
     RGB goes through YCbCr: the network weighs each exposure's luminance (softmax over
@@ -152,7 +174,7 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False) -> Fus
             y = ycc[..., 0][:, None]
         else:
             y = x[:, None]
-        logits = _exposure_logits(net, y, net.hparams["code_channels"])
+        logits = _exposure_logits(net, y, net.hparams["code_channels"], progress)
         w = torch.softmax(logits[:, 0], dim=0)
         y_f = (w * y[:, 0]).sum(0)
         if x.ndim == 4:
@@ -188,8 +210,8 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]).astype(np.float32)
 
 
-def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False
-                ) -> FusionResult:
+def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
+                progress=None) -> FusionResult:
     """Super-resolve ``low_res`` (h,w) or (C,h,w) to the guide's size (H,W) with CSC-MMFN.
 
     guide: (H,W) grey or (H,W,3) RGB; a grey guide is repeated to RGB for a network trained
@@ -234,9 +256,11 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False
     with torch.inference_mode():
         lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(dev)
         g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(dev)
+        report(progress, 0, 1)
         z = net.encode(lr_t, g_t)
         out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
         code_maps = {k: _to_numpy(v[0]) for k, v in z.items()} if codes else {}
+    report(progress, 1, 1)
     image = _to_numpy(out)
     if len(lr_shape) == 2:
         image = image[0]
