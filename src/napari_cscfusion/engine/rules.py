@@ -23,8 +23,9 @@ def average_rule(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def l1_attention_weights(z: torch.Tensor) -> torch.Tensor:
     """A_s = 3x3 mean (zero border) of sum_c |z_s|; w_s = A_s / sum_s A_s -> [S,1,H,W]."""
-    activity = F.avg_pool2d(z.abs().sum(1, keepdim=True), 3, stride=1, padding=1,
-                            count_include_pad=True)
+    # a 1/9 kernel convolution rather than avg_pool: the authors' arithmetic, bit for bit
+    activity = F.conv2d(z.abs().sum(1, keepdim=True), z.new_full((1, 1, 3, 3), 1.0 / 9),
+                        padding=1)
     total = activity.sum(0, keepdim=True)
     # Where every source is silent (0/0) fall back to equal weights instead of NaN.
     return torch.where(total > 0, activity / total.clamp_min(torch.finfo(z.dtype).tiny),

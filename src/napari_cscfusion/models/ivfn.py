@@ -13,8 +13,11 @@ BLUR_SIZE = 11  # the authors' low-pass: an 11x11 box mean with reflection borde
 
 
 def box_blur(x: torch.Tensor, size: int = BLUR_SIZE) -> torch.Tensor:
-    """Mean over size x size windows, reflection border (kornia.filters.BoxBlur's default)."""
-    return F.avg_pool2d(reflect_pad(x, size // 2), size, stride=1)
+    """Mean over size x size windows, reflection border, as kornia's BoxBlur computes it
+    (a convolution with a 1/size^2 kernel: summation order matters for exactness, because
+    negative soft thresholds amplify rounding differences)."""
+    kernel = x.new_full((1, 1, size, size), 1.0 / (size * size))
+    return F.conv2d(reflect_pad(x, size // 2), kernel)
 
 
 class IVFNDecoder(nn.Module):
