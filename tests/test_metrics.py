@@ -336,6 +336,7 @@ def test_real_tno_pair_metric_orderings(tno_pair):
     assert M.mutual_information([ir], ir) == pytest.approx(M.entropy(ir))
 
 
+@pytest.mark.slow
 def test_real_memorial_mef_ssim_orderings():
     d = SHARED / "mef" / "memorial"
     files = sorted(d.glob("memorial_*.png"))
