@@ -1,0 +1,95 @@
+"""``cscfusion train``: the command-line front of ``training.train`` (registered by the main CLI
+through ``add_train_parser``; also runnable as ``python -m napari_cscfusion.training.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .data import TASKS
+
+# Defaults per task: what produced the shipped weights (see weights/README.md).
+TASK_DEFAULTS = {
+    "ivf": {"epochs": 6, "batch_size": 8, "lr": 5e-3, "crop": 48},
+    "mef": {"epochs": 8, "batch_size": 8, "lr": 5e-3, "crop": 64},
+    "mmf": {"epochs": 15, "batch_size": 16, "lr": 2e-3, "crop": 64},
+}
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="train CSC-IVFN / CSC-MEFN / CSC-MMFN weights from scratch or fine-tune",
+        description="Train a CSC fusion network on the project's training data and write it in "
+                    "the package's weights format (plus <out>.best.pt, <out>.state.pt for "
+                    "--resume, <out>.log.csv). Defaults per task: "
+                    + "; ".join(f"{t}: {d}" for t, d in TASK_DEFAULTS.items()))
+    p.add_argument("task", choices=TASKS, help="ivf (infrared+visible), mef (multi-exposure), "
+                                               "mmf (thermal guided super-resolution)")
+    p.add_argument("--out", required=True, help="weights file to write (.pt)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak Adam learning rate")
+    p.add_argument("--crop", type=int, default=None, help="training crop size in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:n]")
+    p.add_argument("--init", default=None, help="fine-tune from this weights file (any format "
+                                                "the loader reads)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop cleanly after this many minutes (resumable)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding ivf/flir_train and mef/hdr (default: $CSCFUSION_DATA_ROOT "
+                        "or ../shared/data next to the source checkout)")
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--code-channels", type=int, default=None, help="architecture (mmf only)")
+    p.add_argument("--num-dcus", type=int, default=None, help="architecture (mmf only)")
+    p.add_argument("--halo-weight", type=float, default=0.0, help="mef: weight of mean|grad Y|")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = TASK_DEFAULTS[args.task]
+    hparams = {}
+    if args.code_channels or args.num_dcus:
+        if args.task != "mmf":
+            raise SystemExit("--code-channels/--num-dcus are only for mmf (ivf and mef keep the "
+                             "authors' architecture)")
+        if args.code_channels:
+            hparams["code_channels"] = args.code_channels
+        if args.num_dcus:
+            hparams["num_dcus"] = args.num_dcus
+    path = train(
+        args.task, args.out, data_root=args.data_root,
+        epochs=args.epochs or d["epochs"], batch_size=args.batch_size or d["batch_size"],
+        lr=args.lr or d["lr"], crop=args.crop or d["crop"], seed=args.seed, device=args.device,
+        init_weights=args.init, resume=args.resume, max_minutes=args.max_minutes,
+        progress=not args.no_progress, hparams=hparams or None,
+        steps_per_epoch=args.steps_per_epoch, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, halo_weight=args.halo_weight,
+    )
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    print(f"wrote {path}")
+    print(json.dumps(raw["training"], indent=1, default=str))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m napari_cscfusion.training.cli")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,400 @@
+"""Training data for the three networks, made from real images (engine layer: numpy/torch).
+
+- ivf: random resized crops of single grey images (IR and visible mixed) from FLIR ``flir_train``;
+- mef: exposure brackets simulated from real HDR radiance maps (``mef/hdr/*.exr``), one scene
+  (``HELD_OUT_HDR``) never used;
+- mmf: thermal guided super-resolution: an area-downsampled IR crop (scale 2-4) + the full
+  resolution visible frame as guide -> the full resolution IR crop.
+
+Every batch is a pure function of (seed, epoch, step): runs are reproducible and a resumed run
+sees exactly the batches the interrupted one would have seen.
+
+The held-out sets (TNO, FLIR-test, nir_country, the held-out HDR scene) are never read here.
+A validation split of ``flir_train`` (every ``VAL_EVERY``-th pair) is kept apart for choosing
+the epoch; for mef the right-hand ``MEF_VAL_FRACTION`` of each training panorama is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")  # must precede the cv2 import
+import cv2  # noqa: E402
+
+TASKS = ("ivf", "mef", "mmf")
+HELD_OUT_HDR = "sunrise"  # never used for training or validation: kept for evaluation
+VAL_EVERY = 10  # flir_train pairs 10, 20, ..., 180 form the validation split
+MEF_VAL_FRACTION = 0.2  # right-hand part of each training HDR panorama: validation
+MMF_SCALES = (2.0, 4.0)  # one model for every scale in this range
+DATA_ENV = "CSCFUSION_DATA_ROOT"
+
+
+def default_data_root() -> Path:
+    """``$CSCFUSION_DATA_ROOT`` or, in a source checkout, ``<repo>/../shared/data``."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def resolve_data_root(data_root: str | Path | None) -> Path:
+    root = Path(data_root) if data_root is not None else default_data_root()
+    if not (root / "ivf" / "flir_train").is_dir() and not (root / "mef" / "hdr").is_dir():
+        raise FileNotFoundError(
+            f"no training data under {str(root)!r}: expected ivf/flir_train and mef/hdr "
+            f"(pass data_root / --data-root or set ${DATA_ENV})")
+    return root
+
+
+# --- reading ---------------------------------------------------------------------------
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """An 8-bit image file as float32 grey in [0,1] (colour is converted with BT.601)."""
+    im = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if im is None:
+        raise OSError(f"cannot read image {str(path)!r}")
+    if im.ndim == 3:
+        im = cv2.cvtColor(im[..., :3], cv2.COLOR_BGR2GRAY)
+    scale = 65535.0 if im.dtype == np.uint16 else 255.0
+    return im.astype(np.float32) / scale
+
+
+def read_hdr(path: str | Path) -> np.ndarray:
+    """An OpenEXR radiance map as float32 RGB [H,W,3], negative values clipped to 0.
+
+    OpenCV is tried first (with OPENCV_IO_ENABLE_OPENEXR=1); wheels built without OpenEXR
+    (opencv-python-headless 5 here) return None, then the ``OpenEXR`` package is used.
+    """
+    path = Path(path)
+    im = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if im is not None:
+        rgb = cv2.cvtColor(im[..., :3], cv2.COLOR_BGR2RGB)
+    else:
+        try:
+            import OpenEXR
+        except ImportError:
+            raise ImportError(
+                f"cannot read {str(path)!r}: this OpenCV build has no OpenEXR support and the "
+                f"'openexr' package is not installed (pip install openexr)") from None
+        with OpenEXR.File(str(path)) as f:
+            ch = f.channels()
+            if "RGB" in ch:
+                rgb = np.asarray(ch["RGB"].pixels)
+            elif all(c in ch for c in "RGB"):
+                rgb = np.stack([np.asarray(ch[c].pixels) for c in "RGB"], -1)
+            else:
+                raise OSError(f"{str(path)!r} has no R, G, B channels ({list(ch)})")
+    return np.ascontiguousarray(np.clip(rgb[..., :3].astype(np.float32), 0.0, None))
+
+
+def _index(p: Path) -> int:
+    m = re.search(r"(\d+)", p.stem)
+    return int(m.group(1)) if m else -1
+
+
+def flir_pairs(data_root: str | Path | None = None,
+               split: str = "train") -> list[tuple[Path, Path]]:
+    """(IR, visible) file pairs of ``ivf/flir_train``; split 'train', 'val' or 'all'."""
+    folder = resolve_data_root(data_root) / "ivf" / "flir_train"
+    irs = sorted(folder.glob("IR*.*"), key=_index)
+    pairs = []
+    for ir in irs:
+        vis = [p for p in folder.glob(f"VIS{_index(ir)}.*")]
+        if vis:
+            pairs.append((ir, vis[0]))
+    if not pairs:
+        raise FileNotFoundError(f"no IR*/VIS* pairs in {str(folder)!r}")
+    if split == "all":
+        return pairs
+    is_val = [_index(ir) % VAL_EVERY == 0 for ir, _ in pairs]
+    if split == "val":
+        return [p for p, v in zip(pairs, is_val, strict=True) if v]
+    if split == "train":
+        return [p for p, v in zip(pairs, is_val, strict=True) if not v]
+    raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+
+
+def hdr_scenes(data_root: str | Path | None = None) -> list[Path]:
+    """The training HDR maps (every ``mef/hdr/*.exr`` but ``HELD_OUT_HDR``)."""
+    folder = resolve_data_root(data_root) / "mef" / "hdr"
+    scenes = sorted(p for p in folder.glob("*.exr") if p.stem != HELD_OUT_HDR)
+    if not scenes:
+        raise FileNotFoundError(f"no training HDR maps (*.exr) in {str(folder)!r}")
+    return scenes
+
+
+@lru_cache(maxsize=16)
+def _cached_grey(path: str) -> np.ndarray:
+    return read_grey(path)
+
+
+@lru_cache(maxsize=8)
+def _cached_hdr(path: str) -> np.ndarray:
+    hdr = read_hdr(path)
+    # Normalise exposure: the scene's median luminance becomes 0.18 at EV 0.
+    lum = hdr @ np.array([0.2126, 0.7152, 0.0722], np.float32)
+    return hdr * np.float32(0.18 / max(float(np.median(lum)), 1e-6))
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *[int(k) for k in keys]])
+
+
+# --- augmentation ----------------------------------------------------------------------
+
+def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """torchvision's RandomResizedCrop on a numpy [H,W(,C)] image (area interpolation when
+    shrinking, linear when enlarging)."""
+    h, w = img.shape[:2]
+    area = h * w
+    for _ in range(10):
+        a = area * rng.uniform(*scale)
+        r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round(np.sqrt(a * r))), int(round(np.sqrt(a / r)))
+        if 0 < cw <= w and 0 < ch <= h:
+            break
+    else:
+        cw = ch = min(h, w)
+    y0 = int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))
+    crop = img[y0:y0 + ch, x0:x0 + cw]
+    interp = cv2.INTER_AREA if cw * ch > size * size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def random_flip_rot(arrays: Sequence[np.ndarray], rng: np.random.Generator,
+                    rot90: bool = True) -> list[np.ndarray]:
+    """The same random flips (and rot90 of square arrays) for every [H,W(,C)] array."""
+    k = int(rng.integers(0, 4)) if rot90 else 0
+    fh, fv = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
+    out = []
+    for a in arrays:
+        if fh:
+            a = a[:, ::-1]
+        if fv:
+            a = a[::-1]
+        if k:
+            a = np.rot90(a, k, axes=(0, 1))
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+# --- exposure brackets -------------------------------------------------------------------
+
+def camera_response(x: np.ndarray, gamma: float = 2.2, contrast: float = 0.0) -> np.ndarray:
+    """A simple camera response: gamma then an optional S-curve (contrast in [0,1)).
+
+    Monotone non-decreasing on [0,1], maps 0 -> 0 and 1 -> 1.
+    """
+    y = np.power(np.clip(x, 0.0, 1.0), 1.0 / gamma)
+    if contrast > 0:
+        s = 0.5 - 0.5 * np.cos(np.pi * y)  # smooth S-curve on [0,1]
+        y = (1.0 - contrast) * y + contrast * s
+    return y.astype(np.float32)
+
+
+def simulate_bracket(hdr: np.ndarray, evs: Sequence[float], rng: np.random.Generator | None = None,
+                     *, gamma: float = 2.2, contrast: float = 0.0, read_noise: float = 0.002,
+                     shot_noise: float = 0.005, quantise: bool = True) -> np.ndarray:
+    """LDR exposures [K,H,W,3] in [0,1] of a radiance map ``hdr`` [H,W,3] (linear, >= 0).
+
+    For each EV: scale by 2^EV, add sensor noise (shot noise with variance shot_noise² · x and
+    read noise read_noise², in linear units), clip to [0,1], apply ``camera_response``,
+    quantise to 8 bit. Exposures come out in the order of ``evs``.
+    """
+    if rng is None:
+        rng = np.random.default_rng(0)
+    hdr = np.asarray(hdr, np.float32)
+    out = np.empty((len(evs), *hdr.shape), np.float32)
+    for i, ev in enumerate(evs):
+        lin = hdr * np.float32(2.0 ** ev)
+        if shot_noise > 0 or read_noise > 0:
+            sigma = np.sqrt(shot_noise ** 2 * np.clip(lin, 0, 1) + read_noise ** 2)
+            lin = lin + sigma * rng.standard_normal(lin.shape).astype(np.float32)
+        ldr = camera_response(lin, gamma, contrast)
+        if quantise:
+            ldr = np.round(ldr * 255.0) / 255.0
+        out[i] = ldr
+    return out
+
+
+def random_evs(rng: np.random.Generator, count: int) -> list[float]:
+    """``count`` exposure values, ascending, spaced 1-3 stops (random), centred near 0."""
+    spacing = rng.uniform(1.0, 3.0)
+    evs = np.arange(count, dtype=np.float64) * spacing
+    evs = evs - evs.mean() + rng.uniform(-1.5, 1.5)
+    return [float(e) for e in evs]
+
+
+# --- batches ------------------------------------------------------------------------------
+
+class BatchSource:
+    """Base: ``batch(epoch, step)`` -> dict of float32 tensors, ``steps_per_epoch``."""
+
+    task: str
+    steps_per_epoch: int
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class IVFCrops(BatchSource):
+    """Random resized crops of single grey images, IR and visible mixed (autoencoder)."""
+
+    task = "ivf"
+
+    def __init__(self, data_root=None, *, crop: int = 96, batch_size: int = 16, seed: int = 0,
+                 split: str = "train", scale: tuple[float, float] | None = None,
+                 steps_per_epoch: int | None = None):
+        if scale is None:
+            # torchvision's default area range (0.08, 1) at the authors' 128 px crops; smaller
+            # crops take proportionally smaller areas so the pixel scale stays the same.
+            f = (crop / 128.0) ** 2
+            scale = (0.08 * f, min(1.0, f))
+        pairs = flir_pairs(data_root, split)
+        self.files = [str(p) for pair in pairs for p in pair]
+        self.crop, self.batch_size, self.seed, self.scale = crop, batch_size, seed, scale
+        self.steps_per_epoch = steps_per_epoch or max(1, len(self.files) // batch_size)
+        self.split = split
+
+    def describe(self) -> dict:
+        return {"data": f"ivf/flir_train ({self.split} split: {len(self.files)} images, IR and "
+                        f"visible mixed; pairs with index % {VAL_EVERY} == 0 are validation)",
+                "augment": f"random resized crop {self.crop} (area fraction "
+                           f"{self.scale[0]:.3g}-{self.scale[1]:.3g}), flips, rot90"}
+
+    def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        order = _rng(self.seed, 1, epoch).permutation(len(self.files))
+        out = []
+        for j in range(self.batch_size):
+            i = int(order[(step * self.batch_size + j) % len(order)])
+            rng = _rng(self.seed, 2, epoch, step, j)
+            img = random_resized_crop(_cached_grey(self.files[i]), self.crop, rng, self.scale)
+            (img,) = random_flip_rot([img], rng)
+            out.append(img)
+        x = torch.from_numpy(np.stack(out)[:, None])
+        return {"image": x}
+
+
+class MEFBrackets(BatchSource):
+    """Simulated brackets [N,K,3,H,W] (K random in 2..5 per batch) from training HDR maps."""
+
+    task = "mef"
+
+    def __init__(self, data_root=None, *, crop: int = 128, batch_size: int = 8, seed: int = 0,
+                 split: str = "train", counts: tuple[int, int] = (2, 5),
+                 steps_per_epoch: int | None = None):
+        self.scenes = [str(p) for p in hdr_scenes(data_root)]
+        self.crop, self.batch_size, self.seed, self.counts = crop, batch_size, seed, counts
+        self.split = split
+        self.steps_per_epoch = steps_per_epoch or 25
+
+    def describe(self) -> dict:
+        names = [Path(s).stem for s in self.scenes]
+        return {"data": f"mef/hdr {names} ({self.split} part: "
+                        f"{'left' if self.split == 'train' else 'right'} "
+                        f"{1 - MEF_VAL_FRACTION if self.split == 'train' else MEF_VAL_FRACTION:.0%}"
+                        f" of each panorama)",
+                "augment": f"random crops {self.crop} at scale 0.25-1, flips, rot90; "
+                           f"{self.counts[0]}-{self.counts[1]} exposures 1-3 EV apart, gamma "
+                           f"1.8-2.6 + S-curve 0-0.5, shot/read noise, 8-bit"}
+
+    def _region(self, hdr: np.ndarray) -> np.ndarray:
+        w = hdr.shape[1]
+        cut = int(round(w * (1 - MEF_VAL_FRACTION)))
+        return hdr[:, :cut] if self.split == "train" else hdr[:, cut:]
+
+    def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        brng = _rng(self.seed, 3, epoch, step)
+        k = int(brng.integers(self.counts[0], self.counts[1] + 1))
+        out = []
+        for j in range(self.batch_size):
+            rng = _rng(self.seed, 4, epoch, step, j)
+            hdr = self._region(_cached_hdr(self.scenes[int(rng.integers(len(self.scenes)))]))
+            s = rng.uniform(0.25, 1.0)
+            h, w = hdr.shape[:2]
+            side = int(min(h, w, round(self.crop / s)))
+            y0 = int(rng.integers(0, h - side + 1))
+            x0 = int(rng.integers(0, w - side + 1))
+            patch = cv2.resize(hdr[y0:y0 + side, x0:x0 + side], (self.crop, self.crop),
+                               interpolation=cv2.INTER_AREA)
+            evs = random_evs(rng, k)
+            stack = simulate_bracket(patch, evs, rng, gamma=rng.uniform(1.8, 2.6),
+                                     contrast=rng.uniform(0.0, 0.5))
+            stack = np.stack(random_flip_rot(list(stack), _rng(self.seed, 5, epoch, step, j)))
+            out.append(stack.transpose(0, 3, 1, 2))
+        return {"stack": torch.from_numpy(np.ascontiguousarray(np.stack(out)))}
+
+
+def area_downsample(img: np.ndarray, scale: float) -> np.ndarray:
+    """Area (box) downsampling by ``scale`` with cv2.INTER_AREA (size rounded)."""
+    h, w = img.shape[:2]
+    size = (max(1, int(round(w / scale))), max(1, int(round(h / scale))))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+class MMFPairs(BatchSource):
+    """Thermal guided super-resolution: lr IR (area-downsampled at a random scale in 2-4, the
+    same for a batch), visible guide and full resolution IR target, crops of ``crop`` px."""
+
+    task = "mmf"
+
+    def __init__(self, data_root=None, *, crop: int = 96, batch_size: int = 16, seed: int = 0,
+                 split: str = "train", scales: tuple[float, float] = MMF_SCALES,
+                 steps_per_epoch: int | None = None):
+        self.pairs = [(str(a), str(b)) for a, b in flir_pairs(data_root, split)]
+        self.crop, self.batch_size, self.seed, self.scales = crop, batch_size, seed, scales
+        self.split = split
+        self.steps_per_epoch = steps_per_epoch or max(1, 2 * len(self.pairs) // batch_size)
+
+    def describe(self) -> dict:
+        return {"data": f"ivf/flir_train ({self.split} split: {len(self.pairs)} IR/visible "
+                        f"pairs; index % {VAL_EVERY} == 0 are validation)",
+                "augment": f"random crops {self.crop}, flips, rot90; lr = INTER_AREA "
+                           f"downsampling of the IR crop at a random scale "
+                           f"{self.scales[0]}-{self.scales[1]} per batch"}
+
+    def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        brng = _rng(self.seed, 6, epoch, step)
+        # Half the batches use an integer scale (2, 3 or 4), half a random real one.
+        lo, hi = self.scales
+        ints = [s for s in range(int(np.ceil(lo)), int(np.floor(hi)) + 1)]
+        scale = float(brng.choice(ints)) if ints and brng.random() < 0.5 else brng.uniform(lo, hi)
+        order = _rng(self.seed, 7, epoch).permutation(len(self.pairs))
+        lrs, guides, targets = [], [], []
+        for j in range(self.batch_size):
+            i = int(order[(step * self.batch_size + j) % len(order)])
+            rng = _rng(self.seed, 8, epoch, step, j)
+            ir, vis = _cached_grey(self.pairs[i][0]), _cached_grey(self.pairs[i][1])
+            h, w = min(ir.shape[0], vis.shape[0]), min(ir.shape[1], vis.shape[1])
+            y0 = int(rng.integers(0, h - self.crop + 1))
+            x0 = int(rng.integers(0, w - self.crop + 1))
+            t = ir[y0:y0 + self.crop, x0:x0 + self.crop]
+            g = vis[y0:y0 + self.crop, x0:x0 + self.crop]
+            t, g = random_flip_rot([t, g], rng)
+            lrs.append(area_downsample(t, scale))
+            guides.append(g)
+            targets.append(t)
+        return {"lr": torch.from_numpy(np.stack(lrs)[:, None]),
+                "guide": torch.from_numpy(np.stack(guides)[:, None]),
+                "target": torch.from_numpy(np.stack(targets)[:, None]),
+                "scale": torch.tensor(scale)}
+
+
+def make_source(task: str, data_root=None, **kw) -> BatchSource:
+    cls = {"ivf": IVFCrops, "mef": MEFBrackets, "mmf": MMFPairs}.get(task)
+    if cls is None:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return cls(data_root, **kw)

@@ -1,0 +1,93 @@
+"""Training losses (torch): the IVFN autoencoder loss, the MEFN unsupervised MEF-SSIM loss and
+the MMFN reconstruction loss, plus a batched CSC-MEFN fusion that keeps gradients."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..models.color import fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
+
+SSIM_WEIGHT = 5.0  # the authors' IVFN loss: MSE + 5 * (1 - SSIM) / 2
+
+
+def gaussian_window(size: int, sigma: float, channels: int = 1,
+                    device=None, dtype=torch.float32) -> torch.Tensor:
+    """A normalised 2-D Gaussian [channels,1,size,size] for depthwise convolution."""
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(r ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :]).to(device=device, dtype=dtype)
+    return w.expand(channels, 1, size, size).contiguous()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 3, sigma: float = 1.5,
+         data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM of [N,C,H,W] images with a Gaussian window (zero padding, as the widely used
+    ``pytorch_ssim`` the authors trained with)."""
+    c = x.shape[1]
+    w = gaussian_window(window_size, sigma, c, x.device, x.dtype)
+    pad = window_size // 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, w, padding=pad, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.mean()
+
+
+def ivf_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE + 5 · (1 − SSIM₃ₓ₃) / 2 (the authors' autoencoder loss)."""
+    return F.mse_loss(recon, target) + SSIM_WEIGHT * (1.0 - ssim(recon, target, 3)) / 2.0
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
+    mse = F.mse_loss(x.double(), y.double()).item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
+
+
+def mefn_fuse_batch(net, stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSC-MEFN fusion of a batch of brackets [N,K,3,H,W] in [0,1], differentiable.
+
+    Returns (fused RGB [N,3,H,W] clamped to [0,1], fused luminance [N,1,H,W]); the same
+    computation as ``CSCMEFN.forward`` for each bracket.
+    """
+    n, k, _, h, w = stack.shape
+    ycc = rgb_to_ycbcr(stack, dim=2)  # [N,K,3,H,W]
+    y = ycc[:, :, :1]
+    logits = net.logits(y.reshape(n * k, 1, h, w)).reshape(n, k, h, w)
+    weights = torch.softmax(logits, dim=1)
+    y_f = (weights * y[:, :, 0]).sum(1)  # [N,H,W]
+    cb = fuse_chroma(ycc[:, :, 1], dim=1)
+    cr = fuse_chroma(ycc[:, :, 2], dim=1)
+    fused = ycbcr_to_rgb(torch.stack((y_f, cb, cr), 1), dim=1).clamp(0.0, 1.0)
+    return fused, y_f[:, None]
+
+
+def halo_term(y: torch.Tensor) -> torch.Tensor:
+    """mean |∇Y| (the authors' optional halo/smoothness term)."""
+    return ((y[..., 1:, :] - y[..., :-1, :]).abs().mean()
+            + (y[..., :, 1:] - y[..., :, :-1]).abs().mean())
+
+
+def mef_loss(net, stack: torch.Tensor, halo_weight: float = 0.0) -> torch.Tensor:
+    """−MEF-SSIM(fused, stack) (+ halo_weight · mean|∇Y_F|)."""
+    from ..metrics import mef_ssim_torch  # written alongside; imported when MEF is trained
+
+    fused, y_f = mefn_fuse_batch(net, stack)
+    score = mef_ssim_torch(stack, fused)
+    loss = -score.mean()
+    if halo_weight:
+        loss = loss + halo_weight * halo_term(y_f)
+    return loss
+
+
+def mmf_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred, target)

@@ -1,0 +1,337 @@
+"""Training loop for the three CSC networks (engine layer: torch, no napari).
+
+``train(task, out, ...)`` writes, next to ``out``:
+- ``out``: the latest weights in the package format (``save_checkpoint``), rewritten every epoch
+  (and when a time limit or Ctrl-C stops the run);
+- ``<out>.best.pt``: the weights of the epoch with the best validation score (validation split of
+  the training data, never the held-out test sets);
+- ``<out>.state.pt``: optimizer state + position for ``resume=True``;
+- ``<out>.log.csv``: one row per epoch (train loss, validation score, learning rate, time).
+
+Batches are a pure function of (seed, epoch, step) and the network is initialised from
+``torch.manual_seed(seed)``: the same arguments give the same weights, and a resumed run
+continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models import CSCIVFN, CSCMEFN, CSCMMFN, load_network, save_checkpoint
+from ..models.checkpoints import sha256_of
+from . import data as D
+from .losses import ivf_loss, mef_loss, mefn_fuse_batch, mmf_loss, psnr
+
+TASKS = D.TASKS
+
+DEFAULT_HPARAMS = {
+    "ivf": {"code_channels": 64, "num_dcus": 8},  # the authors' architecture
+    "mef": {"code_channels": 24, "num_dcus": 2},  # the authors' architecture
+    "mmf": {"lr_channels": 1, "guide_channels": 1, "code_channels": 32, "num_dcus": 3},
+}
+LOSS_NAMES = {
+    "ivf": "MSE + 5*(1 - SSIM 3x3 Gaussian sigma 1.5)/2 (autoencoder reconstruction)",
+    "mef": "-MEF-SSIM(fused RGB, bracket) (Ma et al. 2015, window 11)",
+    "mmf": "MSE to the full resolution IR",
+}
+VAL_NAMES = {
+    "ivf": "reconstruction PSNR (dB), 128x128 centre crops of the flir_train validation images",
+    "mef": "MEF-SSIM, brackets from the right-hand 20% of the training HDR panoramas",
+    "mmf": "PSNR (dB) at x2, x3, x4 (mean), 96x96 centre crops of the flir_train validation "
+           "pairs",
+}
+
+
+def _paths(out: Path) -> dict[str, Path]:
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return {"best": out.with_name(stem + ".best.pt"), "state": out.with_name(stem + ".state.pt"),
+            "log": out.with_name(stem + ".log.csv")}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return torch.device(device)
+
+
+def build(task: str, hparams: dict | None = None) -> nn.Module:
+    hp = {**DEFAULT_HPARAMS[task], **(hparams or {})}
+    return {"ivf": CSCIVFN, "mef": CSCMEFN, "mmf": CSCMMFN}[task](**hp)
+
+
+def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0):
+    if task == "ivf":
+        x = batch["image"]
+        return ivf_loss(net(x), x)
+    if task == "mef":
+        return mef_loss(net, batch["stack"], halo_weight)
+    return mmf_loss(net(batch["lr"], batch["guide"]), batch["target"])
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def _centre(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = min(size, h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    return img[y0:y0 + s, x0:x0 + s]
+
+
+class Validator:
+    """A fixed validation set for ``task`` and a score (higher is better)."""
+
+    def __init__(self, task: str, data_root, seed: int = 0, max_items: int | None = None):
+        self.task = task
+        if task == "ivf":
+            pairs = D.flir_pairs(data_root, "val")
+            imgs = [_centre(D.read_grey(p), 128) for pair in pairs for p in pair]
+            self.images = torch.from_numpy(np.stack(imgs[:max_items])[:, None])
+        elif task == "mmf":
+            pairs = D.flir_pairs(data_root, "val")[:max_items]
+            self.targets = torch.from_numpy(np.stack(
+                [_centre(D.read_grey(a), 96) for a, _ in pairs])[:, None])
+            self.guides = torch.from_numpy(np.stack(
+                [_centre(D.read_grey(b), 96) for _, b in pairs])[:, None])
+            self.lrs = {s: torch.from_numpy(np.stack(
+                [D.area_downsample(t[0].numpy(), s) for t in self.targets])[:, None])
+                for s in (2, 3, 4)}
+        else:
+            src = D.MEFBrackets(data_root, crop=96, batch_size=max_items or 8, seed=10_000 + seed,
+                                split="val")
+            self.stacks = [src.batch(0, i)["stack"] for i in range(3)]
+
+    @torch.no_grad()
+    def score(self, net: nn.Module, device: torch.device) -> float:
+        was_training = net.training
+        net.eval()
+        try:
+            if self.task == "ivf":
+                vals = [psnr(net(x[None].to(device)).cpu(), x[None]) for x in self.images]
+                return float(np.mean(vals))
+            if self.task == "mmf":
+                vals = []
+                for s, lr in self.lrs.items():
+                    pred = net(lr.to(device), self.guides.to(device)).clamp(0, 1).cpu()
+                    vals += [psnr(p[None], t[None]) for p, t in zip(pred, self.targets,
+                                                                     strict=True)]
+                    del s
+                return float(np.mean(vals))
+            from ..metrics import mef_ssim_torch
+
+            vals = []
+            for st in self.stacks:
+                fused, _ = mefn_fuse_batch(net, st.to(device))
+                vals += mef_ssim_torch(st.to(device), fused).cpu().tolist()
+            return float(np.mean(vals))
+        finally:
+            net.train(was_training)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, base: float, schedule: str, warmup: int = 0) -> float:
+    """Learning rate at a global step: 'cosine' (to 2% of base), 'step' (x0.1 at half, the
+    authors' IVFN schedule) or 'constant'; optional linear warm-up."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant" or total <= 1:
+        return base
+    t = min(1.0, step / max(1, total - 1))
+    if schedule == "step":
+        return base * (0.1 if t >= 0.5 else 1.0)
+    if schedule == "cosine":
+        return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+    raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train(
+    task: str,
+    out: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    crop: int,
+    seed: int = 0,
+    device: str = "auto",
+    init_weights: str | Path | None = None,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    progress: bool = True,
+    hparams: dict | None = None,
+    steps_per_epoch: int | None = None,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    halo_weight: float = 0.0,
+    validate: bool = True,
+    val_items: int | None = None,
+) -> Path:
+    """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
+
+    ``init_weights``: fine-tune from any weights file ``load_network`` reads (its architecture
+    is kept). ``resume``: continue from ``<out>.state.pt`` (same arguments expected).
+    ``max_minutes``: stop cleanly (checkpoint + state written) once that much time has passed.
+    Returns ``out`` (the latest weights; ``<out>.best.pt`` holds the best validated epoch).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    out = Path(out)
+    side = _paths(out)
+    dev = pick_device(device)
+    root = D.resolve_data_root(data_root)
+    t_start = time.monotonic()
+
+    src = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed,
+                        steps_per_epoch=steps_per_epoch)
+    spe = src.steps_per_epoch
+    total_steps = epochs * spe
+
+    torch.manual_seed(seed)
+    init_info = None
+    if init_weights is not None:
+        net, info = load_network(task, init_weights)
+        init_info = {"path": str(init_weights), "format": info.get("format"),
+                     "sha256": info.get("sha256")}
+    else:
+        net = build(task, hparams)
+    net = net.to(dev).train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+
+    start_epoch, start_step, best, best_epoch, elapsed_before = 0, 0, -math.inf, None, 0.0
+    if resume:
+        if not side["state"].is_file():
+            raise FileNotFoundError(f"resume=True but {str(side['state'])!r} does not exist")
+        state = torch.load(side["state"], map_location="cpu", weights_only=True)
+        if state.get("task") != task:
+            raise ValueError(f"{side['state']} is a {state.get('task')!r} run, not {task!r}")
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, start_step = int(state["epoch"]), int(state["step"])
+        best = float(state.get("best", -math.inf))
+        best_epoch = state.get("best_epoch")
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+    elif side["log"].exists():
+        side["log"].unlink()
+
+    validator = Validator(task, root, seed, val_items) if validate else None
+    hp = dict(getattr(net, "hparams", {}))
+
+    def header(epoch_done: float, val: float | None) -> dict:
+        return {
+            "task": task, **src.describe(),
+            "held_out": ("TNO, FLIR-test, nir_country (never read); flir_train validation "
+                         "split for choosing the epoch" if task != "mef" else
+                         f"HDR scene {D.HELD_OUT_HDR!r} (never read); right-hand "
+                         f"{D.MEF_VAL_FRACTION:.0%} of the others for validation"),
+            "epochs": epoch_done, "epochs_planned": epochs, "steps_per_epoch": spe,
+            "batch_size": batch_size, "crop": crop, "lr": lr, "schedule": schedule,
+            "warmup_steps": warmup_steps, "seed": seed, "loss": LOSS_NAMES[task],
+            "halo_weight": halo_weight, "optimizer": "Adam",
+            "validation": VAL_NAMES[task], "val_score": val,
+            "best_val_score": None if best == -math.inf else best, "best_epoch": best_epoch,
+            "init_weights": init_info, "device": str(dev), "torch": str(torch.__version__),
+            "wall_time_s": round(elapsed_before + time.monotonic() - t_start, 1),
+        }
+
+    def save_state(epoch: int, step: int) -> None:
+        tmp = side["state"].with_name(side["state"].name + ".part")
+        torch.save({"task": task, "epoch": epoch, "step": step, "model": net.state_dict(),
+                    "optimizer": opt.state_dict(), "best": best, "best_epoch": best_epoch,
+                    "elapsed_s": elapsed_before + time.monotonic() - t_start,
+                    "hparams": hp}, tmp)
+        tmp.replace(side["state"])
+
+    def log_row(row: dict) -> None:
+        new = not side["log"].exists()
+        with open(side["log"], "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_epoch * spe + start_step,
+                   desc=f"train {task}", unit="step", dynamic_ncols=True)
+
+    deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
+    stopped = False
+    epoch, step = start_epoch, start_step
+    try:
+        for epoch in range(start_epoch, epochs):
+            losses = []
+            t_epoch = time.monotonic()
+            step = start_step if epoch == start_epoch else 0
+            while step < spe:
+                gstep = epoch * spe + step
+                cur_lr = lr_at(gstep, total_steps, lr, schedule, warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                batch = _to(src.batch(epoch, step), dev)
+                batch.pop("scale", None)
+                loss = compute_loss(task, net, batch, halo_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}", lr=f"{cur_lr:.2e}")
+                if deadline is not None and time.monotonic() > deadline and step < spe:
+                    stopped = True
+                    break
+            epoch_done = epoch + (step / spe if stopped else 1)
+            val = validator.score(net, dev) if validator is not None else None
+            if val is not None and val > best and not stopped:
+                best, best_epoch = val, epoch + 1
+                save_checkpoint(net, side["best"], task, header(epoch + 1, val))
+            save_checkpoint(net, out, task, header(epoch_done, val))
+            if stopped:
+                save_state(epoch, step)
+            else:
+                save_state(epoch + 1, 0)
+            log_row({"epoch": round(epoch_done, 4), "steps": len(losses),
+                     "train_loss": float(np.mean(losses)) if losses else "",
+                     "val_score": "" if val is None else val, "lr": cur_lr if losses else "",
+                     "epoch_s": round(time.monotonic() - t_epoch, 1),
+                     "wall_s": round(elapsed_before + time.monotonic() - t_start, 1)})
+            if bar is not None:
+                mean_loss = float(np.mean(losses)) if losses else float("nan")
+                bar.write(f"epoch {epoch_done:g}/{epochs}: loss {mean_loss:.5f}"
+                          + (f", val {val:.4f}" if val is not None else ""))
+            if stopped:
+                break
+            if deadline is not None and time.monotonic() > deadline and epoch + 1 < epochs:
+                stopped = True
+                break
+    except KeyboardInterrupt:
+        save_checkpoint(net, out, task, header(epoch + step / spe, None))
+        save_state(epoch, step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def checkpoint_summary(path: str | Path) -> dict:
+    """The header of one of our checkpoints (for reports)."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in raw.items() if k != "state_dict"} | {"sha256": sha256_of(path)}

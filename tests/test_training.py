@@ -1,0 +1,178 @@
+"""Training engine: data from the real training sets, checkpoints, resume, determinism, losses.
+
+Everything runs on tiny crops for a couple of steps (the whole file takes well under a minute).
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cscfusion.models import load_network
+from napari_cscfusion.training import data as D
+from napari_cscfusion.training.train import build, compute_loss, train
+
+ROOT = D.default_data_root()
+needs_data = pytest.mark.skipif(not (ROOT / "ivf" / "flir_train").is_dir()
+                                or not (ROOT / "mef" / "hdr").is_dir(),
+                                reason=f"training data not found under {ROOT}")
+pytestmark = needs_data
+
+TINY = {"ivf": {"crop": 24, "batch_size": 2}, "mef": {"crop": 24, "batch_size": 2},
+        "mmf": {"crop": 24, "batch_size": 2}}
+TINY_HP = {"ivf": {"code_channels": 8, "num_dcus": 2}, "mef": None,
+           "mmf": {"code_channels": 8, "num_dcus": 1}}
+
+
+def _train(task, out, **kw):
+    args = {"epochs": 1, "lr": 1e-3, "seed": 0, "progress": False, "steps_per_epoch": 2,
+            "hparams": TINY_HP[task], "val_items": 2, "device": "cpu", **TINY[task], **kw}
+    return train(task, out, **args)
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("task", D.TASKS)
+def test_short_run_writes_loadable_checkpoint(task, tmp_path):
+    out = _train(task, tmp_path / f"{task}.pt")
+    net, info = load_network(task, out)
+    assert info["format"] == "napari-cscfusion"
+    hdr = info["header"]
+    assert hdr["task"] == task
+    tr = hdr["training"]
+    assert tr["seed"] == 0 and tr["crop"] == 24 and tr["epochs"] == 1
+    assert tr["steps_per_epoch"] == 2 and tr["loss"]
+    assert ("mef/hdr" if task == "mef" else "flir_train") in tr["data"]
+    if task == "mef":
+        assert D.HELD_OUT_HDR in tr["held_out"] and D.HELD_OUT_HDR not in tr["data"]
+    assert np.isfinite(tr["val_score"])
+    if TINY_HP[task]:
+        for k, v in TINY_HP[task].items():
+            assert info["hparams"][k] == v
+    assert (tmp_path / f"{task}.best.pt").is_file()
+    assert (tmp_path / f"{task}.state.pt").is_file()
+    rows = list(csv.DictReader(open(tmp_path / f"{task}.log.csv")))
+    assert len(rows) == 1 and float(rows[0]["steps"]) == 2
+    assert np.isfinite(float(rows[0]["train_loss"]))
+
+
+def test_resume_continues_and_matches_uninterrupted_run(tmp_path):
+    full = _train("mmf", tmp_path / "full.pt", epochs=2)
+    part = _train("mmf", tmp_path / "part.pt", epochs=2, max_minutes=0.0)  # stops after 1 step
+    state = torch.load(tmp_path / "part.state.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 1)
+    assert not _same(_state(full), _state(part))
+    _train("mmf", part, epochs=2, resume=True)
+    assert _same(_state(full), _state(part))
+    tr = load_network("mmf", part)[1]["header"]["training"]
+    assert tr["epochs"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "part.log.csv")))
+    assert [float(r["epoch"]) for r in rows] == [0.5, 1.0, 2.0]
+
+
+def test_seed_makes_runs_identical(tmp_path):
+    a = _train("ivf", tmp_path / "a.pt", validate=False)
+    b = _train("ivf", tmp_path / "b.pt", validate=False)
+    c = _train("ivf", tmp_path / "c.pt", validate=False, seed=1)
+    assert _same(_state(a), _state(b))
+    assert not _same(_state(a), _state(c))
+
+
+def test_batches_are_deterministic_and_sane():
+    for task in D.TASKS:
+        src = D.make_source(task, crop=48, batch_size=3, seed=5)
+        b1, b2 = src.batch(1, 2), src.batch(1, 2)
+        assert all(torch.equal(b1[k], b2[k]) for k in b1)
+        assert not torch.equal(next(iter(b1.values())), next(iter(src.batch(1, 3).values())))
+        for v in b1.values():
+            assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    mmf = D.make_source("mmf", crop=48, batch_size=2, seed=0)
+    for step in range(6):
+        b = mmf.batch(0, step)
+        s = float(b["scale"])
+        assert 2.0 <= s <= 4.0
+        assert b["target"].shape[-1] == 48 and b["lr"].shape[-1] == round(48 / s)
+        assert b["guide"].shape == b["target"].shape
+    mef = D.make_source("mef", crop=32, batch_size=2, seed=0)
+    ks = {mef.batch(0, s)["stack"].shape[1] for s in range(12)}
+    assert ks <= {2, 3, 4, 5} and len(ks) > 1
+
+
+def test_splits_keep_validation_apart():
+    train_pairs, val_pairs = D.flir_pairs(split="train"), D.flir_pairs(split="val")
+    assert not {a for a, _ in train_pairs} & {a for a, _ in val_pairs}
+    assert len(train_pairs) + len(val_pairs) == len(D.flir_pairs(split="all"))
+    assert all(p.stem != D.HELD_OUT_HDR for p in D.hdr_scenes())
+    assert (ROOT / "mef" / "hdr" / f"{D.HELD_OUT_HDR}.exr").is_file()
+
+
+def _hdr():
+    try:
+        return D.read_hdr(D.hdr_scenes()[0])
+    except ImportError as exc:
+        pytest.skip(str(exc))
+
+
+def test_simulate_bracket_monotone_from_real_hdr():
+    hdr = _hdr()
+    assert hdr.ndim == 3 and hdr.shape[2] == 3 and hdr.dtype == np.float32
+    assert hdr.max() > 1.0  # a real radiance map, not an LDR image
+    patch = hdr[::4, ::4] * (0.18 / np.median(hdr))
+    evs = [-3.0, -1.0, 1.0, 3.0]
+    clean = D.simulate_bracket(patch, evs, shot_noise=0, read_noise=0)
+    assert clean.shape == (4, *patch.shape) and clean.min() >= 0 and clean.max() <= 1
+    assert np.all(np.diff(clean, axis=0) >= 0)  # every pixel brightens with exposure
+    assert np.allclose(clean * 255, np.round(clean * 255), atol=1e-4)  # 8-bit levels
+    noisy = D.simulate_bracket(patch, evs, np.random.default_rng(0), gamma=2.4, contrast=0.3)
+    means = noisy.mean(axis=(1, 2, 3))
+    assert np.all(np.diff(means) > 0.02)
+    assert (noisy[-1] >= 1.0).mean() > (noisy[0] >= 1.0).mean()  # more clipping when brighter
+
+
+@pytest.mark.parametrize("task", D.TASKS)
+def test_loss_decreases_on_a_fixed_batch(task):
+    torch.manual_seed(0)
+    net = build(task, TINY_HP[task]).train()
+    batch = D.make_source(task, crop=32, batch_size=2, seed=0).batch(0, 0)
+    batch.pop("scale", None)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = compute_loss(task, net, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+
+
+def test_init_weights_fine_tunes_from_our_file(tmp_path):
+    first = _train("mef", tmp_path / "a.pt")
+    out = _train("mef", tmp_path / "b.pt", init_weights=first, hparams=None)
+    tr = load_network("mef", out)[1]["header"]["training"]
+    assert tr["init_weights"]["path"] == str(first)
+
+
+def test_cli_parser_registers_train(tmp_path):
+    import argparse
+
+    from napari_cscfusion.training.cli import add_train_parser
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "mef", "--out", str(tmp_path / "m.pt"), "--epochs", "1",
+                              "--batch-size", "2", "--crop", "24", "--lr", "1e-3",
+                              "--steps-per-epoch", "1", "--seed", "3", "--device", "cpu",
+                              "--max-minutes", "5", "--no-progress"])
+    assert args.task == "mef" and args.epochs == 1 and args.seed == 3
+    assert args.func(args) == 0
+    assert load_network("mef", tmp_path / "m.pt")[1]["header"]["training"]["seed"] == 3
