@@ -207,10 +207,15 @@ def load_state_strict(net: nn.Module, sd: Mapping[str, torch.Tensor], source: st
 
 def _ivf_parts_from_folder(folder: Path) -> dict[str, tuple[Path, dict]]:
     parts: dict[str, tuple[Path, dict]] = {}
+    unreadable: list[str] = []
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES)
     for p in files:
-        sd = read_checkpoint(p)
+        try:
+            sd = read_checkpoint(p)
+        except CheckpointError:
+            unreadable.append(p.name)
+            continue
         kind = classify_authors_state_dict(sd)
         if kind.startswith("ivf-"):
             if kind in parts:
@@ -223,7 +228,8 @@ def _ivf_parts_from_folder(folder: Path) -> dict[str, tuple[Path, dict]]:
         raise CheckpointError(
             f"folder {str(folder)!r} must hold the three CSC-IVFN checkpoints (base encoder, "
             f"detail encoder, decoder); found {sorted(parts) or 'none'} among "
-            f"{[p.name for p in files] or 'no .pth/.pt/.model files'}")
+            f"{[p.name for p in files] or 'no .pth/.pt/.model files'}"
+            + (f" (unreadable: {unreadable})" if unreadable else ""))
     return parts
 
 

@@ -1,0 +1,133 @@
+"""The ``cscfusion`` command line: fuse images with the engine (and train, when available).
+
+    cscfusion fuse ivf IR.png VIS.png -o fused.tif
+    cscfusion fuse mef exposure1.jpg exposure2.jpg exposure3.jpg -o fused.tif
+    cscfusion fuse mmf lowres.tif guide.png -o sr.tif
+    cscfusion devices
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .engine import available_devices, fuse_exposures, fuse_guided, fuse_infrared_visible
+from .engine.io import read_image, to_grey, write_tiff
+from .engine.registry import load_model
+from .engine.rules import RULES
+
+
+def _model(task: str, weights: str | None):
+    return load_model(task, weights) if weights else None
+
+
+def _write(result, out: Path, codes_out: Path | None, quiet: bool) -> None:
+    write_tiff(out, result.image, result.metadata)
+    if codes_out is not None:
+        names = sorted(result.codes)
+        # codes of one shape are stacked (name, q, H, W); the names go in the metadata
+        shapes = {result.codes[n].shape for n in names}
+        if len(shapes) == 1:
+            write_tiff(codes_out, np.stack([result.codes[n] for n in names]),
+                       {"codes": names, **result.metadata})
+        else:
+            for n in names:
+                p = codes_out.with_name(f"{codes_out.stem}_{n}{codes_out.suffix}")
+                write_tiff(p, result.codes[n], {"codes": [n], **result.metadata})
+    if not quiet:
+        t = result.metadata.get("timings", {})
+        secs = sum(v for v in t.values() if isinstance(v, (int, float)))
+        print(f"wrote {out} {result.image.shape} {result.image.dtype} "
+              f"({result.metadata.get('network')}, {result.metadata.get('device')}, "
+              f"{secs:.1f} s)")
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    model = _model(args.task, args.weights)
+    want_codes = args.codes_out is not None
+    if args.task == "ivf":
+        if len(args.images) != 2:
+            raise SystemExit("cscfusion fuse ivf: needs exactly two images, IR then VIS")
+        ir, vis = (read_image(p) for p in args.images)
+        if ir.ndim == 3 or vis.ndim == 3:
+            print("note: colour input converted to luminance (CSC-IVFN fuses grey images)",
+                  file=sys.stderr)
+            ir, vis = to_grey(ir), to_grey(vis)
+        result = fuse_infrared_visible(ir, vis, model=model, base_rule=args.base_rule,
+                                       detail_rule=args.detail_rule, device=args.device,
+                                       codes=want_codes)
+    elif args.task == "mef":
+        if len(args.images) < 2:
+            raise SystemExit("cscfusion fuse mef: needs at least two exposures (or one "
+                             "multi-page TIFF)")
+        frames = [read_image(p) for p in args.images]
+        shapes = {f.shape for f in frames}
+        if len(shapes) > 1:
+            listing = ", ".join(f"{p} {f.shape}"
+                                for p, f in zip(args.images, frames, strict=True))
+            raise SystemExit(f"cscfusion fuse mef: exposures differ in shape: {listing}")
+        frames = [f[..., :3] if f.ndim == 3 and f.shape[-1] == 4 else f for f in frames]
+        result = fuse_exposures(np.stack(frames), model=model, device=args.device,
+                                codes=want_codes)
+    else:
+        if len(args.images) != 2:
+            raise SystemExit("cscfusion fuse mmf: needs exactly two images, LOWRES then GUIDE")
+        low, guide = (read_image(p) for p in args.images)
+        result = fuse_guided(low, guide, model=model, device=args.device, codes=want_codes)
+    _write(result, Path(args.output), Path(args.codes_out) if want_codes else None, args.quiet)
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    print("\n".join(available_devices()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cscfusion", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"napari-cscfusion {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fuse", help="fuse images with a CSC network, write a TIFF")
+    f.add_argument("task", choices=["ivf", "mef", "mmf"],
+                   help="ivf: infrared + visible; mef: exposures; mmf: low-res + guide")
+    f.add_argument("images", nargs="+", help="input images (PNG, JPEG, TIFF)")
+    f.add_argument("-o", "--output", required=True, help="output TIFF")
+    f.add_argument("--weights", help="checkpoint file (or, for ivf, the authors' folder); "
+                   "default: the packaged weights")
+    f.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    f.add_argument("--base-rule", default="saliency", choices=RULES, help="ivf base codes")
+    f.add_argument("--detail-rule", default="l1", choices=RULES, help="ivf detail codes")
+    f.add_argument("--codes-out", help="also write the sparse codes to this TIFF")
+    f.add_argument("-q", "--quiet", action="store_true")
+    f.set_defaults(func=cmd_fuse)
+
+    d = sub.add_parser("devices", help="list the devices this machine offers")
+    d.set_defaults(func=cmd_devices)
+
+    try:
+        from .training.cli import add_train_parser
+    except ImportError:  # training extras not installed
+        pass
+    else:
+        add_train_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        print(f"cscfusion: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
