@@ -4,6 +4,7 @@
     cscfusion fuse mef exposure1.jpg exposure2.jpg exposure3.jpg -o fused.tif
     cscfusion fuse mmf lowres.tif guide.png -o sr.tif
     cscfusion devices
+    cscfusion demo [--out demo_output] [--gui]
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("devices", help="list the devices this machine offers")
     d.set_defaults(func=cmd_devices)
+
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
 
     try:
         from .training.cli import add_train_parser
