@@ -134,3 +134,19 @@ def test_mmfn_matches_authors_on_non_square_inputs():
         return 10 * np.log10(1 / np.mean((a - cube) ** 2))
 
     assert psnr(got) > psnr(bilinear) + 1.0
+
+
+def test_mefn_on_memorial_beats_the_naive_mean():
+    """The real 16-exposure Memorial bracket (every second exposure: 8 of them)."""
+    from napari_cscfusion.metrics import mef_ssim
+
+    stack = _memorial(tuple(range(0, 16, 2)))
+    before = stack.copy()
+    fused = fuse_exposures(stack, model=authors_model("mef"), device="cpu").image
+    np.testing.assert_array_equal(stack, before)
+    assert fused.min() >= 0 and fused.max() <= 1 and np.isfinite(fused).all()
+    src = stack.astype(np.float32) / 255
+    for k in range(len(src)):
+        assert np.abs(fused - src[k]).mean() > 0.02  # not just one of the exposures
+    naive = src.mean(0)
+    assert mef_ssim(src, fused) > mef_ssim(src, naive) + 0.01
