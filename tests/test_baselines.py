@@ -136,3 +136,22 @@ def test_guided_filter_is_edge_preserving(camera):
     out = B.guided_filter(camera, noisy, r=2, eps=1e-3)
     # guided by the clean image it denoises
     assert M.psnr(camera, out) > M.psnr(camera, noisy) + 3
+
+
+def test_mertens_without_opencv_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # makes `import cv2` raise ImportError
+    with pytest.raises(ImportError, match=r"napari-cscfusion\[benchmarks\]"):
+        B.mertens_fusion(np.zeros((2, 8, 8)))
+
+
+def test_baselines_module_does_not_import_cv2_or_napari_at_import_time():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(B))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+    assert not names & {"cv2", "napari", "qtpy", "magicgui"}
