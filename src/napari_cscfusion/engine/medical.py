@@ -1,0 +1,287 @@
+"""Medical / multi-modal fusion with CSC-IVFN: N >= 2 registered sources (MRI T1/T2/PD, CT, and
+at most one pseudo-coloured functional image such as PET or SPECT), 2D images or volumes.
+
+* Grey sources are fused together with the CSC-IVFN rules generalised to N sources.
+* A colour functional image (..., 3) takes part through its luminance (Y of full-range BT.601
+  YCbCr); its chroma (Cb, Cr) is kept and recombined with the fused luminance -> RGB output.
+  This is the usual practice for PET/SPECT-MRI fusion: the anatomy sharpens the luminance and the
+  colour still encodes the tracer uptake.
+* Volumes (3D, 3D+t, ...) are fused plane by plane: ``axis`` is the slice axis; the planes are
+  the two last axes other than ``axis`` and every other axis (time, ...) is looped over too.
+  Only one plane of each source is read at a time, so dask-backed (lazy) arrays work; the values
+  are mapped to [0, 1] with statistics of the whole volume so that slices stay comparable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..models.color import rgb_to_ycbcr, ycbcr_to_rgb
+from .device import resolve_device
+from .fusion import IVF_MIN_SIZE, FusionResult, _base_metadata, fuse_grey_sources
+from .inputs import check_min_size, normalise
+from .registry import resolve_model
+from .rules import RULES
+
+COLOUR_NAME = "functional"  # default name of a colour source given in a list
+
+
+def _as_sources(images, names) -> dict[str, object]:
+    if isinstance(images, Mapping):
+        if names is not None:
+            raise ValueError("names: give names only with a list of images (a dict already "
+                             "names its sources)")
+        out = {str(k): v for k, v in images.items()}
+    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        items = list(images)
+        if names is None:
+            names = [f"source_{i}" for i in range(len(items))]
+        names = [str(n) for n in names]
+        if len(names) != len(items):
+            raise ValueError(f"names: {len(names)} name(s) for {len(items)} image(s)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"names: must be unique, got {names}")
+        out = dict(zip(names, items, strict=True))
+    elif hasattr(images, "ndim"):
+        raise ValueError("images: pass the sources as a list or a dict of arrays, not one "
+                         f"array (got an array of shape {tuple(np.shape(images))}; for a stack "
+                         "use list(stack))")
+    else:
+        raise ValueError(f"images: expected a list or a dict of arrays, got "
+                         f"{type(images).__name__}")
+    if len(out) < 2:
+        raise ValueError(f"images: at least 2 sources are needed, got {len(out)}")
+    return out
+
+
+def _is_colour(array, flag) -> bool:
+    shape = tuple(np.shape(array))
+    if flag is None:  # napari's guess: a last axis of 3 or 4 on a 3D+ array
+        return len(shape) >= 3 and shape[-1] in (3, 4)
+    return bool(flag)
+
+
+class _Source:
+    """One source: lazily read planes, normalised with whole-array statistics."""
+
+    def __init__(self, name: str, array, colour: bool):
+        self.name = name
+        self.array = array if hasattr(array, "ndim") and hasattr(array, "shape") \
+            else np.asarray(array)
+        self.colour = colour
+        shape = tuple(self.array.shape)
+        if colour:
+            if len(shape) < 3 or shape[-1] not in (3, 4):
+                raise ValueError(f"images[{name!r}]: a colour source needs RGB or RGBA last, "
+                                 f"(..., H, W, 3|4); got shape {shape}")
+            self.spatial = shape[:-1]
+        else:
+            self.spatial = shape
+        if len(self.spatial) < 2:
+            raise ValueError(f"images[{name!r}]: expected an image (H, W) or a volume, got shape "
+                             f"{shape}")
+        self._mapping()
+
+    def _mapping(self) -> None:
+        """Pick inputs.normalise's rule for the whole array: plane-independent rules (integer
+        division by the dtype maximum, floats already in [0, 1]) call normalise() on each plane;
+        min-max scaling uses the whole array's minimum and maximum."""
+        a = self.array
+        dtype = np.dtype(a.dtype)
+        label = f"images[{self.name!r}]"
+        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            normalise(np.zeros((1, 1), dtype), label)  # raises the engine's TypeError
+        if a.size == 0:
+            raise ValueError(f"{label}: the image is empty (shape {tuple(a.shape)})")
+        lo, hi = float(a.min()), float(a.max())  # dask: lazy reductions, computed here
+        if np.issubdtype(dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"{label}: contains NaN or infinite pixel(s); replace or mask them "
+                             f"before fusing")
+        self.lo, self.hi = lo, hi
+        if np.issubdtype(dtype, np.integer):
+            self.per_plane = lo >= 0
+        else:
+            self.per_plane = lo >= 0.0 and hi <= 1.0
+        if self.per_plane:
+            self.note = normalise(np.zeros((1, 1), dtype), label).note
+        elif hi > lo:
+            self.note = f"min-max scaled over the whole array ({dtype} range [{lo:.6g}, {hi:.6g}])"
+        else:
+            self.note = f"constant image set to 0 ({dtype} value {lo:.6g})"
+
+    def plane(self, index) -> np.ndarray:
+        """float32 [0, 1] copy of one plane: (H, W) grey or (H, W, 3) RGB (alpha dropped)."""
+        p = np.asarray(self.array[index])
+        if self.colour:
+            p = p[..., :3]
+        if self.per_plane:
+            return normalise(p, f"images[{self.name!r}]").data
+        if self.hi > self.lo:
+            return ((p.astype(np.float64) - self.lo) / (self.hi - self.lo)).astype(np.float32)
+        return np.zeros(p.shape, np.float32)
+
+
+def _recolour(y: torch.Tensor, chroma: torch.Tensor) -> tuple[np.ndarray, int]:
+    """RGB from the fused luminance y (H, W) and the colour source's (Cb, Cr) (H, W, 2).
+
+    Where that colour is outside the RGB cube, the chroma is scaled towards neutral grey just
+    enough to fit (hue and the fused luminance kept exactly) rather than clipping each channel,
+    which would change the luminance and the hue. Returns (float32 RGB, desaturated pixels).
+    """
+    y = y.to(chroma.dtype).clamp(0.0, 1.0)
+    ycc = torch.cat((y[..., None], chroma), -1)
+    d = ycbcr_to_rgb(ycc, dim=-1) - y[..., None]  # the chroma's contribution to each channel
+    yy = y[..., None].expand_as(d)
+    room = torch.where(d > 0, (1.0 - yy) / d.clamp_min(1e-12),
+                       torch.where(d < 0, yy / (-d).clamp_min(1e-12), torch.ones_like(d)))
+    s = room.amin(-1).clamp(0.0, 1.0)
+    rgb = (y[..., None] + s[..., None] * d).clamp(0.0, 1.0)  # clamp: rounding only
+    return rgb.numpy().astype(np.float32), int((s < 1.0).sum())
+
+
+def _plane_axes(ndim: int, axis) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """(plane axes, looped axes) for a spatial ndim and the slice ``axis``."""
+    if ndim == 2:
+        return (0, 1), ()
+    if axis is None:
+        axis = ndim - 3
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise ValueError(f"axis: expected an integer axis, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis: {axis} is out of range for {ndim}D sources (spatial shape "
+                         f"without colour channels)")
+    axis = int(axis) % ndim
+    plane = tuple(a for a in range(ndim) if a != axis)[-2:]
+    loop = tuple(a for a in range(ndim) if a not in plane)
+    return plane, loop  # type: ignore[return-value]
+
+
+def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule: str = "l1",
+                    device="auto", codes: bool = False, names=None, progress=None, axis=None,
+                    rgb=None) -> FusionResult:
+    """Fuse N >= 2 registered medical images (e.g. MRI T1 + PD, CT + MRI, MRI + PET) with
+    CSC-IVFN.
+
+    images: a list or a dict name -> array. Grey sources are (H, W) images or volumes
+    (..., H, W) of one shape; at most one colour source (same spatial shape + a last axis of 3
+    (RGB) or 4 (RGBA, alpha ignored)), e.g. a pseudo-coloured PET/SPECT image, whose luminance is
+    fused and whose chroma is kept (RGB output). Values are mapped to [0, 1] as in the other
+    fusion functions (unsigned integers / dtype max, floats in [0, 1] as they are, else min-max
+    over the whole array).
+    base_rule / detail_rule: 'saliency', 'l1' or 'average' (see fuse_infrared_visible).
+    names: names for a list of images (default source_0, source_1, ...).
+    axis: for volumes, the slice axis (default: the third axis from the end, i.e. 0 for a
+      (Z, Y, X) volume, 1 for (T, Z, Y, X)); planes are the two last axes other than ``axis``
+      and any other axis is looped over too. The output has the sources' spatial shape.
+    rgb: None guesses colour sources as napari does (a last axis of 3 or 4 on a 3D+ array);
+      otherwise a list (or dict by name) of booleans, one per source (e.g. napari's layer.rgb).
+    codes: also return the sparse codes (2D inputs only: volumes would need 64 maps per voxel).
+    progress(done, total) is called between steps and may raise Cancelled.
+
+    Returns a FusionResult: image float32 in [0, 1] ((..., H, W) grey or (..., H, W, 3) RGB when
+    a colour source takes part); weights 'base' and 'detail', (N, ...spatial) per-source weight
+    maps in the order of metadata['sources'] (per-channel base weights averaged over channels);
+    metadata with the sources, the colour source, rules, axis, normalisation and timings.
+    """
+    t0 = time.perf_counter()
+    for rule, arg in ((base_rule, "base_rule"), (detail_rule, "detail_rule")):
+        if rule not in RULES:
+            raise ValueError(f"{arg}: must be one of {RULES}, got {rule!r}")
+    sources = _as_sources(images, names)
+    if rgb is None:
+        flags = {n: None for n in sources}
+    elif isinstance(rgb, Mapping):
+        unknown = set(rgb) - set(sources)
+        if unknown:
+            raise ValueError(f"rgb: unknown source name(s) {sorted(unknown)}; sources are "
+                             f"{list(sources)}")
+        flags = {n: rgb.get(n) for n in sources}
+    else:
+        rgb = list(rgb)
+        if len(rgb) != len(sources):
+            raise ValueError(f"rgb: {len(rgb)} flag(s) for {len(sources)} source(s)")
+        flags = dict(zip(sources, rgb, strict=True))
+    srcs = [_Source(n, a, _is_colour(a, flags[n])) for n, a in sources.items()]
+    colour = [s for s in srcs if s.colour]
+    if len(colour) > 1:
+        raise ValueError(f"images: at most one colour source can be fused (its chroma is kept); "
+                         f"got {len(colour)}: {[s.name for s in colour]}. Convert the others to "
+                         f"grey first")
+    if len(colour) == len(srcs):
+        raise ValueError("images: at least one grey (anatomical) source is needed besides the "
+                         "colour one")
+    shapes = {s.name: s.spatial for s in srcs}
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{k} {v}" for k, v in shapes.items())
+        raise ValueError(f"images: sources must have the same spatial shape (register or "
+                         f"resample them first): {listing}")
+    if codes not in (True, False):
+        raise ValueError(f"codes: expected True or False, got {codes!r}")
+    spatial = srcs[0].spatial
+    plane_axes, loop_axes = _plane_axes(len(spatial), axis)
+    plane_shape = (spatial[plane_axes[0]], spatial[plane_axes[1]])
+    check_min_size(plane_shape, "images", IVF_MIN_SIZE, "CSC-IVFN's 11x11 blur")
+    loop_shape = tuple(spatial[a] for a in loop_axes)
+    n_planes = int(np.prod(loop_shape)) if loop_shape else 1
+    if codes and n_planes > 1:
+        raise ValueError(f"codes: sparse codes are returned for 2D images only ({n_planes} "
+                         f"planes here would need 64 maps per voxel and source); fuse one slice "
+                         f"with codes=True to inspect them")
+    model = resolve_model(model, "ivf")
+    dev = resolve_device(device)
+    names_order = [s.name for s in srcs]
+    out_shape = spatial + ((3,) if colour else ())
+    image = np.empty(out_shape, np.float32)
+    w_base = np.empty((len(srcs),) + spatial, np.float32)
+    w_detail = np.empty((len(srcs),) + spatial, np.float32)
+    code_maps: dict = {}
+    desaturated = 0
+    t1 = time.perf_counter()
+    for k, loop_idx in enumerate(np.ndindex(*loop_shape) if loop_shape else [()]):
+        index: list = [slice(None)] * len(spatial)
+        for a, i in zip(loop_axes, loop_idx, strict=True):
+            index[a] = i
+        index_t = tuple(index)
+        planes = {s.name: s.plane(index_t) for s in srcs}
+        chroma = None
+        grey = {}
+        for s in srcs:
+            p = planes[s.name]
+            if s.colour:
+                ycc = rgb_to_ycbcr(torch.from_numpy(p), dim=-1)
+                grey[s.name] = ycc[..., 0].numpy().astype(np.float32)
+                chroma = ycc[..., 1:]
+            else:
+                grey[s.name] = p
+        plane_progress = None
+        if progress is not None:
+            def plane_progress(done, total, k=k):
+                progress(k * total + done, n_planes * total)
+        fused, cmaps, weights = fuse_grey_sources(grey, model, base_rule, detail_rule, dev,
+                                                  codes, plane_progress)
+        if chroma is not None:
+            fused, n_desat = _recolour(torch.from_numpy(fused), chroma)
+            desaturated += n_desat
+        image[index_t] = fused
+        for i in range(len(srcs)):
+            w_base[(i,) + index_t] = weights["base"][i]
+            w_detail[(i,) + index_t] = weights["detail"][i]
+        code_maps = cmaps
+    meta = _base_metadata(model, dev, {s.name: s.note for s in srcs})
+    meta.update(
+        sources=names_order,
+        colour_source=colour[0].name if colour else None,
+        colour=("YCbCr: fused luminance, chroma of the colour source (scaled towards grey, "
+                "hue kept, where the colour would leave the RGB gamut)") if colour else "grey",
+        desaturated_fraction=desaturated / (n_planes * plane_shape[0] * plane_shape[1])
+        if colour else None,
+        base_rule=base_rule, detail_rule=detail_rule,
+        spatial_shape=spatial, plane_axes=plane_axes if len(spatial) > 2 else None,
+        slice_axes=loop_axes or None, planes=n_planes,
+        timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1},
+    )
+    return FusionResult(image, code_maps, {"base": w_base, "detail": w_detail}, meta)
