@@ -262,7 +262,7 @@ def load_network(task: str, path: str | Path) -> tuple[nn.Module, dict]:
             if raw.get("task") != task:
                 raise CheckpointError(
                     f"{source} holds weights for task {raw.get('task')!r}, expected {task!r}")
-            sd = raw["state_dict"]
+            sd = raw.get("state_dict")
             info.update(format=FORMAT_NAME, header={k: v for k, v in raw.items()
                                                      if k != "state_dict"})
         else:
@@ -283,11 +283,16 @@ def load_network(task: str, path: str | Path) -> tuple[nn.Module, dict]:
                     f"the base, detail and decoder checkpoints")
             sd = map_authors_mefn(raw) if task == "mef" else map_authors_mmfn(raw)
             info["format"] = "authors"
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{source} holds no usable state dict (expected a mapping of "
+                              f"parameter names to tensors, got {type(sd).__name__})")
     try:
         hparams = infer_hparams(task, sd)
     except KeyError as exc:
         raise CheckpointError(f"{source} lacks the key {exc.args[0]!r} needed for {task!r}") \
             from None
+    except IndexError:  # e.g. a 0-d tensor where a convolution weight belongs
+        raise CheckpointError(f"{source} holds tensors of the wrong rank for {task!r}") from None
     net = build_network(task, hparams)
     load_state_strict(net, sd, source)
     info["hparams"] = hparams
