@@ -62,10 +62,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
                                        detail_rule=args.detail_rule, device=args.device,
                                        codes=want_codes)
     elif args.task == "mef":
-        if len(args.images) < 2:
+        frames = [read_image(p) for p in args.images]
+        f0 = frames[0]
+        if len(frames) == 1 and (f0.ndim == 4 or (f0.ndim == 3 and f0.shape[-1] not in (3, 4))):
+            frames = list(f0)  # one multi-page TIFF: (K, H, W) or (K, H, W, 3)
+        if len(frames) < 2:
             raise SystemExit("cscfusion fuse mef: needs at least two exposures (or one "
                              "multi-page TIFF)")
-        frames = [read_image(p) for p in args.images]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             listing = ", ".join(f"{p} {f.shape}"
