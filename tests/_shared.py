@@ -4,7 +4,7 @@ skip markers for when they are absent."""
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ def read(path) -> np.ndarray:
     return np.asarray(iio.imread(path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def authors_model(task: str):
     from napari_cscfusion import load_model
 

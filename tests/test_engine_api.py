@@ -11,7 +11,6 @@ from napari_cscfusion.models.checkpoints import CheckpointError
 
 from ._shared import CKPT, DATA, authors_model, grey, needs_shared, read
 
-
 # --- normalisation (no weights needed) ----------------------------------------------------
 
 def test_integer_images_are_scaled_by_their_dtype_maximum():
@@ -113,19 +112,19 @@ def test_ivf_fusion_keeps_structure_of_both_sources(pair):
 
 
 @needs_shared
-@pytest.mark.parametrize("call,words", [
-    (lambda m, ir, vis: fuse_infrared_visible(ir, vis[:-1], model=m), r"ir \(64, 80\).*vis \(63, 80\)"),
-    (lambda m, ir, vis: fuse_infrared_visible(np.dstack([ir] * 3), vis, model=m), "ir: expected a grey image"),
-    (lambda m, ir, vis: fuse_infrared_visible(ir[:4, :4], vis[:4, :4], model=m), "at least 6x6"),
-    (lambda m, ir, vis: fuse_infrared_visible(ir, vis, model=m, base_rule="max"), "base_rule"),
-    (lambda m, ir, vis: fuse_infrared_visible(ir, vis, model=m, device="cuda:7"), "device"),
+@pytest.mark.parametrize("change,words", [
+    (lambda ir, vis: ((ir, vis[:-1]), {}), r"ir \(64, 80\).*vis \(63, 80\)"),
+    (lambda ir, vis: ((np.dstack([ir] * 3), vis), {}), "ir: expected a grey image"),
+    (lambda ir, vis: ((ir[:4, :4], vis[:4, :4]), {}), "at least 6x6"),
+    (lambda ir, vis: ((ir, vis), {"base_rule": "max"}), "base_rule"),
+    (lambda ir, vis: ((ir, vis), {"device": "cuda:7"}), "device"),
 ])
-def test_ivf_bad_input(pair, call, words):
-    ir, vis = pair
-    if "cuda" in words and torch.cuda.device_count() > 7:
+def test_ivf_bad_input(pair, change, words):
+    args, kwargs = change(*pair)
+    if "device" in kwargs and torch.cuda.device_count() > 7:
         pytest.skip("a machine with 8 GPUs")
     with pytest.raises(ValueError, match=words):
-        call(authors_model("ivf"), ir, vis)
+        fuse_infrared_visible(*args, model=authors_model("ivf"), **kwargs)
 
 
 @needs_shared

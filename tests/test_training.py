@@ -53,7 +53,7 @@ def test_short_run_writes_loadable_checkpoint(task, tmp_path):
     assert tr["steps_per_epoch"] == 2 and tr["loss"]
     assert ("mef/hdr" if task == "mef" else "flir_train") in tr["data"]
     if task == "mef":
-        assert D.HELD_OUT_HDR in tr["held_out"] and D.HELD_OUT_HDR not in tr["data"]
+        assert D.HELD_OUT_HDR in tr["held_out"] and f"'{D.HELD_OUT_HDR}'" not in tr["data"]
     assert np.isfinite(tr["val_score"])
     if TINY_HP[task]:
         for k, v in TINY_HP[task].items():

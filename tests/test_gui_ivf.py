@@ -1,0 +1,242 @@
+"""Infrared + visible widget in a real napari viewer (Xvfb): run, codes, nD, errors, cancel."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari.utils.notifications import notification_manager  # noqa: E402
+
+from napari_cscfusion import fuse_infrared_visible, load_model  # noqa: E402
+
+PLUGIN = "napari-cscfusion"
+IVF = "Infrared + visible fusion (CSC-IVFN)"
+
+
+def dock(viewer, name):
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def run_and_wait(qtbot, widget, timeout=120_000):
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def errors_since(n):
+    return [r for r in notification_manager.records[n:] if "error" in str(r.severity).lower()]
+
+
+@pytest.fixture
+def ivf_viewer(make_napari_viewer, fusion_weights):
+    """A viewer with the TNO sample cropped to 48x64 and the IVF widget pointed at weights."""
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "infrared_visible")
+    ir, vis = viewer.layers["TNO infrared"], viewer.layers["TNO visible"]
+    ir.data = np.ascontiguousarray(ir.data[300:348, 200:264])
+    vis.data = np.ascontiguousarray(vis.data[300:348, 200:264])
+    widget = dock(viewer, IVF)
+    weights = fusion_weights("ivf")
+    widget.weights.set_path(weights)
+    widget.ir_layer.value, widget.vis_layer.value = ir, vis
+    widget.base_rule.value = "l1"  # the saliency rule is slow on a CPU
+    return viewer, widget, ir, vis, weights
+
+
+def test_ivf_widget_adds_fused_codes_and_weights(ivf_viewer, qtbot):
+    viewer, widget, ir, vis, weights = ivf_viewer
+    ir_before, vis_before = ir.data.copy(), vis.data.copy()
+    ir.scale, ir.translate = (0.5, 0.25), (10.0, -3.0)
+    widget.codes.value = "summary"
+    n_layers = len(viewer.layers)
+    run_and_wait(qtbot, widget)
+
+    fused_name = "TNO infrared + TNO visible (CSC-IVFN)"
+    fused = viewer.layers[fused_name]
+    assert fused.data.shape == (48, 64) and fused.data.dtype == np.float32
+    meta = fused.metadata["cscfusion"]
+    assert meta["network"] == "CSC-IVFN" and meta["task"] == "ivf"
+    assert meta["base_rule"] == "l1" and meta["detail_rule"] == "l1"
+    assert meta["device"] == "cpu" and meta["elapsed_s"] > 0
+    assert meta["source_layers"] == ["TNO infrared", "TNO visible"]
+    assert meta["weights_sha256"]  # per-file hashes (authors' folder) or one hash
+    np.testing.assert_allclose(fused.scale, (0.5, 0.25))
+    np.testing.assert_allclose(fused.translate, (10.0, -3.0))
+    # the widget calls the engine: same numbers as the Python API
+    model = load_model("ivf", weights)
+    direct = fuse_infrared_visible(ir_before, vis_before, model, base_rule="l1", detail_rule="l1")
+    np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
+
+    codes = [lay for lay in viewer.layers if lay.metadata.get("cscfusion", {}).get("role")
+             == "codes"]
+    assert sorted(lay.metadata["cscfusion"]["code"] for lay in codes) == sorted(
+        ["infrared_base", "infrared_detail", "visible_base", "visible_detail", "fused_base",
+         "fused_detail"])
+    for lay in codes:
+        cm = lay.metadata["cscfusion"]
+        assert lay.data.shape == (48, 64)  # summary map: L1 over the 64 code channels
+        assert 0.0 <= cm["sparsity"] <= 1.0
+        assert f"{100 * cm['sparsity']:.0f}% zeros" in lay.name
+        assert (lay.data >= 0).all()
+        np.testing.assert_allclose(lay.scale, (0.5, 0.25))
+    # the detail encoder ends in a soft threshold: its codes have exact zeros
+    assert next(lay for lay in codes if lay.metadata["cscfusion"]["code"]
+                == "infrared_detail").metadata["cscfusion"]["sparsity"] > 0
+    weights_layers = [lay for lay in viewer.layers
+                      if lay.metadata.get("cscfusion", {}).get("role") == "weights"]
+    assert {lay.metadata["cscfusion"]["weights"] for lay in weights_layers} == {"base", "detail"}
+    for lay in weights_layers:
+        assert lay.data.shape == (2, 48, 64)
+        np.testing.assert_allclose(lay.data.sum(0), 1.0, atol=1e-5)
+    assert len(viewer.layers) == n_layers + 1 + 6 + 2
+    np.testing.assert_array_equal(ir.data, ir_before)
+    np.testing.assert_array_equal(vis.data, vis_before)
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+
+
+def test_ivf_every_channel_codes_and_rerun_replaces(ivf_viewer, qtbot):
+    viewer, widget, ir, vis, _w = ivf_viewer
+    widget.codes.value = "all"
+    n0 = len(viewer.layers)
+    run_and_wait(qtbot, widget)
+    added = len(viewer.layers) - n0
+    assert added == 1 + 6 + 2
+    code = next(lay for lay in viewer.layers
+                if lay.metadata.get("cscfusion", {}).get("code") == "visible_detail")
+    assert code.data.shape == (64, 48, 64)  # the code channel is the slider axis
+    lo, hi = code.contrast_limits
+    assert lo == pytest.approx(-hi) and hi > 0
+    assert code.colormap.name == "cscfusion_diverging"
+    assert code.metadata["cscfusion"]["channel_axis"] == 0
+    first_fused = viewer.layers["TNO infrared + TNO visible (CSC-IVFN)"]
+
+    run_and_wait(qtbot, widget)  # same inputs: replaces
+    assert len(viewer.layers) == n0 + added
+    assert first_fused not in viewer.layers
+
+    widget.codes.value = "none"
+    widget.keep_previous.value = True
+    run_and_wait(qtbot, widget)  # kept: adds the fused image and the 2 weight maps
+    assert len(viewer.layers) == n0 + added + 3
+
+
+def test_ivf_nd_layers_fused_slice_by_slice_with_colour_visible(make_napari_viewer, qtbot,
+                                                                fusion_weights):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    ir = rng.integers(0, 255, (3, 40, 44), dtype=np.uint8)
+    vis = rng.integers(0, 255, (3, 40, 44, 3), dtype=np.uint8)
+    lir = viewer.add_image(ir, name="ir", scale=(2.0, 1.0, 1.0))
+    lvis = viewer.add_image(vis, name="vis", rgb=True)
+    widget = dock(viewer, IVF)
+    weights = fusion_weights("ivf")
+    widget.weights.set_path(weights)
+    widget.ir_layer.value, widget.vis_layer.value = lir, lvis
+    widget.base_rule.value = widget.detail_rule.value = "average"
+    run_and_wait(qtbot, widget)
+    fused = viewer.layers["ir + vis (CSC-IVFN)"]
+    assert fused.rgb and fused.data.shape == (3, 40, 44, 3)
+    np.testing.assert_allclose(fused.scale, (2.0, 1.0, 1.0))
+    assert fused.metadata["cscfusion"]["planes"] == 3
+    weights_layer = viewer.layers["ir + vis (CSC-IVFN) · detail weights"]
+    assert weights_layer.data.shape == (3, 2, 40, 44)
+    # plane 1 equals the engine on that plane (luma fused; the visible chroma is kept)
+    model = load_model("ivf", weights)
+    y = vis[1].astype(np.float32) / 255 @ np.array([0.299, 0.587, 0.114], np.float32)
+    direct = fuse_infrared_visible(ir[1], y, model, base_rule="average", detail_rule="average")
+    fused_y = fused.data[1] @ np.array([0.299, 0.587, 0.114], np.float32)
+    unclipped = (fused.data[1] > 0.01).all(-1) & (fused.data[1] < 0.99).all(-1)
+    np.testing.assert_allclose(fused_y[unclipped], direct.image[unclipped], atol=2e-3)
+    np.testing.assert_array_equal(lir.data, ir)
+
+
+def test_ivf_mismatched_shapes_notify_and_add_nothing(make_napari_viewer, qtbot,
+                                                     fusion_weights):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 40), np.uint8), name="ir")
+    viewer.add_image(np.zeros((40, 52), np.uint8), name="vis")
+    widget = dock(viewer, IVF)
+    widget.weights.set_path(fusion_weights("ivf"))
+    n_layers, n_notes = len(viewer.layers), len(notification_manager.records)
+    widget.run_button.native.click()
+    qtbot.wait(50)
+    errs = errors_since(n_notes)
+    assert len(errs) == 1
+    assert "same shape" in errs[0].message and "'ir'" in errs[0].message
+    assert "(40, 52)" in errs[0].message
+    assert len(viewer.layers) == n_layers and not widget.running
+    assert widget.run_button.enabled
+
+
+def test_ivf_bad_weights_notify_and_add_nothing(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 40), np.uint8), name="ir")
+    viewer.add_image(np.ones((40, 40), np.uint8), name="vis")
+    widget = dock(viewer, IVF)
+    bad = tmp_path / "not_a_checkpoint.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    widget.weights.set_path(bad)
+    n_layers, n_notes = len(viewer.layers), len(notification_manager.records)
+    run_and_wait(qtbot, widget)  # fails in the worker (loading), reported on return
+    errs = errors_since(n_notes)
+    assert len(errs) == 1 and "not_a_checkpoint.pt" in errs[0].message
+    assert len(viewer.layers) == n_layers
+
+
+def _slow_job_viewer(make_napari_viewer, fusion_weights, planes=6, size=160):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(1)
+    lir = viewer.add_image(rng.random((planes, size, size), np.float32), name="ir")
+    lvis = viewer.add_image(rng.random((planes, size, size), np.float32), name="vis")
+    widget = dock(viewer, IVF)
+    widget.weights.set_path(fusion_weights("ivf"))
+    widget.ir_layer.value, widget.vis_layer.value = lir, lvis
+    widget.base_rule.value = "saliency"
+    return viewer, widget
+
+
+def test_ivf_cancel_mid_run_adds_nothing_and_stops_quickly(make_napari_viewer, qtbot,
+                                                          fusion_weights):
+    viewer, widget = _slow_job_viewer(make_napari_viewer, fusion_weights)
+    n_layers = len(viewer.layers)
+    widget.run_button.native.click()
+    worker = widget.worker
+    finished = []
+    worker.finished.connect(lambda: finished.append(time.perf_counter()))
+    qtbot.waitUntil(lambda: widget._token is not None and 0 < widget._token.fraction,
+                    timeout=60_000)
+    assert not widget.run_button.enabled and widget.cancel_button.enabled
+    t0 = time.perf_counter()
+    widget.cancel_button.native.click()
+    assert widget.run_button.enabled and not widget.running  # ready again at once
+    qtbot.waitUntil(lambda: bool(finished), timeout=20_000)
+    # the worker thread itself stops at its next torch operation, mid engine step
+    print("cancel latency", finished[0] - t0)
+    assert finished[0] - t0 < 2.0
+    qtbot.wait(100)
+    assert len(viewer.layers) == n_layers
+    assert "cancelled" in widget.status.value
+
+
+def test_ivf_event_loop_keeps_running_during_a_run(make_napari_viewer, qtbot, fusion_weights):
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = _slow_job_viewer(make_napari_viewer, fusion_weights, planes=2, size=96)
+    widget.base_rule.value = "l1"
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(widget.running))
+    timer.start()
+    try:
+        run_and_wait(qtbot, widget)
+    finally:
+        timer.stop()
+    # the GUI thread handled many timer events while the worker was busy
+    assert sum(ticks) >= 10
+    assert widget.progress.value == widget.progress.max
+    assert "ir + vis (CSC-IVFN)" in viewer.layers

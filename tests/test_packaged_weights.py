@@ -1,0 +1,55 @@
+"""The weights shipped in the package: present, small, loadable, and saying what they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import napari_cscfusion
+from napari_cscfusion.models import load_network
+
+WEIGHTS = Path(napari_cscfusion.__file__).parent / "weights"
+EXPECT_DATA = {"ivf": "ivf/flir_train", "mef": "mef/hdr", "mmf": "ivf/flir_train"}
+
+
+@pytest.mark.parametrize("task", ["ivf", "mef", "mmf"])
+def test_packaged_weights_load_and_name_their_training(task):
+    path = WEIGHTS / f"{task}.pt"
+    assert path.is_file(), f"packaged weights {path} missing"
+    assert path.stat().st_size < 5 * 1024 * 1024
+    net, info = load_network(task, path)
+    assert info["format"] == "napari-cscfusion"
+    header = info["header"]
+    assert header["task"] == task
+    tr = header["training"]
+    assert EXPECT_DATA[task] in tr["data"]
+    for key in ("epochs", "seed", "crop", "batch_size", "lr", "loss", "held_out"):
+        assert key in tr, key
+    assert "nir_country" not in tr["data"] and "tno" not in tr["data"].lower()
+    if task == "mef":
+        from napari_cscfusion.training.data import HELD_OUT_HDR
+
+        assert HELD_OUT_HDR in tr["held_out"] and f"'{HELD_OUT_HDR}'" not in tr["data"]
+    if task == "ivf":  # the authors' architecture
+        assert info["hparams"] == {"code_channels": 64, "num_dcus": 8}
+    if task == "mef":
+        assert info["hparams"] == {"code_channels": 24, "num_dcus": 2}
+    if task == "mmf":
+        assert info["hparams"]["lr_channels"] == 1 and info["hparams"]["guide_channels"] == 1
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values()
+               if v.is_floating_point())
+
+
+def test_packaged_weights_run():
+    x = torch.rand(1, 1, 40, 48)
+    with torch.no_grad():
+        ivf = load_network("ivf", WEIGHTS / "ivf.pt")[0]
+        assert ivf(x).shape == x.shape
+        mef = load_network("mef", WEIGHTS / "mef.pt")[0]
+        out = mef(torch.stack([torch.full((3, 40, 48), v) for v in (0.2, 0.5, 0.8)]))
+        assert out.shape == (3, 40, 48) and torch.isfinite(out).all()
+        mmf = load_network("mmf", WEIGHTS / "mmf.pt")[0]
+        y = mmf(torch.rand(1, 1, 20, 24), x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
