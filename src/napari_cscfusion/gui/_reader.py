@@ -1,0 +1,137 @@
+"""Reader: a folder of exposure images (or several image files chosen together) or a
+multi-page TIFF -> one exposure stack layer; a TIFF written by this plugin -> its layers back.
+
+Single-page TIFFs and folders with fewer than two images are left to other readers (None).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ._common import META_KEY
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+WRITER_KEY = "napari_cscfusion"  # our entry in the TIFF description written by _writer
+
+
+def _natural_key(p: Path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith(".")), key=_natural_key)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+        return tifffile.imread(path)
+    import imageio.v3 as iio
+    return np.asarray(iio.imread(path))
+
+
+def _tiff_kind(path: Path) -> str | None:
+    """'ours' (written by this plugin), 'stack' (one series (K, H, W[, S]), K >= 2) or None."""
+    import tifffile
+    try:
+        with tifffile.TiffFile(path) as tif:
+            shaped = tif.shaped_metadata or ()
+            if any(isinstance(m, dict) and WRITER_KEY in m for m in shaped):
+                return "ours"
+            series = tif.series
+            if len(series) == 1:
+                shape, axes = series[0].shape, series[0].axes
+                spatial = 3 if axes.endswith("S") else 2  # S: samples (RGB) last
+                if len(shape) == spatial + 1 and shape[0] >= 2:
+                    return "stack"
+    except Exception:  # not a TIFF we can read: another reader may
+        return None
+    return None
+
+
+def get_reader(path):
+    """npe2 reader hook: a callable for paths we read, else None."""
+    if isinstance(path, (list, tuple)):
+        paths = [Path(p) for p in path]
+        if len(paths) >= 2 and all(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                                   for p in paths):
+            return read_exposure_files
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return read_exposure_folder if len(_image_files(p)) >= 2 else None
+    if p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
+        kind = _tiff_kind(p)
+        if kind == "ours":
+            return read_plugin_tiff
+        if kind == "stack":
+            return read_exposure_tiff
+    return None
+
+
+def _stack_layer(images: list[np.ndarray], names: list[str], layer_name: str, source: str):
+    shapes = {n: a.shape for n, a in zip(names, images, strict=True)}
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{n} {s}" for n, s in shapes.items())
+        raise ValueError(f"{source}: the exposures must all have the same size and channels to "
+                         f"form a stack: {listing}")
+    stack = np.stack(images)
+    rgb = stack.ndim == 4 and stack.shape[-1] in (3, 4)
+    meta = {META_KEY: {"role": "exposure_stack", "exposure_axis": 0, "files": names,
+                       "source": source}}
+    return [(stack, {"name": layer_name, "rgb": rgb, "metadata": meta}, "image")]
+
+
+def read_exposure_files(paths):
+    paths = [Path(p) for p in paths]
+    images = [_read_image(p) for p in paths]
+    return _stack_layer(images, [p.name for p in paths], f"{paths[0].stem} … ({len(paths)})",
+                        f"{len(paths)} files")
+
+
+def read_exposure_folder(path):
+    folder = Path(path)
+    files = _image_files(folder)
+    images = [_read_image(p) for p in files]
+    return _stack_layer(images, [p.name for p in files], folder.name or str(folder),
+                        f"folder {str(folder)!r}")
+
+
+def read_exposure_tiff(path):
+    import tifffile
+    p = Path(path)
+    stack = tifffile.imread(p)
+    rgb = stack.ndim == 4 and stack.shape[-1] in (3, 4)
+    meta = {META_KEY: {"role": "exposure_stack", "exposure_axis": 0, "files": [p.name],
+                       "source": f"multi-page TIFF {str(p)!r}"}}
+    return [(stack, {"name": p.stem, "rgb": rgb, "metadata": meta}, "image")]
+
+
+def read_plugin_tiff(path):
+    """Every series of a TIFF written by this plugin's writer, with its layer settings."""
+    import tifffile
+    out = []
+    with tifffile.TiffFile(path) as tif:
+        for series, md in zip(tif.series, tif.shaped_metadata, strict=False):
+            info = md.get(WRITER_KEY, {}) if isinstance(md, dict) else {}
+            data = series.asarray()
+            kwargs = {k: info[k] for k in ("name", "metadata", "scale", "translate", "rgb",
+                                           "contrast_limits", "visible") if k in info}
+            if "colormap" in info and not info.get("rgb"):
+                kwargs["colormap"] = _colormap(info["colormap"])
+            out.append((data, kwargs, "image"))
+    return out
+
+
+def _colormap(spec):
+    """A colormap name, or our {'name', 'colors', 'controls'} description of a custom one."""
+    if isinstance(spec, dict):
+        from napari.utils import Colormap
+        return Colormap(colors=spec["colors"], controls=spec["controls"], name=spec["name"])
+    return spec
