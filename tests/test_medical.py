@@ -13,13 +13,15 @@ import torch
 from scipy import ndimage as ndi
 
 from napari_cscfusion.engine.alignment import (
+    apply_rigid,
+    apply_rigid_planes,
     displacement_rms,
     estimate_misalignment,
     register_rigid,
     transform_matrix,
 )
 from napari_cscfusion.engine.fusion import fuse_grey_sources
-from napari_cscfusion.engine.medical import fuse_multimodal
+from napari_cscfusion.engine.medical import MultimodalSources, fuse_multimodal
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path
 from napari_cscfusion.models.color import rgb_to_ycbcr, ycbcr_to_rgb
 
@@ -309,6 +311,50 @@ def test_rotated_case_under_one_pixel(brain, fixed_name):
     assert tf["residual"]["aligned"]
     if fixed_name == "pd":  # same contrast: the registered slice matches the aligned one
         assert np.abs(registered - brain["pd"])[mask].mean() < 8.0
+
+
+def test_offset_measures_the_misalignment_as_displayed(brain):
+    # napari draws the shifted slice 17, 13 px up-left (translate): aligned as displayed, while
+    # shift/matrix stay in array indices for resampling
+    est = estimate_misalignment(np.pad(brain["pd"], 20), brain["shifted"],
+                                moving_offset=(-17.0, -13.0))
+    assert est["aligned"] and est["error_px"] < 1.0
+    np.testing.assert_allclose(est["shift"], (17.0, 13.0), atol=1.0)
+    with pytest.raises(ValueError, match="^moving_offset"):
+        estimate_misalignment(brain["pd"], brain["pd"], moving_offset=(1.0,))
+
+
+def test_transform_applied_to_every_plane(brain):
+    fixed = np.pad(brain["pd"], 20)
+    est = estimate_misalignment(fixed, brain["shifted"])
+    vol = np.stack([brain["shifted"], brain["shifted"] // 2, 255 - brain["shifted"]])
+    out = apply_rigid_planes(vol, est, preserve_dtype=True)
+    assert out.shape == (3,) + fixed.shape and out.dtype == np.uint8
+    for z in range(3):
+        np.testing.assert_array_equal(out[z], apply_rigid(vol[z], est, fixed.shape,
+                                                          preserve_dtype=True))
+    # planes on other axes: (y, z, x) layout, planes along (0, 2)
+    out_t = apply_rigid_planes(np.moveaxis(vol, 0, 1), est, plane_axes=(0, 2))
+    np.testing.assert_allclose(np.moveaxis(out_t, 1, 0), out.astype(np.float32), atol=0.5)
+    # colour planes keep their channels
+    rgb = np.repeat(brain["shifted"][..., None], 3, -1)
+    reg = apply_rigid(rgb, est, fixed.shape)
+    assert reg.shape == fixed.shape + (3,) and reg.dtype == np.float32
+    mask = np.pad(_brain_mask(brain["pd"]), 20)
+    assert np.abs(reg[..., 1] - fixed)[mask].mean() < 5.0
+
+
+def test_multimodal_sources_layout(brain):
+    vol = np.zeros((4, 8, 30, 40), np.uint8)
+    src = MultimodalSources({"a": vol, "b": vol}, rgb=[False, False])
+    lay = src.layout()
+    assert lay["plane_axes"] == (2, 3) and lay["loop_axes"] == (0, 1) and lay["planes"] == 32
+    lay = src.layout(axis=2)
+    assert lay["plane_axes"] == (1, 3) and lay["loop_shape"] == (4, 30)
+    assert src.names == ["a", "b"] and src.rgb == [False, False]
+    small = MultimodalSources([vol[:, :5], vol[:, :5]])
+    with pytest.raises(ValueError, match="^images"):
+        small.layout(axis=2)  # planes (5, 40): too small for the 11x11 blur
 
 
 def test_synthetic_large_rotation_cross_modality(brain):

@@ -207,9 +207,14 @@ def _nmi(a: np.ndarray, b: np.ndarray, bins: int = NMI_BINS) -> float:
 
 
 def estimate_misalignment(fixed, moving, tolerance_px: float = DEFAULT_TOLERANCE_PX,
-                          refine: bool = True) -> dict:
+                          refine: bool = True, moving_offset=(0.0, 0.0)) -> dict:
     """Estimate the rigid misalignment of ``moving`` relative to ``fixed`` (2D, grey or RGB;
     sizes may differ). See the module docstring for the conventions.
+
+    moving_offset: where the moving image's first pixel is drawn, in fixed pixels, when the two
+    are shown with the same pixel size (napari: (moving.translate - fixed.translate) / scale).
+    error_px and aligned then measure the misalignment as displayed; shift and matrix stay in
+    array index coordinates (what resampling needs).
 
     Returns a dict: shift (dy, dx), rotation_deg, center (row, col), matrix (3x3, fixed pixel
     -> moving pixel), error_px (RMS displacement of the fixed image's foreground pixels, Otsu
@@ -220,6 +225,9 @@ def estimate_misalignment(fixed, moving, tolerance_px: float = DEFAULT_TOLERANCE
     m = _grey(moving, "moving")
     if not np.isfinite(tolerance_px) or tolerance_px < 0:
         raise ValueError(f"tolerance_px: must be a number >= 0, got {tolerance_px!r}")
+    offset = np.asarray(moving_offset, float)
+    if offset.shape != (2,) or not np.isfinite(offset).all():
+        raise ValueError(f"moving_offset: expected (dy, dx), got {moving_offset!r}")
     center = (np.asarray(f.shape, float) - 1) / 2
     gf, gm = _gradient_magnitude(f), _gradient_magnitude(m)
     fg = _foreground(f)
@@ -240,7 +248,7 @@ def estimate_misalignment(fixed, moving, tolerance_px: float = DEFAULT_TOLERANCE
     angle = _wrap(angle)
     matrix = transform_matrix(angle, (dy, dx), center)
     pts = np.argwhere(fg).astype(float)
-    disp = pts @ (matrix[:2, :2] - np.eye(2)).T + matrix[:2, 2]
+    disp = pts @ (matrix[:2, :2] - np.eye(2)).T + matrix[:2, 2] + offset
     norms = np.sqrt(np.sum(disp * disp, axis=1))
     error = float(np.sqrt(np.mean(norms**2)))
     return {
@@ -256,34 +264,82 @@ def estimate_misalignment(fixed, moving, tolerance_px: float = DEFAULT_TOLERANCE
         "nmi": score((angle, dy, dx)),
         "fixed_shape": tuple(f.shape),
         "moving_shape": tuple(m.shape),
+        "moving_offset": (float(offset[0]), float(offset[1])),
         "method": "log-polar + gradient phase correlation (scikit-image), refined by "
                   "normalised mutual information (scipy Powell)",
     }
 
 
-def apply_rigid(moving, transform: dict, output_shape, order: int = 1) -> np.ndarray:
+def _cast(out: np.ndarray, dtype, preserve_dtype: bool) -> np.ndarray:
+    if preserve_dtype and np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(dtype)
+    return out.astype(np.float32, copy=False)
+
+
+def apply_rigid(moving, transform: dict, output_shape, order: int = 1,
+                preserve_dtype: bool = False) -> np.ndarray:
     """Resample ``moving`` (H, W) or (H, W, C) with ``transform['matrix']`` onto a grid of
-    ``output_shape`` (H, W). float32 in moving's value range; pixels from outside are 0."""
+    ``output_shape`` (H, W). float32 in moving's value range (preserve_dtype: integer inputs
+    are rounded back to their dtype); pixels from outside are 0."""
     a = np.asarray(moving)
     mat = np.asarray(transform["matrix"], float)
     shape = tuple(int(s) for s in output_shape[:2])
     data = a.astype(np.float32) if a.dtype != np.float64 else a
     if a.ndim == 2:
-        return _resample(data, mat, shape, order).astype(np.float32)
-    if a.ndim == 3:
-        return np.stack([_resample(data[..., c], mat, shape, order)
-                         for c in range(a.shape[-1])], -1).astype(np.float32)
-    raise ValueError(f"moving: expected (H, W) or (H, W, C), got shape {a.shape}")
+        out = _resample(data, mat, shape, order)
+    elif a.ndim == 3:
+        out = np.stack([_resample(data[..., c], mat, shape, order)
+                        for c in range(a.shape[-1])], -1)
+    else:
+        raise ValueError(f"moving: expected (H, W) or (H, W, C), got shape {a.shape}")
+    return _cast(out, a.dtype, preserve_dtype)
+
+
+def apply_rigid_planes(moving, transform: dict, plane_axes=(-2, -1), rgb: bool = False,
+                       order: int = 1, preserve_dtype: bool = False) -> np.ndarray:
+    """Apply one 2D ``transform`` (from :func:`estimate_misalignment`) to every plane of an nD
+    ``moving`` array (a volume, a time series; ``rgb``: a last colour axis): the planes along
+    ``plane_axes`` are resampled onto the fixed plane's grid (transform['fixed_shape']), every
+    other axis is kept. Planes are read one at a time (dask arrays work). float32, or moving's
+    integer dtype with preserve_dtype."""
+    shape = tuple(int(n) for n in np.shape(moving))
+    nsp = len(shape) - (1 if rgb else 0)
+    if nsp < 2:
+        raise ValueError(f"moving: expected at least 2 spatial axes, got shape {shape}")
+    axes = tuple(int(a) % nsp for a in plane_axes)
+    if len(set(axes)) != 2:
+        raise ValueError(f"plane_axes: two different spatial axes needed, got {plane_axes}")
+    fh, fw = transform["fixed_shape"]
+    loop = [a for a in range(nsp) if a not in axes]
+    out_sp = [shape[a] for a in range(nsp)]
+    out_sp[axes[0]], out_sp[axes[1]] = int(fh), int(fw)
+    dtype = np.dtype(moving.dtype) if hasattr(moving, "dtype") else np.asarray(moving).dtype
+    keep = preserve_dtype and np.issubdtype(dtype, np.integer)
+    out = np.zeros(tuple(out_sp) + ((shape[-1],) if rgb else ()), dtype if keep else np.float32)
+    for idx in np.ndindex(*[shape[a] for a in loop]):
+        index: list = [slice(None)] * nsp
+        for a, i in zip(loop, idx, strict=True):
+            index[a] = i
+        plane = np.asarray(moving[tuple(index)])
+        if axes[0] > axes[1]:
+            plane = np.swapaxes(plane, 0, 1)
+        res = apply_rigid(plane, transform, (fh, fw), order, preserve_dtype=keep)
+        if axes[0] > axes[1]:
+            res = np.swapaxes(res, 0, 1)
+        out[tuple(index)] = res
+    return out
 
 
 def register_rigid(fixed, moving, tolerance_px: float = DEFAULT_TOLERANCE_PX,
-                   order: int = 1) -> tuple[np.ndarray, dict]:
+                   order: int = 1, preserve_dtype: bool = False) -> tuple[np.ndarray, dict]:
     """Rigidly register ``moving`` onto ``fixed``: returns (registered, transform) where
     ``registered`` is moving resampled on fixed's grid (shape fixed.shape[:2] (+ moving's
-    channels), float32 in moving's value range, 0 where moving has no data; linear interpolation
-    by default) and ``transform`` is :func:`estimate_misalignment`'s dict plus ``residual``, the
-    alignment check re-run on the result. Inputs are not modified."""
+    channels), float32 in moving's value range or moving's integer dtype with preserve_dtype,
+    0 where moving has no data; linear interpolation by default) and ``transform`` is
+    :func:`estimate_misalignment`'s dict plus ``residual``, the alignment check re-run on the
+    result. Inputs are not modified."""
     est = estimate_misalignment(fixed, moving, tolerance_px)
-    registered = apply_rigid(moving, est, np.shape(fixed)[:2], order)
+    registered = apply_rigid(moving, est, np.shape(fixed)[:2], order, preserve_dtype)
     est["residual"] = estimate_misalignment(fixed, registered, tolerance_px)
     return registered, est

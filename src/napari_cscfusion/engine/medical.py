@@ -125,6 +125,72 @@ class _Source:
         return np.zeros(p.shape, np.float32)
 
 
+class MultimodalSources:
+    """Validated sources for multi-modal fusion, read plane by plane.
+
+    images: a list or a dict name -> array (numpy, dask, zarr: anything indexable with a shape
+    and a dtype); names: names for a list; rgb: None (guess: a last axis of 3 or 4 on a 3D+
+    array, as napari does), or one boolean per source (list, or dict by name). Checks: >= 2
+    sources, at most one colour source and at least one grey one, one spatial shape, numeric
+    finite values. Value mapping to [0, 1] uses whole-array statistics (computed here).
+    """
+
+    def __init__(self, images, names=None, rgb=None):
+        given = _as_sources(images, names)
+        if rgb is None:
+            flags = {n: None for n in given}
+        elif isinstance(rgb, Mapping):
+            unknown = set(rgb) - set(given)
+            if unknown:
+                raise ValueError(f"rgb: unknown source name(s) {sorted(unknown)}; sources are "
+                                 f"{list(given)}")
+            flags = {n: rgb.get(n) for n in given}
+        else:
+            rgb = list(rgb)
+            if len(rgb) != len(given):
+                raise ValueError(f"rgb: {len(rgb)} flag(s) for {len(given)} source(s)")
+            flags = dict(zip(given, rgb, strict=True))
+        self.sources = [_Source(n, a, _is_colour(a, flags[n])) for n, a in given.items()]
+        self.colour = [s for s in self.sources if s.colour]
+        if len(self.colour) > 1:
+            raise ValueError(f"images: at most one colour source can be fused (its chroma is "
+                             f"kept); got {len(self.colour)}: {[s.name for s in self.colour]}. "
+                             f"Convert the others to grey first")
+        if len(self.colour) == len(self.sources):
+            raise ValueError("images: at least one grey (anatomical) source is needed besides "
+                             "the colour one")
+        shapes = {s.name: s.spatial for s in self.sources}
+        if len(set(shapes.values())) > 1:
+            listing = ", ".join(f"{k} {v}" for k, v in shapes.items())
+            raise ValueError(f"images: sources must have the same spatial shape (register or "
+                             f"resample them first): {listing}")
+        self.spatial: tuple[int, ...] = self.sources[0].spatial
+        self.names = [s.name for s in self.sources]
+        self.rgb = [s.colour for s in self.sources]
+        self.notes = {s.name: s.note for s in self.sources}
+
+    def layout(self, axis=None) -> dict:
+        """How the volume is cut for slice axis ``axis`` (see fuse_multimodal): plane_axes,
+        loop_axes, plane_shape, loop_shape, planes (count). Checks the plane size."""
+        plane_axes, loop_axes = _plane_axes(len(self.spatial), axis)
+        plane_shape = (self.spatial[plane_axes[0]], self.spatial[plane_axes[1]])
+        check_min_size(plane_shape, "images", IVF_MIN_SIZE, "CSC-IVFN's 11x11 blur")
+        loop_shape = tuple(self.spatial[a] for a in loop_axes)
+        return {"plane_axes": plane_axes, "loop_axes": loop_axes, "plane_shape": plane_shape,
+                "loop_shape": loop_shape, "planes": int(np.prod(loop_shape)) if loop_shape else 1}
+
+    def index(self, loop_index, loop_axes) -> tuple:
+        """The spatial index of one plane: ints on the loop axes, full slices elsewhere."""
+        index: list = [slice(None)] * len(self.spatial)
+        for a, i in zip(loop_axes, loop_index, strict=True):
+            index[a] = int(i)
+        return tuple(index)
+
+    def planes(self, index) -> dict[str, np.ndarray]:
+        """name -> float32 [0, 1] plane ((H, W), or (H, W, 3) for the colour source)."""
+        return {s.name: s.plane(index) for s in self.sources}
+
+
 def _recolour(y: torch.Tensor, chroma: torch.Tensor) -> tuple[np.ndarray, int]:
     """RGB from the fused luminance y (H, W) and the colour source's (Cb, Cr) (H, W, 2).
 
@@ -191,42 +257,14 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
     for rule, arg in ((base_rule, "base_rule"), (detail_rule, "detail_rule")):
         if rule not in RULES:
             raise ValueError(f"{arg}: must be one of {RULES}, got {rule!r}")
-    sources = _as_sources(images, names)
-    if rgb is None:
-        flags = {n: None for n in sources}
-    elif isinstance(rgb, Mapping):
-        unknown = set(rgb) - set(sources)
-        if unknown:
-            raise ValueError(f"rgb: unknown source name(s) {sorted(unknown)}; sources are "
-                             f"{list(sources)}")
-        flags = {n: rgb.get(n) for n in sources}
-    else:
-        rgb = list(rgb)
-        if len(rgb) != len(sources):
-            raise ValueError(f"rgb: {len(rgb)} flag(s) for {len(sources)} source(s)")
-        flags = dict(zip(sources, rgb, strict=True))
-    srcs = [_Source(n, a, _is_colour(a, flags[n])) for n, a in sources.items()]
-    colour = [s for s in srcs if s.colour]
-    if len(colour) > 1:
-        raise ValueError(f"images: at most one colour source can be fused (its chroma is kept); "
-                         f"got {len(colour)}: {[s.name for s in colour]}. Convert the others to "
-                         f"grey first")
-    if len(colour) == len(srcs):
-        raise ValueError("images: at least one grey (anatomical) source is needed besides the "
-                         "colour one")
-    shapes = {s.name: s.spatial for s in srcs}
-    if len(set(shapes.values())) > 1:
-        listing = ", ".join(f"{k} {v}" for k, v in shapes.items())
-        raise ValueError(f"images: sources must have the same spatial shape (register or "
-                         f"resample them first): {listing}")
+    sources = MultimodalSources(images, names=names, rgb=rgb)
     if codes not in (True, False):
         raise ValueError(f"codes: expected True or False, got {codes!r}")
-    spatial = srcs[0].spatial
-    plane_axes, loop_axes = _plane_axes(len(spatial), axis)
-    plane_shape = (spatial[plane_axes[0]], spatial[plane_axes[1]])
-    check_min_size(plane_shape, "images", IVF_MIN_SIZE, "CSC-IVFN's 11x11 blur")
-    loop_shape = tuple(spatial[a] for a in loop_axes)
-    n_planes = int(np.prod(loop_shape)) if loop_shape else 1
+    srcs, colour, spatial = sources.sources, sources.colour, sources.spatial
+    layout = sources.layout(axis)
+    plane_axes, loop_axes = layout["plane_axes"], layout["loop_axes"]
+    plane_shape, loop_shape = layout["plane_shape"], layout["loop_shape"]
+    n_planes = layout["planes"]
     if codes and n_planes > 1:
         raise ValueError(f"codes: sparse codes are returned for 2D images only ({n_planes} "
                          f"planes here would need 64 maps per voxel and source); fuse one slice "
@@ -242,11 +280,8 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
     desaturated = 0
     t1 = time.perf_counter()
     for k, loop_idx in enumerate(np.ndindex(*loop_shape) if loop_shape else [()]):
-        index: list = [slice(None)] * len(spatial)
-        for a, i in zip(loop_axes, loop_idx, strict=True):
-            index[a] = i
-        index_t = tuple(index)
-        planes = {s.name: s.plane(index_t) for s in srcs}
+        index_t = sources.index(loop_idx, loop_axes)
+        planes = sources.planes(index_t)
         chroma = None
         grey = {}
         for s in srcs:
@@ -271,7 +306,7 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
             w_base[(i,) + index_t] = weights["base"][i]
             w_detail[(i,) + index_t] = weights["detail"][i]
         code_maps = cmaps
-    meta = _base_metadata(model, dev, {s.name: s.note for s in srcs})
+    meta = _base_metadata(model, dev, sources.notes)
     meta.update(
         sources=names_order,
         colour_source=colour[0].name if colour else None,
