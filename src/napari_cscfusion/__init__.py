@@ -1,6 +1,7 @@
 """napari-cscfusion: image fusion with deep convolutional sparse coding networks.
 
     from napari_cscfusion import load_model, fuse_infrared_visible, fuse_exposures, fuse_guided
+    from napari_cscfusion import fuse_multimodal, estimate_misalignment, register_rigid
 """
 
 __version__ = "0.1.0"
@@ -14,6 +15,9 @@ from .engine import (  # noqa: E402
     fuse_infrared_visible,
     load_model,
 )
+from .engine.alignment import estimate_misalignment, register_rigid  # noqa: E402
+from .engine.medical import fuse_multimodal  # noqa: E402
 
-__all__ = ["__version__", "FusionModel", "FusionResult", "available_devices", "fuse_exposures",
-           "fuse_guided", "fuse_infrared_visible", "load_model"]
+__all__ = ["__version__", "FusionModel", "FusionResult", "available_devices",
+           "estimate_misalignment", "fuse_exposures", "fuse_guided", "fuse_infrared_visible",
+           "fuse_multimodal", "load_model", "register_rigid"]
