@@ -142,7 +142,7 @@ def test_ivf_nd_layers_fused_slice_by_slice_with_colour_visible(make_napari_view
     assert fused.rgb and fused.data.shape == (3, 40, 44, 3)
     np.testing.assert_allclose(fused.scale, (2.0, 1.0, 1.0))
     assert fused.metadata["cscfusion"]["planes"] == 3
-    weights_layer = viewer.layers["ir + vis (CSC-IVFN) · detail weights"]
+    weights_layer = viewer.layers["detail weights · ir + vis (CSC-IVFN)"]
     assert weights_layer.data.shape == (3, 2, 40, 44)
     # plane 1 equals the engine on that plane (luma fused; the visible chroma is kept)
     model = load_model("ivf", weights)

@@ -60,7 +60,7 @@ def test_mef_stack_layer_from_sample(make_napari_viewer, qtbot, fusion_weights):
         lo, hi = lay.contrast_limits
         assert lo == pytest.approx(-hi)
         assert "% zeros" in lay.name
-    w = viewer.layers["courtyard exposures fused (CSC-MEFN) · exposures weights"]
+    w = viewer.layers["exposures weights · courtyard exposures fused (CSC-MEFN)"]
     assert w.data.shape == (4, 48, 64)
     np.testing.assert_allclose(w.data.sum(0), 1.0, atol=1e-5)
     assert w.metadata["cscfusion"]["sources"] == [f"courtyard exposures[{i}]" for i in range(4)]

@@ -12,7 +12,7 @@ import contextlib
 import time
 
 from magicgui.widgets import CheckBox, Container, ProgressBar, PushButton
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
 
 from ._common import WeightsChooser, codes_combo, device_combo, result_layers, status_label
@@ -44,7 +44,7 @@ class FusionWidget(Container):
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
         buttons.margins = (0, 0, 0, 0)
-        self.extend([self.weights, self.device, self.codes, self.keep_previous, buttons,
+        self.extend([*self.weights.widgets, self.device, self.codes, self.keep_previous, buttons,
                      self.progress, self.status])
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
@@ -164,7 +164,6 @@ class FusionWidget(Container):
             return
         self.progress.value = PROGRESS_STEPS
         self.status.value = f"done in {outcome.elapsed_s:.1f} s"
-        show_info(f"{self.network}: {job.output.fused_name} done in {outcome.elapsed_s:.1f} s")
 
     def _show_result(self, job: FusionJob, outcome: RunOutcome) -> None:
         data = result_layers(outcome.result, job.output)

@@ -81,9 +81,10 @@ def hint_default(combo: ComboBox, words: Sequence[str]) -> None:
 
 # --- option widgets -------------------------------------------------------------------------
 
-class WeightsChooser(Container):
+class WeightsChooser:
     """Packaged weights, or a checkpoint file (ours or the authors'), or for CSC-IVFN a folder
-    with the authors' three files. ``weights`` is None for packaged, else the path."""
+    with the authors' three files. ``weights`` is None for packaged, else the path.
+    ``widgets``: the two rows (choice, path) to add to a form."""
 
     PACKAGED = "packaged"
     CUSTOM = "file or folder"
@@ -97,20 +98,23 @@ class WeightsChooser(Container):
                                value=self.PACKAGED if have else self.CUSTOM,
                                tooltip="the network's weights: the packaged ones, or a "
                                        "checkpoint (ours or the authors' published files)")
-        self.path = LineEdit(label="path", tooltip="a checkpoint file (.pt/.pth)"
+        self.path = LineEdit(tooltip="a checkpoint file (.pt/.pth)"
                              + (" or the folder holding the authors' three CSC-IVFN files"
                                 if folders else ""))
         self.file_button = PushButton(text="File…")
         self.folder_button = PushButton(text="Folder…", visible=folders)
-        row = Container(widgets=[self.path, self.file_button, self.folder_button],
-                        layout="horizontal", labels=False)
-        row.margins = (0, 0, 0, 0)
-        super().__init__(widgets=[self.source, row], labels=True)
-        self.margins = (0, 0, 0, 0)
+        self.row = Container(widgets=[self.path, self.file_button, self.folder_button],
+                             layout="horizontal", labels=False, label="weights path")
+        self.row.margins = (0, 0, 0, 0)
+        self.widgets = [self.source, self.row]
         self.file_button.changed.connect(self._choose_file)
         self.folder_button.changed.connect(self._choose_folder)
         self.source.changed.connect(self._sync)
         self._sync()
+
+    @property
+    def native(self):
+        return self.row.native
 
     def _sync(self, *_):
         custom = self.source.value == self.CUSTOM
@@ -270,7 +274,7 @@ def result_layers(result: FusionResult, spec: OutputSpec) -> list[tuple[Any, dic
         cmeta = {"role": "codes", "code": key, "mode": mode, "sparsity": zeros,
                  "network": spec.network, "fused_layer": spec.fused_name,
                  "channel_axis": n_extra if mode == "all" else None}
-        kwargs = {"name": f"{spec.fused_name} · {key} {kind}{label}",
+        kwargs = {"name": f"{key} {kind}{label} · {spec.fused_name}",
                   "metadata": {META_KEY: jsonable(cmeta)}, "visible": False,
                   "blending": "additive", **_layer_transform(spec, inner, ratio)}
         if mode == "summary":  # a non-negative map: sequential colours from zero
@@ -283,7 +287,7 @@ def result_layers(result: FusionResult, spec: OutputSpec) -> list[tuple[Any, dic
         wmeta = {"role": "weights", "weights": key, "sources": list(spec.source_names),
                  "source_axis": n_extra, "network": spec.network,
                  "fused_layer": spec.fused_name}
-        out.append((w, {"name": f"{spec.fused_name} · {key} weights",
+        out.append((w, {"name": f"{key} weights · {spec.fused_name}",
                         "metadata": {META_KEY: jsonable(wmeta)}, "visible": False,
                         "colormap": "viridis", "contrast_limits": (0.0, 1.0),
                         **_layer_transform(spec, inner)}, "image"))
