@@ -165,3 +165,18 @@ def test_manifest_is_valid_and_lists_the_widgets():
     root = ROOT / "napari.yaml"
     assert root.is_symlink()
     assert root.resolve() == (ROOT / "src" / "napari_cscfusion" / "napari.yaml").resolve()
+
+
+def test_widgets_appear_in_the_layers_menus(make_napari_viewer):
+    make_napari_viewer()
+    from napari._app_model import get_app_model
+    menus = get_app_model().menus
+
+    def ids(menu):
+        return [getattr(getattr(i, "command", None), "id", None) or getattr(i, "submenu", None)
+                for i in menus.get_menu(menu)]
+
+    assert "cscfusion_fusion" in ids("napari/layers/filter")
+    assert {"napari-cscfusion.make_ivf_widget", "napari-cscfusion.make_mef_widget",
+            "napari-cscfusion.make_mmf_widget"} <= set(ids("cscfusion_fusion"))
+    assert "napari-cscfusion.make_quality_widget" in ids("napari/layers/measure")
