@@ -23,6 +23,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if isinstance(device, str):
+        device = device.strip().lower()  # 'CPU', 'Cuda:0 ' are meant as the usual names
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

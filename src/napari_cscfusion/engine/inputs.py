@@ -51,14 +51,30 @@ def normalise(array, name: str) -> Normalised:
 
 def _minmax(a: np.ndarray, why: str) -> Normalised:
     lo, hi = float(a.min()), float(a.max())
+    if not np.isfinite(hi - lo):
+        # a span beyond the float64 range (values near +-1.8e308): halve first (exact), or
+        # (a - lo) / (hi - lo) would be inf / inf = NaN
+        a, lo, hi = a * 0.5, lo * 0.5, hi * 0.5
     if hi > lo:
         data = ((a - lo) / (hi - lo)).astype(np.float32)
         return Normalised(data, f"min-max scaled ({why})")
     return Normalised(np.zeros(a.shape, np.float32), f"constant image set to 0 ({why})")
 
 
+def check_frames(array, name: str) -> None:
+    """A list/tuple of images (e.g. exposures) must hold one shape: name them all if not
+    (numpy would only say "inhomogeneous shape"). Call it before np.shape/np.asarray."""
+    if not hasattr(array, "ndim") and isinstance(array, (list, tuple)):
+        shapes = [tuple(np.shape(x)) for x in array]
+        if len(set(shapes)) > 1:
+            listing = ", ".join(f"{name}[{i}] {s}" for i, s in enumerate(shapes))
+            raise ValueError(f"{name}: the images must all have the same shape (register or "
+                             f"resample them first): {listing}")
+
+
 def check_ndim(array, name: str, allowed: dict[int, str]) -> np.ndarray:
     """``allowed`` maps an ndim to a description of the expected layout."""
+    check_frames(array, name)
     a = np.asarray(array) if not hasattr(array, "ndim") else array
     if a.ndim not in allowed:
         want = " or ".join(f"{v}" for v in allowed.values())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -17,16 +19,21 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {str(path)!r} does not exist")
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
-
-        return tifffile.imread(path)
-    import imageio.v3 as iio
-
     try:
-        return np.asarray(iio.imread(path))
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            image = np.asarray(tifffile.imread(path))
+        else:
+            import imageio.v3 as iio
+
+            image = np.asarray(iio.imread(path))
     except Exception as exc:
         raise ValueError(f"cannot read {str(path)!r} as an image ({exc})") from None
+    if image.size == 0:  # tifffile returns an empty array for a broken file (and logs)
+        raise ValueError(f"cannot read {str(path)!r} as an image (no image data: the file is "
+                         f"empty, truncated or corrupt)")
+    return image
 
 
 def to_grey(image: np.ndarray) -> np.ndarray:
@@ -52,11 +59,35 @@ def _jsonable(obj):
     return str(obj)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: Path, exc: OSError) -> OSError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    message = f"cannot write {str(path)!r}: {reason} (no partial file is left)"
+    # OSError(errno, text) becomes the matching subclass (PermissionError, ...)
+    return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
+
+
 def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
     """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description.
 
-    Written to a temporary file in the same folder, then renamed: a failure (unwritable
-    folder, full disk) leaves no partial file behind.
+    Written to a temporary file in the same folder, flushed to disk, then renamed over
+    ``path``: a failure (unwritable folder, full disk, interruption) leaves no partial file
+    behind and an existing file at ``path`` untouched. OSErrors name ``path`` and keep their
+    errno. The file gets the usual permissions (0o666 less the umask, or those of the file it
+    replaces), not the temporary file's private 0o600.
     """
     import tifffile
 
@@ -64,15 +95,28 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OSError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {str(path)!r}: it is a folder")
     description = json.dumps(_jsonable(metadata or {}))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    os.close(fd)
+    arr = np.asarray(image)
+    photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
     try:
-        arr = np.asarray(image)
-        photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
-        tifffile.imwrite(tmp, arr, description=description, photometric=photometric,
-                         bigtiff=arr.nbytes > 2**31, metadata=None)
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        with open(tmp, "wb") as fh:
+            tifffile.imwrite(fh, arr, description=description, photometric=photometric,
+                             bigtiff=arr.nbytes > 2**31, metadata=None)
+            fh.flush()
+            os.fsync(fh.fileno())  # a full disk may only show here
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
