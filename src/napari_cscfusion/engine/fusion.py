@@ -1,4 +1,6 @@
-"""The public fusion functions: numpy in, numpy out (results with codes and weight maps)."""
+"""The public fusion functions: numpy (or dask) in, the same out, with codes and weight maps.
+
+Tiling lives in tiling.py, the dask graphs in lazy.py; both run the same per-tile kernels."""
 
 from __future__ import annotations
 
@@ -9,23 +11,23 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..models.color import fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
 from .device import resolve_device
 from .inputs import check_min_size, check_ndim, check_same_shape, normalise
+from .lazy import fuse_exposures_lazy, fuse_grey_lazy, is_dask
 from .registry import FusionModel, resolve_model
-from .rules import RULES, apply_rule
+from .rules import RULES
+from .tiling import (  # noqa: F401  (Cancelled and IVF_ALPHA are re-exported here)
+    IVF_ALPHA,
+    Cancelled,
+    IVFKernel,
+    MEFKernel,
+    resolve_tile,
+    run_tiled,
+)
 
-IVF_ALPHA = 2.0  # the authors scale both fused codes by 2 before decoding
 IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per side
 MEF_MIN_SIZE = 2  # 3x3 reflection padding needs 2 px
 MMF_MIN_LOW_SIZE = 4  # the fast guided filter (r=1) needs more than 3 px per side
-# Exposures are pushed through the network together; above this many code values they go in
-# chunks (the softmax only needs each exposure's 1-channel logits).
-MEF_BATCH_VALUES = 64_000_000
-
-
-class Cancelled(Exception):
-    """Raised by a ``progress`` callback to stop a fusion run between steps."""
 
 
 def report(progress, done: int, total: int) -> None:
@@ -36,10 +38,11 @@ def report(progress, done: int, total: int) -> None:
 
 @dataclass
 class FusionResult:
-    """image: float32 in [0,1]; codes: name -> float32 (q,H,W) when asked for; weights:
-    name -> per-source weight maps (sources first); metadata: task, weights, device, timings."""
+    """image: float32 in [0,1] (a numpy array, or a lazy dask array for dask inputs);
+    codes: name -> float32 (q,H,W) when asked for; weights: name -> per-source weight maps
+    (sources first); metadata: task, weights, device, tile, timings."""
 
-    image: np.ndarray
+    image: np.ndarray  # or a dask array (lazy results)
     codes: dict[str, np.ndarray] = field(default_factory=dict)
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
@@ -65,134 +68,236 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 # --- infrared + visible (and any N grey sources) with CSC-IVFN ----------------------------
 
-def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_rule: str,
-                      detail_rule: str, device: torch.device, codes: bool, progress=None
-                      ) -> tuple[np.ndarray, dict, dict]:
-    """Fuse S >= 2 registered grey float32 images in [0,1] (name -> (H,W)) with CSC-IVFN.
-
-    All sources go through each encoder as one batch. Returns (image, codes, weights).
-    """
+def _check_rules(base_rule: str, detail_rule: str) -> None:
     for rule, arg in ((base_rule, "base_rule"), (detail_rule, "detail_rule")):
         if rule not in RULES:
             raise ValueError(f"{arg}: must be one of {RULES}, got {rule!r}")
+
+
+def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_rule: str,
+                      detail_rule: str, device: torch.device, codes: bool, progress=None, *,
+                      tile=None, weights: bool = True, precision: str | None = None,
+                      compile: bool = False, exact_rules: bool = False
+                      ) -> tuple[np.ndarray, dict, dict]:
+    """Fuse S >= 2 registered grey float32 images in [0,1] (name -> (H,W)) with CSC-IVFN.
+
+    All sources go through each encoder as one batch, tile by tile (see ``tile`` in
+    fuse_infrared_visible). Returns (image (H,W), codes name -> (q,H,W) if ``codes``,
+    weights {"base": (S,H,W) channel-mean saliency/l1 weights, "detail": (S,H,W)}, empty
+    when ``weights=False``).
+    """
+    _check_rules(base_rule, detail_rule)
     names = list(images)
     net = model.network_on(device)
-    x = torch.from_numpy(np.stack([images[n] for n in names]))[:, None].to(device)
-    with torch.inference_mode():
-        report(progress, 0, 3)
-        z_base, z_detail = net.encode(x)
-        report(progress, 1, 3)
-        fused_base, w_base = apply_rule(base_rule, z_base)
-        fused_detail, w_detail = apply_rule(detail_rule, z_detail)
-        report(progress, 2, 3)
-        out = net.decode(IVF_ALPHA * fused_base[None], IVF_ALPHA * fused_detail[None])[0, 0]
-        weights = {
-            # per-channel base weights are summarised by their mean over channels
-            "base": _to_numpy(w_base.mean(1)),
-            "detail": _to_numpy(w_detail[:, 0]),
-        }
-        code_maps = {}
-        if codes:
-            for i, n in enumerate(names):
-                code_maps[f"{n}_base"] = _to_numpy(z_base[i])
-                code_maps[f"{n}_detail"] = _to_numpy(z_detail[i])
-            code_maps["fused_base"] = _to_numpy(fused_base)
-            code_maps["fused_detail"] = _to_numpy(fused_detail)
-    report(progress, 3, 3)
-    return _to_numpy(out), code_maps, weights
+    kernel = IVFKernel(net, names, base_rule, detail_rule, device, codes=codes, weights=weights,
+                       precision=precision, compile=compile, exact_rules=exact_rules)
+    x = np.stack([np.asarray(images[n], dtype=np.float32) for n in names])
+    side = resolve_tile(tile, x.shape[-2:], kernel, device)
+    outs = run_tiled(kernel, x, side, progress)
+    code_maps = {k: v for k, v in outs.items() if k not in ("image", "weights_base",
+                                                            "weights_detail")}
+    w = {"base": outs["weights_base"], "detail": outs["weights_detail"]} if weights else {}
+    return outs["image"][0], code_maps, w
+
+
+def _planes(shape: tuple[int, ...], n_core: int) -> list[tuple[int, ...]]:
+    """Indices of the leading (time, z, ...) axes of an array whose last n_core axes are one
+    plane's."""
+    return list(np.ndindex(*shape[:len(shape) - n_core]))
+
+
+def _plane_progress(progress, k: int, n: int):
+    if progress is None:
+        return None
+    return lambda done, total: progress(k * total + done, n * total)
+
+
+def _lazy_requested(client, scheduler, *arrays) -> bool:
+    return client is not None or scheduler is not None or any(is_dask(a) for a in arrays)
 
 
 def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
                           detail_rule: str = "l1", device="auto", codes: bool = False,
-                          progress=None) -> FusionResult:
-    """Fuse a registered infrared/visible pair of grey images (H,W) with CSC-IVFN.
+                          progress=None, *, tile=None, weights: bool = True,
+                          precision: str | None = None, compile: bool = False,
+                          client=None, scheduler: str | None = None) -> FusionResult:
+    """Fuse a registered infrared/visible pair of grey images with CSC-IVFN.
 
+    ir, vis: (H,W), or nD stacks (..., H, W) of equal shape (time, z, ...): every plane is
+    fused independently (and the result is the same as a Python loop over the planes; the
+    normalisation to [0,1] is done once for the whole stack). numpy or dask arrays.
     base_rule / detail_rule: 'saliency' (authors' base default), 'l1' (authors' detail
     default) or 'average'. codes=True also returns the sparse codes after the last DCU
-    (q maps per source: memory-hungry). progress(done, total) is called between steps and
-    may raise Cancelled. Returns a FusionResult with a (H,W) float32 image.
+    (q maps per source: memory-hungry; 2-D numpy inputs only).
+    progress(done, total) is called after every tile step and may raise Cancelled.
+
+    Scale: ``tile`` is the tile side in pixels (None: chosen from free memory, GPU memory on
+    CUDA; 0 or False: the whole image at once). Tiles carry a halo as wide as the network's
+    and the rules' context (113 px with the saliency rule, whose whole-image statistics are
+    computed first in a separate pass), so tiled and whole-image results agree to float
+    rounding. On CUDA a tile that runs out of memory is split and retried.
+    ``precision``: None/'fp32' (default), or 'fp16'/'bf16' for the networks on a GPU (the
+    rules stay float32; error against fp32 in benchmarks/README.md). ``compile``: run the
+    encoders through torch.compile (pays off on large images; the first call compiles).
+    ``weights=False`` skips the weight maps (two (S,H,W) arrays: memory on huge images).
+
+    Dask: with dask inputs the result's image and weights are lazy dask arrays (chunked by
+    tile and by plane) that compute the same values; napari displays them directly. With
+    ``client`` (a dask.distributed Client) or ``scheduler`` (its address) the work runs on
+    that cluster: numpy inputs give numpy results, dask inputs a dask array persisted there.
+
+    Returns a FusionResult: image (H,W) or (..., H, W) float32; weights {"base", "detail"}
+    as (S, ..., H, W) with S = 2 (infrared, visible).
     """
     t0 = time.perf_counter()
     for a, n in ((ir, "ir"), (vis, "vis")):
-        check_ndim(a, n, {2: "a grey image (H, W)"})
+        shp = tuple(np.shape(a))
+        if len(shp) < 2 or (len(shp) >= 3 and shp[-1] in (3, 4)):
+            raise ValueError(f"{n}: expected a grey image (H, W) or a stack of grey planes "
+                             f"(..., H, W), got an array of shape {shp} (convert colour "
+                             f"images to grey first)")
+        if np.ndim(a) == 3 and np.shape(a)[-1] in (3, 4):
+            # an RGB(A) photo, not a stack of 3-pixel-wide planes: say so
+            raise ValueError(f"{n}: expected a grey image (H, W); got shape "
+                             f"{tuple(np.shape(a))}, which looks like RGB — convert it to grey "
+                             f"(e.g. its luminance) first")
     check_same_shape({"ir": np.shape(ir), "vis": np.shape(vis)})
     check_min_size(np.shape(ir), "ir", IVF_MIN_SIZE, "CSC-IVFN's 11x11 blur")
-    n_ir, n_vis = normalise(ir, "ir"), normalise(vis, "vis")
+    _check_rules(base_rule, detail_rule)
     model = resolve_model(model, "ivf")
     dev = resolve_device(device)
+    names = ["infrared", "visible"]
+    if _lazy_requested(client, scheduler, ir, vis):
+        if codes:
+            raise ValueError("codes: not available for dask inputs or cluster runs; fuse a "
+                             "numpy plane to look at its codes")
+        lazy = fuse_grey_lazy({"infrared": ir, "visible": vis}, model, base_rule, detail_rule,
+                              dev, tile=tile, weights=weights, precision=precision,
+                              client=client, scheduler=scheduler)
+        meta = _base_metadata(model, dev, lazy.notes)
+        meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
+                    lazy=lazy.is_lazy, tile=lazy.tile,
+                    timings={"prepare_s": time.perf_counter() - t0})
+        return FusionResult(lazy.image, {}, lazy.weights, meta)
+    n_ir, n_vis = normalise(ir, "ir"), normalise(vis, "vis")
     t1 = time.perf_counter()
-    image, code_maps, weights = fuse_grey_sources(
-        {"infrared": n_ir.data, "visible": n_vis.data}, model, base_rule, detail_rule, dev, codes,
-        progress)
+    planes = _planes(n_ir.data.shape, 2)
+    if codes and len(planes) > 1:
+        raise ValueError("codes: only for a single (H, W) plane; fuse planes one at a time to "
+                         "look at their codes")
+    image = np.empty(n_ir.data.shape, np.float32)
+    w_out = {k: np.empty((2, *n_ir.data.shape), np.float32) for k in ("base", "detail")} \
+        if weights else {}
+    code_maps = {}
+    for k, idx in enumerate(planes):
+        img, code_maps, w = fuse_grey_sources(
+            {"infrared": n_ir.data[idx], "visible": n_vis.data[idx]}, model, base_rule,
+            detail_rule, dev, codes, _plane_progress(progress, k, len(planes)), tile=tile,
+            weights=weights, precision=precision, compile=compile)
+        image[idx] = img
+        for key, a in w.items():
+            w_out[key][(slice(None), *idx)] = a
     meta = _base_metadata(model, dev, {"ir": n_ir.note, "vis": n_vis.note})
-    meta.update(sources=["infrared", "visible"], base_rule=base_rule, detail_rule=detail_rule,
+    meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
+                planes=len(planes), tile=tile, precision=precision,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
-    return FusionResult(image, code_maps, weights, meta)
+    return FusionResult(image, code_maps, w_out, meta)
 
 
 # --- multi-exposure with CSC-MEFN ---------------------------------------------------------
 
-def _exposure_logits(net, y: torch.Tensor, code_channels: int, progress=None) -> torch.Tensor:
-    per = max(1, MEF_BATCH_VALUES // (code_channels * y.shape[-2] * y.shape[-1]))
-    out = []
-    for i in range(0, y.shape[0], per):
-        report(progress, i, y.shape[0])
-        out.append(net.logits(y[i:i + per]))
-    report(progress, y.shape[0], y.shape[0])
-    return torch.cat(out, 0)
+def fuse_exposure_stack(stack: np.ndarray, model: FusionModel, device: torch.device,
+                        codes: bool = False, progress=None, *, tile=None,
+                        weights: bool = True, precision: str | None = None,
+                        compile: bool = False) -> tuple[np.ndarray, dict, np.ndarray | None]:
+    """One bracket, already normalised: (K,H,W) or (K,H,W,3) float32 in [0,1] ->
+    (image (H,W) or (H,W,3), codes, weights (K,H,W) or None)."""
+    rgb = stack.ndim == 4
+    net = model.network_on(device)
+    kernel = MEFKernel(net, stack.shape[0], rgb, device, codes=codes, weights=weights,
+                       precision=precision, compile=compile)
+    side = resolve_tile(tile, stack.shape[1:3], kernel, device)
+    outs = run_tiled(kernel, stack, side, progress)
+    image = np.moveaxis(outs.pop("image"), 0, -1) if rgb else outs.pop("image")[0]
+    w = outs.pop("weights", None)
+    return image, outs, w
+
+
+def _split_exposures(shape: tuple[int, ...], rgb) -> tuple[bool, int]:
+    """(is RGB, index of the exposure axis) for a stack of this shape."""
+    if rgb is None:
+        if len(shape) >= 4 and shape[-1] in (1, 2, 4):
+            raise ValueError(f"stack: RGB exposures need 3 channels last, (K, H, W, 3); got "
+                             f"shape {shape} (pass rgb=False for grey planes this narrow)")
+        rgb = len(shape) >= 4 and shape[-1] == 3
+    core = 4 if rgb else 3
+    if len(shape) < core:
+        want = "(..., K, H, W, 3) RGB" if rgb else "(..., K, H, W) grey"
+        raise ValueError(f"stack: expected {want} exposures, got shape {shape}")
+    return bool(rgb), len(shape) - core
 
 
 def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
-                   progress=None) -> FusionResult:
+                   progress=None, *, rgb: bool | None = None, tile=None, weights: bool = True,
+                   precision: str | None = None, compile: bool = False, client=None,
+                   scheduler: str | None = None) -> FusionResult:
     """Fuse K >= 2 registered exposures: stack (K,H,W) grey or (K,H,W,3) RGB.
 
     RGB goes through YCbCr: the network weighs each exposure's luminance (softmax over
     exposures) and chroma is blended by saturation. Returns (H,W) or (H,W,3) float32.
+
+    nD: leading axes before the exposure axis, (..., K, H, W[, 3]), are independent brackets
+    (time, z, ...), each fused on its own; a last axis of length 3 means RGB unless
+    ``rgb=False``. One normalisation for the whole input (per-exposure min-max would undo the
+    exposure differences the fusion depends on). ``tile``, ``precision``, ``compile``,
+    ``weights``, ``client``/``scheduler`` and dask inputs as in fuse_infrared_visible (the
+    network's halo is 5 px; automatic tiles on the CPU are 256 px, cache-sized, which is
+    faster than whole images). weights {"exposures": (K, ..., H, W)}.
     """
     t0 = time.perf_counter()
-    arr = check_ndim(stack, "stack", {3: "(K, H, W) grey exposures",
-                                      4: "(K, H, W, 3) RGB exposures"})
-    shape = tuple(np.shape(arr))
-    if len(shape) == 4 and shape[-1] != 3:
-        raise ValueError(f"stack: RGB exposures need 3 channels last, (K, H, W, 3); got shape "
-                         f"{shape}")
-    if shape[0] < 2:
-        raise ValueError(f"stack: at least 2 exposures are needed, got {shape[0]} "
+    shape = tuple(np.shape(stack))
+    is_rgb, lead = _split_exposures(shape, rgb)
+    core_shape = shape[lead:]
+    if core_shape[0] < 2:
+        raise ValueError(f"stack: at least 2 exposures are needed, got {core_shape[0]} "
                          f"(shape {shape}; the exposure axis comes first)")
-    check_min_size(shape[:3], "stack", MEF_MIN_SIZE, "3x3 reflection padding")
-    # One normalisation for the whole bracket: per-exposure min-max would undo the exposure
-    # differences the fusion depends on.
-    norm = normalise(arr, "stack")
+    check_min_size(core_shape[:3], "stack", MEF_MIN_SIZE, "3x3 reflection padding")
     model = resolve_model(model, "mef")
     dev = resolve_device(device)
-    net = model.network_on(dev)
-    t1 = time.perf_counter()
-    x = torch.from_numpy(norm.data).to(dev)
-    with torch.inference_mode():
-        if x.ndim == 4:
-            ycc = rgb_to_ycbcr(x, dim=-1)  # (K,H,W,3)
-            y = ycc[..., 0][:, None]
-        else:
-            y = x[:, None]
-        logits = _exposure_logits(net, y, net.hparams["code_channels"], progress)
-        w = torch.softmax(logits[:, 0], dim=0)
-        y_f = (w * y[:, 0]).sum(0)
-        if x.ndim == 4:
-            cb = fuse_chroma(ycc[..., 1], dim=0)
-            cr = fuse_chroma(ycc[..., 2], dim=0)
-            fused = ycbcr_to_rgb(torch.stack((y_f, cb, cr), -1), dim=-1)
-        else:
-            fused = y_f
-        fused = fused.clamp(0.0, 1.0)
-        code_maps = {}
+    k = core_shape[0]
+    names = [f"exposure_{i}" for i in range(k)]
+    colour = "YCbCr" if is_rgb else "grey"
+    if _lazy_requested(client, scheduler, stack):
         if codes:
-            for i in range(y.shape[0]):
-                code_maps[f"exposure_{i}"] = _to_numpy(net.codes(y[i:i + 1])[0])
+            raise ValueError("codes: not available for dask inputs or cluster runs")
+        lazy = fuse_exposures_lazy(stack, model, dev, is_rgb, tile=tile, weights=weights,
+                                   precision=precision, client=client, scheduler=scheduler)
+        meta = _base_metadata(model, dev, lazy.notes)
+        meta.update(sources=names, colour=colour, lazy=lazy.is_lazy, tile=lazy.tile,
+                    timings={"prepare_s": time.perf_counter() - t0})
+        return FusionResult(lazy.image, {}, lazy.weights, meta)
+    norm = normalise(stack, "stack")
+    t1 = time.perf_counter()
+    planes = _planes(shape, len(core_shape))
+    if codes and len(planes) > 1:
+        raise ValueError("codes: only for a single bracket; fuse brackets one at a time to "
+                         "look at their codes")
+    out_shape = shape[:lead] + core_shape[1:]
+    image = np.empty(out_shape, np.float32)
+    w_out = np.empty((k, *shape[:lead], *core_shape[1:3]), np.float32) if weights else None
+    code_maps = {}
+    for i, idx in enumerate(planes):
+        img, code_maps, w = fuse_exposure_stack(
+            norm.data[idx], model, dev, codes, _plane_progress(progress, i, len(planes)),
+            tile=tile, weights=weights, precision=precision, compile=compile)
+        image[idx] = img
+        if weights:
+            w_out[(slice(None), *idx)] = w
     meta = _base_metadata(model, dev, {"stack": norm.note})
-    meta.update(sources=[f"exposure_{i}" for i in range(shape[0])], colour="YCbCr" if
-                x.ndim == 4 else "grey",
+    meta.update(sources=names, colour=colour, planes=len(planes), tile=tile,
+                precision=precision,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
-    return FusionResult(_to_numpy(fused), code_maps, {"exposures": _to_numpy(w)}, meta)
+    return FusionResult(image, code_maps, {"exposures": w_out} if weights else {}, meta)
 
 
 def stretch_percentiles(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:

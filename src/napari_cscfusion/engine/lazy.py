@@ -1,0 +1,262 @@
+"""Lazy fusion with dask: larger-than-memory 2-D images, nD stacks and dask.distributed.
+
+The graph is built from the same pieces as the in-memory engine (``tiling.py``): the image is
+cut into the kernel's tiles (cores partition each plane; crops carry the kernel's halo), one
+task per tile crops every source (a dask slice, so only that window is ever read), normalises
+it and runs the kernel; the cores are assembled with ``da.block`` and planes with
+``da.stack``. This is ``map_overlap`` written out: explicit crops allow halos wider than a chunk
+(113 px for the saliency rule) and leave the image border unpadded (the networks pad it
+themselves). Rules that need whole-image statistics (the saliency rule's per-channel extremes
+and histograms) get them from two earlier layers of per-tile tasks, per plane.
+
+Leading axes (time, z, ...) are planes fused independently, one chunk each. The normalisation
+to [0, 1] follows ``inputs.normalise`` for the whole array (dtype maximum for unsigned
+integers; otherwise the global min/max, as lazy reductions).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .tiling import (
+    IVFKernel,
+    MEFKernel,
+    combine_extremes,
+    resolve_tile,
+    tile_grid,
+    with_histogram,
+)
+
+
+def is_dask(a) -> bool:
+    return type(a).__module__.split(".")[0] == "dask" and hasattr(a, "__dask_graph__")
+
+
+@dataclass
+class LazyOutcome:
+    image: object  # dask array, or numpy after a cluster run of numpy inputs
+    weights: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+    tile: int | None = None
+    is_lazy: bool = True
+
+
+def _as_dask(a):
+    import dask.array as da
+
+    return a if is_dask(a) else da.from_array(np.asarray(a), chunks=-1)
+
+
+# --- normalisation, as inputs.normalise but with lazy extremes ------------------------------
+
+def _norm_spec(a, name: str):
+    """(description, lo, hi) with lo/hi lazy 0-d dask arrays (None where not needed)."""
+    dt = np.dtype(a.dtype)
+    if dt.kind == "b" or not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
+        raise TypeError(f"{name}: expected a numeric image (integers or floats), got dtype {dt}")
+    if np.issubdtype(dt, np.unsignedinteger):
+        return f"divided by the {dt} maximum {np.iinfo(dt).max}", None, None
+    return (f"{dt}: dtype maximum, or [0,1] as is, or min-max over the whole array, as for "
+            f"numpy inputs (decided when computed)"), a.min(), a.max()
+
+
+def normalise_block(block: np.ndarray, lo, hi, name: str = "image") -> np.ndarray:
+    """One crop mapped to float32 [0,1] exactly as ``inputs.normalise`` maps the whole array,
+    given the whole array's extremes (lo, hi; None for unsigned integers)."""
+    a = np.asarray(block)
+    if np.issubdtype(a.dtype, np.integer):
+        if lo is None or float(lo) >= 0:
+            return (a / np.float64(np.iinfo(a.dtype).max)).astype(np.float32)
+        return _minmax(a, float(lo), float(hi))
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: contains NaN or infinite pixels; replace or mask them first")
+    lo, hi = float(lo), float(hi)
+    if lo >= 0.0 and hi <= 1.0:
+        return a.astype(np.float32)
+    return _minmax(a, lo, hi)
+
+
+def _minmax(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if not np.isfinite(hi - lo):  # as inputs.normalise: halve first (exact), not inf/inf
+        a, lo, hi = a * 0.5, lo * 0.5, hi * 0.5
+    if hi > lo:
+        return ((a.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+    return np.zeros(a.shape, np.float32)
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+def _crop(blocks, specs, names):
+    return np.stack([normalise_block(b, lo, hi, n)
+                     for b, (lo, hi), n in zip(blocks, specs, names, strict=True)])
+
+
+def _crop_stack(block, lo, hi):
+    return normalise_block(block, lo, hi, "stack")
+
+
+def _run(kernel, crop, core, stats):
+    res = kernel(crop, core, stats)
+    return np.concatenate([res[name] for name in kernel.outputs()], 0)
+
+
+def _extremes(kernel, crop, core):
+    lo, hi = kernel.extremes(crop, core)
+    return lo.cpu(), hi.cpu()
+
+
+def _counts(kernel, crop, core, stats):
+    return kernel.counts(crop, core, stats).cpu()
+
+
+def _plane_graph(kernel, key, crop_of, shape, side):
+    """One plane: statistics tasks if needed, one task per tile, assembled (C, H, W).
+    ``kernel`` gives the geometry; the tasks get it through ``key`` (one graph node, so a
+    cluster receives it once)."""
+    import dask
+    import dask.array as da
+
+    tiles = tile_grid(shape, side, kernel.halo)
+    stats = None
+    if kernel.needs_stats and len(tiles) > 1:
+        st_tiles = kernel.stats_tiles(shape, side)
+        ext = [dask.delayed(_extremes)(key, crop_of(t), t.inner) for t in st_tiles]
+        base = dask.delayed(combine_extremes)(ext)
+        counts = [dask.delayed(_counts)(key, crop_of(t), t.inner, base) for t in st_tiles]
+        stats = dask.delayed(with_histogram)(base, counts)
+    channels = sum(kernel.outputs().values())
+    rows: dict[int, list] = {}
+    for t in tiles:
+        task = dask.delayed(_run)(key, crop_of(t), t.inner, stats)
+        h, w = t.core[1] - t.core[0], t.core[3] - t.core[2]
+        rows.setdefault(t.core[0], []).append(
+            da.from_delayed(task, shape=(channels, h, w), dtype=np.float32))
+    return da.block([row for _, row in sorted(rows.items())])
+
+
+def _split(kernel, out, lead: int) -> dict:
+    """Cut the stacked (*lead, C, H, W) result into the kernel's named outputs."""
+    res, c = {}, 0
+    for name, n in kernel.outputs().items():
+        res[name] = out[(slice(None),) * lead + (slice(c, c + n),)]
+        c += n
+    return res
+
+
+def _finish(arrays: dict, client, scheduler, from_numpy: bool) -> tuple[dict, bool]:
+    """Run on a dask.distributed cluster when asked: numpy results for numpy inputs, arrays
+    persisted on the cluster for dask inputs; else leave the graphs lazy."""
+    if client is None and scheduler is None:
+        return arrays, True
+    from distributed import Client
+
+    if client is None:
+        # one client per address, kept (and dask's default) so that persisted results stay
+        # reachable and later computes run there; close_clients() ends them
+        client = _CLIENTS.get(scheduler)
+        if client is None or client.status not in ("running", "connecting"):
+            client = _CLIENTS[scheduler] = Client(scheduler)
+    keys = list(arrays)
+    if from_numpy:
+        values = client.compute([arrays[k] for k in keys], sync=True)
+        return dict(zip(keys, values, strict=True)), False
+    values = client.persist([arrays[k] for k in keys])
+    return dict(zip(keys, values, strict=True)), True
+
+
+_CLIENTS: dict = {}
+
+
+def close_clients() -> None:
+    """Close the dask.distributed clients opened for ``scheduler=`` addresses."""
+    while _CLIENTS:
+        _, client = _CLIENTS.popitem()
+        client.close()
+
+
+def _kernel_key(kernel):
+    import dask
+
+    return dask.delayed(kernel, name=f"cscfusion-kernel-{uuid.uuid4().hex}", traverse=False)
+
+
+# --- public graph builders (called by fusion.py) ---------------------------------------------
+
+def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device, *,
+                   tile=None, weights: bool = True, precision: str | None = None,
+                   client=None, scheduler: str | None = None) -> LazyOutcome:
+    """CSC-IVFN fusion of S grey sources (name -> (..., H, W), numpy or dask) as a dask graph:
+    image (..., H, W) and weights {"base", "detail"} (S, ..., H, W)."""
+    import dask.array as da
+
+    from_numpy = not any(is_dask(a) for a in images.values())
+    names = list(images)
+    arrays = [_as_dask(images[n]) for n in names]
+    shape = tuple(arrays[0].shape)
+    lead, (H, W) = shape[:-2], shape[-2:]
+    specs, notes = [], {}
+    for n, a in zip(names, arrays, strict=True):
+        note, lo, hi = _norm_spec(a, n)
+        specs.append((lo, hi))
+        notes[n] = note
+    net = model.network_on(device)
+    kernel = IVFKernel(net, names, base_rule, detail_rule, device, weights=weights,
+                       precision=precision)
+    side = resolve_tile(tile, (H, W), kernel, device)
+    k = _kernel_key(kernel)
+    planes = []
+    for idx in np.ndindex(*lead):
+        def crop_of(t, idx=idx):
+            import dask
+
+            blocks = [a[idx + t.crop_slices] for a in arrays]
+            return dask.delayed(_crop)(blocks, specs, names)
+
+        planes.append(_plane_graph(kernel, k, crop_of, (H, W), side))
+    out = da.stack(planes).reshape(*lead, -1, H, W) if lead else planes[0]
+    parts = _split(kernel, out, len(lead))
+    result = {"image": parts["image"][(slice(None),) * len(lead) + (0,)]}
+    if weights:
+        for key in ("base", "detail"):
+            result[key] = da.moveaxis(parts[f"weights_{key}"], len(lead), 0)
+    result, lazy = _finish(result, client, scheduler, from_numpy)
+    image = result.pop("image")
+    return LazyOutcome(image, result, notes, side, lazy)
+
+
+def fuse_exposures_lazy(stack, model, device, rgb: bool, *, tile=None, weights: bool = True,
+                        precision: str | None = None, client=None,
+                        scheduler: str | None = None) -> LazyOutcome:
+    """CSC-MEFN fusion of (..., K, H, W[, 3]) brackets as a dask graph: image (..., H, W[, 3])
+    and weights {"exposures": (K, ..., H, W)}."""
+    import dask
+    import dask.array as da
+
+    from_numpy = not is_dask(stack)
+    a = _as_dask(stack)
+    core = 4 if rgb else 3
+    lead, (K, H, W) = tuple(a.shape[:a.ndim - core]), tuple(a.shape[a.ndim - core:][:3])
+    note, lo, hi = _norm_spec(a, "stack")
+    net = model.network_on(device)
+    kernel = MEFKernel(net, K, rgb, device, weights=weights, precision=precision)
+    side = resolve_tile(tile, (H, W), kernel, device)
+    k = _kernel_key(kernel)
+    planes = []
+    for idx in np.ndindex(*lead):
+        def crop_of(t, idx=idx):
+            return dask.delayed(_crop_stack)(a[idx + (slice(None),) + t.crop_slices], lo, hi)
+
+        planes.append(_plane_graph(kernel, k, crop_of, (H, W), side))
+    out = da.stack(planes).reshape(*lead, -1, H, W) if lead else planes[0]
+    parts = _split(kernel, out, len(lead))
+    img = parts["image"]
+    img = da.moveaxis(img, len(lead), -1) if rgb else img[(slice(None),) * len(lead) + (0,)]
+    result = {"image": img}
+    if weights:
+        result["exposures"] = da.moveaxis(parts["weights"], len(lead), 0)
+    result, lazy = _finish(result, client, scheduler, from_numpy)
+    image = result.pop("image")
+    return LazyOutcome(image, result, {"stack": note}, side, lazy)

@@ -1,0 +1,271 @@
+"""Tiled inference equals whole-image inference (real images, tiny tiles), the saliency rule's
+fast path stays within 1e-4 of its float64 reference, progress/cancel per tile, OOM splitting."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cscfusion.engine import (
+    Cancelled,
+    fuse_exposures,
+    fuse_grey_sources,
+    fuse_infrared_visible,
+    load_model,
+    rules,
+    tiling,
+)
+
+SHARED = Path(os.environ.get("CSCFUSION_SHARED",
+                             Path(__file__).resolve().parents[1].parent / "shared"))
+DATA, CKPT = SHARED / "data", SHARED / "reference-checkpoints"
+needs_shared = pytest.mark.skipif(not (DATA.is_dir() and CKPT.is_dir()),
+                                  reason=f"shared data/checkpoints not found at {SHARED}")
+CPU = torch.device("cpu")
+
+
+def _read(path) -> np.ndarray:
+    import imageio.v3 as iio
+
+    return np.asarray(iio.imread(path))
+
+
+def _grey(a: np.ndarray) -> np.ndarray:
+    return a[..., 0] if a.ndim == 3 else a
+
+
+@cache
+def model(task: str):
+    path = {"ivf": CKPT, "mef": CKPT / "csc_mefn_authors.pth",
+            "mmf": CKPT / "csc_mmfn_authors.pth"}[task]
+    return load_model(task, path)
+
+
+@cache
+def tno_pair(h: int = 96, w: int = 112) -> tuple[np.ndarray, np.ndarray]:
+    """A crop of TNO pair 1 with structure in both sources (uint8)."""
+    ir = _grey(_read(DATA / "ivf" / "tno" / "IR1.png"))
+    vis = _grey(_read(DATA / "ivf" / "tno" / "VIS1.png"))
+    return ir[200:200 + h, 300:300 + w], vis[200:200 + h, 300:300 + w]
+
+
+@cache
+def memorial(h: int = 72, w: int = 96) -> np.ndarray:
+    frames = [_read(DATA / "mef" / "memorial" / f"memorial_{i:02d}.png")[..., :3]
+              for i in (2, 7, 12)]
+    return np.stack([f[30:30 + h, 10:10 + w] for f in frames])  # Memorial is 176x119
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+def test_tile_grid_cores_partition_the_image_and_crops_carry_the_halo():
+    shape = (70, 131)
+    tiles = tiling.tile_grid(shape, 32, halo=9)
+    cover = np.zeros(shape, int)
+    for t in tiles:
+        cover[t.core_slices] += 1
+        y0, y1, x0, x1 = t.crop
+        assert (y0, x0) == (max(0, t.core[0] - 9), max(0, t.core[2] - 9))
+        assert (y1, x1) == (min(70, t.core[1] + 9), min(131, t.core[3] + 9))
+        iy0, iy1, ix0, ix1 = t.inner
+        assert (iy1 - iy0, ix1 - ix0) == (t.core[1] - t.core[0], t.core[3] - t.core[2])
+        assert max(t.core[1] - t.core[0], t.core[3] - t.core[2]) <= 32
+    assert (cover == 1).all()
+    assert len(tiles) == 3 * 5
+    assert len(tiling.tile_grid(shape, None, 9)) == 1
+
+
+def test_auto_tile_follows_the_memory_budget():
+    small = tiling.auto_tile(1000, 20, CPU, budget=100 * 1000 * 1000)  # 100 MB / 1 kB per px
+    assert small == int(np.sqrt(1e5)) - 40
+    big = tiling.auto_tile(1000, 20, CPU, budget=4 * 100 * 1000 * 1000)
+    assert big > 1.9 * small  # side grows with the square root of the budget
+    assert tiling.auto_tile(1000, 20, CPU, budget=10 ** 12, preferred=256) == 256
+    assert tiling.auto_tile(10 ** 9, 20, CPU, budget=1) == tiling.MIN_TILE
+
+
+def test_tile_argument_is_checked():
+    k = tiling.MEFKernel(model("mef").network, 3, False, CPU) if CKPT.is_dir() else None
+    if k is None:
+        pytest.skip("no checkpoints")
+    assert tiling.resolve_tile(0, (100, 100), k, CPU) is None
+    assert tiling.resolve_tile(False, (100, 100), k, CPU) is None
+    assert tiling.resolve_tile(40, (100, 100), k, CPU) == 40
+    assert tiling.resolve_tile(400, (100, 100), k, CPU) is None  # larger than the image
+    for bad in (-3, 2.5, "big"):
+        with pytest.raises(ValueError, match="tile"):
+            tiling.resolve_tile(bad, (100, 100), k, CPU)
+
+
+# --- the networks: tiled == whole image -------------------------------------------------------
+
+@needs_shared
+@pytest.mark.parametrize("base_rule,detail_rule", [("saliency", "l1"), ("l1", "average"),
+                                                   ("average", "l1")])
+def test_ivf_tiled_equals_whole_image(base_rule, detail_rule):
+    ir, vis = tno_pair()
+    whole = fuse_infrared_visible(ir, vis, model("ivf"), base_rule, detail_rule, device="cpu",
+                                  tile=0)
+    calls = []
+    tiled = fuse_infrared_visible(ir, vis, model("ivf"), base_rule, detail_rule, device="cpu",
+                                  tile=56, progress=lambda d, t: calls.append((d, t)))
+    np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5, rtol=0)
+    for key in ("base", "detail"):
+        np.testing.assert_allclose(tiled.weights[key], whole.weights[key], atol=1e-5, rtol=0)
+    # 2 x 2 tiles, each with several inner steps (+ the statistics passes for saliency)
+    assert len(calls) > 4 and calls[-1][0] == calls[-1][1]
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    # the fusion is not trivial: the sources differ and so do the weights
+    key = "detail" if detail_rule != "average" else "base"
+    assert whole.weights[key].std() > 0.01
+
+
+@needs_shared
+def test_ivf_saliency_tiles_use_whole_image_statistics():
+    """Without the first pass (each tile's own min/max/histogram) the tiles would differ."""
+    ir, vis = tno_pair(80, 96)
+    x = np.stack([ir, vis]).astype(np.float32) / 255
+    k = tiling.IVFKernel(model("ivf").network, ["ir", "vis"], "saliency", "l1", CPU)
+    whole = tiling.run_tiled(k, x, None)["image"]
+    t = tiling.tile_grid(x.shape[1:], 56, k.halo)[0]
+    crop = x[:, t.crop_slices[0], t.crop_slices[1]]
+    stats = tiling.saliency_statistics(k, x, 56)
+    good = k(crop, t.inner, stats)["image"][0]
+    own = k(crop[:, t.inner[0]:t.inner[1], t.inner[2]:t.inner[3]],
+            (0, t.inner[1] - t.inner[0], 0, t.inner[3] - t.inner[2]))["image"][0]
+    ref = whole[0][t.core_slices]
+    assert np.abs(good - ref).max() < 1e-5
+    assert np.abs(own - ref).max() > 1e-3
+
+
+@needs_shared
+def test_ivf_codes_tiled_equal_whole_and_many_sources():
+    ir, vis = tno_pair(64, 80)
+    third = np.ascontiguousarray(ir[::-1]).astype(np.float32) / 255
+    imgs = {"a": ir.astype(np.float32) / 255, "b": vis.astype(np.float32) / 255, "c": third}
+    ref = fuse_grey_sources(imgs, model("ivf"), "l1", "l1", CPU, True, tile=0)
+    got = fuse_grey_sources(imgs, model("ivf"), "l1", "l1", CPU, True, tile=32)
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-5, rtol=0)
+    assert set(got[1]) == {"a_base", "a_detail", "b_base", "b_detail", "c_base", "c_detail",
+                           "fused_base", "fused_detail"}
+    for name in got[1]:
+        np.testing.assert_allclose(got[1][name], ref[1][name], atol=1e-5, rtol=0)
+    assert got[2]["base"].shape == (3, 64, 80)
+    np.testing.assert_allclose(got[2]["base"].sum(0), 1.0, atol=1e-5)
+
+
+@needs_shared
+@pytest.mark.parametrize("rgb", [True, False])
+def test_mef_tiled_equals_whole_image(rgb):
+    stack = memorial()
+    if not rgb:
+        stack = stack.mean(-1).astype(np.uint8)
+    whole = fuse_exposures(stack, model("mef"), device="cpu", tile=0)
+    tiled = fuse_exposures(stack, model("mef"), device="cpu", tile=24)
+    np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(tiled.weights["exposures"], whole.weights["exposures"],
+                               atol=1e-5, rtol=0)
+    assert whole.image.shape == stack.shape[1:]
+    assert whole.weights["exposures"].std(0).mean() > 0.01  # exposures weighed differently
+
+
+@needs_shared
+def test_inference_network_is_bit_exact_with_the_reference_network():
+    ir, _ = tno_pair(48, 56)
+    x = torch.from_numpy(ir.astype(np.float32) / 255)[None, None]
+    net = model("ivf").network
+    f = tiling.folded("ivf", net)
+    with torch.inference_mode():
+        zb, zd = net.encode(x)
+        assert torch.equal(f.encode_base(x), zb)
+        assert torch.equal(f.encode_detail(x), zd)
+        ref = net.decode(2 * zb, 2 * zd)
+        assert (f.decode(zb, zd) - ref).abs().max() < 1e-6  # decoder: BN folded
+
+
+# --- the saliency rule -------------------------------------------------------------------------
+
+@needs_shared
+def test_fast_saliency_rule_within_1e4_of_float64_reference():
+    ir, vis = tno_pair(96, 128)
+    x = torch.from_numpy(np.stack([ir, vis]).astype(np.float32) / 255)[:, None]
+    with torch.inference_mode():
+        zb, _ = model("ivf").network.encode(x)
+        f_ref, w_ref = rules.saliency_rule(zb, exact=True)
+        f_fast, w_fast = rules.saliency_rule(zb)
+    assert (w_fast - w_ref).abs().max() < 1e-4
+    assert (f_fast - f_ref).abs().max() < 1e-4
+    assert (w_ref - 0.5).abs().max() > 0.05  # weights are not trivially equal
+
+
+def test_saliency_statistics_of_tiles_add_up_to_the_whole_image():
+    z = torch.randn(2, 3, 40, 50)
+    lo, hi = rules.SaliencyStats.extremes(z)
+    parts = [rules.SaliencyStats.extremes(z[..., :, :20]),
+             rules.SaliencyStats.extremes(z[..., :, 20:])]
+    stats = tiling.combine_extremes(parts)
+    assert torch.equal(stats.lo, lo) and torch.equal(stats.hi, hi)
+    counts = [stats.counts(z[..., :, :20]), stats.counts(z[..., :, 20:])]
+    full = tiling.with_histogram(stats, counts)
+    n = rules.saliency_normalise(z)
+    direct = rules.level_histograms(rules.saliency_levels(n))
+    torch.testing.assert_close(full.hist, direct / direct.sum(-1, keepdim=True))
+    f1, _ = rules.saliency_rule(z)
+    f2, _ = rules.saliency_rule(z, stats=full)
+    torch.testing.assert_close(f1, f2)
+
+
+# --- progress, cancel, out of memory, precision ------------------------------------------------
+
+@needs_shared
+def test_cancel_stops_at_the_next_tile():
+    stack = memorial()
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        if done >= 2:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        fuse_exposures(stack, model("mef"), device="cpu", tile=16, progress=progress)
+    assert seen == [0, 1, 2]  # 5 x 6 tiles were planned; it stopped after the second
+
+
+@needs_shared
+def test_out_of_memory_tile_is_split_and_result_unchanged(monkeypatch):
+    stack = memorial(48, 64)
+    ref = fuse_exposures(stack, model("mef"), device="cpu", tile=0).image
+    real_call = tiling.MEFKernel.__call__
+    sizes = []
+
+    def limited(self, crop, core, stats=None, tick=None):
+        sizes.append(crop.shape[1] * crop.shape[2])
+        if crop.shape[1] * crop.shape[2] > 30 * 40:
+            raise torch.OutOfMemoryError("fake: tile too large")
+        return real_call(self, crop, core, stats, tick)
+
+    monkeypatch.setattr(tiling.MEFKernel, "__call__", limited)
+    got = fuse_exposures(stack, model("mef"), device="cpu", tile=0).image
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    assert sizes[0] == 48 * 64 and max(sizes[1:]) <= 30 * 40
+
+
+@needs_shared
+def test_bf16_runs_and_its_error_against_fp32_is_reported():
+    """Half precision is meant for GPUs; on the CPU bf16 runs too, which checks the path."""
+    ir, vis = tno_pair(64, 64)
+    ref = fuse_infrared_visible(ir, vis, model("ivf"), "l1", "l1", device="cpu", tile=0)
+    half = fuse_infrared_visible(ir, vis, model("ivf"), "l1", "l1", device="cpu", tile=0,
+                                 precision="bf16")
+    err = np.abs(half.image - ref.image)
+    print(f"bf16 vs fp32 on CPU: max {err.max():.4f}, mean {err.mean():.5f}")
+    assert half.image.dtype == np.float32 and np.isfinite(half.image).all()
+    assert 0 < err.mean() < 0.05  # different (really bf16) but close
+    with pytest.raises(ValueError, match="precision"):
+        fuse_infrared_visible(ir, vis, model("ivf"), device="cpu", precision="fp8")
