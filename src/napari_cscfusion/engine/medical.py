@@ -121,7 +121,9 @@ class _Source:
         if self.per_plane:
             return normalise(p, f"images[{self.name!r}]").data
         if self.hi > self.lo:
-            return ((p.astype(np.float64) - self.lo) / (self.hi - self.lo)).astype(np.float32)
+            s = 1.0 if np.isfinite(self.hi - self.lo) else 0.5  # span beyond float64: halve
+            lo, hi = self.lo * s, self.hi * s
+            return ((p.astype(np.float64) * s - lo) / (hi - lo)).astype(np.float32)
         return np.zeros(p.shape, np.float32)
 
 
