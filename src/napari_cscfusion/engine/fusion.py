@@ -12,7 +12,7 @@ import torch
 
 from .. import __version__
 from .device import resolve_device
-from .inputs import check_min_size, check_ndim, check_same_shape, normalise
+from .inputs import check_frames, check_min_size, check_ndim, check_same_shape, normalise
 from .lazy import fuse_exposures_lazy, fuse_grey_lazy, is_dask
 from .registry import FusionModel, resolve_model
 from .rules import RULES
@@ -255,6 +255,7 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
     faster than whole images). weights {"exposures": (K, ..., H, W)}.
     """
     t0 = time.perf_counter()
+    check_frames(stack, "stack")  # a list of frames of different shapes: name them
     shape = tuple(np.shape(stack))
     is_rgb, lead = _split_exposures(shape, rgb)
     core_shape = shape[lead:]
