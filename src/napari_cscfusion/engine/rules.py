@@ -155,40 +155,85 @@ def _cv2():
     return cv2
 
 
-def box_mean_reflect_np(a: np.ndarray, r: int) -> np.ndarray:
-    """(2r+1)^2 box mean with BORDER_REFLECT of float32 maps [..., H, W] (H, W > r).
-
+def _box_np(a: np.ndarray, r: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(2r+1)^2 box mean with BORDER_REFLECT of one float32 map (H, W > r), summed in double:
     OpenCV's boxFilter when available (as the authors' cv2.ximgproc.guidedFilter), else
-    scipy's uniform_filter1d (mode 'reflect' is the same border); both sum in double."""
+    scipy's uniform_filter1d (its mode 'reflect' is the same border)."""
     cv2 = _cv2()
     k = 2 * r + 1
-    flat = a.reshape(-1, *a.shape[-2:])
-    out = np.empty_like(flat)
     if cv2 is not None:
-        for i, m in enumerate(flat):
-            cv2.boxFilter(m, -1, (k, k), dst=out[i], normalize=True,
-                          borderType=cv2.BORDER_REFLECT)
-    else:
-        from scipy.ndimage import uniform_filter1d
+        return cv2.boxFilter(a, -1, (k, k), dst=out, normalize=True,
+                             borderType=cv2.BORDER_REFLECT)
+    from scipy.ndimage import uniform_filter1d
 
-        uniform_filter1d(flat, k, axis=-1, mode="reflect", output=out)
-        uniform_filter1d(out, k, axis=-2, mode="reflect", output=out)
-    return out.reshape(a.shape)
+    tmp = uniform_filter1d(a, k, axis=1, mode="reflect")
+    return uniform_filter1d(tmp, k, axis=0, mode="reflect", output=out)
 
 
-def guided_filter_cpu(guide: torch.Tensor, src: torch.Tensor, r: int,
-                      eps: float) -> torch.Tensor:
-    """float32 guided filter of CPU tensors [..., H, W] (grey guide per map), the arithmetic
-    of OpenCV's guidedFilter; within ~1e-6 of the float64 ``guided_filter``."""
-    g = guide.float().contiguous()
-    p = src.float().contiguous()
-    stacked = torch.stack((g, p, g * p, g * g))  # one call for the four first-level means
-    m = torch.from_numpy(box_mean_reflect_np(stacked.numpy(), r))
-    mean_i, mean_p, corr_ip, corr_ii = m.unbind(0)
-    a = (corr_ip - mean_i * mean_p) / (corr_ii - mean_i * mean_i + eps)
-    b = mean_p - a * mean_i
-    ab = torch.from_numpy(box_mean_reflect_np(torch.stack((a, b)).numpy(), r))
-    return ab[0] * g + ab[1]
+def guided_filter_map(guide: np.ndarray, src: np.ndarray, r: int, eps: float) -> np.ndarray:
+    """He et al.'s guided filter of one float32 map (grey guide), in place where possible:
+    the arithmetic of OpenCV's guidedFilter, within ~1e-6 of the float64 ``guided_filter``.
+    One map at a time keeps the dozen intermediates in cache."""
+    mean_i, mean_p = _box_np(guide, r), _box_np(src, r)
+    t = guide * src
+    corr_ip = _box_np(t, r)
+    np.multiply(guide, guide, out=t)
+    corr_ii = _box_np(t, r)
+    np.multiply(mean_i, mean_p, out=t)
+    np.subtract(corr_ip, t, out=corr_ip)  # cov
+    np.multiply(mean_i, mean_i, out=t)
+    np.subtract(corr_ii, t, out=corr_ii)  # var
+    corr_ii += np.float32(eps)
+    a = np.divide(corr_ip, corr_ii, out=corr_ip)
+    np.multiply(a, mean_i, out=t)
+    b = np.subtract(mean_p, t, out=mean_p)
+    mean_a = _box_np(a, r, out=corr_ii)
+    mean_b = _box_np(b, r, out=mean_i)
+    np.multiply(mean_a, guide, out=mean_a)
+    mean_a += mean_b
+    return mean_a
+
+
+_DISTANCE = np.abs(np.arange(256.0)[:, None] - np.arange(256.0)[None, :])
+
+
+def saliency_channel_np(z: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                        hist: np.ndarray | None, radius: int = SALIENCY_RADIUS,
+                        eps: float = SALIENCY_EPS) -> np.ndarray:
+    """Saliency weights [S, H, W] (float32, summing to 1 over S) of one code channel of S
+    sources (z [S, H, W] float32), given each source's extremes (lo, hi [S]) and, for tiles,
+    the whole image's normalised histograms (hist [S, 256]); the CPU fast path."""
+    n = np.empty_like(z)
+    w = np.empty(z.shape, np.float64)
+    for s in range(z.shape[0]):
+        span = np.float32(hi[s]) - np.float32(lo[s])
+        if span > 0:
+            np.subtract(z[s], np.float32(lo[s]), out=n[s])
+            n[s] /= span
+        else:
+            n[s] = 0
+        levels = np.floor(n[s] * np.float32(255))
+        np.clip(levels, 0, 255, out=levels)
+        levels = levels.astype(np.uint8)
+        if hist is None:
+            counts = np.bincount(levels.ravel(), minlength=256).astype(np.float64)
+            h = counts / counts.sum()
+        else:
+            h = np.asarray(hist[s], np.float64)
+        w[s] = (h @ _DISTANCE)[levels]
+    w += 1e-12
+    w /= w.sum(0)
+    w32 = w.astype(np.float32)
+    out = np.empty_like(w32)
+    for s in range(z.shape[0]):
+        out[s] = guided_filter_map(n[s], w32[s], radius, eps)
+    out += np.float32(1e-12)
+    out /= out.sum(0)
+    return out
+
+
+def _fast_cpu(z: torch.Tensor, radius: int, exact: bool) -> bool:
+    return not exact and z.device.type == "cpu" and min(z.shape[-2:]) > radius
 
 
 def saliency_weights(z: torch.Tensor, radius: int = SALIENCY_RADIUS,
@@ -198,38 +243,43 @@ def saliency_weights(z: torch.Tensor, radius: int = SALIENCY_RADIUS,
     whose guide is the normalised map. Returns weights [S, q, H, W] summing to 1 over S.
 
     ``stats``: the whole image's extremes and histograms when ``z`` is a tile (else they are
-    taken from ``z``). The guided filter runs in float32 on the CPU (OpenCV/scipy box sums
-    accumulated in double: the authors' own float32 OpenCV arithmetic, within 1e-4 of the
-    float64 reference) and in float64 torch elsewhere (float32 on MPS); ``exact=True``
-    forces the float64 torch reference everywhere.
+    taken from ``z``). On the CPU the maps are filtered one at a time in float32 (OpenCV or
+    scipy box sums accumulated in double: the authors' own float32 OpenCV arithmetic, within
+    1e-4 of the float64 reference); elsewhere in float64 torch (float32 on MPS).
+    ``exact=True`` forces the float64 torch reference everywhere.
     """
+    if _fast_cpu(z, radius, exact):
+        zn = z.detach().float().numpy()
+        lo, hi = (SaliencyStats.extremes(z) if stats is None else (stats.lo, stats.hi))
+        lo, hi = lo.numpy(), hi.numpy()
+        hist = None if stats is None or stats.hist is None else stats.hist.numpy()
+        w = np.stack([saliency_channel_np(np.ascontiguousarray(zn[:, c]), lo[:, c], hi[:, c],
+                                          None if hist is None else hist[:, c], radius, eps)
+                      for c in range(zn.shape[1])], 1)
+        return torch.from_numpy(w).to(z.dtype)
     if stats is None:
         n = saliency_normalise(z)
-        levels = saliency_levels(n)
         hist = None
     else:
         n = saliency_normalise(z, stats.lo[..., None, None], stats.hi[..., None, None])
-        levels = saliency_levels(n)
         hist = stats.hist
-    w = histogram_saliency(levels, hist) + 1e-12
+    w = histogram_saliency(saliency_levels(n), hist) + 1e-12
     w = w / w.sum(0, keepdim=True)
-    fast = (not exact and z.device.type == "cpu" and min(z.shape[-2:]) > radius)
-    if fast:
-        w = guided_filter_cpu(n, w.float(), radius, eps) + 1e-12
-    else:
-        work = torch.float32 if z.device.type == "mps" else torch.float64
-        w = guided_filter(n.to(work), w.to(work), radius, eps) + 1e-12
+    work = torch.float32 if z.device.type == "mps" else torch.float64
+    w = guided_filter(n.to(work), w.to(work), radius, eps) + 1e-12
     w = w / w.sum(0, keepdim=True)
     return w.to(z.dtype)
 
 
-def saliency_rule(z: torch.Tensor, channel_chunk: int = 8, stats: SaliencyStats | None = None,
+def saliency_rule(z: torch.Tensor, channel_chunk: int = 4, stats: SaliencyStats | None = None,
                   exact: bool = False, mean_weights: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fuse base codes [S, q, H, W] with the saliency rule, ``channel_chunk`` channels at a
-    time (channels are independent; small chunks keep the filter buffers in memory and
-    cache). Weights are [S, q, H, W], or their channel mean [S, 1, H, W] with
-    ``mean_weights`` (then the per-channel maps are never all held at once)."""
+    """Fuse base codes [S, q, H, W] with the saliency rule, a few channels at a time
+    (channels are independent; on the CPU one map at a time, which keeps the filter's
+    intermediates in cache). Weights are [S, q, H, W], or their channel mean [S, 1, H, W]
+    with ``mean_weights`` (then the per-channel maps are never all held at once)."""
+    if _fast_cpu(z, SALIENCY_RADIUS, exact):
+        return _saliency_rule_np(z, stats, mean_weights)
     fused = torch.empty(z.shape[1:], dtype=z.dtype, device=z.device)
     w_all = None if mean_weights else torch.empty_like(z)
     w_sum = z.new_zeros((z.shape[0], 1, *z.shape[-2:])) if mean_weights else None
@@ -243,6 +293,34 @@ def saliency_rule(z: torch.Tensor, channel_chunk: int = 8, stats: SaliencyStats 
         else:
             w_all[:, sl] = w
     return fused, (w_sum / z.shape[1] if mean_weights else w_all)
+
+
+def _saliency_rule_np(z: torch.Tensor, stats: SaliencyStats | None, mean_weights: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """saliency_rule on the CPU in numpy, one map at a time (small torch ops on strided
+    slices cost far more than the arithmetic on a busy 2-core machine)."""
+    zn = z.detach().float().numpy()
+    S, q = zn.shape[:2]
+    if stats is None:
+        lo, hi = zn.min(axis=(2, 3)), zn.max(axis=(2, 3))
+        hist = None
+    else:
+        lo, hi = stats.lo.numpy(), stats.hi.numpy()
+        hist = None if stats.hist is None else stats.hist.numpy()
+    fused = np.empty(zn.shape[1:], np.float32)
+    w_out = np.zeros((S, 1, *zn.shape[2:]), np.float32) if mean_weights else \
+        np.empty(zn.shape, np.float32)
+    for c in range(q):
+        zc = np.ascontiguousarray(zn[:, c])
+        w = saliency_channel_np(zc, lo[:, c], hi[:, c], None if hist is None else hist[:, c])
+        np.sum(w * zc, 0, out=fused[c])
+        if mean_weights:
+            w_out[:, 0] += w
+        else:
+            w_out[:, c] = w
+    if mean_weights:
+        w_out /= q
+    return torch.from_numpy(fused).to(z.dtype), torch.from_numpy(w_out).to(z.dtype)
 
 
 def apply_rule(name: str, z: torch.Tensor, stats: SaliencyStats | None = None,
