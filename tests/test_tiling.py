@@ -269,3 +269,29 @@ def test_bf16_runs_and_its_error_against_fp32_is_reported():
     assert 0 < err.mean() < 0.05  # different (really bf16) but close
     with pytest.raises(ValueError, match="precision"):
         fuse_infrared_visible(ir, vis, model("ivf"), device="cpu", precision="fp8")
+
+
+@needs_shared
+def test_mmf_tiled_equals_whole_image_including_non_integer_scales():
+    from napari_cscfusion.engine import fuse_guided
+
+    g = _read(DATA / "guided" / "aloeL.jpg")[300:350, 400:464, :3]
+    lr = np.stack([g[::2, ::2, i % 3] / np.float32(255) * np.float32(0.5 + 0.5 * np.cos(i))
+                   for i in range(31)]).astype(np.float32)
+    net = model("mmf").network
+    for low, guide in ((lr, g), (lr[:, :, :28], g[:, :61])):  # x2, and x2 by 61/28
+        # float64: no rounding to hide behind, so this checks every crop window exactly
+        w64 = fuse_guided(low, guide, model("mmf"), device="cpu", tile=0, precision="fp64")
+        t64 = fuse_guided(low, guide, model("mmf"), device="cpu", tile=24, precision="fp64")
+        assert np.abs(t64.image - w64.image).max() < 1e-6
+        # float32: the fast guided filter's eps = 1e-4 on code variances amplifies rounding
+        whole = fuse_guided(low, guide, model("mmf"), device="cpu", tile=0).image
+        tiled = fuse_guided(low, guide, model("mmf"), device="cpu", tile=24).image
+        assert np.abs(tiled - whole).max() < 1e-4
+        with torch.inference_mode():
+            ref = net(torch.from_numpy(np.ascontiguousarray(low))[None],
+                      torch.from_numpy(np.moveaxis(guide, -1, 0) / np.float32(255))[None])
+        ref = ref.clamp(0, 1)[0].numpy()
+        err = np.abs(whole - ref)
+        assert err.max() < 3e-3 and err.mean() < 1e-5  # the reference network's own rounding
+        assert whole.shape == (31, *guide.shape[:2])

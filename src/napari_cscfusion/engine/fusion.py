@@ -21,6 +21,7 @@ from .tiling import (  # noqa: F401  (Cancelled and IVF_ALPHA are re-exported he
     Cancelled,
     IVFKernel,
     MEFKernel,
+    MMFKernel,
     resolve_tile,
     run_tiled,
 )
@@ -251,8 +252,8 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
     ``rgb=False``. One normalisation for the whole input (per-exposure min-max would undo the
     exposure differences the fusion depends on). ``tile``, ``precision``, ``compile``,
     ``weights``, ``client``/``scheduler`` and dask inputs as in fuse_infrared_visible (the
-    network's halo is 5 px; automatic tiles on the CPU are 256 px, cache-sized, which is
-    faster than whole images). weights {"exposures": (K, ..., H, W)}.
+    network's halo is 5 px; automatic tiles on the CPU are at most 1024 px).
+    weights {"exposures": (K, ..., H, W)}.
     """
     t0 = time.perf_counter()
     check_frames(stack, "stack")  # a list of frames of different shapes: name them
@@ -317,14 +318,27 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 
 def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
-                progress=None) -> FusionResult:
+                progress=None, *, tile=None, precision: str | None = None,
+                compile: bool = False) -> FusionResult:
     """Super-resolve ``low_res`` (h,w) or (C,h,w) to the guide's size (H,W) with CSC-MMFN.
 
     guide: (H,W) grey or (H,W,3) RGB; a grey guide is repeated to RGB for a network trained
     on RGB guides, an RGB guide is reduced to luminance for a network trained on grey ones.
     Returns (H,W) or (C,H,W) float32 in [0,1].
+
+    ``tile``: output tile side (None: from free memory; 0/False: whole image). Tiles are cut
+    in the guide's coordinates; each crops both inputs with the context its pixels need and
+    resamples at whole-image coordinates, so tiled and whole-image results agree (1e-5).
+    ``precision``/``compile`` as in fuse_infrared_visible. ``codes=True`` returns the guide,
+    low-resolution and fused codes and needs the whole image at once (no tiling). Dask inputs
+    are read into memory (the network's 256 code channels live only inside a tile).
+    progress(done, total) is called after every tile and may raise Cancelled.
     """
     t0 = time.perf_counter()
+    if is_dask(low_res):
+        low_res = np.asarray(low_res)
+    if is_dask(guide):
+        guide = np.asarray(guide)
     lr_arr = check_ndim(low_res, "low_res", {2: "(h, w)", 3: "(C, h, w) channels first"})
     g_arr = check_ndim(guide, "guide", {2: "(H, W) grey", 3: "(H, W, 3) RGB"})
     if np.ndim(g_arr) == 3 and np.shape(g_arr)[-1] != 3:
@@ -359,18 +373,26 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     dev = resolve_device(device)
     net = model.network_on(dev)
     t1 = time.perf_counter()
-    with torch.inference_mode():
-        lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(dev)
-        g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(dev)
-        report(progress, 0, 1)
-        z = net.encode(lr_t, g_t)
-        out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
-        code_maps = {k: _to_numpy(v[0]) for k, v in z.items()} if codes else {}
-    report(progress, 1, 1)
-    image = _to_numpy(out)
+    if codes:
+        with torch.inference_mode():
+            lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(dev)
+            g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(dev)
+            report(progress, 0, 1)
+            z = net.encode(lr_t, g_t)
+            out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
+            code_maps = {k: _to_numpy(v[0]) for k, v in z.items()}
+        report(progress, 1, 1)
+        image = _to_numpy(out)
+    else:
+        kernel = MMFKernel(net, (h, w), (H, W), dev, precision=precision, compile=compile)
+        side = resolve_tile(tile, (H, W), kernel, dev)
+        x = (np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(g, np.float32))
+        image = run_tiled(kernel, x, side, progress)["image"]
+        code_maps = {}
     if len(lr_shape) == 2:
         image = image[0]
     meta = _base_metadata(model, dev, {"low_res": n_lr.note, "guide": n_g.note})
-    meta.update(sources=["low_res", "guide"], scale=(H / h, W / w),
+    meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), tile=tile,
+                precision=precision,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {}, meta)
