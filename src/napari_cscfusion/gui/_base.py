@@ -57,6 +57,8 @@ class FusionWidget(Container):
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll_progress)
         self.native.destroyed.connect(self._cancel_token_only)
+        self._job_key: tuple = ()  # the running job's key: holds its source layers' ids
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
 
     # --- for subclasses ---------------------------------------------------------------------
     def make_inputs(self) -> None:
@@ -104,6 +106,7 @@ class FusionWidget(Container):
                                 self._on_returned(job, token, outcome))
         worker.errored.connect(lambda exc, token=token: self._on_crashed(token, exc))
         self._worker, self._token = worker, token
+        self._job_key = job.key
         self._started = time.perf_counter()
         self.progress.value = 0
         self.status.value = f"running {self.network}…"
@@ -121,6 +124,15 @@ class FusionWidget(Container):
         self._set_running(False)
         self.progress.value = 0
         self.status.value = "cancelled: no layer was added"
+
+    def _on_layer_removed(self, event) -> None:
+        """A source layer of the running job was deleted: stop the run, add nothing."""
+        token, layer = self._token, event.value
+        if token is None or token.cancelled or id(layer) not in self._job_key:
+            return
+        self.cancel()
+        self.status.value = (f"cancelled: source layer {layer.name!r} was removed; no layer was "
+                             f"added")
 
     def _cancel_token_only(self, *_) -> None:
         if self._token is not None:
