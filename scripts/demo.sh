@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if [ "${1:-}" = "--gui" ]; then
+  exec .venv/bin/python -m napari_cscfusion.gui   # napari with the widgets and sample data
+fi
 exec .venv/bin/cscfusion demo "$@"

@@ -1,7 +1,7 @@
 """Headless demo: fuse the packaged sample images with every network and write the results
 (TIFF with metadata, plus PNG previews) to a folder. ``cscfusion demo`` runs it.
 
-With ``--gui`` it opens napari instead, with the plugin's widgets docked and sample data loaded.
+(``bash scripts/demo.sh --gui`` opens napari instead: ``python -m napari_cscfusion.gui``.)
 """
 
 from __future__ import annotations
@@ -85,32 +85,18 @@ def run_demo(out: Path, device: str = "auto", weights_dir: Path | None = None,
     return written
 
 
-def run_gui() -> None:
-    import napari
-
-    viewer = napari.Viewer()
-    viewer.open_sample("napari-cscfusion", "infrared_visible")
-    viewer.window.add_plugin_dock_widget("napari-cscfusion",
-                                         "Infrared + visible fusion (CSC-IVFN)")
-    napari.run()
-
-
 def add_demo_parser(sub) -> None:
-    d = sub.add_parser("demo", help="fuse the packaged sample images (headless) or open napari")
+    d = sub.add_parser("demo", help="fuse the packaged sample images (headless)")
     d.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
     d.add_argument("--device", default="auto")
     d.add_argument("--base-rule", default="saliency")
     d.add_argument("--authors-weights", type=Path, default=None,
                    help="folder of the authors' checkpoints, used where no packaged weights")
-    d.add_argument("--gui", action="store_true", help="open napari with the plugin instead")
     d.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.gui:
-        run_gui()
-    else:
-        run_demo(Path(args.out), args.device, args.authors_weights, args.base_rule)
+    run_demo(Path(args.out), args.device, args.authors_weights, args.base_rule)
     return 0
 
 

@@ -1,0 +1,21 @@
+"""`python -m napari_cscfusion.gui` (scripts/demo.sh --gui) opens napari with the widgets
+docked and the infrared/visible sample loaded."""
+
+import napari
+
+
+def test_launcher_docks_widgets_and_loads_samples(monkeypatch, qtbot):
+    from napari_cscfusion.gui import __main__ as launcher
+
+    ran = []
+    monkeypatch.setattr(napari, "run", lambda: ran.append(True))
+    launcher.main()
+    viewer = napari.current_viewer()
+    try:
+        assert ran == [True]
+        names = [layer.name for layer in viewer.layers]
+        assert "TNO infrared" in names and "TNO visible" in names
+        docks = viewer.window._dock_widgets
+        assert any("CSC-IVFN" in k for k in docks) and any("CSC-MEFN" in k for k in docks)
+    finally:
+        viewer.close()
