@@ -154,3 +154,30 @@ def test_local_cluster_gives_the_same_values():
             np.testing.assert_allclose(lazy.image.compute(), ref.image, atol=1e-5, rtol=0)
             assert cluster.scheduler.transition_counter > ran
             close_clients()
+
+
+@needs_shared
+def test_cli_streams_big_tiffs_tile_by_tile(tmp_path, capsys):
+    import tifffile
+
+    from napari_cscfusion.cli import main
+    from napari_cscfusion.engine.lazy import read_tiff_lazy
+
+    ir, vis = tno_stack()
+    tifffile.imwrite(tmp_path / "ir.tif", ir[0])
+    tifffile.imwrite(tmp_path / "vis.tif", vis[0])
+    lazy_ir = read_tiff_lazy(tmp_path / "ir.tif", chunk=32)
+    assert is_dask(lazy_ir) and lazy_ir.chunks == ((32, 24), (32, 32, 8))
+    out = tmp_path / "fused.tif"
+    rc = main(["fuse", "ivf", str(tmp_path / "ir.tif"), str(tmp_path / "vis.tif"), "-o",
+               str(out), "--weights", str(CKPT), "--device", "cpu", "--base-rule", "l1",
+               "--stream", "--tile", "32"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "fusing" in err  # the progress bar
+    got = tifffile.imread(out)
+    ref = fuse_infrared_visible(ir[0], vis[0], model("ivf"), "l1", "l1", device="cpu", tile=0)
+    assert got.shape == ir[0].shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref.image, atol=1e-5, rtol=0)
+    with tifffile.TiffFile(out) as tf:
+        assert '"network": "CSC-IVFN"' in tf.pages[0].description

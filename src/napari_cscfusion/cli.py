@@ -47,9 +47,83 @@ def _write(result, out: Path, codes_out: Path | None, quiet: bool) -> None:
               f"{secs:.1f} s)")
 
 
+STREAM_BYTES = 1 << 30  # TIFF inputs larger than this are streamed even without --stream
+
+
+def _streaming(args: argparse.Namespace) -> bool:
+    """--stream, or a TIFF input over STREAM_BYTES (ivf and mef only)."""
+    if args.task == "mmf":
+        return False
+    tiffs = [Path(p) for p in args.images if Path(p).suffix.lower() in (".tif", ".tiff")]
+    if args.stream:
+        if len(tiffs) != len(args.images):
+            raise SystemExit("cscfusion fuse: --stream needs TIFF inputs")
+        return True
+    if len(tiffs) != len(args.images):
+        return False
+    import tifffile
+
+    def nbytes(p):
+        with tifffile.TiffFile(p) as tf:
+            return sum(s.size * s.dtype.itemsize for s in tf.series)
+
+    return any(nbytes(p) > STREAM_BYTES for p in tiffs)
+
+
+def _lazy_grey(a):
+    """Luminance of a lazy (H, W, 3|4) image; grey images unchanged."""
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        return 0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]
+    return a
+
+
+def cmd_fuse_stream(args: argparse.Namespace, model) -> int:
+    """Big TIFFs: read lazily, fuse as a dask graph tile by tile, stream the result to the
+    output TIFF with a progress bar; memory stays bounded by the tile size."""
+    import dask.array as da
+    from tqdm import tqdm
+
+    from .engine.lazy import read_tiff_lazy, store_tiff
+
+    tile = args.tile if args.tile is not None else 1024
+    inputs = [read_tiff_lazy(p, chunk=max(tile, 256)) for p in args.images]
+    common = {"device": args.device, "tile": tile, "weights": False,
+              "scheduler": args.scheduler}
+    if args.task == "ivf":
+        if len(inputs) != 2:
+            raise SystemExit("cscfusion fuse ivf: needs exactly two images, IR then VIS")
+        ir, vis = (_lazy_grey(a) for a in inputs)
+        result = fuse_infrared_visible(ir, vis, model=model, base_rule=args.base_rule,
+                                       detail_rule=args.detail_rule, **common)
+    else:
+        stack = inputs[0] if len(inputs) == 1 else da.stack(inputs)
+        if stack.ndim >= 4 and stack.shape[-1] == 4:
+            stack = stack[..., :3]
+        result = fuse_exposures(stack, model=model, **common)
+    bar = None if args.quiet else tqdm(unit="block", desc="fusing", file=sys.stderr)
+
+    def progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        store_tiff(Path(args.output), result.image, result.metadata, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        print(f"wrote {args.output} {result.image.shape} float32 (streamed, tile {tile})")
+    return 0
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
     model = _model(args.task, args.weights)
     want_codes = args.codes_out is not None
+    if not want_codes and _streaming(args):
+        return cmd_fuse_stream(args, model)
+    scale = {"tile": args.tile}  # --tile; --scheduler below (ivf, mef)
     if args.task == "ivf":
         if len(args.images) != 2:
             raise SystemExit("cscfusion fuse ivf: needs exactly two images, IR then VIS")
@@ -60,7 +134,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             ir, vis = to_grey(ir), to_grey(vis)
         result = fuse_infrared_visible(ir, vis, model=model, base_rule=args.base_rule,
                                        detail_rule=args.detail_rule, device=args.device,
-                                       codes=want_codes)
+                                       codes=want_codes, scheduler=args.scheduler, **scale)
     elif args.task == "mef":
         frames = [read_image(p) for p in args.images]
         f0 = frames[0]
@@ -76,12 +150,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             raise SystemExit(f"cscfusion fuse mef: exposures differ in shape: {listing}")
         frames = [f[..., :3] if f.ndim == 3 and f.shape[-1] == 4 else f for f in frames]
         result = fuse_exposures(np.stack(frames), model=model, device=args.device,
-                                codes=want_codes)
+                                codes=want_codes, scheduler=args.scheduler, **scale)
     else:
         if len(args.images) != 2:
             raise SystemExit("cscfusion fuse mmf: needs exactly two images, LOWRES then GUIDE")
         low, guide = (read_image(p) for p in args.images)
-        result = fuse_guided(low, guide, model=model, device=args.device, codes=want_codes)
+        result = fuse_guided(low, guide, model=model, device=args.device, codes=want_codes,
+                             **scale)
     _write(result, Path(args.output), Path(args.codes_out) if want_codes else None, args.quiet)
     return 0
 
@@ -109,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--detail-rule", default="l1", choices=RULES, help="ivf detail codes")
     f.add_argument("--codes-out", help="also write the sparse codes to this TIFF")
     f.add_argument("-q", "--quiet", action="store_true")
+    f.add_argument("--tile", type=int, default=None,
+                   help="tile side in pixels (default: from free memory; 0: whole image)")
+    f.add_argument("--scheduler", default=None,
+                   help="dask.distributed scheduler address: run the tiles on that cluster "
+                   "(ivf, mef)")
+    f.add_argument("--stream", action="store_true",
+                   help="read TIFF inputs lazily and stream the result to the output TIFF "
+                   "with bounded memory (automatic for TIFFs over 1 GiB; ivf, mef)")
     f.set_defaults(func=cmd_fuse)
 
     d = sub.add_parser("devices", help="list the devices this machine offers")
