@@ -75,7 +75,7 @@ def test_mmf_sample_low_res_layer(make_napari_viewer, qtbot, grey_mmf_weights):
     np.testing.assert_allclose(fused.scale, guide.scale)
     model = load_model("mmf", grey_mmf_weights)
     direct = fuse_guided(low_before, guide_before, model)
-    np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
+    np.testing.assert_allclose(fused.data, direct.image, atol=1e-4)  # tiled vs whole, fp32
     codes = {lay.metadata["cscfusion"]["code"]: lay for lay in viewer.layers
              if lay.metadata.get("cscfusion", {}).get("role") == "codes"}
     assert set(codes) == {"guide", "low_res", "fused"}
@@ -103,7 +103,7 @@ def test_mmf_simulate_downsamples_first(make_napari_viewer, qtbot, grey_mmf_weig
     assert meta["reference_layer"] == "TNO infrared reference"
     model = load_model("mmf", grey_mmf_weights)
     direct = fuse_guided(downsample_area(ref.data, 4), guide.data, model)
-    np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
+    np.testing.assert_allclose(fused.data, direct.image, atol=1e-4)  # tiled vs whole, fp32
 
 
 def test_mmf_band_axis_with_the_authors_hyperspectral_model(make_napari_viewer, qtbot,
@@ -123,7 +123,7 @@ def test_mmf_band_axis_with_the_authors_hyperspectral_model(make_napari_viewer, 
     fused = viewer.layers["hsi guided by rgb (CSC-MMFN)"]
     assert fused.data.shape == (31, 24, 32)
     direct = fuse_guided(bands.data, rgb.data, load_model("mmf", weights))
-    np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
+    np.testing.assert_allclose(fused.data, direct.image, atol=1e-4)  # tiled vs whole, fp32
 
 
 def test_mmf_errors_notify_and_add_nothing(make_napari_viewer, qtbot, grey_mmf_weights):
