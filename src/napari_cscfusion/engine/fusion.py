@@ -160,8 +160,9 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
         if np.ndim(a) == 3 and np.shape(a)[-1] in (3, 4):
             # an RGB(A) photo, not a stack of 3-pixel-wide planes: say so
             raise ValueError(f"{n}: expected a grey image (H, W); got shape "
-                             f"{tuple(np.shape(a))}, which looks like RGB — convert it to grey "
-                             f"(e.g. its luminance) first")
+                             f"{tuple(np.shape(a))}, which looks like RGB (ir is "
+                             f"{tuple(np.shape(ir))}, vis {tuple(np.shape(vis))}) — convert "
+                             f"it to grey (e.g. its luminance) first")
     check_same_shape({"ir": np.shape(ir), "vis": np.shape(vis)})
     check_min_size(np.shape(ir), "ir", IVF_MIN_SIZE, "CSC-IVFN's 11x11 blur")
     _check_rules(base_rule, detail_rule)
