@@ -56,3 +56,14 @@ def test_write_tiff_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_tiff(target, np.ones((4, 4), np.float32), {"task": "ivf"})
     assert read_tiff_metadata(target) == {"task": "ivf"}
+
+
+def test_out_of_memory_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    import napari_cscfusion.cli as cli
+
+    def exhausted(args):
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "cmd_devices", exhausted)
+    assert main(["devices"]) == 3
+    assert "out of memory" in capsys.readouterr().err

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
-from .engine import available_devices, fuse_exposures, fuse_guided, fuse_infrared_visible
+from .engine import Cancelled, available_devices, fuse_exposures, fuse_guided, fuse_infrared_visible
 from .engine.io import read_image, to_grey, write_tiff
 from .engine.registry import load_model
 from .engine.rules import RULES
@@ -218,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
         print(f"cscfusion: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        print(f"cscfusion: error: out of memory ({type(exc).__name__}); use smaller tiles "
+              f"(--tile 512) or another --device", file=sys.stderr)
+        return 3
+    except Cancelled:
+        print("cscfusion: cancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
