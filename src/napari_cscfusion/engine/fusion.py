@@ -89,10 +89,21 @@ def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_ru
     """
     _check_rules(base_rule, detail_rule)
     names = list(images)
+    x = np.stack([np.asarray(images[n], dtype=np.float32) for n in names])
+    return _fuse_grey_stack(x, names, model, base_rule, detail_rule, device, codes, progress,
+                            tile=tile, weights=weights, precision=precision, compile=compile,
+                            exact_rules=exact_rules)
+
+
+def _fuse_grey_stack(x: np.ndarray, names: list[str], model: FusionModel, base_rule: str,
+                     detail_rule: str, device: torch.device, codes: bool, progress=None, *,
+                     tile=None, weights: bool = True, precision: str | None = None,
+                     compile: bool = False, exact_rules: bool = False
+                     ) -> tuple[np.ndarray, dict, dict]:
+    """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1]."""
     net = model.network_on(device)
     kernel = IVFKernel(net, names, base_rule, detail_rule, device, codes=codes, weights=weights,
                        precision=precision, compile=compile, exact_rules=exact_rules)
-    x = np.stack([np.asarray(images[n], dtype=np.float32) for n in names])
     side = resolve_tile(tile, x.shape[-2:], kernel, device)
     outs = run_tiled(kernel, x, side, progress)
     code_maps = {k: v for k, v in outs.items() if k not in ("image", "weights_base",
@@ -181,25 +192,38 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
                     lazy=lazy.is_lazy, tile=lazy.tile,
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, lazy.weights, meta)
-    n_ir, n_vis = normalise(ir, "ir"), normalise(vis, "vis")
+    shape = tuple(np.shape(ir))
+    # normalised straight into one stacked array (no second copy of the sources)
+    x = np.empty((2, *shape), np.float32)
+    notes = {}
+    for i, (a, n) in enumerate(((ir, "ir"), (vis, "vis"))):
+        norm = normalise(a, n)
+        x[i], notes[n] = norm.data, norm.note
+        del norm
     t1 = time.perf_counter()
-    planes = _planes(n_ir.data.shape, 2)
+    planes = _planes(shape, 2)
     if codes and len(planes) > 1:
         raise ValueError("codes: only for a single (H, W) plane; fuse planes one at a time to "
                          "look at their codes")
-    image = np.empty(n_ir.data.shape, np.float32)
-    w_out = {k: np.empty((2, *n_ir.data.shape), np.float32) for k in ("base", "detail")} \
-        if weights else {}
-    code_maps = {}
-    for k, idx in enumerate(planes):
-        img, code_maps, w = fuse_grey_sources(
-            {"infrared": n_ir.data[idx], "visible": n_vis.data[idx]}, model, base_rule,
-            detail_rule, dev, codes, _plane_progress(progress, k, len(planes)), tile=tile,
+    if len(planes) == 1:
+        image, code_maps, w_out = _fuse_grey_stack(
+            x, names, model, base_rule, detail_rule, dev, codes, progress, tile=tile,
             weights=weights, precision=precision, compile=compile)
-        image[idx] = img
-        for key, a in w.items():
-            w_out[key][(slice(None), *idx)] = a
-    meta = _base_metadata(model, dev, {"ir": n_ir.note, "vis": n_vis.note})
+    else:
+        image = np.empty(shape, np.float32)
+        w_out = {k: np.empty((2, *shape), np.float32) for k in ("base", "detail")} \
+            if weights else {}
+        code_maps = {}
+        for k, idx in enumerate(planes):
+            img, code_maps, w = _fuse_grey_stack(
+                x[(slice(None), *idx)], names, model, base_rule, detail_rule, dev, codes,
+                _plane_progress(progress, k, len(planes)), tile=tile, weights=weights,
+                precision=precision, compile=compile)
+            image[idx] = img
+            for key, a in w.items():
+                w_out[key][(slice(None), *idx)] = a
+    del x
+    meta = _base_metadata(model, dev, notes)
     meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
                 planes=len(planes), tile=tile, precision=precision,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})

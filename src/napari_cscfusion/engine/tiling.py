@@ -40,7 +40,7 @@ from .rules import SALIENCY_RADIUS, SaliencyStats, apply_rule
 IVF_ALPHA = 2.0  # the authors scale both fused codes by 2 before decoding
 MIN_TILE = 32  # smallest core side; below it the halo overhead makes tiling pointless
 CPU_BUDGET_FRACTION = 0.25  # of psutil's available memory, for one tile's working set
-CPU_BUDGET_CAP = 1 << 30  # and at most 1 GiB: big images run in bounded memory
+CPU_BUDGET_CAP = 2 << 30  # and at most 2 GiB: big images run in bounded memory
 CUDA_BUDGET_FRACTION = 0.6  # of the free GPU memory
 PRECISIONS = {None: None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16,
               "fp64": torch.float64}  # fp64: a check of the tiling (no rounding to hide in)
@@ -139,8 +139,14 @@ def resolve_tile(tile, shape: tuple[int, int], kernel, device: torch.device) -> 
     None: automatic (memory and the kernel's speed preference); 0 or False: the whole image
     at once; an int >= 1: that core side (the crop adds the kernel's halo)."""
     if tile is None:
-        side = auto_tile(kernel.bytes_per_pixel, kernel.halo, device,
-                         preferred=kernel.preferred_tile(device))
+        fixed = getattr(kernel, "fixed_bytes", 0)
+        budget = memory_budget(device) - fixed
+        preferred = kernel.preferred_tile(device)
+        if shape[0] * shape[1] * kernel.bytes_per_pixel <= budget and (
+                preferred is None or max(shape) <= preferred):
+            return None  # the whole image fits: no halo overhead, no statistics pass
+        side = auto_tile(kernel.bytes_per_pixel, kernel.halo, device, budget=max(budget, 1),
+                         preferred=preferred)
     elif tile is False or (isinstance(tile, (int, np.integer)) and not isinstance(tile, bool)
                            and int(tile) == 0):
         return None
@@ -402,8 +408,11 @@ class IVFKernel:
         self.halo = (self.enc_radius + self.dec_radius
                      + max(RULE_RADIUS[base_rule], RULE_RADIUS[detail_rule]))
         self.needs_stats = base_rule == "saliency"
-        # codes of all sources for one encoder + fused codes + rule/decoder temporaries
-        self.bytes_per_pixel = 4 * self.q * (self.S + 3) + 16 * self.S + 64
+        # per crop pixel: one encoder's codes of all sources + fused base and detail codes
+        # (+ small maps); the encoders' transients are bounded by the inner tile instead
+        self.bytes_per_pixel = 4 * self.q * (self.S + 2) + 16 * self.S + 64
+        side = inner + 2 * self.enc_radius
+        self.fixed_bytes = 4 * 4 * self.q * self.S * side * side
 
     def crop(self, x, t: Tile):
         return x[:, t.crop_slices[0], t.crop_slices[1]], t.inner
