@@ -8,7 +8,8 @@
 - mef: MEF-SSIM on the real Memorial bracket (all 16 exposures and every 3rd) and on a bracket
   simulated from the held-out HDR scene, ours vs the authors';
 - mmf: thermal guided SR PSNR on FLIR-test at x2 and x4 (lr = INTER_AREA downsampling of the IR,
-  guide = visible), ours vs bicubic upsampling (cv2.INTER_CUBIC).
+  guide = visible; the network gets ``prepare_mmf_lr(lr)`` as its header says), ours vs bicubic
+  upsampling (cv2.INTER_CUBIC) of the same lr.
 
 Nothing here is used for training or for choosing settings (that is the flir_train validation
 split); nir_country is not read.
@@ -90,7 +91,7 @@ def eval_mef(paths: dict, root: Path) -> None:
 def eval_mmf(path, root: Path, n: int) -> None:
     import cv2
 
-    net = load_network("mmf", path)[0]
+    net, info = load_network("mmf", path)
     for scale in (2, 4):
         ours, bic = [], []
         for ir_p, vis_p in _pairs(root / "ivf" / "flir_test", n):
@@ -99,7 +100,11 @@ def eval_mmf(path, root: Path, n: int) -> None:
             ir, vis = ir[:h, :w], vis[:h, :w]
             lr = D.area_downsample(ir, scale)
             up = np.clip(cv2.resize(lr, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
-            pred = net(torch.from_numpy(lr)[None, None],
+            # The network input is prepared as recorded in the header (see
+            # training.data.prepare_mmf_lr); the engine must do the same at inference.
+            mode = info["header"]["training"].get("lr_input", "align")
+            lr_net = D.prepare_mmf_lr(lr, (h, w), mode)
+            pred = net(torch.from_numpy(lr_net)[None, None],
                        torch.from_numpy(vis)[None, None]).clamp(0, 1)
             t = torch.from_numpy(ir)[None, None]
             ours.append(psnr(pred, t))

@@ -5,5 +5,5 @@
 set -e
 cd "$(dirname "$0")/.."
 exec nice -n 5 .venv/bin/python -m napari_cscfusion.training.cli train mmf --out runs/mmf.pt \
-  --epochs 15 --batch-size 16 --crop 64 --lr 2e-3 --schedule cosine --warmup-steps 10 \
-  --code-channels 32 --num-dcus 3 --seed 0 --threads "${THREADS:-2}" --max-minutes 40 "$@"
+  --epochs 8 --batch-size 16 --crop 64 --lr 1e-3 --schedule cosine --warmup-steps 10 \
+  --code-channels 32 --num-dcus 3 --seed 0 --threads "${THREADS:-2}" --max-minutes 14 "$@"

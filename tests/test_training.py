@@ -66,12 +66,13 @@ def test_short_run_writes_loadable_checkpoint(task, tmp_path):
 
 
 def test_resume_continues_and_matches_uninterrupted_run(tmp_path):
-    full = _train("mmf", tmp_path / "full.pt", epochs=2)
-    part = _train("mmf", tmp_path / "part.pt", epochs=2, max_minutes=0.0)  # stops after 1 step
+    full = _train("mmf", tmp_path / "full.pt", epochs=2, validate=False)
+    # max_minutes=0 stops after the first step
+    part = _train("mmf", tmp_path / "part.pt", epochs=2, max_minutes=0.0, validate=False)
     state = torch.load(tmp_path / "part.state.pt", map_location="cpu", weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 1)
     assert not _same(_state(full), _state(part))
-    _train("mmf", part, epochs=2, resume=True)
+    _train("mmf", part, epochs=2, resume=True, validate=False)
     assert _same(_state(full), _state(part))
     tr = load_network("mmf", part)[1]["header"]["training"]
     assert tr["epochs"] == 2
@@ -96,15 +97,38 @@ def test_batches_are_deterministic_and_sane():
         for v in b1.values():
             assert v.dtype == torch.float32 and torch.isfinite(v).all()
     mmf = D.make_source("mmf", crop=48, batch_size=2, seed=0)
+    aligned = D.MMFPairs(crop=48, batch_size=2, seed=0, lr_input="align")
     for step in range(6):
-        b = mmf.batch(0, step)
+        b, b_al = mmf.batch(0, step), aligned.batch(0, step)
         s = float(b["scale"])
         assert 2.0 <= s <= 4.0
-        assert b["target"].shape[-1] == 48 and b["lr"].shape[-1] == round(48 / s)
-        assert b["guide"].shape == b["target"].shape
+        assert b["target"].shape[-1] == 48 and b_al["lr"].shape[-1] == round(48 / s)
+        assert b["lr"].shape == b["guide"].shape == b["target"].shape  # bicubic pre-upsampled
+        assert torch.equal(b["target"], b_al["target"])
     mef = D.make_source("mef", crop=32, batch_size=2, seed=0)
     ks = {mef.batch(0, s)["stack"].shape[1] for s in range(12)}
     assert ks <= {2, 3, 4, 5} and len(ks) > 1
+
+
+def test_align_lr_for_mmfn_undoes_the_align_corners_shift():
+    import torch.nn.functional as F
+
+    ramp = np.tile(np.linspace(0.1, 0.9, 96, dtype=np.float32), (64, 1))
+    for scale in (2, 3, 4):
+        lr = D.area_downsample(ramp, scale)
+
+        def up(a):
+            t = torch.from_numpy(np.ascontiguousarray(a))[None, None]
+            return F.interpolate(t, size=ramp.shape, mode="bilinear", align_corners=True)[0, 0]
+
+        err_raw = (up(lr) - torch.from_numpy(ramp)).abs().max()
+        err_aligned = (up(D.align_lr_for_mmfn(lr, ramp.shape)) - torch.from_numpy(ramp)).abs()
+        assert err_raw > 2e-3 * scale  # the shift is real
+        assert err_aligned[:, 4 * scale:-4 * scale].max() < min(2e-3, 0.3 * err_raw)
+    up = D.prepare_mmf_lr(D.area_downsample(ramp, 2), ramp.shape, "bicubic")
+    assert up.shape == ramp.shape
+    with pytest.raises(ValueError):
+        D.prepare_mmf_lr(ramp, ramp.shape, "nearest")
 
 
 def test_splits_keep_validation_apart():
@@ -142,11 +166,11 @@ def test_simulate_bracket_monotone_from_real_hdr():
 def test_loss_decreases_on_a_fixed_batch(task):
     torch.manual_seed(0)
     net = build(task, TINY_HP[task]).train()
-    batch = D.make_source(task, crop=32, batch_size=2, seed=0).batch(0, 0)
+    batch = D.make_source(task, crop=24, batch_size=2, seed=0).batch(0, 0)
     batch.pop("scale", None)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(6):
         loss = compute_loss(task, net, batch)
         opt.zero_grad()
         loss.backward()
@@ -156,8 +180,9 @@ def test_loss_decreases_on_a_fixed_batch(task):
 
 
 def test_init_weights_fine_tunes_from_our_file(tmp_path):
-    first = _train("mef", tmp_path / "a.pt")
-    out = _train("mef", tmp_path / "b.pt", init_weights=first, hparams=None)
+    first = _train("mef", tmp_path / "a.pt", validate=False)
+    out = _train("mef", tmp_path / "b.pt", init_weights=first, hparams=None,
+                 validate=False)
     tr = load_network("mef", out)[1]["header"]["training"]
     assert tr["init_weights"]["path"] == str(first)
 

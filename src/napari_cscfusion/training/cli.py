@@ -12,7 +12,7 @@ from .data import TASKS
 TASK_DEFAULTS = {
     "ivf": {"epochs": 6, "batch_size": 8, "lr": 5e-3, "crop": 48},
     "mef": {"epochs": 8, "batch_size": 8, "lr": 5e-3, "crop": 64},
-    "mmf": {"epochs": 15, "batch_size": 16, "lr": 2e-3, "crop": 64},
+    "mmf": {"epochs": 8, "batch_size": 16, "lr": 1e-3, "crop": 64},
 }
 
 
@@ -46,6 +46,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--code-channels", type=int, default=None, help="architecture (mmf only)")
     p.add_argument("--num-dcus", type=int, default=None, help="architecture (mmf only)")
     p.add_argument("--halo-weight", type=float, default=0.0, help="mef: weight of mean|grad Y|")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="train with batch norm on its running statistics (as at inference)")
+    p.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                   help="first recompute batch-norm statistics over N training batches")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
@@ -77,6 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress, hparams=hparams or None,
         steps_per_epoch=args.steps_per_epoch, schedule=args.schedule,
         warmup_steps=args.warmup_steps, halo_weight=args.halo_weight,
+        freeze_bn=args.freeze_bn, recalibrate_batches=args.recalibrate_bn,
     )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")

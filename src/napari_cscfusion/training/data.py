@@ -345,6 +345,51 @@ def area_downsample(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 
 
+def align_lr_for_mmfn(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resample a low-resolution image [h,w] so that CSC-MMFN's align_corners=True upsampling
+    to ``size`` (H, W) puts every pixel where it belongs.
+
+    A real (area-sampled) low-res pixel i covers high-res position (i + 0.5)·H/h − 0.5, but
+    ``upsample(align_corners=True)`` maps it to i·(H − 1)/(h − 1): a shift growing from
+    −(s−1)/2 px at one border to +(s−1)/2 px at the other that no convolution can undo. This
+    samples ``lr`` (bicubic, reflected border) at p_i = (i·(H−1)/(h−1) + 0.5)·h/H − 0.5, so the
+    network's geometry matches the data. Training inputs go through it; inference must too.
+    """
+    h, w = lr.shape[:2]
+    big_h, big_w = size
+
+    def pos(n: int, big: int) -> np.ndarray:
+        i = np.arange(n, dtype=np.float64)
+        step = (big - 1) / (n - 1) if n > 1 else 0.0
+        return ((i * step + 0.5) * n / big - 0.5).astype(np.float32)
+
+    map_x = np.broadcast_to(pos(w, big_w)[None, :], (h, w)).copy()
+    map_y = np.broadcast_to(pos(h, big_h)[:, None], (h, w)).copy()
+    out = cv2.remap(np.ascontiguousarray(lr, dtype=np.float32), map_x, map_y, cv2.INTER_CUBIC,
+                    borderMode=cv2.BORDER_REFLECT)
+    return np.clip(out, 0.0, 1.0)
+
+
+MMF_LR_INPUTS = ("bicubic", "align")
+
+
+def prepare_mmf_lr(lr: np.ndarray, size: tuple[int, int], mode: str = "bicubic") -> np.ndarray:
+    """What CSC-MMFN gets as its low-resolution input for an output of ``size`` (H, W).
+
+    'bicubic': lr upsampled to (H, W) with cv2.INTER_CUBIC, so the network's own upsampling is
+    the identity and it learns a guided residual over bicubic interpolation (the shipped
+    weights); 'align': ``align_lr_for_mmfn`` (kept at low resolution). The checkpoint header
+    records the mode under ``training['lr_input']``; inference must prepare lr the same way.
+    """
+    if mode == "bicubic":
+        h, w = size
+        return np.clip(cv2.resize(np.asarray(lr, np.float32), (w, h),
+                                  interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+    if mode == "align":
+        return align_lr_for_mmfn(lr, size)
+    raise ValueError(f"lr input mode must be one of {MMF_LR_INPUTS}, got {mode!r}")
+
+
 class MMFPairs(BatchSource):
     """Thermal guided super-resolution: lr IR (area-downsampled at a random scale in 2-4, the
     same for a batch), visible guide and full resolution IR target, crops of ``crop`` px."""
@@ -353,7 +398,10 @@ class MMFPairs(BatchSource):
 
     def __init__(self, data_root=None, *, crop: int = 96, batch_size: int = 16, seed: int = 0,
                  split: str = "train", scales: tuple[float, float] = MMF_SCALES,
-                 steps_per_epoch: int | None = None):
+                 steps_per_epoch: int | None = None, lr_input: str = "bicubic"):
+        if lr_input not in MMF_LR_INPUTS:
+            raise ValueError(f"lr_input must be one of {MMF_LR_INPUTS}, got {lr_input!r}")
+        self.lr_input = lr_input
         self.pairs = [(str(a), str(b)) for a, b in flir_pairs(data_root, split)]
         self.crop, self.batch_size, self.seed, self.scales = crop, batch_size, seed, scales
         self.split = split
@@ -364,7 +412,10 @@ class MMFPairs(BatchSource):
                         f"pairs; index % {VAL_EVERY} == 0 are validation)",
                 "augment": f"random crops {self.crop}, flips, rot90; lr = INTER_AREA "
                            f"downsampling of the IR crop at a random scale "
-                           f"{self.scales[0]}-{self.scales[1]} per batch"}
+                           f"{self.scales[0]}-{self.scales[1]} per batch",
+                "lr_input": self.lr_input,
+                "lr_input_note": "network input = training.data.prepare_mmf_lr(lr, (H, W), "
+                                 f"{self.lr_input!r})"}
 
     def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         brng = _rng(self.seed, 6, epoch, step)
@@ -384,7 +435,7 @@ class MMFPairs(BatchSource):
             t = ir[y0:y0 + self.crop, x0:x0 + self.crop]
             g = vis[y0:y0 + self.crop, x0:x0 + self.crop]
             t, g = random_flip_rot([t, g], rng)
-            lrs.append(area_downsample(t, scale))
+            lrs.append(prepare_mmf_lr(area_downsample(t, scale), t.shape, self.lr_input))
             guides.append(g)
             targets.append(t)
         return {"lr": torch.from_numpy(np.stack(lrs)[:, None]),

@@ -68,6 +68,39 @@ def build(task: str, hparams: dict | None = None) -> nn.Module:
     return {"ivf": CSCIVFN, "mef": CSCMEFN, "mmf": CSCMMFN}[task](**hp)
 
 
+def set_train_mode(net: nn.Module, freeze_bn: bool = False) -> nn.Module:
+    """net.train(), with batch-norm layers left in eval mode (running statistics, not updated)
+    when ``freeze_bn``: the network is then trained exactly as it runs at inference."""
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return net
+
+
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str) -> None:
+    """Recompute every batch-norm layer's running statistics as the plain average over
+    ``batches`` training batches (precise BN), with the weights unchanged."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    for i in range(batches):
+        b = {k: v.to(next(net.parameters()).device) for k, v in src.batch(0, i).items()}
+        if task == "ivf":
+            net(b["image"])
+        elif task == "mef":
+            mefn_fuse_batch(net, b["stack"])
+        else:
+            net(b["lr"], b["guide"])
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+
+
 def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0):
     if task == "ivf":
         x = batch["image"]
@@ -102,8 +135,8 @@ class Validator:
             self.guides = torch.from_numpy(np.stack(
                 [_centre(D.read_grey(b), 96) for _, b in pairs])[:, None])
             self.lrs = {s: torch.from_numpy(np.stack(
-                [D.area_downsample(t[0].numpy(), s) for t in self.targets])[:, None])
-                for s in (2, 3, 4)}
+                [D.prepare_mmf_lr(D.area_downsample(t[0].numpy(), s), t.shape[-2:])
+                 for t in self.targets])[:, None]) for s in (2, 3, 4)}
         else:
             src = D.MEFBrackets(data_root, crop=96, batch_size=max_items or 8, seed=10_000 + seed,
                                 split="val")
@@ -111,7 +144,7 @@ class Validator:
 
     @torch.no_grad()
     def score(self, net: nn.Module, device: torch.device) -> float:
-        was_training = net.training
+        modes = [(m, m.training) for m in net.modules()]
         net.eval()
         try:
             if self.task == "ivf":
@@ -133,7 +166,8 @@ class Validator:
                 vals += mef_ssim_torch(st.to(device), fused).cpu().tolist()
             return float(np.mean(vals))
         finally:
-            net.train(was_training)
+            for m, mode in modes:
+                m.training = mode
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -179,12 +213,17 @@ def train(
     halo_weight: float = 0.0,
     validate: bool = True,
     val_items: int | None = None,
+    freeze_bn: bool = False,
+    recalibrate_batches: int = 0,
 ) -> Path:
     """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
 
     ``init_weights``: fine-tune from any weights file ``load_network`` reads (its architecture
     is kept). ``resume``: continue from ``<out>.state.pt`` (same arguments expected).
     ``max_minutes``: stop cleanly (checkpoint + state written) once that much time has passed.
+    ``freeze_bn``: batch norm uses (and keeps) its running statistics while training, i.e. the
+    network is optimised as it runs at inference; with ``recalibrate_batches`` > 0 those
+    statistics are first recomputed over that many training batches (fresh runs only).
     Returns ``out`` (the latest weights; ``<out>.best.pt`` holds the best validated epoch).
     """
     if task not in TASKS:
@@ -208,7 +247,16 @@ def train(
                      "sha256": info.get("sha256")}
     else:
         net = build(task, hparams)
-    net = net.to(dev).train()
+        if task == "mmf":
+            # Start as the network's own bilinear upsampling (decoder residual = 0): the
+            # randomly initialised residual otherwise costs more than it ever recovers.
+            with torch.no_grad():
+                net.decoder.weight.zero_()
+    net = net.to(dev)
+    if recalibrate_batches and not resume:
+        cal = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed + 7919)
+        recalibrate_bn(net, cal, recalibrate_batches, task)
+    set_train_mode(net, freeze_bn)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
 
     start_epoch, start_step, best, best_epoch, elapsed_before = 0, 0, -math.inf, None, 0.0
@@ -241,9 +289,16 @@ def train(
             "batch_size": batch_size, "crop": crop, "lr": lr, "schedule": schedule,
             "warmup_steps": warmup_steps, "seed": seed, "loss": LOSS_NAMES[task],
             "halo_weight": halo_weight, "optimizer": "Adam",
+            "batch_norm": ("running statistics frozen during training"
+                           + (f" (recalibrated over {recalibrate_batches} batches first)"
+                              if recalibrate_batches else "") if freeze_bn
+                           else "batch statistics during training"),
             "validation": VAL_NAMES[task], "val_score": val,
             "best_val_score": None if best == -math.inf else best, "best_epoch": best_epoch,
-            "init_weights": init_info, "device": str(dev), "torch": str(torch.__version__),
+            "init_weights": init_info,
+            "init": ("torch.manual_seed(seed) default init" + (", decoder zeroed"
+                     if task == "mmf" else "")) if init_info is None else "init_weights",
+            "device": str(dev), "torch": str(torch.__version__),
             "wall_time_s": round(elapsed_before + time.monotonic() - t_start, 1),
         }
 
