@@ -38,6 +38,7 @@ def test_packaged_weights_load_and_name_their_training(task):
         assert info["hparams"] == {"code_channels": 24, "num_dcus": 2}
     if task == "mmf":
         assert info["hparams"]["lr_channels"] == 1 and info["hparams"]["guide_channels"] == 1
+        assert tr["lr_input"] in ("bicubic", "align")
     assert all(torch.isfinite(v).all() for v in net.state_dict().values()
                if v.is_floating_point())
 
