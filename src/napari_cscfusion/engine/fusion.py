@@ -395,6 +395,19 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     else:
         raise ValueError(f"guide: this {model.name} model expects {net_g}-channel guides")
     lr = n_lr.data if n_lr.data.ndim == 3 else n_lr.data[None]
+    lr_input = model.info.get("header", {}).get("training", {}).get("lr_input")
+    if lr_input == "bicubic":
+        # Our weights were trained on the low-res input bicubically upsampled to the guide's
+        # size (a guided residual over bicubic; the network's own upsampling is then the
+        # identity): prepare it exactly so (Keys a=-0.75, half-pixel centres, as cv2 INTER_CUBIC).
+        lr = torch.nn.functional.interpolate(torch.from_numpy(lr)[None], size=(H, W),
+                                             mode="bicubic", align_corners=False)[0]
+        lr = lr.clamp(0.0, 1.0).numpy()
+    elif lr_input not in (None, "native"):
+        raise ValueError(f"model: low-res input preparation {lr_input!r} (recorded in "
+                         f"{model.weights_label}) is not supported for inference; train with "
+                         f"the default 'bicubic'")
+    h_in, w_in = lr.shape[-2:]
     dev = resolve_device(device)
     net = model.network_on(dev)
     t1 = time.perf_counter()
@@ -409,7 +422,8 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         report(progress, 1, 1)
         image = _to_numpy(out)
     else:
-        kernel = MMFKernel(net, (h, w), (H, W), dev, precision=precision, compile=compile)
+        kernel = MMFKernel(net, (h_in, w_in), (H, W), dev, precision=precision,
+                           compile=compile)
         side = resolve_tile(tile, (H, W), kernel, dev)
         x = (np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(g, np.float32))
         image = run_tiled(kernel, x, side, progress)["image"]
