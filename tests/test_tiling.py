@@ -284,14 +284,16 @@ def test_mmf_tiled_equals_whole_image_including_non_integer_scales():
         w64 = fuse_guided(low, guide, model("mmf"), device="cpu", tile=0, precision="fp64")
         t64 = fuse_guided(low, guide, model("mmf"), device="cpu", tile=24, precision="fp64")
         assert np.abs(t64.image - w64.image).max() < 1e-6
-        # float32: the fast guided filter's eps = 1e-4 on code variances amplifies rounding
+        # float32: the fast guided filter's eps = 1e-4 on code variances amplifies rounding.
+        # The whole image runs the network's own forward (the authors' cumulative-sum
+        # arithmetic, bit for bit); tiles use direct box means, which are closer to float64.
         whole = fuse_guided(low, guide, model("mmf"), device="cpu", tile=0).image
         tiled = fuse_guided(low, guide, model("mmf"), device="cpu", tile=24).image
-        assert np.abs(tiled - whole).max() < 1e-4
+        assert np.abs(tiled - w64.image).max() < 1e-4
+        err = np.abs(whole - w64.image)
+        assert err.max() < 1e-3 and err.mean() < 1e-5  # the authors' own fp32 rounding
         with torch.inference_mode():
             ref = net(torch.from_numpy(np.ascontiguousarray(low))[None],
                       torch.from_numpy(np.moveaxis(guide, -1, 0) / np.float32(255))[None])
-        ref = ref.clamp(0, 1)[0].numpy()
-        err = np.abs(whole - ref)
-        assert err.max() < 3e-3 and err.mean() < 1e-5  # the reference network's own rounding
+        assert np.abs(whole - ref.clamp(0, 1)[0].numpy()).max() < 1e-6
         assert whole.shape == (31, *guide.shape[:2])

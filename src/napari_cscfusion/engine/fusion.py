@@ -411,20 +411,21 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     dev = resolve_device(device)
     net = model.network_on(dev)
     t1 = time.perf_counter()
-    if codes:
+    kernel = MMFKernel(net, (h_in, w_in), (H, W), dev, precision=precision, compile=compile)
+    side = resolve_tile(tile, (H, W), kernel, dev)
+    if codes or (side is None and precision in (None, "fp32")):
+        # One pass through the network's own forward: the authors' arithmetic exactly (the
+        # fast guided filter's E[xy] - E[x]E[y] cancels, so summation order shows in fp32).
         with torch.inference_mode():
             lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(dev)
             g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(dev)
             report(progress, 0, 1)
             z = net.encode(lr_t, g_t)
             out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
-            code_maps = {k: _to_numpy(v[0]) for k, v in z.items()}
+            code_maps = {k: _to_numpy(v[0]) for k, v in z.items()} if codes else {}
         report(progress, 1, 1)
         image = _to_numpy(out)
     else:
-        kernel = MMFKernel(net, (h_in, w_in), (H, W), dev, precision=precision,
-                           compile=compile)
-        side = resolve_tile(tile, (H, W), kernel, dev)
         x = (np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(g, np.float32))
         image = run_tiled(kernel, x, side, progress)["image"]
         code_maps = {}
