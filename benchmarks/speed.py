@@ -1,0 +1,287 @@
+"""Speed and memory of the fusion engine against its classical peers and a naive network run.
+
+    python benchmarks/speed.py --quick                  # 1 Mpx, every task
+    python benchmarks/speed.py --sizes 1,4,16 --tasks ivf,mef
+    python benchmarks/speed.py --tasks mef --sizes 12 --variants engine,compile,peer,naive
+
+For each task and size (megapixels of the output) it prints one row per variant:
+
+* ``engine``  — the public fuse_* function with automatic tiles (what users run);
+* ``compile`` — the same with ``compile=True`` (torch.compile of the encoders; the first
+  call's compilation is included, as a user's one-off run would pay it);
+* ``compile-warm`` — compiled on a small crop first, then timed (a session's steady state);
+* ``peer``    — the classical method: Laplacian-pyramid fusion (IVF), OpenCV Mertens (MEF),
+  bicubic upsampling (MMF), from ``napari_cscfusion.baselines``;
+* ``naive``   — the same network run untiled, one source at a time (IVF: each source through
+  both encoders, the authors' two decoder passes, the same rules; MEF: each exposure through
+  the network; MMF: the untiled forward).
+
+with wall time, Mpx/s, peak resident memory (RSS) and, on CUDA, peak GPU memory. Every row
+runs in a fresh child process, so peak RSS is that variant's alone. Inputs are real images
+(TNO pair 1, three Memorial exposures, the Aloe guide with a 31-band low-resolution stand-in
+derived from it) resized to the requested size. Targets (issue 5) are checked where measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CSCFUSION_SHARED", ROOT.parent / "shared"))
+DATA, CKPT = SHARED / "data", SHARED / "reference-checkpoints"
+WEIGHTS = {"ivf": CKPT, "mef": CKPT / "csc_mefn_authors.pth",
+           "mmf": CKPT / "csc_mmfn_authors.pth"}
+VARIANTS = ("engine", "compile", "compile-warm", "peer", "naive")
+# naive runs hold every code map of the whole image: skip them where that alone is huge
+NAIVE_MAX_MPX = {"ivf": 4.5, "mef": 16.5, "mmf": 1.5}
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+def _read(path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    return np.asarray(iio.imread(path))
+
+
+def _resize(img, h: int, w: int):
+    import cv2
+
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR if h * w > img.shape[0] *
+                      img.shape[1] else cv2.INTER_AREA)
+
+
+def _hw(mpx: float, aspect: float = 4 / 3) -> tuple[int, int]:
+    h = int(round((mpx * 1e6 / aspect) ** 0.5))
+    return h, int(round(h * aspect))
+
+
+def make_inputs(task: str, mpx: float):
+    import numpy as np
+
+    h, w = _hw(mpx)
+    if task == "ivf":
+        grey = [_read(DATA / "ivf" / "tno" / f"{n}1.png") for n in ("IR", "VIS")]
+        return [_resize(g[..., 0] if g.ndim == 3 else g, h, w) for g in grey]
+    if task == "mef":
+        frames = [_read(DATA / "mef" / "memorial" / f"memorial_{i:02d}.png")[..., :3]
+                  for i in (3, 8, 13)]
+        return [np.stack([_resize(f, h, w) for f in frames])]
+    if task == "mmf":
+        guide = _resize(_read(DATA / "guided" / "aloeL.jpg")[..., :3], h, w)
+        low = _resize(guide, h // 2, w // 2).astype(np.float32) / 255
+        # 31 smooth mixtures of R, G, B: a hyperspectral stand-in the authors' network accepts
+        mix = np.stack([np.cos(np.linspace(0, np.pi, 31) + p) * 0.5 + 0.5
+                        for p in (0.0, 1.0, 2.0)], 1)
+        bands = np.einsum("hwc,bc->bhw", low, mix / mix.sum(1, keepdims=True))
+        return [np.ascontiguousarray(bands, dtype=np.float32), guide]
+    raise ValueError(task)
+
+
+# --- one measurement (child process) -------------------------------------------------------------
+
+def _naive(task: str, model, inputs, device):
+    import numpy as np
+    import torch
+
+    from napari_cscfusion.engine.rules import apply_rule
+
+    net = model.network_on(device)
+    with torch.inference_mode():
+        if task == "ivf":
+            zs = [net.encode(torch.from_numpy(a.astype(np.float32) / 255)[None, None].to(device))
+                  for a in inputs]
+            zb = torch.cat([z[0] for z in zs])
+            zd = torch.cat([z[1] for z in zs])
+            del zs
+            fb, _ = apply_rule("saliency", zb)
+            fd, _ = apply_rule("l1", zd)
+            out = torch.sigmoid(net.decoder(2 * fb[None]) + net.decoder(2 * fd[None]))
+            return out.cpu().numpy()
+        if task == "mef":
+            from napari_cscfusion.models.color import rgb_to_ycbcr
+
+            x = torch.from_numpy(inputs[0].astype(np.float32) / 255).to(device)
+            y = rgb_to_ycbcr(x, dim=-1)[..., 0]
+            logits = torch.cat([net.logits(y[i][None, None]) for i in range(y.shape[0])])
+            w = torch.softmax(logits[:, 0], 0)
+            return (w * y).sum(0).cpu().numpy()
+        lr = torch.from_numpy(inputs[0])[None].to(device)
+        g = torch.from_numpy(np.moveaxis(inputs[1], -1, 0).astype(np.float32) / 255)[None]
+        return net(lr, g.to(device)).clamp(0, 1).cpu().numpy()
+
+
+def measure(task: str, mpx: float, variant: str, device: str, tile) -> dict:
+    import resource
+
+    import numpy as np
+    import torch
+
+    from napari_cscfusion import baselines
+    from napari_cscfusion.engine import (
+        fuse_exposures,
+        fuse_guided,
+        fuse_infrared_visible,
+        load_model,
+        resolve_device,
+    )
+
+    torch.set_num_threads(int(os.environ.get("CSC_THREADS", os.cpu_count() or 1)))
+    inputs = make_inputs(task, mpx)
+    model = load_model(task, WEIGHTS[task])
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kw = {"device": dev, "tile": tile}
+    if variant == "compile-warm" and task in ("ivf", "mef"):
+        # compile on a small crop first (dynamic shapes): the steady state of a session
+        kw["compile"] = True
+        if task == "ivf":
+            fuse_infrared_visible(*(a[:96, :96] for a in inputs), model, **kw)
+        else:
+            fuse_exposures(inputs[0][:, :96, :96], model, **kw)
+    t0 = time.perf_counter()
+    if variant in ("engine", "compile", "compile-warm"):
+        if variant.startswith("compile"):
+            kw["compile"] = True
+        if task == "ivf":
+            out = fuse_infrared_visible(*inputs, model, **kw).image
+        elif task == "mef":
+            out = fuse_exposures(inputs[0], model, **kw).image
+        else:
+            kw.pop("tile"), kw.pop("compile", None)
+            out = fuse_guided(inputs[0], inputs[1], model, **kw).image
+    elif variant == "peer":
+        if task == "ivf":
+            out = baselines.laplacian_pyramid_fusion([a / 255.0 for a in inputs])
+        elif task == "mef":
+            out = baselines.mertens_fusion(inputs[0] / 255.0)
+        else:
+            out = baselines.bicubic_upsample(np.moveaxis(inputs[0], 0, -1),
+                                             inputs[1].shape[:2])
+    else:
+        out = _naive(task, model, inputs, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    dt = time.perf_counter() - t0
+    if not np.isfinite(np.asarray(out)).all():
+        raise RuntimeError(f"{task} {variant}: non-finite output")
+    res = {"task": task, "mpx": mpx, "variant": variant, "seconds": dt,
+           "out_mpx": float(np.prod(_hw(mpx))) / 1e6,  # every task outputs at this size
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_before_mb": rss0}
+    if dev.type == "cuda":
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return res
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+def run_child(task, mpx, variant, device, tile, timeout) -> dict:
+    cmd = [sys.executable, __file__, "--child", f"{task}:{mpx}:{variant}", "--device", device]
+    if tile is not None:
+        cmd += ["--tile", str(tile)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"task": task, "mpx": mpx, "variant": variant, "error": f"over {timeout} s"}
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"task": task, "mpx": mpx, "variant": variant, "error": tail[:120]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+
+    try:
+        import psutil
+
+        mem = f"{psutil.virtual_memory().total / 2 ** 30:.0f} GiB RAM"
+    except ImportError:
+        mem = "? RAM"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem}, "
+            f"{gpu}, torch {torch.__version__}, load average "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['task']} | {r['mpx']:g} | {r['variant']} | - | - | - | {r['error']} |"
+    gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
+    return (f"| {r['task']} | {r['mpx']:g} | {r['variant']} | {r['seconds']:.1f} | "
+            f"{r['out_mpx'] / r['seconds']:.3f} | {r['peak_rss_mb']:.0f} | {gpu} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1,4,16,64", help="output megapixels, comma separated")
+    ap.add_argument("--tasks", default="ivf,mef,mmf")
+    ap.add_argument("--variants", default="engine,peer,naive",
+                    help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--quick", action="store_true", help="1 Mpx only")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tile", type=int, default=None, help="engine tile (default: automatic)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
+    ap.add_argument("--json", help="also append every row to this JSON-lines file")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        task, mpx, variant = a.child.split(":")
+        print(json.dumps(measure(task, float(mpx), variant, a.device, a.tile)))
+        return 0
+    sizes = [1.0] if a.quick else [float(s) for s in a.sizes.split(",")]
+    variants = a.variants.split(",")
+    print(f"machine: {machine()}", flush=True)
+    print("| task | Mpx | variant | s | Mpx/s | peak RSS MB | peak GPU MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    results = []
+    for task in a.tasks.split(","):
+        for mpx in sizes:
+            for v in variants:
+                if v == "naive" and mpx > NAIVE_MAX_MPX[task]:
+                    r = {"task": task, "mpx": mpx, "variant": v,
+                         "error": "skipped: the untiled run holds every code map at once"}
+                elif v.startswith("compile") and task == "mmf":
+                    continue
+                else:
+                    r = run_child(task, mpx, v, a.device, a.tile, a.timeout)
+                results.append(r)
+                print(row(r), flush=True)
+                if a.json:
+                    with open(a.json, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+    by = {(r["task"], r["mpx"], r["variant"]): r for r in results if "error" not in r}
+    print()
+    for (task, mpx, v), r in sorted(by.items()):
+        if v != "engine":
+            continue
+        peer, naive = by.get((task, mpx, "peer")), by.get((task, mpx, "naive"))
+        comp = by.get((task, mpx, "compile"))
+        warm = by.get((task, mpx, "compile-warm"))
+        notes = []
+        if peer:
+            notes.append(f"{r['seconds'] / peer['seconds']:.1f}x the peer's time")
+        if comp and peer:
+            notes.append(f"compiled {comp['seconds'] / peer['seconds']:.1f}x the peer's time")
+        if warm and peer:
+            notes.append(f"compiled, warm {warm['seconds'] / peer['seconds']:.1f}x the peer's time")
+        if naive:
+            notes.append(f"{naive['seconds'] / r['seconds']:.2f}x faster than naive, "
+                         f"{naive['peak_rss_mb'] / r['peak_rss_mb']:.1f}x less peak RSS")
+        print(f"{task} {mpx:g} Mpx: " + "; ".join(notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
