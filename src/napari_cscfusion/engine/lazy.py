@@ -16,6 +16,7 @@ integers; otherwise the global min/max, as lazy reductions).
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -170,6 +171,16 @@ def _finish(arrays: dict, client, scheduler, from_numpy: bool) -> tuple[dict, bo
 _CLIENTS: dict = {}
 
 
+def _parallel(client, scheduler) -> int:
+    """Tiles computed at once by the local threaded scheduler (a cluster's workers have
+    their own memory: there one tile per worker thread is budgeted as in-process)."""
+    if client is not None or scheduler is not None:
+        return 1
+    import dask
+
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
 def close_clients() -> None:
     """Close the dask.distributed clients opened for ``scheduler=`` addresses."""
     while _CLIENTS:
@@ -205,7 +216,7 @@ def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device
     net = model.network_on(device)
     kernel = IVFKernel(net, names, base_rule, detail_rule, device, weights=weights,
                        precision=precision)
-    side = resolve_tile(tile, (H, W), kernel, device)
+    side = resolve_tile(tile, (H, W), kernel, device, parallel=_parallel(client, scheduler))
     k = _kernel_key(kernel)
     planes = []
     for idx in np.ndindex(*lead):
@@ -242,7 +253,7 @@ def fuse_exposures_lazy(stack, model, device, rgb: bool, *, tile=None, weights: 
     note, lo, hi = _norm_spec(a, "stack")
     net = model.network_on(device)
     kernel = MEFKernel(net, K, rgb, device, weights=weights, precision=precision)
-    side = resolve_tile(tile, (H, W), kernel, device)
+    side = resolve_tile(tile, (H, W), kernel, device, parallel=_parallel(client, scheduler))
     k = _kernel_key(kernel)
     planes = []
     for idx in np.ndindex(*lead):

@@ -133,14 +133,16 @@ def auto_tile(bytes_per_pixel: float, halo: int, device: torch.device,
     return min(side, preferred) if preferred else side
 
 
-def resolve_tile(tile, shape: tuple[int, int], kernel, device: torch.device) -> int | None:
+def resolve_tile(tile, shape: tuple[int, int], kernel, device: torch.device,
+                 parallel: int = 1) -> int | None:
     """The ``tile=`` argument of the fuse functions -> a core side, or None for one tile.
 
-    None: automatic (memory and the kernel's speed preference); 0 or False: the whole image
-    at once; an int >= 1: that core side (the crop adds the kernel's halo)."""
+    None: automatic (memory and the kernel's speed preference; the budget is shared by
+    ``parallel`` tiles in flight, e.g. dask threads); 0 or False: the whole image at once;
+    an int >= 1: that core side (the crop adds the kernel's halo)."""
     if tile is None:
         fixed = getattr(kernel, "fixed_bytes", 0)
-        budget = memory_budget(device) - fixed
+        budget = memory_budget(device) // max(1, parallel) - fixed
         preferred = kernel.preferred_tile(device)
         if shape[0] * shape[1] * kernel.bytes_per_pixel <= budget and (
                 preferred is None or max(shape) <= preferred):
