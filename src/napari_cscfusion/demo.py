@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import fuse_exposures, fuse_guided, fuse_infrared_visible
-from .engine.io import read_image, write_tiff
+from .engine.io import read_image, to_grey, write_tiff
 from .engine.registry import load_model, packaged_weights_path
 
 AUTHORS_FALLBACK = {"ivf": "", "mef": "csc_mefn_authors.pth", "mmf": None}
@@ -77,8 +77,9 @@ def run_demo(out: Path, device: str = "auto", weights_dir: Path | None = None,
         fuse_multimodal = None
     if fuse_multimodal is not None:
         print("medical (BrainWeb T1 + PD, CSC-IVFN):")
-        save("medical_t1_pd", fuse_multimodal([sample("brainweb_t1.png"),
-                                               sample("brainweb_pd.png")],
+        # the BrainWeb PNGs are stored as grey-valued RGB: fuse their luminance
+        save("medical_t1_pd", fuse_multimodal([to_grey(sample("brainweb_t1.png")),
+                                               to_grey(sample("brainweb_pd.png"))],
                                               model=model("ivf"), base_rule=base_rule,
                                               device=device))
     print(f"done in {time.perf_counter() - t:.0f} s: {len(written)} files in {out}")
