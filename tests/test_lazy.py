@@ -33,6 +33,14 @@ def _grey(a):
     return a[..., 0] if a.ndim == 3 else a
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_clients():
+    """A client opened for ``scheduler=`` becomes dask's default; close it even when a test
+    fails, or later computations in other tests are sent to a closed cluster."""
+    yield
+    close_clients()
+
+
 @cache
 def model(task: str):
     return load_model(task, CKPT if task == "ivf" else CKPT / "csc_mefn_authors.pth")
