@@ -15,6 +15,7 @@ import numpy as np
 
 from .engine import fuse_exposures, fuse_guided, fuse_infrared_visible
 from .engine.io import read_image, to_grey, write_tiff
+from .engine.planes import downsample_area
 from .engine.registry import load_model, packaged_weights_path
 
 AUTHORS_FALLBACK = {"ivf": "", "mef": "csc_mefn_authors.pth", "mmf": None}
@@ -28,11 +29,6 @@ def _png(path: Path, image: np.ndarray) -> None:
     import imageio.v3 as iio
 
     iio.imwrite(path, np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
-
-
-def _area_down(img: np.ndarray, f: int) -> np.ndarray:
-    h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
-    return img[:h, :w].reshape(h // f, f, w // f, f).mean((1, 3))
 
 
 def run_demo(out: Path, device: str = "auto", weights_dir: Path | None = None,
@@ -69,7 +65,7 @@ def run_demo(out: Path, device: str = "auto", weights_dir: Path | None = None,
     if mmf is not None:
         print("guided super-resolution x4 (TNO 3 infrared guided by visible, CSC-MMFN):")
         ir = sample("tno_03_ir.png").astype(np.float32) / 255
-        save("mmf_tno03_x4", fuse_guided(_area_down(ir, 4), sample("tno_03_vis.png"),
+        save("mmf_tno03_x4", fuse_guided(downsample_area(ir, 4), sample("tno_03_vis.png"),
                                          model=mmf, device=device))
     try:
         from .engine.medical import fuse_multimodal
