@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .engine import (  # noqa: E402
     FusionModel,
     FusionResult,
+    OutOfMemoryRetry,
     available_devices,
     fuse_exposures,
     fuse_guided,
@@ -18,6 +19,6 @@ from .engine import (  # noqa: E402
 from .engine.alignment import estimate_misalignment, register_rigid  # noqa: E402
 from .engine.medical import fuse_multimodal  # noqa: E402
 
-__all__ = ["__version__", "FusionModel", "FusionResult", "available_devices",
+__all__ = ["__version__", "FusionModel", "FusionResult", "OutOfMemoryRetry", "available_devices",
            "estimate_misalignment", "fuse_exposures", "fuse_guided", "fuse_infrared_visible",
            "fuse_multimodal", "load_model", "register_rigid"]

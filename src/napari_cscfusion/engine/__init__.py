@@ -12,10 +12,11 @@ from .fusion import (
     stretch_percentiles,
 )
 from .lazy import close_clients, read_tiff_lazy, store_tiff
+from .notices import OutOfMemoryRetry
 from .registry import FusionModel, load_model
 from .tiling import auto_tile, tile_grid
 
-__all__ = ["Cancelled", "FusionModel", "FusionResult", "auto_tile", "available_devices",
-           "close_clients", "fuse_exposures", "fuse_grey_sources", "fuse_guided",
-           "fuse_infrared_visible", "load_model", "read_tiff_lazy", "resolve_device",
-           "store_tiff", "stretch_percentiles", "tile_grid"]
+__all__ = ["Cancelled", "FusionModel", "FusionResult", "OutOfMemoryRetry", "auto_tile",
+           "available_devices", "close_clients", "fuse_exposures", "fuse_grey_sources",
+           "fuse_guided", "fuse_infrared_visible", "load_model", "read_tiff_lazy",
+           "resolve_device", "store_tiff", "stretch_percentiles", "tile_grid"]

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from . import notices
 from .device import resolve_device
 from .inputs import check_frames, check_min_size, check_ndim, check_same_shape, normalise
 from .lazy import fuse_exposures_lazy, fuse_grey_lazy, is_dask
@@ -18,6 +19,7 @@ from .registry import FusionModel, resolve_model
 from .rules import RULES
 from .tiling import (  # noqa: F401  (Cancelled and IVF_ALPHA are re-exported here)
     IVF_ALPHA,
+    MIN_TILE,
     Cancelled,
     IVFKernel,
     MEFKernel,
@@ -41,7 +43,9 @@ def report(progress, done: int, total: int) -> None:
 class FusionResult:
     """image: float32 in [0,1] (a numpy array, or a lazy dask array for dask inputs);
     codes: name -> float32 (q,H,W) when asked for; weights: name -> per-source weight maps
-    (sources first); metadata: task, weights, device, tile, timings."""
+    (sources first); metadata: task, weights, device (the one the run finally used: "cpu" after
+    an out-of-memory fallback), tile, timings, notices (what the run had to do differently,
+    e.g. out-of-memory retries; also given as OutOfMemoryRetry warnings)."""
 
     image: np.ndarray  # or a dask array (lazy results)
     codes: dict[str, np.ndarray] = field(default_factory=dict)
@@ -50,16 +54,20 @@ class FusionResult:
 
 
 def _base_metadata(model: FusionModel, device: torch.device, notes: dict) -> dict:
+    """The metadata every fuse_* result carries. Called once the run's work is done: it takes
+    the notices this run recorded (notices.py) and the device it finally ran on."""
     info = model.info
+    lines, used = notices.take(device)
     return {
         "task": model.task,
         "network": model.name,
         "weights": info.get("label"),
         "weights_sha256": info.get("sha256"),
         "weights_format": info.get("format"),
-        "device": str(device),
+        "device": used,
         "normalisation": notes,
         "package_version": __version__,
+        "notices": lines,
     }
 
 
@@ -101,11 +109,16 @@ def _fuse_grey_stack(x: np.ndarray, names: list[str], model: FusionModel, base_r
                      compile: bool = False, exact_rules: bool = False
                      ) -> tuple[np.ndarray, dict, dict]:
     """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1]."""
-    net = model.network_on(device)
-    kernel = IVFKernel(net, names, base_rule, detail_rule, device, codes=codes, weights=weights,
-                       precision=precision, compile=compile, exact_rules=exact_rules)
-    side = resolve_tile(tile, x.shape[-2:], kernel, device)
-    outs = run_tiled(kernel, x, side, progress)
+
+    def attempt(dev: torch.device) -> dict:
+        net = model.network_on(dev)
+        kernel = IVFKernel(net, names, base_rule, detail_rule, dev, codes=codes,
+                           weights=weights, precision=precision, compile=compile,
+                           exact_rules=exact_rules)
+        side = resolve_tile(tile, x.shape[-2:], kernel, dev)
+        return run_tiled(kernel, x, side, progress)
+
+    outs = notices.on_device_or_cpu(attempt, device)
     code_maps = {k: v for k, v in outs.items() if k not in ("image", "weights_base",
                                                             "weights_detail")}
     w = {"base": outs["weights_base"], "detail": outs["weights_detail"]} if weights else {}
@@ -147,7 +160,9 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     CUDA; 0 or False: the whole image at once). Tiles carry a halo as wide as the network's
     and the rules' context (113 px with the saliency rule, whose whole-image statistics are
     computed first in a separate pass), so tiled and whole-image results agree to float
-    rounding. On CUDA a tile that runs out of memory is split and retried.
+    rounding. A tile that runs out of memory is split and retried (down to 32 px), and when
+    even that fails on a GPU the run goes on on the CPU; either way with an OutOfMemoryRetry
+    warning and a line in ``metadata["notices"]`` (``metadata["device"]`` is then "cpu").
     ``precision``: None/'fp32' (default), or 'fp16'/'bf16' for the networks on a GPU (the
     rules stay float32; error against fp32 in benchmarks/README.md). ``compile``: run the
     encoders through torch.compile (pays off on large images; the first call compiles).
@@ -162,6 +177,7 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     as (S, ..., H, W) with S = 2 (infrared, visible).
     """
     t0 = time.perf_counter()
+    notices.begin_run()
     for a, n in ((ir, "ir"), (vis, "vis")):
         shp = tuple(np.shape(a))
         if len(shp) < 2 or (len(shp) >= 3 and shp[-1] in (3, 4)):
@@ -239,11 +255,15 @@ def fuse_exposure_stack(stack: np.ndarray, model: FusionModel, device: torch.dev
     """One bracket, already normalised: (K,H,W) or (K,H,W,3) float32 in [0,1] ->
     (image (H,W) or (H,W,3), codes, weights (K,H,W) or None)."""
     rgb = stack.ndim == 4
-    net = model.network_on(device)
-    kernel = MEFKernel(net, stack.shape[0], rgb, device, codes=codes, weights=weights,
-                       precision=precision, compile=compile)
-    side = resolve_tile(tile, stack.shape[1:3], kernel, device)
-    outs = run_tiled(kernel, stack, side, progress)
+
+    def attempt(dev: torch.device) -> dict:
+        net = model.network_on(dev)
+        kernel = MEFKernel(net, stack.shape[0], rgb, dev, codes=codes, weights=weights,
+                           precision=precision, compile=compile)
+        side = resolve_tile(tile, stack.shape[1:3], kernel, dev)
+        return run_tiled(kernel, stack, side, progress)
+
+    outs = notices.on_device_or_cpu(attempt, device)
     image = np.moveaxis(outs.pop("image"), 0, -1) if rgb else outs.pop("image")[0]
     w = outs.pop("weights", None)
     return image, outs, w
@@ -281,6 +301,7 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
     weights {"exposures": (K, ..., H, W)}.
     """
     t0 = time.perf_counter()
+    notices.begin_run()
     check_frames(stack, "stack")  # a list of frames of different shapes: name them
     shape = tuple(np.shape(stack))
     is_rgb, lead = _split_exposures(shape, rgb)
@@ -360,6 +381,7 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     progress(done, total) is called after every tile and may raise Cancelled.
     """
     t0 = time.perf_counter()
+    notices.begin_run()
     if is_dask(low_res):
         low_res = np.asarray(low_res)
     if is_dask(guide):
@@ -409,26 +431,38 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
                          f"the default 'bicubic'")
     h_in, w_in = lr.shape[-2:]
     dev = resolve_device(device)
-    net = model.network_on(dev)
     t1 = time.perf_counter()
-    kernel = MMFKernel(net, (h_in, w_in), (H, W), dev, precision=precision, compile=compile)
-    side = resolve_tile(tile, (H, W), kernel, dev)
-    if codes or (side is None and precision in (None, "fp32")):
-        # One pass through the network's own forward: the authors' arithmetic exactly (the
-        # fast guided filter's E[xy] - E[x]E[y] cancels, so summation order shows in fp32).
-        with torch.inference_mode():
-            lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(dev)
-            g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(dev)
-            report(progress, 0, 1)
-            z = net.encode(lr_t, g_t)
-            out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
-            code_maps = {k: _to_numpy(v[0]) for k, v in z.items()} if codes else {}
-        report(progress, 1, 1)
-        image = _to_numpy(out)
-    else:
+
+    def attempt(d: torch.device) -> tuple[np.ndarray, dict]:
+        net = model.network_on(d)
+        kernel = MMFKernel(net, (h_in, w_in), (H, W), d, precision=precision,
+                           compile=compile)
+        side = resolve_tile(tile, (H, W), kernel, d)
+        if codes or (side is None and precision in (None, "fp32")):
+            # One pass through the network's own forward: the authors' arithmetic exactly (the
+            # fast guided filter's E[xy] - E[x]E[y] cancels, so summation order shows in fp32).
+            try:
+                with torch.inference_mode():
+                    lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(d)
+                    g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(d)
+                    report(progress, 0, 1)
+                    z = net.encode(lr_t, g_t)
+                    out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
+                    code_maps = {k: _to_numpy(v[0]) for k, v in z.items()} if codes else {}
+                report(progress, 1, 1)
+                return _to_numpy(out), code_maps
+            except Exception as exc:
+                if codes or not notices.is_oom(exc) or max(H, W) < 2 * MIN_TILE:
+                    raise
+            # out of memory on the whole image: tiles (whose results agree to 1e-5)
+            notices.free_cached(d)
+            side = (max(H, W) + 1) // 2
+            notices.notify(f"out of memory on {d} with the whole {H}x{W} image; retried "
+                           f"with tiles of {side} px")
         x = (np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(g, np.float32))
-        image = run_tiled(kernel, x, side, progress)["image"]
-        code_maps = {}
+        return run_tiled(kernel, x, side, progress)["image"], {}
+
+    image, code_maps = notices.on_device_or_cpu(attempt, dev)
     if len(lr_shape) == 2:
         image = image[0]
     meta = _base_metadata(model, dev, {"low_res": n_lr.note, "guide": n_g.note})

@@ -137,6 +137,8 @@ class PlaneAssembler:
         self._sizes: dict[str, int] = {}
         self.metadata: dict = {}
         self._notes: list = []
+        self._notices: list[str] = []
+        self._devices: list[str] = []
         self._timings: dict[str, float] = {}
         self.done = 0
 
@@ -162,6 +164,12 @@ class PlaneAssembler:
         for key, w in result.weights.items():
             self._put(self.weights, key, index, np.asarray(w, np.float32))
         self._notes.append(result.metadata.get("normalisation"))
+        for line in result.metadata.get("notices") or []:
+            if line not in self._notices:
+                self._notices.append(line)
+        dev = result.metadata.get("device")
+        if dev is not None and dev not in self._devices:
+            self._devices.append(dev)
         for k, v in (result.metadata.get("timings") or {}).items():
             self._timings[k] = self._timings.get(k, 0.0) + float(v)
         self.done += 1
@@ -180,4 +188,8 @@ class PlaneAssembler:
         if self.n_planes > 1 and any(n != self._notes[0] for n in self._notes):
             meta["normalisation"] = {"per_plane": self._notes}
         meta["code_sparsity"] = self.code_sparsity()
+        if "notices" in meta or self._notices:
+            meta["notices"] = list(self._notices)  # every plane's, each once
+        if len(self._devices) > 1:  # e.g. some planes on the CPU after out of memory
+            meta["device"] = ", ".join(self._devices)
         return FusionResult(self.image, dict(self.codes), dict(self.weights), meta)

@@ -40,7 +40,10 @@ class FusionModel:
         key = str(device)
         with self._lock:
             if key not in self._per_device:
-                net = self.network if device.type == "cpu" else copy.deepcopy(self.network)
+                # the user's own network only where it already is (the CPU, as loaded): a run
+                # elsewhere, or the CPU fallback after out of memory, never moves it
+                here = next(self.network.parameters()).device == device
+                net = self.network if here else copy.deepcopy(self.network)
                 self._per_device[key] = net.to(device).eval()
             return self._per_device[key]
 

@@ -16,7 +16,8 @@ Pieces, all used both by the in-memory engine (``run_tiled``) and the dask one (
   (guided filter r=45, applied twice) + 3 px (decoder); with the l1/average rules 24 px.
 * Memory: ``auto_tile`` picks the tile side from free memory (CUDA: ``torch.cuda.mem_get_info``;
   CPU: psutil, capped so that huge images run in bounded memory) and the kernel's bytes per
-  pixel; ``run_tiled`` splits a tile that hits CUDA out-of-memory into four and goes on.
+  pixel; ``run_tiled`` splits a tile that runs out of memory into four and goes on, with a
+  notice (notices.py; the fallback to the CPU is there too).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from ..models.color import fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
 from ..models.csc import DCU, CSCEncoder, SoftThreshold, reflect_pad
 from ..models.ivfn import BLUR_SIZE, box_blur
+from .notices import free_cached, gave_up_splitting, is_oom, notify
 from .rules import SALIENCY_RADIUS, SaliencyStats, apply_rule
 
 IVF_ALPHA = 2.0  # the authors scale both fused codes by 2 before decoding
@@ -158,11 +160,6 @@ def resolve_tile(tile, shape: tuple[int, int], kernel, device: torch.device,
         raise ValueError(f"tile: expected None (automatic), 0/False (whole image) or a positive "
                          f"number of pixels, got {tile!r}")
     return None if side >= max(shape) else side
-
-
-def is_oom(exc: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom)
 
 
 # --- folded inference networks --------------------------------------------------------------
@@ -815,9 +812,27 @@ def run_tiled(kernel, x: np.ndarray, tile: int | None, progress=None,
     None for one tile) and assemble full-size channel-first outputs {name: [c, H, W]}.
 
     Whole-image statistics (saliency) are computed first when the image takes more than one
-    tile. A tile that runs out of GPU memory is split into four and retried (down to
-    ``MIN_TILE``). ``progress(done, total)`` is called after every inner step and may raise
+    tile. A tile that runs out of memory is split into four and retried (down to
+    ``MIN_TILE``), with one ``OutOfMemoryRetry`` notice per call naming the tile sides
+    (notices.py). ``progress(done, total)`` is called after every inner step and may raise
     Cancelled."""
+    retried: list[int] = []  # the core sides the split tiles had
+    try:
+        return _run_tiled(kernel, x, tile, progress, stats, retried)
+    except BaseException as exc:
+        tried = retried + ([tile] if tile else [])
+        if tried and is_oom(exc):
+            gave_up_splitting(min(tried))
+        raise
+    finally:
+        if retried:
+            H, W = kernel.plane_shape(x)
+            was = f"{tile} px tiles" if tile else f"the whole {H}x{W} image"
+            notify(f"out of memory on {kernel.device} with {was}; retried with tiles of "
+                   f"{min(retried)} px")
+
+
+def _run_tiled(kernel, x, tile, progress, stats, retried: list[int]) -> dict[str, np.ndarray]:
     H, W = kernel.plane_shape(x)
     tiles = tile_grid((H, W), tile, kernel.halo)
     shapes = [(t.crop[1] - t.crop[0], t.crop[3] - t.crop[2]) for t in tiles]
@@ -839,20 +854,18 @@ def run_tiled(kernel, x: np.ndarray, tile: int | None, progress=None,
             if not is_oom(exc) or side < 2 * MIN_TILE:
                 raise
             del exc
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            for sub in sub_tiles(t.core, (0, H, 0, W), (side + 1) // 2, kernel.halo):
+            free_cached(kernel.device)
+            half = (side + 1) // 2
+            retried.append(half)
+            for sub in sub_tiles(t.core, (0, H, 0, W), half, kernel.halo):
                 run(sub)
             return
         for name, a in res.items():
             outs[name][:, t.core_slices[0], t.core_slices[1]] = a
 
     if not multi and kernel.needs_stats:
-        multi_fallback = True  # one tile: statistics come from the tile itself
-    else:
-        multi_fallback = False
-    if multi_fallback:
-        # a one-tile run that hits OOM is split: the split tiles need the statistics
+        # one tile: statistics come from the tile itself; a one-tile run that hits OOM is
+        # split, and the split tiles need the whole-image statistics
         try:
             crop, inner = kernel.crop(x, Tile((0, H, 0, W), (0, H, 0, W)))
             res = kernel(crop, inner, None, ticker)
@@ -862,9 +875,10 @@ def run_tiled(kernel, x: np.ndarray, tile: int | None, progress=None,
         except Exception as exc:
             if not is_oom(exc) or max(H, W) < 2 * MIN_TILE:
                 raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return run_tiled(kernel, x, (max(H, W) + 1) // 2, progress, stats)
+        free_cached(kernel.device)
+        half = (max(H, W) + 1) // 2
+        retried.append(half)
+        return _run_tiled(kernel, x, half, progress, stats, retried)
     for t in tiles:
         run(t)
     return outs
