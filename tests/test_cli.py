@@ -67,3 +67,81 @@ def test_out_of_memory_is_a_clear_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cli, "cmd_devices", exhausted)
     assert main(["devices"]) == 3
     assert "out of memory" in capsys.readouterr().err
+
+
+def _mef_args(tmp_path, *extra):
+    """A small bracket as PNGs and the fuse arguments for it."""
+    import imageio.v3 as iio
+
+    from napari_cscfusion.engine.registry import packaged_weights_path
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"e{i}.png"))
+        iio.imwrite(paths[-1], (rng.random((96, 80)) * 255).astype(np.uint8))
+    weights = CKPT / "csc_mefn_authors.pth"
+    if not weights.is_file():
+        if not packaged_weights_path("mef").is_file():
+            pytest.skip("no MEF weights")
+        weights = packaged_weights_path("mef")
+    return ["fuse", "mef", *paths, "-o", str(tmp_path / "fused.tif"), "--weights",
+            str(weights), *extra]
+
+
+def _oom_on(monkeypatch, device_type=None, pixels=0):
+    """Every convolution on more than ``pixels`` pixels (on ``device_type``) runs out of
+    memory, as on a GPU too small for the tiles."""
+    import torch
+    import torch.nn.functional as F
+
+    real = F.conv2d
+
+    def conv2d(x, *args, **kwargs):
+        if (device_type is None or x.device.type == device_type) and \
+                x.shape[-2] * x.shape[-1] > pixels:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", conv2d)
+
+
+def test_out_of_memory_retries_are_noticed_on_stderr(monkeypatch, capsys, tmp_path):
+    args = _mef_args(tmp_path, "--device", "cpu", "--tile", "0", "-q")
+    _oom_on(monkeypatch, pixels=96 * 80 - 1)  # the whole image does not fit, half of it does
+    line = ("cscfusion: warning: out of memory on cpu with the whole 96x80 image; retried "
+            "with tiles of 48 px")
+    for _ in range(2):  # each run says so (not once per process)
+        assert main(args) == 0
+        assert capsys.readouterr().err.strip() == line
+    meta = read_tiff_metadata(tmp_path / "fused.tif")
+    assert meta["notices"] == [line.removeprefix("cscfusion: warning: ")]
+    assert meta["device"] == "cpu"
+
+
+def test_out_of_memory_on_the_gpu_runs_on_the_cpu_and_says_so(monkeypatch, capsys, tmp_path):
+    """No GPU needed: 'cuda' resolves to the meta device (weights left on the CPU), where every
+    convolution runs out of memory (see test_reliability for the engine's side)."""
+    import torch
+
+    from napari_cscfusion.engine import fusion
+    from napari_cscfusion.engine.registry import FusionModel
+
+    want_args = _mef_args(tmp_path, "--device", "cpu", "-q")
+    assert main(want_args) == 0
+    want = tifffile.imread(tmp_path / "fused.tif")
+    capsys.readouterr()
+    fake, real_resolve, real_on = torch.device("meta"), fusion.resolve_device, \
+        FusionModel.network_on
+    monkeypatch.setattr(fusion, "resolve_device",
+                        lambda d: fake if d == "cuda" else real_resolve(d))
+    monkeypatch.setattr(FusionModel, "network_on",
+                        lambda self, d: real_on(self, torch.device("cpu") if d == fake else d))
+    _oom_on(monkeypatch, device_type="meta")
+    assert main(_mef_args(tmp_path, "--device", "cuda")) == 0
+    captured = capsys.readouterr()
+    assert "cscfusion: warning: out of memory on meta even with 48 px tiles; ran on the CPU " \
+           "instead (slower)" in captured.err
+    assert "CSC-MEFN, cpu," in captured.out  # the 'wrote ...' line names the device used
+    assert read_tiff_metadata(tmp_path / "fused.tif")["device"] == "cpu"
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "fused.tif"), want, atol=1e-5)

@@ -199,3 +199,41 @@ def test_two_widgets_running_at_once_both_finish_correctly(make_napari_viewer, q
             np.testing.assert_allclose(fused.data[k], direct.image, atol=1e-6)
     direct = fuse_exposures(stack.data, load_model("mef", mef_weights))
     np.testing.assert_allclose(mef.last_outputs[0].data, direct.image, atol=1e-6)
+
+
+def test_out_of_memory_retry_is_shown_as_a_warning_each_run(make_napari_viewer, qtbot,
+                                                             fusion_weights, monkeypatch,
+                                                             escaped):
+    """The engine's notice (out of memory: smaller tiles) reaches the user as a napari warning
+    and in the status line — on every run, although it is raised in the worker thread."""
+    import torch
+    import torch.nn.functional as F
+
+    from napari_cscfusion.gui.mef_widget import STACK
+
+    real = F.conv2d
+
+    def conv2d(x, *args, **kwargs):  # the whole 64x48 image does not fit, half of it does
+        if x.shape[-2] * x.shape[-1] >= 64 * 48:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x, *args, **kwargs)
+
+    viewer = make_napari_viewer()
+    stack = viewer.add_image(np.random.default_rng(2).random((3, 64, 48), np.float32),
+                             name="bracket")
+    mef = dock(viewer, MEF)
+    mef.weights.set_path(fusion_weights("mef"))
+    mef.mode.value = STACK
+    mef.stack_layer.value = stack
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    for _ in range(2):
+        n_notes = len(notification_manager.records)
+        mef.run_button.native.click()
+        qtbot.waitUntil(lambda: not mef.running, timeout=60_000)
+        shown = [str(r.message) for r in notification_manager.records[n_notes:]]
+        assert any("out of memory on cpu with the whole 64x48 image; retried with tiles "
+                   "of 32 px" in m for m in shown), shown
+        assert errors_since(n_notes) == []
+        assert "out of memory" in mef.status.value and mef.status.value.startswith("done")
+    assert "out of memory" in " ".join(mef.last_outputs[0].metadata["cscfusion"]["notices"])
+    assert escaped == []

@@ -10,14 +10,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .engine import Cancelled, available_devices, fuse_exposures, fuse_guided, fuse_infrared_visible
+from .engine import (
+    Cancelled,
+    OutOfMemoryRetry,
+    available_devices,
+    fuse_exposures,
+    fuse_guided,
+    fuse_infrared_visible,
+)
 from .engine.io import read_image, to_grey, write_tiff
 from .engine.registry import load_model
 from .engine.rules import RULES
@@ -211,11 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _notices_on_stderr():
+    """The engine's notices (OutOfMemoryRetry: smaller tiles, or the CPU instead of the GPU)
+    as ``cscfusion: warning: ...`` lines on stderr, each time (not once per session as
+    Python's default filter would); other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", OutOfMemoryRetry)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, OutOfMemoryRetry):
+                print(f"cscfusion: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _notices_on_stderr():
+            return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
         print(f"cscfusion: error: {exc}", file=sys.stderr)
         return 2

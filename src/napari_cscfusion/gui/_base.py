@@ -12,7 +12,7 @@ import contextlib
 import time
 
 from magicgui.widgets import CheckBox, Container, ProgressBar, PushButton
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QTimer
 
 from ._common import WeightsChooser, codes_combo, device_combo, result_layers, status_label
@@ -176,6 +176,11 @@ class FusionWidget(Container):
             return
         self.progress.value = PROGRESS_STEPS
         self.status.value = f"done in {outcome.elapsed_s:.1f} s"
+        notes = (outcome.result.metadata.get("notices") or []) if outcome.result else []
+        for line in notes:  # e.g. out of memory: retried with smaller tiles, or on the CPU
+            show_warning(f"{self.network}: {line}")
+        if notes:
+            self.status.value += f" — {notes[-1]}"
 
     def _show_result(self, job: FusionJob, outcome: RunOutcome) -> None:
         data = result_layers(outcome.result, job.output)

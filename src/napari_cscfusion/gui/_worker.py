@@ -16,6 +16,7 @@ from napari.qt.threading import GeneratorWorker, create_worker
 from torch.overrides import TorchFunctionMode
 
 from ..engine import Cancelled
+from ..engine.notices import recorded_only
 from ..engine.planes import PlaneAssembler, plane_indices
 from ._state import MODELS, CancelToken, FusionJob, RunOutcome
 
@@ -53,7 +54,11 @@ def run_job(job: FusionJob, token: CancelToken):
                     raise Cancelled("cancelled by the user")
                 token.fraction = (k + (done / steps if steps else 1.0)) / total
 
-            with CancelMode(token):  # entered per plane: never held across a yield
+            # entered per plane: never held across a yield. The engine's notices (out of
+            # memory: smaller tiles, or the CPU) go to metadata["notices"] only, which the
+            # widget shows each run (a warning from this thread would reach napari's hook,
+            # which shows a given message once per session)
+            with CancelMode(token), recorded_only():
                 result = job.run_plane(index, model, progress, want_codes)
             assembler.add(index, result)
             token.fraction = (k + 1) / total
