@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_cscfusion.engine import fuse_exposures, fuse_infrared_visible, load_model
+from napari_cscfusion.engine import fuse_exposures, fuse_guided, fuse_infrared_visible, load_model
 from napari_cscfusion.engine.inputs import normalise
 from napari_cscfusion.engine.lazy import close_clients, is_dask, normalise_block
 
@@ -189,3 +189,121 @@ def test_cli_streams_big_tiffs_tile_by_tile(tmp_path, capsys):
     np.testing.assert_allclose(got, ref.image, atol=1e-5, rtol=0)
     with tifffile.TiffFile(out) as tf:
         assert '"network": "CSC-IVFN"' in tf.pages[0].description
+
+
+# --- guided super-resolution (CSC-MMFN) ------------------------------------------------------
+
+@cache
+def flir_guided() -> tuple[np.ndarray, np.ndarray]:
+    """Three real FLIR pairs (T=3): low-res infrared 12x16 (area-downsampled x4 from a 48x64
+    crop) and the visible 48x64 guide (uint8)."""
+    from napari_cscfusion.engine.planes import downsample_area
+
+    lows, guides = [], []
+    for i, (y, x) in ((1, (100, 120)), (2, (150, 200)), (3, (60, 300))):
+        ir = _grey(_read(DATA / "ivf" / "flir_test" / f"IR{i}.jpg"))[y:y + 48, x:x + 64]
+        lows.append(downsample_area(ir / np.float32(255), 4))
+        guides.append(_grey(_read(DATA / "ivf" / "flir_test" / f"VIS{i}.jpg"))[y:y + 48, x:x + 64])
+    return np.stack(lows).astype(np.float32), np.stack(guides)
+
+
+@cache
+def packaged_mmf():
+    m = load_model("mmf")  # lr_channels=1, trained on bicubic-upsampled input
+    assert m.info["header"]["training"]["lr_input"] == "bicubic"
+    return m
+
+
+@needs_shared
+def test_bicubic_window_is_the_whole_image_resize_from_a_crop():
+    import torch
+
+    from napari_cscfusion.engine.lazy import bicubic_span, bicubic_window
+
+    low = flir_guided()[0][0]
+    for h, w, H, W in ((12, 16, 48, 64), (12, 13, 41, 50), (12, 16, 12, 16)):
+        x = low[:h, :w]
+        ref = torch.nn.functional.interpolate(torch.from_numpy(x)[None, None], size=(H, W),
+                                              mode="bicubic", align_corners=False)[0, 0].numpy()
+        for y0, y1, x0, x1 in ((0, H, 0, W), (0, 7, 5, min(23, W)), (H // 2, H, W - 9, W),
+                               (3, 4, 0, 1)):
+            (a, b), (c, d) = bicubic_span(y0, y1, h, H), bicubic_span(x0, x1, w, W)
+            assert b - a <= (y1 - y0) * h / H + 5  # the window's rows and 2 px each side
+            got = bicubic_window(x[a:b, c:d], (a, c), (h, w), (H, W), (y0, y1, x0, x1))
+            # PyTorch's taps, weights and order of sums; its compiled kernel rounds a few
+            # sums differently (fused multiply-adds), by a few float32 ulps
+            np.testing.assert_allclose(got, ref[y0:y1, x0:x1], atol=2e-6, rtol=0)
+
+
+@needs_shared
+def test_guided_stack_is_fused_plane_by_plane_like_a_loop():
+    low, guide = flir_guided()
+    m = packaged_mmf()
+    stacked = fuse_guided(low, guide, m, device="cpu", tile=0)
+    assert stacked.image.shape == guide.shape and stacked.metadata["planes"] == 3
+    for t in range(3):
+        one = fuse_guided(low[t], guide[t], m, device="cpu", tile=0)
+        np.testing.assert_allclose(stacked.image[t], one.image, atol=1e-6, rtol=0)
+    # (1, h, w) stays one channels-first plane, also with an RGB guide
+    rgb = np.repeat(guide[0][..., None], 3, -1)
+    chw = fuse_guided(low[:1], rgb, m, device="cpu", tile=0).image
+    assert chw.shape == (1, 48, 64)
+    np.testing.assert_allclose(chw[0], fuse_guided(low[0], rgb, m, device="cpu", tile=0).image,
+                               atol=1e-6, rtol=0)
+    assert np.abs(stacked.image[0] - stacked.image[1]).mean() > 0.02  # planes really differ
+    with pytest.raises(ValueError, match=r"low_res and guide: the leading.*\(3, 12, 16\).*"
+                                         r"\(2, 48, 64\)"):
+        fuse_guided(low, guide[:2], m, device="cpu")
+
+
+@needs_shared
+def test_dask_guided_equals_the_in_memory_tiled_run():
+    low, guide = flir_guided()
+    m = packaged_mmf()
+    lazy = fuse_guided(da.from_array(low, chunks=(1, 6, 8)),
+                       da.from_array(guide, chunks=(1, 24, 32)), m, device="cpu", tile=24)
+    assert is_dask(lazy.image) and lazy.image.shape == guide.shape
+    assert lazy.image.dtype == np.float32 and lazy.metadata["lazy"]
+    assert lazy.image.chunks[0] == (1, 1, 1) and len(lazy.image.chunks[1]) == 2  # planes, tiles
+    out = lazy.image.compute()
+    tiled = fuse_guided(low, guide, m, device="cpu", tile=24).image
+    # the bicubic pre-upsampling is made per tile from the low-res crop it reads
+    np.testing.assert_allclose(out, tiled, atol=1e-6, rtol=0)
+    whole = fuse_guided(low, guide, m, device="cpu", tile=0).image
+    np.testing.assert_allclose(out, whole, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lazy.image[2, 30:40, 10:50].compute(), tiled[2, 30:40, 10:50],
+                               atol=1e-6, rtol=0)
+    # a non-integer scale, numpy low-res with a dask guide
+    lz = fuse_guided(low[0, :, :13], da.from_array(guide[0, :, :50]), m, device="cpu", tile=16)
+    ref = fuse_guided(low[0, :, :13], guide[0, :, :50], m, device="cpu", tile=16).image
+    assert is_dask(lz.image)
+    np.testing.assert_allclose(lz.image.compute(), ref, atol=1e-6, rtol=0)
+
+
+@needs_shared
+def test_dask_guided_multiband_with_rgb_guides():
+    """The authors' 31-band model (native low-res input): (T, 31, h, w) with (T, H, W, 3)."""
+    g = _read(DATA / "guided" / "aloeL.jpg")[300:332, 400:440, :3]
+    guides = np.stack([g, g[::-1]])
+    bands = np.stack([guides[:, ::2, ::2, i % 3] / np.float32(255)
+                      * np.float32(0.5 + 0.5 * np.cos(i)) for i in range(31)], 1)
+    m = load_model("mmf", CKPT / "csc_mmfn_authors.pth")
+    lazy = fuse_guided(da.from_array(bands, chunks=(1, 31, 8, 10)), da.from_array(guides), m,
+                       device="cpu", tile=16)
+    assert lazy.image.shape == (2, 31, 32, 40)
+    tiled = fuse_guided(bands, guides, m, device="cpu", tile=16).image
+    np.testing.assert_allclose(lazy.image.compute(), tiled, atol=1e-6, rtol=0)
+
+
+@needs_shared
+def test_guided_on_a_local_cluster_gives_the_same_values():
+    distributed = pytest.importorskip("distributed")
+    low, guide = flir_guided()
+    m = packaged_mmf()
+    ref = fuse_guided(low[1], guide[1], m, device="cpu", tile=24).image
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            res = fuse_guided(low[1], guide[1], m, device="cpu", tile=24, client=client)
+            assert isinstance(res.image, np.ndarray)
+            np.testing.assert_allclose(res.image, ref, atol=1e-6, rtol=0)

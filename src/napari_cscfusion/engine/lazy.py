@@ -25,6 +25,7 @@ import numpy as np
 from .tiling import (
     IVFKernel,
     MEFKernel,
+    MMFKernel,
     combine_extremes,
     resolve_tile,
     tile_grid,
@@ -271,6 +272,116 @@ def fuse_exposures_lazy(stack, model, device, rgb: bool, *, tile=None, weights: 
     result, lazy = _finish(result, client, scheduler, from_numpy)
     image = result.pop("image")
     return LazyOutcome(image, result, {"stack": note}, side, lazy)
+
+
+# --- guided super-resolution (CSC-MMFN) --------------------------------------------------------
+
+_KEYS_A = np.float32(-0.75)  # PyTorch's (and OpenCV's INTER_CUBIC) Keys parameter
+
+
+def _keys1(x):
+    return ((_KEYS_A + np.float32(2)) * x - (_KEYS_A + np.float32(3))) * x * x + np.float32(1)
+
+
+def _keys2(x):
+    return ((_KEYS_A * x - np.float32(5) * _KEYS_A) * x + np.float32(8) * _KEYS_A) * x \
+        - np.float32(4) * _KEYS_A
+
+
+def bicubic_taps(lo: int, hi: int, n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices (n, 4) and Keys weights (n, 4) of output indices [lo, hi) of a bicubic
+    resize n_in -> n_out (half-pixel centres, border samples repeated), in PyTorch's float32
+    arithmetic (``interpolate(mode="bicubic", align_corners=False)``)."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    real = scale * (np.arange(lo, hi).astype(np.float32) + np.float32(0.5)) - np.float32(0.5)
+    i0 = np.minimum(np.floor(real).astype(np.int64), n_in - 1)
+    t = np.clip(real - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    u = np.float32(1) - t
+    weights = np.stack([_keys2(t + np.float32(1)), _keys1(t), _keys1(u),
+                        _keys2(u + np.float32(1))], 1).astype(np.float32)
+    return np.clip(i0[:, None] + np.arange(-1, 3), 0, n_in - 1), weights
+
+
+def bicubic_span(lo: int, hi: int, n_in: int, n_out: int) -> tuple[int, int]:
+    """Source indices [a, b) that output indices [lo, hi) of the bicubic resize read (their
+    2-sample Keys support, clamped to the image)."""
+    idx, _ = bicubic_taps(lo, hi, n_in, n_out)
+    return int(idx.min()), int(idx.max()) + 1
+
+
+def bicubic_window(x: np.ndarray, origin: tuple[int, int], full: tuple[int, int],
+                   out_shape: tuple[int, int], window) -> np.ndarray:
+    """Rows window[0]:window[1], columns window[2]:window[3] of the bicubic resize of a whole
+    (..., h, w) image (``full``) to ``out_shape``, from ``x``, its crop starting at ``origin``
+    that covers ``bicubic_span`` on both axes. Separable, columns first, float32: the same
+    taps, weights and order of sums as the whole-image resize, at whole-image coordinates."""
+    iy, wy = bicubic_taps(window[0], window[1], full[0], out_shape[0])
+    ix, wx = bicubic_taps(window[2], window[3], full[1], out_shape[1])
+    iy, ix = iy - origin[0], ix - origin[1]
+    x = np.asarray(x, np.float32)
+    rows = x[..., ix[:, 0]] * wx[:, 0]
+    for k in range(1, 4):
+        rows = rows + x[..., ix[:, k]] * wx[:, k]
+    out = rows[..., iy[:, 0], :] * wy[:, 0, None]
+    for k in range(1, 4):
+        out = out + rows[..., iy[:, k], :] * wy[:, k, None]
+    return out.astype(np.float32, copy=False)
+
+
+def _guided_crop(lr_blk, g_blk, lr_spec, g_spec, resize, prepare_guide, core):
+    """One tile's inputs for MMFKernel: the low-res crop normalised (and, for weights trained
+    on bicubic input, resized to its window of the guide-sized image), the guide crop
+    normalised and converted to the network's guide channels."""
+    lr = normalise_block(lr_blk, *lr_spec, "low_res")
+    if resize is not None:
+        lr = np.clip(bicubic_window(lr, *resize), 0.0, 1.0)
+    g = prepare_guide(normalise_block(g_blk, *g_spec, "guide"))
+    return np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(g, np.float32), core
+
+
+def fuse_guided_lazy(low_res, guide, model, device, prepare_guide, *, bicubic: bool,
+                     squeeze: bool, tile=None, precision: str | None = None, client=None,
+                     scheduler: str | None = None) -> LazyOutcome:
+    """CSC-MMFN guided super-resolution as a dask graph: low_res (..., C, h, w) and guide
+    (..., H, W) or (..., H, W, 3) (numpy or dask, same leading shape) -> image
+    (..., C, H, W), or (..., H, W) with ``squeeze``. Tiles are cut in the guide's
+    coordinates; each task reads the MMFKernel's crops of both inputs (with ``bicubic``, the
+    low-res rows and columns the bicubic pre-upsampling of the kernel's crop reads) and
+    ``prepare_guide`` maps a normalised guide crop to (G, h', w')."""
+    import dask
+    import dask.array as da
+
+    from_numpy = not (is_dask(low_res) or is_dask(guide))
+    lr, g = _as_dask(low_res), _as_dask(guide)
+    nl = lr.ndim - 3
+    lead, (C, h, w), (H, W) = tuple(lr.shape[:nl]), tuple(lr.shape[nl:]), tuple(g.shape[nl:nl + 2])
+    note_l, *spec_l = _norm_spec(lr, "low_res")
+    note_g, *spec_g = _norm_spec(g, "guide")
+    net = model.network_on(device)
+    kernel = MMFKernel(net, (H, W) if bicubic else (h, w), (H, W), device, precision=precision)
+    side = resolve_tile(tile, (H, W), kernel, device, parallel=_parallel(client, scheduler))
+    k = _kernel_key(kernel)
+    planes = []
+    for idx in np.ndindex(*lead):
+        def crop_of(t, idx=idx):
+            win = kernel.windows(t.core)
+            (_, _, ly, gy), (_, _, lx, gx) = win[0], win[1]
+            resize = None
+            if bicubic:  # the kernel's crop of the guide-sized bicubic image, made here
+                sy, sx = bicubic_span(*ly, h, H), bicubic_span(*lx, w, W)
+                resize = ((sy[0], sx[0]), (h, w), (H, W), (*ly, *lx))
+                ly, lx = sy, sx
+            lr_blk = lr[idx + (slice(None), slice(*ly), slice(*lx))]
+            g_blk = g[idx + (slice(*gy), slice(*gx))]
+            return dask.delayed(_guided_crop)(lr_blk, g_blk, spec_l, spec_g, resize,
+                                              prepare_guide, t.core)
+
+        planes.append(_plane_graph(kernel, k, crop_of, (H, W), side))
+    out = da.stack(planes).reshape(*lead, C, H, W) if lead else planes[0]
+    if squeeze:
+        out = out[(slice(None),) * nl + (0,)]
+    result, lazy = _finish({"image": out}, client, scheduler, from_numpy)
+    return LazyOutcome(result["image"], {}, {"low_res": note_l, "guide": note_g}, side, lazy)
 
 
 # --- big TIFFs: lazy reading, streamed writing ---------------------------------------------------
