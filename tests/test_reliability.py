@@ -971,3 +971,23 @@ def test_property_guided(dtype, h, w, grow, rgb_guide, wrong_channels, guide_dty
                [(low, low0), (guide, guide0)])
     if r is not None:
         check_image(r.image, (c, H, W) if c > 1 else (H, W))
+
+
+# --- long sessions: oneDNN's per-shape kernel cache is bounded ------------------------------
+
+def test_importing_the_package_bounds_onednn_s_kernel_cache_unless_the_user_set_it():
+    """benchmarks/README.md, soak.py: oneDNN's default of 1024 cached kernels per process grew a
+    long session by ~200 MiB; the package sets 64 unless the environment says otherwise."""
+    import subprocess
+    import sys
+
+    code = ("import os, napari_cscfusion; "
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["64"]
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "512"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["512"]

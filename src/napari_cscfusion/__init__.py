@@ -6,6 +6,13 @@
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# oneDNN caches compiled kernels per input shape (1024 by default: ~200 MiB in a long session of
+# differently sized images, benchmarks/README.md "soak.py"); 64 bounds that at no measured cost.
+# oneDNN reads it at its first convolution: it counts if torch was imported but not yet used.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+
 from .engine import (  # noqa: E402
     FusionModel,
     FusionResult,
