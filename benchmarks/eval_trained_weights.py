@@ -5,8 +5,9 @@
 
 - ivf: autoencoder reconstruction PSNR (dB) on TNO and FLIR-test (first --pairs pairs, IR and
   visible, centre crops of --crop px; 0 = whole images), ours vs the authors';
-- mef: MEF-SSIM on the real Memorial bracket (all 16 exposures and every 3rd) and on a bracket
-  simulated from the held-out HDR scene, ours vs the authors';
+- mef: MEF-SSIM on the real Memorial bracket (all 16 exposures and every 3rd) and on three
+  brackets simulated from the held-out HDR scene (``SUNRISE_EVS``), ours vs the authors' vs
+  OpenCV's Mertens fusion and the naive mean (``--no-baselines`` skips those two);
 - mmf: thermal guided SR PSNR on FLIR-test at x2 and x4 (lr = INTER_AREA downsampling of the IR,
   guide = visible; the network gets ``prepare_mmf_lr(lr)`` as its header says), ours vs bicubic
   upsampling (cv2.INTER_CUBIC) of the same lr.
@@ -66,8 +67,12 @@ def eval_ivf(paths: dict, root: Path, n: int, crop: int) -> None:
                   f"{time.time() - t:.0f} s)", flush=True)
 
 
+SUNRISE_EVS = {"sim4": [-3.0, -1.0, 1.0, 3.0], "sim4-wide": [-6.0, -2.0, 2.0, 6.0],
+               "sim5-wide": [-6.0, -3.0, 0.0, 3.0, 6.0]}
+
+
 @torch.no_grad()
-def eval_mef(paths: dict, root: Path) -> None:
+def eval_mef(paths: dict, root: Path, baselines: bool = True) -> None:
     import cv2
 
     files = sorted((root / "mef" / "memorial").glob("memorial_*.png"))
@@ -75,9 +80,10 @@ def eval_mef(paths: dict, root: Path) -> None:
     mem = mem.astype(np.float32) / 255.0
     hdr = D.read_hdr(root / "mef" / "hdr" / f"{D.HELD_OUT_HDR}.exr")[::2, ::2]
     hdr = hdr * np.float32(0.18 / np.median(hdr))
-    held = D.simulate_bracket(hdr, [-3.0, -1.0, 1.0, 3.0], np.random.default_rng(0))
-    stacks = {"memorial-16": mem, "memorial-every3rd": mem[::3],
-              f"{D.HELD_OUT_HDR}-sim4": held}
+    stacks = {"memorial-16": mem, "memorial-every3rd": mem[::3]}
+    for tag, evs in SUNRISE_EVS.items():
+        stacks[f"{D.HELD_OUT_HDR}-{tag}"] = D.simulate_bracket(hdr, evs,
+                                                               np.random.default_rng(0))
     for name, p in paths.items():
         net = load_network("mef", p)[0]
         for sname, st in stacks.items():
@@ -85,6 +91,14 @@ def eval_mef(paths: dict, root: Path) -> None:
             fused = net(x).numpy().transpose(1, 2, 0)
             score = mef_ssim(st, fused)
             print(f"mef  {sname:18s} {name:8s} MEF-SSIM {score:.4f}", flush=True)
+    if baselines:
+        from napari_cscfusion.baselines import mertens_fusion
+
+        for sname, st in stacks.items():
+            score = mef_ssim(st, mertens_fusion(st))
+            print(f"mef  {sname:18s} {'mertens':8s} MEF-SSIM {score:.4f}", flush=True)
+            print(f"mef  {sname:18s} {'mean':8s} MEF-SSIM {mef_ssim(st, st.mean(0)):.4f}",
+                  flush=True)
 
 
 @torch.no_grad()
@@ -126,6 +140,7 @@ def main(argv=None) -> None:
     ap.add_argument("--mmf-pairs", type=int, default=40)
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-baselines", action="store_true", help="mef: skip Mertens and mean")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     root = D.resolve_data_root(a.data_root)
@@ -140,7 +155,7 @@ def main(argv=None) -> None:
         paths = {"ours": a.mef or PKG_WEIGHTS / "mef.pt"}
         if (ref / "csc_mefn_authors.pth").is_file():
             paths["authors"] = ref / "csc_mefn_authors.pth"
-        eval_mef(paths, root)
+        eval_mef(paths, root, not a.no_baselines)
     if "mmf" in tasks:
         eval_mmf(a.mmf or PKG_WEIGHTS / "mmf.pt", root, a.mmf_pairs)
 

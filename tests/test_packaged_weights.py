@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +55,23 @@ def test_packaged_weights_run():
         mmf = load_network("mmf", WEIGHTS / "mmf.pt")[0]
         y = mmf(torch.rand(1, 1, 20, 24), x)
         assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_packaged_mef_beats_the_naive_mean_on_a_real_held_out_bracket():
+    """Memorial (16 real exposures, never used for training or choosing the epoch): the
+    shipped CSC-MEFN must fuse it far better than averaging the exposures."""
+    from napari_cscfusion.metrics import mef_ssim
+    from napari_cscfusion.training.data import default_data_root
+
+    files = sorted((default_data_root() / "mef" / "memorial").glob("memorial_*.png"))
+    if len(files) != 16:
+        pytest.skip("Memorial bracket not found")
+    cv2 = pytest.importorskip("cv2")
+    stack = np.stack([cv2.imread(str(f))[..., ::-1] for f in files]).astype(np.float32) / 255
+    net = load_network("mef", WEIGHTS / "mef.pt")[0]
+    for st in (stack, stack[::3]):
+        with torch.no_grad():
+            fused = net(torch.from_numpy(np.ascontiguousarray(st.transpose(0, 3, 1, 2))))
+        ours = mef_ssim(st, fused.numpy().transpose(1, 2, 0))
+        mean = mef_ssim(st, st.mean(0))
+        assert ours > mean + 0.3 and ours > 0.8, (ours, mean)

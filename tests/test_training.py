@@ -107,7 +107,32 @@ def test_batches_are_deterministic_and_sane():
         assert torch.equal(b["target"], b_al["target"])
     mef = D.make_source("mef", crop=32, batch_size=2, seed=0)
     ks = {mef.batch(0, s)["stack"].shape[1] for s in range(12)}
-    assert ks <= {2, 3, 4, 5} and len(ks) > 1
+    assert ks <= set(range(D.MEF_COUNTS[0], D.MEF_COUNTS[1] + 1)) and len(ks) > 3
+    assert mef.batch(0, 0, count=16)["stack"].shape[1] == 16  # validation fixes K
+    short = D.make_source("mef", crop=32, batch_size=2, seed=0, counts=(2, 3))
+    assert {short.batch(0, s)["stack"].shape[1] for s in range(8)} <= {2, 3}
+    with pytest.raises(ValueError):
+        D.MEFBrackets(crop=32, counts=(1, 4))
+
+
+def test_bracket_exposure_values():
+    rng = np.random.default_rng(0)
+    for k in (2, 5, 16):
+        for _ in range(20):
+            evs = np.array(D.random_evs(rng, k, D.MEF_SPACING))
+            steps = np.diff(evs)
+            assert np.allclose(steps, steps[0]) and D.MEF_SPACING[0] - 1e-9 <= steps[0]
+            assert steps[0] <= D.MEF_SPACING[1] + 1e-9 and evs[-1] - evs[0] <= D.MEF_MAX_SPAN + 1e-9
+    # covering brackets: the darkest exposure keeps the highlights, the brightest the shadows
+    lum = np.geomspace(1e-3, 50.0, 4096).astype(np.float32)  # ~15.6 EV of scene range
+    lo, hi = np.percentile(lum, [1.0, 99.9])
+    for k in (9, 16):
+        evs = np.array(D.covering_evs(np.random.default_rng(k), k, lum))
+        assert hi * 2.0 ** evs[0] < 2.0 and lo * 2.0 ** evs[-1] > 0.18 / 2.0
+        assert np.all(np.diff(evs) > 0) and evs[-1] - evs[0] <= D.MEF_MAX_SPAN + 1e-9
+    evs = np.array(D.covering_evs(np.random.default_rng(0), 4, lum))  # too few to cover it:
+    assert np.allclose(np.diff(evs), D.MEF_SPACING[1])  # widest spacing, centred on the range
+    assert abs(evs.mean() - 0.5 * (np.log2(0.18 / lo) - np.log2(hi))) <= 1.0 + 1e-9
 
 
 def test_align_lr_for_mmfn_undoes_the_align_corners_shift():
@@ -156,6 +181,9 @@ def test_simulate_bracket_monotone_from_real_hdr():
     assert clean.shape == (4, *patch.shape) and clean.min() >= 0 and clean.max() <= 1
     assert np.all(np.diff(clean, axis=0) >= 0)  # every pixel brightens with exposure
     assert np.allclose(clean * 255, np.round(clean * 255), atol=1e-4)  # 8-bit levels
+    lifted = D.simulate_bracket(patch, evs, shot_noise=0, read_noise=0, black=0.06)
+    assert lifted.min() >= 0.06 - 1 / 255 and lifted.max() <= 1  # black level: no true black
+    assert np.abs(lifted - (0.06 + 0.94 * clean)).max() <= 1 / 255 + 1e-6
     noisy = D.simulate_bracket(patch, evs, np.random.default_rng(0), gamma=2.4, contrast=0.3)
     means = noisy.mean(axis=(1, 2, 3))
     assert np.all(np.diff(means) > 0.02)
@@ -185,6 +213,8 @@ def test_init_weights_fine_tunes_from_our_file(tmp_path):
                  validate=False)
     tr = load_network("mef", out)[1]["header"]["training"]
     assert tr["init_weights"]["path"] == str(first)
+    assert tr["init_weights"]["training"]["seed"] == 0  # the parent's whole training record
+    assert tr["init_weights"]["training"]["steps_per_epoch"] == 2
 
 
 def test_cli_parser_registers_train(tmp_path):
@@ -197,7 +227,12 @@ def test_cli_parser_registers_train(tmp_path):
     args = parser.parse_args(["train", "mef", "--out", str(tmp_path / "m.pt"), "--epochs", "1",
                               "--batch-size", "2", "--crop", "24", "--lr", "1e-3",
                               "--steps-per-epoch", "1", "--seed", "3", "--device", "cpu",
-                              "--max-minutes", "5", "--no-progress"])
+                              "--max-minutes", "5", "--no-progress", "--counts", "3", "4",
+                              "--spacing", "1", "2", "--black-level", "0", "0.05",
+                              "--cover-prob", "0.25"])
     assert args.task == "mef" and args.epochs == 1 and args.seed == 3
     assert args.func(args) == 0
-    assert load_network("mef", tmp_path / "m.pt")[1]["header"]["training"]["seed"] == 3
+    tr = load_network("mef", tmp_path / "m.pt")[1]["header"]["training"]
+    assert tr["seed"] == 3 and tr["mef_counts"] == [3, 4] and tr["mef_spacing_ev"] == [1.0, 2.0]
+    assert tr["mef_black_level"] == [0.0, 0.05] and tr["mef_cover_prob"] == 0.25
+    assert "3-4 exposures" in tr["augment"]

@@ -11,7 +11,7 @@ from .data import TASKS
 # Defaults per task: what produced the shipped weights (see weights/README.md).
 TASK_DEFAULTS = {
     "ivf": {"epochs": 6, "batch_size": 8, "lr": 5e-3, "crop": 48},
-    "mef": {"epochs": 8, "batch_size": 8, "lr": 5e-3, "crop": 64},
+    "mef": {"epochs": 28, "batch_size": 8, "lr": 5e-3, "crop": 64},  # stage 1
     "mmf": {"epochs": 8, "batch_size": 16, "lr": 1e-3, "crop": 64},
 }
 
@@ -46,6 +46,14 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--code-channels", type=int, default=None, help="architecture (mmf only)")
     p.add_argument("--num-dcus", type=int, default=None, help="architecture (mmf only)")
     p.add_argument("--halo-weight", type=float, default=0.0, help="mef: weight of mean|grad Y|")
+    p.add_argument("--counts", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="mef: exposures per training bracket, random in LO..HI (default 2 16)")
+    p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="mef: EV between neighbouring exposures (default 0.5 3)")
+    p.add_argument("--black-level", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="mef: simulated camera black level in display units (default 0 0.08)")
+    p.add_argument("--cover-prob", type=float, default=None,
+                   help="mef: share of brackets covering the crop's dynamic range (default 0.5)")
     p.add_argument("--freeze-bn", action="store_true",
                    help="train with batch norm on its running statistics (as at inference)")
     p.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
@@ -73,6 +81,13 @@ def run_train(args: argparse.Namespace) -> int:
             hparams["code_channels"] = args.code_channels
         if args.num_dcus:
             hparams["num_dcus"] = args.num_dcus
+    source = {}
+    for opt, key in (("counts", "counts"), ("spacing", "spacing"), ("black_level", "black"),
+                     ("cover_prob", "cover_prob")):
+        if getattr(args, opt) is not None:
+            if args.task != "mef":
+                raise SystemExit(f"--{opt.replace('_', '-')} is only for mef")
+            source[key] = tuple(v) if isinstance(v := getattr(args, opt), list) else v
     path = train(
         args.task, args.out, data_root=args.data_root,
         epochs=args.epochs or d["epochs"], batch_size=args.batch_size or d["batch_size"],
@@ -82,6 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, schedule=args.schedule,
         warmup_steps=args.warmup_steps, halo_weight=args.halo_weight,
         freeze_bn=args.freeze_bn, recalibrate_batches=args.recalibrate_bn,
+        source_options=source or None,
     )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")

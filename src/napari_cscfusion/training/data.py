@@ -32,6 +32,10 @@ TASKS = ("ivf", "mef", "mmf")
 HELD_OUT_HDR = "sunrise"  # never used for training or validation: kept for evaluation
 VAL_EVERY = 10  # flir_train pairs 10, 20, ..., 180 form the validation split
 MEF_VAL_FRACTION = 0.2  # right-hand part of each training HDR panorama: validation
+MEF_COUNTS = (2, 16)  # exposures per bracket (real brackets: 2-3 to 16, e.g. Memorial)
+MEF_SPACING = (0.5, 3.0)  # EV between neighbouring exposures
+MEF_MAX_SPAN = 16.0  # EV from the darkest to the brightest exposure at most
+MEF_BLACK = (0.0, 0.08)  # black level / pedestal of the output (display units), random
 MMF_SCALES = (2.0, 4.0)  # one model for every scale in this range
 DATA_ENV = "CSCFUSION_DATA_ROOT"
 
@@ -204,11 +208,14 @@ def camera_response(x: np.ndarray, gamma: float = 2.2, contrast: float = 0.0) ->
 
 def simulate_bracket(hdr: np.ndarray, evs: Sequence[float], rng: np.random.Generator | None = None,
                      *, gamma: float = 2.2, contrast: float = 0.0, read_noise: float = 0.002,
-                     shot_noise: float = 0.005, quantise: bool = True) -> np.ndarray:
+                     shot_noise: float = 0.005, quantise: bool = True,
+                     black: float = 0.0) -> np.ndarray:
     """LDR exposures [K,H,W,3] in [0,1] of a radiance map ``hdr`` [H,W,3] (linear, >= 0).
 
     For each EV: scale by 2^EV, add sensor noise (shot noise with variance shot_noise² · x and
-    read noise read_noise², in linear units), clip to [0,1], apply ``camera_response``,
+    read noise read_noise², in linear units), clip to [0,1], apply ``camera_response``, lift by
+    the black level ``black`` (out = black + (1 − black) · response: real cameras and film
+    scans do not map "no light" to 0 — sensor pedestal, veiling glare, film base fog),
     quantise to 8 bit. Exposures come out in the order of ``evs``.
     """
     if rng is None:
@@ -221,17 +228,44 @@ def simulate_bracket(hdr: np.ndarray, evs: Sequence[float], rng: np.random.Gener
             sigma = np.sqrt(shot_noise ** 2 * np.clip(lin, 0, 1) + read_noise ** 2)
             lin = lin + sigma * rng.standard_normal(lin.shape).astype(np.float32)
         ldr = camera_response(lin, gamma, contrast)
+        if black:
+            ldr = np.float32(black) + np.float32(1.0 - black) * ldr
         if quantise:
             ldr = np.round(ldr * 255.0) / 255.0
         out[i] = ldr
     return out
 
 
-def random_evs(rng: np.random.Generator, count: int) -> list[float]:
-    """``count`` exposure values, ascending, spaced 1-3 stops (random), centred near 0."""
-    spacing = rng.uniform(1.0, 3.0)
-    evs = np.arange(count, dtype=np.float64) * spacing
+def random_evs(rng: np.random.Generator, count: int,
+               spacing: tuple[float, float] = (1.0, 3.0),
+               max_span: float = MEF_MAX_SPAN) -> list[float]:
+    """``count`` exposure values, ascending, spaced ``spacing`` stops (random, at most
+    ``max_span`` from first to last), centred near 0 (the scene median)."""
+    hi = spacing[1] if count < 2 else min(spacing[1], max(spacing[0], max_span / (count - 1)))
+    step = rng.uniform(spacing[0], hi)
+    evs = np.arange(count, dtype=np.float64) * step
     evs = evs - evs.mean() + rng.uniform(-1.5, 1.5)
+    return [float(e) for e in evs]
+
+
+def covering_evs(rng: np.random.Generator, count: int, lum: np.ndarray,
+                 spacing: tuple[float, float] = MEF_SPACING,
+                 max_span: float = MEF_MAX_SPAN) -> list[float]:
+    """``count`` exposure values, ascending, that cover the dynamic range of ``lum`` (linear
+    luminance at EV 0) as a photographer brackets a scene: the darkest exposure keeps the
+    highlights (99.9th percentile) just below clipping, the brightest lifts the shadows (1st
+    percentile) to mid-grey, each end jittered by ±1 EV; the spacing is that span / (count − 1)
+    kept within ``spacing`` (and the span within ``max_span``), the bracket centred on the
+    range."""
+    lo, hi = np.percentile(np.maximum(lum, 1e-8), [1.0, 99.9])
+    ev_dark = -np.log2(hi) + rng.uniform(-1.0, 1.0)
+    ev_bright = np.log2(0.18 / lo) + rng.uniform(-1.0, 1.0)
+    if count < 2:
+        return [float(0.5 * (ev_dark + ev_bright))]
+    step = np.clip((ev_bright - ev_dark) / (count - 1), spacing[0],
+                   min(spacing[1], max(spacing[0], max_span / (count - 1))))
+    evs = np.arange(count, dtype=np.float64) * step
+    evs = evs - evs.mean() + 0.5 * (ev_dark + ev_bright)
     return [float(e) for e in evs]
 
 
@@ -289,15 +323,30 @@ class IVFCrops(BatchSource):
 
 
 class MEFBrackets(BatchSource):
-    """Simulated brackets [N,K,3,H,W] (K random in 2..5 per batch) from training HDR maps."""
+    """Simulated brackets [N,K,3,H,W] (K random in ``counts`` per batch) from training HDR maps.
+
+    Exposure values (per bracket): with probability ``cover_prob`` a bracket that covers the
+    crop's dynamic range (``covering_evs``, as real brackets such as Memorial are shot), else
+    one centred near the scene median (``random_evs``); ``spacing`` EV apart in both cases.
+    Camera per bracket: gamma 1.8-2.6, S-curve 0-0.5, black level ``black`` (display units),
+    shot noise 0-0.01 and read noise 0.0002-0.002 (linear), 8 bit.
+    """
 
     task = "mef"
 
     def __init__(self, data_root=None, *, crop: int = 128, batch_size: int = 8, seed: int = 0,
-                 split: str = "train", counts: tuple[int, int] = (2, 5),
+                 split: str = "train", counts: tuple[int, int] = MEF_COUNTS,
+                 spacing: tuple[float, float] = MEF_SPACING,
+                 black: tuple[float, float] = MEF_BLACK, cover_prob: float = 0.5,
                  steps_per_epoch: int | None = None):
         self.scenes = [str(p) for p in hdr_scenes(data_root)]
-        self.crop, self.batch_size, self.seed, self.counts = crop, batch_size, seed, counts
+        self.crop, self.batch_size, self.seed = crop, batch_size, seed
+        self.counts = (int(counts[0]), int(counts[1]))
+        self.spacing = (float(spacing[0]), float(spacing[1]))
+        self.black = (float(black[0]), float(black[1]))
+        self.cover_prob = float(cover_prob)
+        if not 2 <= self.counts[0] <= self.counts[1]:
+            raise ValueError(f"counts must satisfy 2 <= lo <= hi, got {counts}")
         self.split = split
         self.steps_per_epoch = steps_per_epoch or 25
 
@@ -308,17 +357,27 @@ class MEFBrackets(BatchSource):
                         f"{1 - MEF_VAL_FRACTION if self.split == 'train' else MEF_VAL_FRACTION:.0%}"
                         f" of each panorama)",
                 "augment": f"random crops {self.crop} at scale 0.25-1, flips, rot90; "
-                           f"{self.counts[0]}-{self.counts[1]} exposures 1-3 EV apart, gamma "
-                           f"1.8-2.6 + S-curve 0-0.5, shot/read noise, 8-bit"}
+                           f"{self.counts[0]}-{self.counts[1]} exposures (same K in a batch) "
+                           f"{self.spacing[0]:g}-{self.spacing[1]:g} EV apart (span <= "
+                           f"{MEF_MAX_SPAN:g} EV), covering the crop's range with p = "
+                           f"{self.cover_prob:g} else centred near the median; gamma 1.8-2.6 + "
+                           f"S-curve 0-0.5, black level {self.black[0]:g}-{self.black[1]:g}, "
+                           f"shot noise 0-0.01, read noise 0.0002-0.002, 8-bit",
+                "mef_counts": list(self.counts), "mef_spacing_ev": list(self.spacing),
+                "mef_black_level": list(self.black), "mef_cover_prob": self.cover_prob,
+                "mef_max_span_ev": MEF_MAX_SPAN}
 
     def _region(self, hdr: np.ndarray) -> np.ndarray:
         w = hdr.shape[1]
         cut = int(round(w * (1 - MEF_VAL_FRACTION)))
         return hdr[:, :cut] if self.split == "train" else hdr[:, cut:]
 
-    def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def batch(self, epoch: int, step: int, count: int | None = None) -> dict[str, torch.Tensor]:
+        """One batch; ``count`` fixes K (validation), else K is drawn from ``counts``."""
         brng = _rng(self.seed, 3, epoch, step)
         k = int(brng.integers(self.counts[0], self.counts[1] + 1))
+        if count is not None:
+            k = int(count)
         out = []
         for j in range(self.batch_size):
             rng = _rng(self.seed, 4, epoch, step, j)
@@ -330,9 +389,16 @@ class MEFBrackets(BatchSource):
             x0 = int(rng.integers(0, w - side + 1))
             patch = cv2.resize(hdr[y0:y0 + side, x0:x0 + side], (self.crop, self.crop),
                                interpolation=cv2.INTER_AREA)
-            evs = random_evs(rng, k)
+            if rng.random() < self.cover_prob:
+                lum = patch @ np.array([0.2126, 0.7152, 0.0722], np.float32)
+                evs = covering_evs(rng, k, lum, self.spacing)
+            else:
+                evs = random_evs(rng, k, self.spacing)
             stack = simulate_bracket(patch, evs, rng, gamma=rng.uniform(1.8, 2.6),
-                                     contrast=rng.uniform(0.0, 0.5))
+                                     contrast=rng.uniform(0.0, 0.5),
+                                     shot_noise=rng.uniform(0.0, 0.01),
+                                     read_noise=rng.uniform(0.0002, 0.002),
+                                     black=rng.uniform(*self.black))
             stack = np.stack(random_flip_rot(list(stack), _rng(self.seed, 5, epoch, step, j)))
             out.append(stack.transpose(0, 3, 1, 2))
         return {"stack": torch.from_numpy(np.ascontiguousarray(np.stack(out)))}

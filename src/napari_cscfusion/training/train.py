@@ -43,7 +43,9 @@ LOSS_NAMES = {
 }
 VAL_NAMES = {
     "ivf": "reconstruction PSNR (dB), 128x128 centre crops of the flir_train validation images",
-    "mef": "MEF-SSIM, brackets from the right-hand 20% of the training HDR panoramas",
+    "mef": "MEF-SSIM (mean), 4 x 8 brackets of K = 3, 5, 9, 16 exposures simulated (default "
+           "MEFBrackets camera) from 96x96 crops of the right-hand 20% of the training HDR "
+           "panoramas",
     "mmf": "PSNR (dB) at x2, x3, x4 (mean), 96x96 centre crops of the flir_train validation "
            "pairs",
 }
@@ -112,6 +114,9 @@ def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.
 
 # --- validation ---------------------------------------------------------------------------
 
+MEF_VAL_COUNTS = (3, 5, 9, 16)
+
+
 def _centre(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     s = min(size, h, w)
@@ -138,9 +143,12 @@ class Validator:
                 [D.prepare_mmf_lr(D.area_downsample(t[0].numpy(), s), t.shape[-2:])
                  for t in self.targets])[:, None]) for s in (2, 3, 4)}
         else:
+            # Fixed whatever the training options: short and long brackets (up to 16 exposures,
+            # as real ones), the default (most varied) simulated camera.
             src = D.MEFBrackets(data_root, crop=96, batch_size=max_items or 8, seed=10_000 + seed,
                                 split="val")
-            self.stacks = [src.batch(0, i)["stack"] for i in range(3)]
+            self.stacks = [src.batch(0, i, count=k)["stack"]
+                           for i, k in enumerate(MEF_VAL_COUNTS)]
 
     @torch.no_grad()
     def score(self, net: nn.Module, device: torch.device) -> float:
@@ -215,6 +223,7 @@ def train(
     val_items: int | None = None,
     freeze_bn: bool = False,
     recalibrate_batches: int = 0,
+    source_options: dict | None = None,
 ) -> Path:
     """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
 
@@ -224,6 +233,9 @@ def train(
     ``freeze_bn``: batch norm uses (and keeps) its running statistics while training, i.e. the
     network is optimised as it runs at inference; with ``recalibrate_batches`` > 0 those
     statistics are first recomputed over that many training batches (fresh runs only).
+    ``source_options``: extra keyword arguments of the training batch source (mef: ``counts``,
+    ``spacing``, ``black``, ``cover_prob``; see ``training.data.MEFBrackets``), recorded in
+    the header through its ``describe()``.
     Returns ``out`` (the latest weights; ``<out>.best.pt`` holds the best validated epoch).
     """
     if task not in TASKS:
@@ -235,7 +247,7 @@ def train(
     t_start = time.monotonic()
 
     src = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed,
-                        steps_per_epoch=steps_per_epoch)
+                        steps_per_epoch=steps_per_epoch, **(source_options or {}))
     spe = src.steps_per_epoch
     total_steps = epochs * spe
 
@@ -245,6 +257,11 @@ def train(
         net, info = load_network(task, init_weights)
         init_info = {"path": str(init_weights), "format": info.get("format"),
                      "sha256": info.get("sha256")}
+        parent = (info.get("header") or {}).get("training")
+        if info.get("format") == "napari-cscfusion" and isinstance(parent, dict):
+            # The whole record of how the starting weights were trained (stage 1 of a
+            # two-stage run), so the final file says everything that produced it.
+            init_info["training"] = parent
     else:
         net = build(task, hparams)
         if task == "mmf":
@@ -254,7 +271,8 @@ def train(
                 net.decoder.weight.zero_()
     net = net.to(dev)
     if recalibrate_batches and not resume:
-        cal = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed + 7919)
+        cal = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed + 7919,
+                            **(source_options or {}))
         recalibrate_bn(net, cal, recalibrate_batches, task)
     set_train_mode(net, freeze_bn)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
