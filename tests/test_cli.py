@@ -145,3 +145,31 @@ def test_out_of_memory_on_the_gpu_runs_on_the_cpu_and_says_so(monkeypatch, capsy
     assert "CSC-MEFN, cpu," in captured.out  # the 'wrote ...' line names the device used
     assert read_tiff_metadata(tmp_path / "fused.tif")["device"] == "cpu"
     np.testing.assert_allclose(tifffile.imread(tmp_path / "fused.tif"), want, atol=1e-5)
+
+
+def test_fuse_ivf_code_gain(tmp_path, capsys):
+    """--code-gain reaches the engine (metadata), is checked by it, and is ivf only."""
+    from ._shared import grey
+
+    med = DATA / "medical"
+    if not med.is_dir():
+        pytest.skip(f"no medical data at {med}")
+    import imageio.v3 as iio
+
+    src = tmp_path / "t1.png"
+    t1 = grey(read(med / "BrainT1Slice.png"))[60:124, 50:114]
+    iio.imwrite(src, t1)
+    out = tmp_path / "fused.tif"
+    base = ["fuse", "ivf", str(src), str(src), "-o", str(out), "--device", "cpu",
+            "--base-rule", "l1", "-q"]
+    assert main(base + ["--code-gain", "1"]) == 0
+    assert read_tiff_metadata(out)["code_gain"] == 1.0
+    one = tifffile.imread(out)
+    assert main(base) == 0
+    assert read_tiff_metadata(out)["code_gain"] == 2.0  # the function's default
+    assert np.abs(tifffile.imread(out) - one).mean() > 0.01
+    capsys.readouterr()
+    assert main(base + ["--code-gain", "0"]) == 2
+    assert "code_gain" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--code-gain is for ivf only"):
+        main(["fuse", "mef", str(src), str(src), "-o", str(out), "--code-gain", "1"])

@@ -61,6 +61,7 @@ def test_ivf_widget_adds_fused_codes_and_weights(ivf_viewer, qtbot):
     meta = fused.metadata["cscfusion"]
     assert meta["network"] == "CSC-IVFN" and meta["task"] == "ivf"
     assert meta["base_rule"] == "l1" and meta["detail_rule"] == "l1"
+    assert meta["code_gain"] == 2.0  # the authors' default
     assert meta["device"] == "cpu" and meta["elapsed_s"] > 0
     assert meta["source_layers"] == ["TNO infrared", "TNO visible"]
     assert meta["weights_sha256"]  # per-file hashes (authors' folder) or one hash
@@ -96,6 +97,20 @@ def test_ivf_widget_adds_fused_codes_and_weights(ivf_viewer, qtbot):
     np.testing.assert_array_equal(ir.data, ir_before)
     np.testing.assert_array_equal(vis.data, vis_before)
     assert widget.run_button.enabled and not widget.cancel_button.enabled
+
+
+def test_ivf_code_gain_defaults_to_the_authors_and_reaches_the_engine(ivf_viewer, qtbot):
+    viewer, widget, ir, vis, weights = ivf_viewer
+    assert widget.code_gain.value == 2.0  # the authors' infrared/visible setting
+    widget.code_gain.value = 1.0
+    run_and_wait(qtbot, widget)
+    fused = viewer.layers["TNO infrared + TNO visible (CSC-IVFN)"]
+    assert fused.metadata["cscfusion"]["code_gain"] == 1.0
+    model = load_model("ivf", weights)
+    direct = fuse_infrared_visible(ir.data, vis.data, model, base_rule="l1", code_gain=1.0)
+    np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
+    authors = fuse_infrared_visible(ir.data, vis.data, model, base_rule="l1")
+    assert np.abs(direct.image - authors.image).mean() > 0.01
 
 
 def test_ivf_every_channel_codes_and_rerun_replaces(ivf_viewer, qtbot):

@@ -107,6 +107,31 @@ def test_three_layers_fused_with_the_first_layers_placement(widget_viewer, brain
     np.testing.assert_array_equal(layers[0].data, t1)  # inputs untouched
 
 
+def test_code_gain_default_one_reaches_the_engine(widget_viewer, brain, qtbot, weights):
+    viewer, widget = widget_viewer
+    assert widget.code_gain.value == 1.0  # the medical default: the sources' intensity scale
+    t1, pd = brain["t1"][CROP], brain["pd"][CROP]
+    layers = [viewer.add_image(t1, name="T1"), viewer.add_image(pd, name="PD")]
+    widget.reset_choices()
+    widget.sources.value = layers
+    run_and_wait(qtbot, widget)
+    fused = viewer.layers["T1 + PD (CSC-IVFN)"]
+    direct = fuse_multimodal({"T1": t1, "PD": pd}, _model(weights), base_rule="l1",
+                             device="cpu", code_gain=1.0)
+    np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
+    assert fused.metadata["cscfusion"]["code_gain"] == 1.0
+    # another gain goes through to the engine too (and changes the result)
+    widget.code_gain.value = 2.0
+    run_and_wait(qtbot, widget)
+    assert fused not in viewer.layers  # the rerun replaced it (napari renames the new one)
+    fused2 = next(lay for lay in viewer.layers if lay.name.startswith("T1 + PD (CSC-IVFN)"))
+    authors = fuse_multimodal({"T1": t1, "PD": pd}, _model(weights), base_rule="l1",
+                              device="cpu", code_gain=2.0)
+    np.testing.assert_allclose(fused2.data, authors.image, atol=1e-6)
+    assert fused2.metadata["cscfusion"]["code_gain"] == 2.0
+    assert np.abs(authors.image - direct.image).mean() > 0.01
+
+
 def test_colour_functional_layer_gives_rgb(widget_viewer, brain, qtbot, weights):
     from napari.utils.colormaps import ensure_colormap
 

@@ -112,6 +112,20 @@ def test_dask_in_dask_out_same_values_tiled_and_by_plane():
 
 
 @needs_shared
+def test_dask_code_gain_same_values_as_in_memory():
+    ir, vis = tno_stack()
+    ref = fuse_infrared_visible(ir[0], vis[0], model("ivf"), "l1", "l1", device="cpu", tile=0,
+                                code_gain=1.0)
+    lazy = fuse_infrared_visible(da.from_array(ir[0]), da.from_array(vis[0]), model("ivf"),
+                                 "l1", "l1", device="cpu", tile=28, code_gain=1.0)
+    assert lazy.metadata["code_gain"] == 1.0
+    np.testing.assert_allclose(lazy.image.compute(), ref.image, atol=1e-5, rtol=0)
+    authors = fuse_infrared_visible(ir[0], vis[0], model("ivf"), "l1", "l1", device="cpu",
+                                    tile=0)
+    assert np.abs(ref.image - authors.image).mean() > 0.01
+
+
+@needs_shared
 def test_dask_saliency_computes_whole_image_statistics_first():
     ir, vis = tno_stack()
     ref = fuse_infrared_visible(ir[0], vis[0], model("ivf"), "saliency", "l1", device="cpu",

@@ -126,6 +126,32 @@ def test_ivf_tiled_equals_whole_image(base_rule, detail_rule):
 
 
 @needs_shared
+def test_ivf_code_gain_tiled_equals_whole_and_the_authors_gain_is_the_default():
+    ir, vis = tno_pair()
+    whole = fuse_infrared_visible(ir, vis, model("ivf"), device="cpu", tile=0, code_gain=1.0)
+    tiled = fuse_infrared_visible(ir, vis, model("ivf"), device="cpu", tile=56, code_gain=1.0)
+    np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5, rtol=0)
+    assert tiled.metadata["code_gain"] == whole.metadata["code_gain"] == 1.0
+    default = fuse_infrared_visible(ir, vis, model("ivf"), device="cpu", tile=0)
+    two = fuse_infrared_visible(ir, vis, model("ivf"), device="cpu", tile=0, code_gain=2.0)
+    np.testing.assert_array_equal(two.image, default.image)  # no extra multiply for 2
+    assert default.metadata["code_gain"] == 2.0
+    assert np.abs(whole.image - default.image).mean() > 0.01  # the gain reaches the decoder
+    # the weights do not depend on the gain (it acts after the rules)
+    np.testing.assert_array_equal(whole.weights["detail"], default.weights["detail"])
+    # the folded decoder with scale 0.5 is the reference decoder on the codes x 1
+    x = torch.from_numpy(ir[:48, :56].astype(np.float32) / 255)[None, None]
+    net = model("ivf").network
+    f = tiling.folded("ivf", net)
+    with torch.inference_mode():
+        zb, zd = net.encode(x)
+        assert (f.decode(zb, zd, 0.5) - net.decode(zb, zd)).abs().max() < 1e-6
+    for bad in (0, -1.0, float("nan"), float("inf"), "2", None, True):
+        with pytest.raises(ValueError, match="^code_gain"):
+            fuse_infrared_visible(ir, vis, model("ivf"), device="cpu", code_gain=bad)
+
+
+@needs_shared
 def test_ivf_saliency_tiles_use_whole_image_statistics():
     """Without the first pass (each tile's own min/max/histogram) the tiles would differ."""
     ir, vis = tno_pair(80, 96)

@@ -87,6 +87,16 @@ def _lazy_grey(a):
     return a
 
 
+def _ivf_options(args: argparse.Namespace) -> dict:
+    """The ivf-only options given on the command line (--code-gain: the function's default
+    when not given); an error for the other tasks."""
+    if args.code_gain is None:
+        return {}
+    if args.task != "ivf":
+        raise SystemExit(f"cscfusion fuse {args.task}: --code-gain is for ivf only")
+    return {"code_gain": args.code_gain}
+
+
 def cmd_fuse_stream(args: argparse.Namespace, model) -> int:
     """Big TIFFs: read lazily, fuse as a dask graph tile by tile, stream the result to the
     output TIFF with a progress bar; memory stays bounded by the tile size."""
@@ -104,7 +114,8 @@ def cmd_fuse_stream(args: argparse.Namespace, model) -> int:
             raise SystemExit("cscfusion fuse ivf: needs exactly two images, IR then VIS")
         ir, vis = (_lazy_grey(a) for a in inputs)
         result = fuse_infrared_visible(ir, vis, model=model, base_rule=args.base_rule,
-                                       detail_rule=args.detail_rule, **common)
+                                       detail_rule=args.detail_rule, **_ivf_options(args),
+                                       **common)
     else:
         stack = inputs[0] if len(inputs) == 1 else da.stack(inputs)
         if stack.ndim >= 4 and stack.shape[-1] == 4:
@@ -129,6 +140,7 @@ def cmd_fuse_stream(args: argparse.Namespace, model) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
+    _ivf_options(args)  # --code-gain with another task: an error before any work
     model = _model(args.task, args.weights)
     want_codes = args.codes_out is not None
     if not want_codes and _streaming(args):
@@ -144,7 +156,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             ir, vis = to_grey(ir), to_grey(vis)
         result = fuse_infrared_visible(ir, vis, model=model, base_rule=args.base_rule,
                                        detail_rule=args.detail_rule, device=args.device,
-                                       codes=want_codes, scheduler=args.scheduler, **scale)
+                                       codes=want_codes, scheduler=args.scheduler,
+                                       **_ivf_options(args), **scale)
     elif args.task == "mef":
         frames = [read_image(p) for p in args.images]
         f0 = frames[0]
@@ -192,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     f.add_argument("--base-rule", default="saliency", choices=RULES, help="ivf base codes")
     f.add_argument("--detail-rule", default="l1", choices=RULES, help="ivf detail codes")
+    f.add_argument("--code-gain", type=float, default=None, metavar="GAIN",
+                   help="ivf: factor on the fused base and detail codes before decoding "
+                   "(default 2, the authors' infrared/visible heuristic, which stretches the "
+                   "contrast; 1 keeps the sources' intensity scale)")
     f.add_argument("--codes-out", help="also write the sparse codes to this TIFF")
     f.add_argument("-q", "--quiet", action="store_true")
     f.add_argument("--tile", type=int, default=None,

@@ -25,6 +25,7 @@ from .tiling import (  # noqa: F401  (Cancelled and IVF_ALPHA are re-exported he
     IVFKernel,
     MEFKernel,
     MMFKernel,
+    check_code_gain,
     resolve_tile,
     run_tiled,
 )
@@ -87,35 +88,37 @@ def _check_rules(base_rule: str, detail_rule: str) -> None:
 def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_rule: str,
                       detail_rule: str, device: torch.device, codes: bool, progress=None, *,
                       tile=None, weights: bool = True, precision: str | None = None,
-                      compile: bool = False, exact_rules: bool = False
-                      ) -> tuple[np.ndarray, dict, dict]:
+                      compile: bool = False, exact_rules: bool = False,
+                      code_gain: float = IVF_ALPHA) -> tuple[np.ndarray, dict, dict]:
     """Fuse S >= 2 registered grey float32 images in [0,1] (name -> (H,W)) with CSC-IVFN.
 
     All sources go through each encoder as one batch, tile by tile (see ``tile`` in
-    fuse_infrared_visible). Returns (image (H,W), codes name -> (q,H,W) if ``codes``,
-    weights {"base": (S,H,W) channel-mean saliency/l1 weights, "detail": (S,H,W)}, empty
-    when ``weights=False``).
+    fuse_infrared_visible). ``code_gain``: the factor on the fused codes before decoding
+    (default 2, the authors'; see fuse_infrared_visible). Returns (image (H,W), codes
+    name -> (q,H,W) if ``codes``, weights {"base": (S,H,W) channel-mean saliency/l1 weights,
+    "detail": (S,H,W)}, empty when ``weights=False``).
     """
     _check_rules(base_rule, detail_rule)
     names = list(images)
     x = np.stack([np.asarray(images[n], dtype=np.float32) for n in names])
     return _fuse_grey_stack(x, names, model, base_rule, detail_rule, device, codes, progress,
                             tile=tile, weights=weights, precision=precision, compile=compile,
-                            exact_rules=exact_rules)
+                            exact_rules=exact_rules, code_gain=code_gain)
 
 
 def _fuse_grey_stack(x: np.ndarray, names: list[str], model: FusionModel, base_rule: str,
                      detail_rule: str, device: torch.device, codes: bool, progress=None, *,
                      tile=None, weights: bool = True, precision: str | None = None,
-                     compile: bool = False, exact_rules: bool = False
-                     ) -> tuple[np.ndarray, dict, dict]:
+                     compile: bool = False, exact_rules: bool = False,
+                     code_gain: float = IVF_ALPHA) -> tuple[np.ndarray, dict, dict]:
     """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1]."""
+    code_gain = check_code_gain(code_gain)
 
     def attempt(dev: torch.device) -> dict:
         net = model.network_on(dev)
         kernel = IVFKernel(net, names, base_rule, detail_rule, dev, codes=codes,
                            weights=weights, precision=precision, compile=compile,
-                           exact_rules=exact_rules)
+                           exact_rules=exact_rules, code_gain=code_gain)
         side = resolve_tile(tile, x.shape[-2:], kernel, dev)
         return run_tiled(kernel, x, side, progress)
 
@@ -146,7 +149,8 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
                           detail_rule: str = "l1", device="auto", codes: bool = False,
                           progress=None, *, tile=None, weights: bool = True,
                           precision: str | None = None, compile: bool = False,
-                          client=None, scheduler: str | None = None) -> FusionResult:
+                          client=None, scheduler: str | None = None,
+                          code_gain: float = IVF_ALPHA) -> FusionResult:
     """Fuse a registered infrared/visible pair of grey images with CSC-IVFN.
 
     ir, vis: (H,W), or nD stacks (..., H, W) of equal shape (time, z, ...): every plane is
@@ -155,6 +159,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     base_rule / detail_rule: 'saliency' (authors' base default), 'l1' (authors' detail
     default) or 'average'. codes=True also returns the sparse codes after the last DCU
     (q maps per source: memory-hungry; 2-D numpy inputs only).
+    code_gain: the factor applied to the fused base and detail codes before decoding (a
+    finite number > 0). The default 2 is the authors' test-time heuristic for infrared/visible
+    (it stretches the contrast); 1 keeps the sources' intensity scale (an image fused with
+    itself comes back as it was), as fuse_multimodal does for medical images.
     progress(done, total) is called after every tile step and may raise Cancelled.
 
     Scale: ``tile`` is the tile side in pixels (None: chosen from free memory, GPU memory on
@@ -194,6 +202,7 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     check_same_shape({"ir": np.shape(ir), "vis": np.shape(vis)})
     check_min_size(np.shape(ir), "ir", IVF_MIN_SIZE, "CSC-IVFN's 11x11 blur")
     _check_rules(base_rule, detail_rule)
+    code_gain = check_code_gain(code_gain)
     model = resolve_model(model, "ivf")
     dev = resolve_device(device)
     names = ["infrared", "visible"]
@@ -203,10 +212,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
                              "numpy plane to look at its codes")
         lazy = fuse_grey_lazy({"infrared": ir, "visible": vis}, model, base_rule, detail_rule,
                               dev, tile=tile, weights=weights, precision=precision,
-                              client=client, scheduler=scheduler)
+                              client=client, scheduler=scheduler, code_gain=code_gain)
         meta = _base_metadata(model, dev, lazy.notes)
         meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
-                    lazy=lazy.is_lazy, tile=lazy.tile,
+                    code_gain=code_gain, lazy=lazy.is_lazy, tile=lazy.tile,
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, lazy.weights, meta)
     shape = tuple(np.shape(ir))
@@ -225,7 +234,7 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     if len(planes) == 1:
         image, code_maps, w_out = _fuse_grey_stack(
             x, names, model, base_rule, detail_rule, dev, codes, progress, tile=tile,
-            weights=weights, precision=precision, compile=compile)
+            weights=weights, precision=precision, compile=compile, code_gain=code_gain)
     else:
         image = np.empty(shape, np.float32)
         w_out = {k: np.empty((2, *shape), np.float32) for k in ("base", "detail")} \
@@ -235,14 +244,14 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
             img, code_maps, w = _fuse_grey_stack(
                 x[(slice(None), *idx)], names, model, base_rule, detail_rule, dev, codes,
                 _plane_progress(progress, k, len(planes)), tile=tile, weights=weights,
-                precision=precision, compile=compile)
+                precision=precision, compile=compile, code_gain=code_gain)
             image[idx] = img
             for key, a in w.items():
                 w_out[key][(slice(None), *idx)] = a
     del x
     meta = _base_metadata(model, dev, notes)
     meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
-                planes=len(planes), tile=tile, precision=precision,
+                code_gain=code_gain, planes=len(planes), tile=tile, precision=precision,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, w_out, meta)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .tiling import (
+    IVF_ALPHA,
     IVFKernel,
     MEFKernel,
     MMFKernel,
@@ -199,9 +200,11 @@ def _kernel_key(kernel):
 
 def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device, *,
                    tile=None, weights: bool = True, precision: str | None = None,
-                   client=None, scheduler: str | None = None) -> LazyOutcome:
+                   client=None, scheduler: str | None = None,
+                   code_gain: float = IVF_ALPHA) -> LazyOutcome:
     """CSC-IVFN fusion of S grey sources (name -> (..., H, W), numpy or dask) as a dask graph:
-    image (..., H, W) and weights {"base", "detail"} (S, ..., H, W)."""
+    image (..., H, W) and weights {"base", "detail"} (S, ..., H, W); ``code_gain`` as in
+    fuse_infrared_visible."""
     import dask.array as da
 
     from_numpy = not any(is_dask(a) for a in images.values())
@@ -216,7 +219,7 @@ def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device
         notes[n] = note
     net = model.network_on(device)
     kernel = IVFKernel(net, names, base_rule, detail_rule, device, weights=weights,
-                       precision=precision)
+                       precision=precision, code_gain=code_gain)
     side = resolve_tile(tile, (H, W), kernel, device, parallel=_parallel(client, scheduler))
     k = _kernel_key(kernel)
     planes = []

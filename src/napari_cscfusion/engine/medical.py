@@ -6,6 +6,8 @@ at most one pseudo-coloured functional image such as PET or SPECT), 2D images or
   YCbCr); its chroma (Cb, Cr) is kept and recombined with the fused luminance -> RGB output.
   This is the usual practice for PET/SPECT-MRI fusion: the anatomy sharpens the luminance and the
   colour still encodes the tracer uptake.
+* The fused codes are decoded with ``code_gain`` 1, not the authors' x2 for infrared/visible
+  (which stretches the contrast): the fused image keeps the sources' intensity scale.
 * Volumes (3D, 3D+t, ...) are fused plane by plane: ``axis`` is the slice axis; the planes are
   the two last axes other than ``axis`` and every other axis (time, ...) is looped over too.
   Only one plane of each source is read at a time, so dask-backed (lazy) arrays work; the values
@@ -26,8 +28,10 @@ from .fusion import IVF_MIN_SIZE, FusionResult, _base_metadata, fuse_grey_source
 from .inputs import check_min_size, normalise
 from .registry import resolve_model
 from .rules import RULES
+from .tiling import check_code_gain
 
 COLOUR_NAME = "functional"  # default name of a colour source given in a list
+MEDICAL_CODE_GAIN = 1.0  # no contrast stretch: the fused image keeps the sources' intensity scale
 
 
 def _as_sources(images, names) -> dict[str, object]:
@@ -230,7 +234,7 @@ def _plane_axes(ndim: int, axis) -> tuple[tuple[int, int], tuple[int, ...]]:
 
 def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule: str = "l1",
                     device="auto", codes: bool = False, names=None, progress=None, axis=None,
-                    rgb=None) -> FusionResult:
+                    rgb=None, code_gain: float = MEDICAL_CODE_GAIN) -> FusionResult:
     """Fuse N >= 2 registered medical images (e.g. MRI T1 + PD, CT + MRI, MRI + PET) with
     CSC-IVFN.
 
@@ -248,17 +252,23 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
     rgb: None guesses colour sources as napari does (a last axis of 3 or 4 on a 3D+ array);
       otherwise a list (or dict by name) of booleans, one per source (e.g. napari's layer.rgb).
     codes: also return the sparse codes (2D inputs only: volumes would need 64 maps per voxel).
+    code_gain: the factor on the fused base and detail codes before decoding (a finite number
+      > 0). Default 1: a source fused with itself comes back unchanged in scale, so the fused
+      image keeps the sources' (quantitative) intensities. The authors' 2 (the default of
+      fuse_infrared_visible) is an infrared/visible display heuristic that stretches the contrast.
     progress(done, total) is called between steps and may raise Cancelled.
 
     Returns a FusionResult: image float32 in [0, 1] ((..., H, W) grey or (..., H, W, 3) RGB when
     a colour source takes part); weights 'base' and 'detail', (N, ...spatial) per-source weight
     maps in the order of metadata['sources'] (per-channel base weights averaged over channels);
-    metadata with the sources, the colour source, rules, axis, normalisation and timings.
+    metadata with the sources, the colour source, rules, code_gain, axis, normalisation and
+    timings.
     """
     t0 = time.perf_counter()
     for rule, arg in ((base_rule, "base_rule"), (detail_rule, "detail_rule")):
         if rule not in RULES:
             raise ValueError(f"{arg}: must be one of {RULES}, got {rule!r}")
+    code_gain = check_code_gain(code_gain)
     sources = MultimodalSources(images, names=names, rgb=rgb)
     if codes not in (True, False):
         raise ValueError(f"codes: expected True or False, got {codes!r}")
@@ -299,7 +309,7 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
             def plane_progress(done, total, k=k):
                 progress(k * total + done, n_planes * total)
         fused, cmaps, weights = fuse_grey_sources(grey, model, base_rule, detail_rule, dev,
-                                                  codes, plane_progress)
+                                                  codes, plane_progress, code_gain=code_gain)
         if chroma is not None:
             fused, n_desat = _recolour(torch.from_numpy(fused), chroma)
             desaturated += n_desat
@@ -316,7 +326,7 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
                 "hue kept, where the colour would leave the RGB gamut)") if colour else "grey",
         desaturated_fraction=desaturated / (n_planes * plane_shape[0] * plane_shape[1])
         if colour else None,
-        base_rule=base_rule, detail_rule=detail_rule,
+        base_rule=base_rule, detail_rule=detail_rule, code_gain=code_gain,
         spatial_shape=spatial, plane_axes=plane_axes if len(spatial) > 2 else None,
         slice_axes=loop_axes or None, planes=n_planes,
         timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1},

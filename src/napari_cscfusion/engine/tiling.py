@@ -48,6 +48,20 @@ PRECISIONS = {None: None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfl
               "fp64": torch.float64}  # fp64: a check of the tiling (no rounding to hide in)
 
 
+def check_code_gain(code_gain) -> float:
+    """``code_gain`` (the factor on the fused base and detail codes before decoding) as a
+    float; ValueError naming it unless it is a finite number > 0."""
+    ok = isinstance(code_gain, (int, float, np.integer, np.floating)) \
+        and not isinstance(code_gain, (bool, np.bool_))
+    if ok:
+        value = float(code_gain)
+        if math.isfinite(value) and value > 0.0:
+            return value
+    raise ValueError(f"code_gain: expected a finite number > 0 (the factor on the fused codes "
+                     f"before decoding: 2 as the authors for infrared/visible, 1 keeps the "
+                     f"sources' intensity scale), got {code_gain!r}")
+
+
 class Cancelled(Exception):
     """Raised by a ``progress`` callback to stop a fusion run between steps (tiles)."""
 
@@ -296,10 +310,17 @@ class FoldedIVFN(nn.Module):
             z = F.conv2d(reflect_pad(z, 1), getattr(self, f"dw{i}"), getattr(self, f"db{i}"))
         return z
 
-    def decode(self, fused_base: torch.Tensor, fused_detail: torch.Tensor) -> torch.Tensor:
-        """sigmoid(dec(2 z_B) + dec(2 z_D)) for fused codes [N, q, H, W] -> [N, 1, H, W]."""
+    def decode(self, fused_base: torch.Tensor, fused_detail: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+        """sigmoid(dec(2 s z_B) + dec(2 s z_D)) for fused codes [N, q, H, W] -> [N, 1, H, W].
+
+        ``scale`` s (None: 1, no multiply) applies to the summed codes: s = code_gain / 2
+        gives a code gain other than the authors' 2 folded into the weights (exact for 0.5)."""
         zero = fused_base.new_zeros(1, fused_base.shape[1], 2, 2)
-        return torch.sigmoid(self._dec(fused_base + fused_detail) + self._dec(zero)[0, 0, 0, 0])
+        z = fused_base + fused_detail
+        if scale is not None:
+            z.mul_(scale)
+        return torch.sigmoid(self._dec(z) + self._dec(zero)[0, 0, 0, 0])
 
 
 class FoldedMEFN(nn.Module):
@@ -386,7 +407,13 @@ class IVFKernel:
     20 px halo, one progress tick each), the base rule, detail codes on the core + decoder +
     detail-rule margin, the detail rule, and one decoder pass on the summed fused codes.
     Outputs (channel-first, core only): image [1], base/detail weights [S] (channel mean for
-    the saliency rule), and with ``codes`` every source's base/detail codes and the fused ones.
+    the saliency rule), and with ``codes`` every source's base/detail codes and the fused ones
+    (before ``code_gain``).
+
+    ``code_gain``: the factor on the fused base and detail codes before decoding. The folded
+    decoder carries the authors' IVF_ALPHA = 2 (their infrared/visible heuristic); any other
+    gain multiplies the summed fused codes by code_gain / IVF_ALPHA first (none for 2, so the
+    default results are unchanged; 1 keeps a source fused with itself at its own scale).
     """
 
     task = "ivf"
@@ -394,8 +421,11 @@ class IVFKernel:
     def __init__(self, net, names: list[str], base_rule: str, detail_rule: str,
                  device: torch.device, codes: bool = False, weights: bool = True,
                  precision: str | None = None, compile: bool = False, inner: int = 512,
-                 exact_rules: bool = False):
+                 exact_rules: bool = False, code_gain: float = IVF_ALPHA):
         self.dtype = _precision(precision)
+        self.code_gain = check_code_gain(code_gain)
+        # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
+        self.code_scale = None if self.code_gain == IVF_ALPHA else self.code_gain / IVF_ALPHA
         self.net = folded("ivf", net, self.dtype, compile)
         self.names, self.S = list(names), len(names)
         self.q = net.hparams["code_channels"]
@@ -509,7 +539,8 @@ class IVFKernel:
             dy, dx = rel(dec, wd)
             f_d = f_d[:, dy, dx]
             del z_d, w_d
-            out = self.net.decode(f_b[None].to(x.dtype), f_d[None].to(x.dtype))
+            out = self.net.decode(f_b[None].to(x.dtype), f_d[None].to(x.dtype),
+                                  self.code_scale)
             cy, cx = rel(core, dec)
             res["image"] = to_numpy(out[0, :, cy, cx])
         if tick is not None:

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, Select
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    Select,
+)
 from napari.layers import Image
 from napari.utils import Colormap
 
@@ -50,6 +58,18 @@ def layer_combo(viewer, label: str, tooltip: str = "") -> ComboBox:
 def layer_select(viewer, label: str, tooltip: str = "") -> Select:
     return Select(label=label, tooltip=tooltip,
                   choices=lambda _w: [(lay.name, lay) for lay in image_layers(viewer)])
+
+
+CODE_GAIN_HELP = ("factor applied to the fused base and detail codes before decoding. 2: the "
+                  "authors' infrared/visible setting, which stretches the contrast; 1: the fused "
+                  "image keeps the sources' intensity scale (an image fused with itself comes "
+                  "back unchanged), for quantitative images such as MRI, CT or PET")
+
+
+def code_gain_box(value: float) -> FloatSpinBox:
+    """The "code gain" option of the CSC-IVFN widgets (passed to the engine as code_gain)."""
+    return FloatSpinBox(label="code gain", value=value, min=0.1, max=4.0, step=0.1,
+                        tooltip=CODE_GAIN_HELP)
 
 
 def pick_distinct(combos: Sequence[ComboBox], hints: Sequence[Sequence[str]]) -> None:

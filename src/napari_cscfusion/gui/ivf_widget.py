@@ -5,11 +5,13 @@ from __future__ import annotations
 from magicgui.widgets import ComboBox
 
 from ..engine import fuse_infrared_visible
+from ..engine.fusion import IVF_ALPHA
 from ..engine.inputs import check_same_shape
 from ..engine.planes import check_leading, luminance, recolour
 from ..engine.rules import RULES
 from ._base import FusionWidget
 from ._common import (
+    code_gain_box,
     extra_shape,
     hint_default,
     layer_array,
@@ -43,7 +45,9 @@ class InfraredVisibleWidget(FusionWidget):
                                           + RULE_HELP)
         self.detail_rule = ComboBox(label="detail rule", choices=list(RULES), value="l1",
                                     tooltip="fusion rule for the detail codes. " + RULE_HELP)
-        self.extend([self.ir_layer, self.vis_layer, self.base_rule, self.detail_rule])
+        self.code_gain = code_gain_box(IVF_ALPHA)  # the authors' 2
+        self.extend([self.ir_layer, self.vis_layer, self.base_rule, self.detail_rule,
+                     self.code_gain])
         hint_default(self.ir_layer, ("ir", "infra", "therm"))
         hint_default(self.vis_layer, ("vis", "rgb", "optical"))
         self._pick()
@@ -70,6 +74,7 @@ class InfraredVisibleWidget(FusionWidget):
                           f"visible {vis.name!r}": spatial_shape(vis)})
         ir_rgb, vis_rgb = bool(ir.rgb), bool(vis.rgb)
         base, detail, device = self.base_rule.value, self.detail_rule.value, self.device.value
+        gain = float(self.code_gain.value)
 
         def run_plane(index, model, progress, want_codes):
             a = read_plane(ir_data, index)
@@ -77,7 +82,8 @@ class InfraredVisibleWidget(FusionWidget):
             a_grey = luminance(a, "infrared") if ir_rgb else a
             b_grey = luminance(b, "visible") if vis_rgb else b
             res = fuse_infrared_visible(a_grey, b_grey, model, base_rule=base, detail_rule=detail,
-                                        device=device, codes=want_codes, progress=progress)
+                                        device=device, codes=want_codes, progress=progress,
+                                        code_gain=gain)
             if vis_rgb:
                 res.image = recolour(b, res.image, "visible")
                 res.metadata["colour"] = "visible chroma kept (BT.601 YCbCr)"

@@ -19,11 +19,12 @@ from ..engine.alignment import (
     apply_rigid_planes,
     estimate_misalignment,
 )
-from ..engine.medical import MultimodalSources, fuse_multimodal
+from ..engine.medical import MEDICAL_CODE_GAIN, MultimodalSources, fuse_multimodal
 from ..engine.rules import RULES
 from ._base import FusionWidget
 from ._common import (
     META_KEY,
+    code_gain_box,
     join_names,
     jsonable,
     layer_array,
@@ -70,6 +71,7 @@ class MedicalFusionWidget(FusionWidget):
                                   tooltip="fusion rule for the base codes. " + RULE_HELP)
         self.detail_rule = ComboBox(label="detail rule", choices=list(RULES), value="l1",
                                     tooltip="fusion rule for the detail codes. " + RULE_HELP)
+        self.code_gain = code_gain_box(MEDICAL_CODE_GAIN)  # 1: the sources' intensity scale
         self.slice_axis = ComboBox(label="slice axis", choices=self._axis_choices,
                                    tooltip="volumes are fused one 2D plane at a time: the axis "
                                            "the planes are stacked along (e.g. 0 = axial "
@@ -87,8 +89,8 @@ class MedicalFusionWidget(FusionWidget):
         row = Container(widgets=[self.check_button, self.register_button], layout="horizontal",
                         labels=False)
         row.margins = (0, 0, 0, 0)
-        self.extend([self.sources, self.base_rule, self.detail_rule, self.slice_axis,
-                     self.reference, self.check_first, self.tolerance, row,
+        self.extend([self.sources, self.base_rule, self.detail_rule, self.code_gain,
+                     self.slice_axis, self.reference, self.check_first, self.tolerance, row,
                      self.alignment_status])
         self.sources.changed.connect(self._sources_changed)
         self.check_button.changed.connect(self.check_alignment)
@@ -152,13 +154,14 @@ class MedicalFusionWidget(FusionWidget):
         layout = sources.layout(axis)
         loop_axes, plane_axes = layout["loop_axes"], layout["plane_axes"]
         base, detail, device = self.base_rule.value, self.detail_rule.value, self.device.value
+        gain = float(self.code_gain.value)
         rgb_flags, notes = sources.rgb, sources.notes
 
         def run_plane(index, model, progress, want_codes):
             planes = sources.planes(sources.index(index, loop_axes))
             res = fuse_multimodal(planes, model, base_rule=base, detail_rule=detail,
                                   device=device, codes=want_codes, progress=progress,
-                                  rgb=rgb_flags)
+                                  rgb=rgb_flags, code_gain=gain)
             res.metadata["normalisation"] = notes  # whole-volume statistics, not per plane
             return res
 
