@@ -154,14 +154,8 @@ def _finish(arrays: dict, client, scheduler, from_numpy: bool) -> tuple[dict, bo
     persisted on the cluster for dask inputs; else leave the graphs lazy."""
     if client is None and scheduler is None:
         return arrays, True
-    from distributed import Client
-
     if client is None:
-        # one client per address, kept (and dask's default) so that persisted results stay
-        # reachable and later computes run there; close_clients() ends them
-        client = _CLIENTS.get(scheduler)
-        if client is None or client.status not in ("running", "connecting"):
-            client = _CLIENTS[scheduler] = Client(scheduler)
+        client = _client_for(scheduler)
     keys = list(arrays)
     if from_numpy:
         values = client.compute([arrays[k] for k in keys], sync=True)
@@ -171,6 +165,26 @@ def _finish(arrays: dict, client, scheduler, from_numpy: bool) -> tuple[dict, bo
 
 
 _CLIENTS: dict = {}
+
+
+def _client_for(address: str):
+    """The process's current client when it is already connected to ``address`` (a second
+    client to the same scheduler made later computes of the persisted results lose their
+    dependencies now and then); else one client per address, kept (and dask's default) so
+    that persisted results stay reachable; close_clients() ends those."""
+    from distributed import Client, default_client
+
+    try:
+        current = default_client()
+    except ValueError:
+        current = None
+    if current is not None and current.status == "running" \
+            and current.scheduler.address == address:
+        return current
+    client = _CLIENTS.get(address)
+    if client is None or client.status not in ("running", "connecting"):
+        client = _CLIENTS[address] = Client(address)
+    return client
 
 
 def _parallel(client, scheduler) -> int:
