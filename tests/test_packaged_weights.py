@@ -78,7 +78,7 @@ def test_packaged_mef_beats_the_naive_mean_on_a_real_held_out_bracket():
 
 
 def _held_out_pair(folder: str, index: int = 1):
-    from tests._shared import DATA, grey, read
+    from ._shared import DATA, grey, read
 
     ir_path = next(iter(sorted((DATA / "ivf" / folder).glob(f"IR{index}.*"))), None)
     vis_path = next(iter(sorted((DATA / "ivf" / folder).glob(f"VIS{index}.*"))), None)
