@@ -554,6 +554,40 @@ def test_out_of_memory_is_retried_with_smaller_tiles(monkeypatch, task, inputs, 
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("task", ["ivf", "mef"])
+def test_out_of_memory_in_a_lazy_tile_task_is_retried_with_smaller_tiles(monkeypatch, task):
+    """dask in: a tile task whose crop does not fit is split inside the task (same values as
+    the in-memory run, and the OutOfMemoryRetry warning from the task)."""
+    import dask
+    import dask.array as da
+
+    from napari_cscfusion import OutOfMemoryRetry
+
+    if task == "ivf":
+        ir, vis = RNG.random((128, 128)), RNG.random((128, 128))
+        want = fuse_infrared_visible(ir, vis, model=model("ivf"), base_rule="l1",
+                                     device="cpu", tile=0).image
+        # the 64 px tiles' crops (88 px: core + the 24 px halo, + 10 px padding of the 11x11
+        # blur) do not fit, the 32 px tiles' (at most 80 + 10 px) do
+        calls = _oom_above(monkeypatch, 9000)
+        lazy = fuse_infrared_visible(da.from_array(ir, chunks=64), da.from_array(vis, chunks=64),
+                                     model=model("ivf"), base_rule="l1", device="cpu", tile=64)
+    else:
+        stack = RNG.random((3, 128, 128))
+        want = fuse_exposures(stack, model=model("mef"), device="cpu", tile=0).image
+        calls = _oom_above(monkeypatch, 50 * 50)
+        lazy = fuse_exposures(da.from_array(stack, chunks=(3, 64, 64)), model=model("mef"),
+                              device="cpu", tile=64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with dask.config.set(scheduler="synchronous"):  # warnings are recorded per thread
+            got = lazy.image.compute()
+    assert calls["oom"] >= 4  # every 64 px tile task ran out of memory first
+    assert any(issubclass(w.category, OutOfMemoryRetry) and "out of memory" in str(w.message)
+               for w in record)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def _notices(record, result) -> str:
     return " ".join([str(w.message) for w in record] + [str(result.metadata)]).lower()
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .notices import free_cached, is_oom, notify
 from .tiling import (
     IVF_ALPHA,
     IVFKernel,
@@ -29,6 +30,7 @@ from .tiling import (
     MMFKernel,
     combine_extremes,
     resolve_tile,
+    run_tiled,
     tile_grid,
     with_histogram,
 )
@@ -102,8 +104,29 @@ def _crop_stack(block, lo, hi):
 
 
 def _run(kernel, crop, core, stats):
-    res = kernel(crop, core, stats)
+    try:
+        res = kernel(crop, core, stats)
+    except Exception as exc:
+        # crops of one array (IVF, MEF) can be split; MMF's two-resolution crops cannot
+        if not (is_oom(exc) and isinstance(crop, np.ndarray)):
+            raise
+        del exc
+        res = _split_after_oom(kernel, crop, core, stats)
     return np.concatenate([res[name] for name in kernel.outputs()], 0)
+
+
+def _split_after_oom(kernel, crop: np.ndarray, core, stats) -> dict:
+    """A tile task that ran out of memory: its crop (the core plus the kernel's halo) goes
+    through run_tiled in tiles of half the core (split further there if needed, with the
+    OutOfMemoryRetry notice); only the core is kept, whose context lies inside the crop. The
+    whole-image statistics are the graph's (or, for a one-tile graph, the crop is the image)."""
+    free_cached(kernel.device)
+    side = max(core[1] - core[0], core[3] - core[2])
+    half = (side + 1) // 2
+    notify(f"out of memory on {kernel.device} in a tile task of {side} px; retried with tiles "
+           f"of {half} px")
+    full = run_tiled(kernel, crop, half, None, stats)
+    return {name: a[:, core[0]:core[1], core[2]:core[3]] for name, a in full.items()}
 
 
 def _extremes(kernel, crop, core):
