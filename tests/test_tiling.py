@@ -201,6 +201,32 @@ def test_mef_tiled_equals_whole_image(rgb):
 
 
 @needs_shared
+def test_encoders_run_in_cache_sized_pieces_with_the_same_values(monkeypatch):
+    """The kernels' inner pieces (INNER_TILE, a speed choice on the CPU) change nothing: tiny
+    pieces (16 px, the 20/5 px encoder halos wider than the pieces) give bit-identical
+    images, weights and codes to one piece per crop."""
+    ir, vis = tno_pair(64, 72)
+    stack = memorial(40, 52)
+
+    def run(pieces):
+        monkeypatch.setitem(tiling.INNER_TILE, ("ivf", "cpu"), pieces)
+        monkeypatch.setitem(tiling.INNER_TILE, ("mef", "cpu"), pieces)
+        a = fuse_infrared_visible(ir, vis, model("ivf"), "l1", "l1", device="cpu", tile=0,
+                                  codes=True)
+        b = fuse_exposures(stack, model("mef"), device="cpu", tile=0, codes=True)
+        return a, b
+
+    (ivf_whole, mef_whole), (ivf_pieces, mef_pieces) = run(None), run(16)
+    for whole, pieces in ((ivf_whole, ivf_pieces), (mef_whole, mef_pieces)):
+        np.testing.assert_array_equal(pieces.image, whole.image)
+        assert whole.codes.keys() == pieces.codes.keys() and whole.codes
+        for k in whole.codes:
+            np.testing.assert_array_equal(pieces.codes[k], whole.codes[k])
+        for k in whole.weights:
+            np.testing.assert_array_equal(pieces.weights[k], whole.weights[k])
+
+
+@needs_shared
 def test_inference_network_is_bit_exact_with_the_reference_network():
     ir, _ = tno_pair(48, 56)
     x = torch.from_numpy(ir.astype(np.float32) / 255)[None, None]

@@ -44,6 +44,12 @@ MIN_TILE = 32  # smallest core side; below it the halo overhead makes tiling poi
 CPU_BUDGET_FRACTION = 0.25  # of psutil's available memory, for one tile's working set
 CPU_BUDGET_CAP = 2 << 30  # and at most 2 GiB: big images run in bounded memory
 CUDA_BUDGET_FRACTION = 0.6  # of the free GPU memory
+# Inner tiles on the CPU: the element-wise passes between convolutions (batch norm, padding,
+# soft threshold, residual) stream q maps per pixel and are memory-bound there, so the
+# encoders run on cache-sized pieces of each crop. Measured (benchmarks/README.md, 1 thread,
+# bit-identical output): IVF 768x576 pair 32.9 s with 512 px, 14.2 s with 192 px; MEF 3 x 4
+# Mpx 16.8 s with 256 px, 10.2 s with 128 px. On a GPU big pieces are faster.
+INNER_TILE = {("ivf", "cpu"): 192, ("mef", "cpu"): 128, ("ivf", "gpu"): 512, ("mef", "gpu"): None}
 PRECISIONS = {None: None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16,
               "fp64": torch.float64}  # fp64: a check of the tiling (no rounding to hide in)
 
@@ -382,6 +388,33 @@ def _compiled(f: nn.Module) -> nn.Module:
     return f
 
 
+def inner_tile(task: str, device: torch.device) -> int | None:
+    """The side of the pieces a kernel runs its encoders on within a crop (None: whole)."""
+    return INNER_TILE[(task, "cpu" if device.type == "cpu" else "gpu")]
+
+
+def map_in_pieces(fn, x: torch.Tensor, window: Box, piece: int | None, radius: int,
+                  tick=None) -> torch.Tensor:
+    """fn (a local operation of context ``radius``: output pixel = f(input within radius),
+    same size out as in, e.g. an encoder) applied to x [N, c, h, w] and cut to ``window``,
+    computed piece by piece (cores of side ``piece``, each with its ``radius`` halo clipped
+    to x): equal to fn(x)[..., window] because every piece sees its full context, and where
+    a piece touches x's border its edge *is* that border (fn's reflection padding)."""
+    bounds = (0, x.shape[-2], 0, x.shape[-1])
+    out = None
+    for t in sub_tiles(window, bounds, piece, radius):
+        z = fn(x[..., t.crop_slices[0], t.crop_slices[1]])
+        iy0, iy1, ix0, ix1 = t.inner
+        z = z[..., iy0:iy1, ix0:ix1]
+        if out is None:
+            out = z.new_empty((*z.shape[:2], window[1] - window[0], window[3] - window[2]))
+        out[..., t.core[0] - window[0]:t.core[1] - window[0],
+            t.core[2] - window[2]:t.core[3] - window[2]] = z
+        if tick is not None:
+            tick()
+    return out
+
+
 def to_device(a: np.ndarray, device: torch.device, dtype: torch.dtype | None = None
               ) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
@@ -420,8 +453,9 @@ class IVFKernel:
 
     def __init__(self, net, names: list[str], base_rule: str, detail_rule: str,
                  device: torch.device, codes: bool = False, weights: bool = True,
-                 precision: str | None = None, compile: bool = False, inner: int = 512,
-                 exact_rules: bool = False, code_gain: float = IVF_ALPHA):
+                 precision: str | None = None, compile: bool = False,
+                 inner: int | None = None, exact_rules: bool = False,
+                 code_gain: float = IVF_ALPHA):
         self.dtype = _precision(precision)
         self.code_gain = check_code_gain(code_gain)
         # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
@@ -431,7 +465,9 @@ class IVFKernel:
         self.q = net.hparams["code_channels"]
         self.base_rule, self.detail_rule = base_rule, detail_rule
         self.device, self.codes, self.weights = device, codes, weights
-        self.inner, self.exact_rules = inner, exact_rules
+        # encoder pieces: cache-sized on the CPU (see INNER_TILE); None picks by device
+        self.inner = inner_tile("ivf", device) if inner is None else inner
+        self.exact_rules = exact_rules
         self.enc_radius = self.net.encoder_radius
         self.dec_radius = 3
         self.halo = (self.enc_radius + self.dec_radius
@@ -440,8 +476,12 @@ class IVFKernel:
         # per crop pixel: one encoder's codes of all sources + fused base and detail codes
         # (+ small maps); the encoders' transients are bounded by the inner tile instead
         self.bytes_per_pixel = 4 * self.q * (self.S + 2) + 16 * self.S + 64
-        side = inner + 2 * self.enc_radius
-        self.fixed_bytes = 4 * 4 * self.q * self.S * side * side
+        if self.inner:
+            side = self.inner + 2 * self.enc_radius
+            self.fixed_bytes = 4 * 4 * self.q * self.S * side * side
+        else:  # the encoders' transients span the whole crop
+            self.fixed_bytes = 0
+            self.bytes_per_pixel += 4 * 4 * self.q * self.S
 
     def crop(self, x, t: Tile):
         return x[:, t.crop_slices[0], t.crop_slices[1]], t.inner
@@ -482,20 +522,8 @@ class IVFKernel:
 
     def encode(self, which: str, x: torch.Tensor, window: Box, tick=None) -> torch.Tensor:
         """Codes [S, q, window] of the crop x [S, 1, h, w], inner tile by inner tile."""
-        bounds = (0, x.shape[-2], 0, x.shape[-1])
         fn = self.net.encode_base if which == "base" else self.net.encode_detail
-        out = None
-        for t in sub_tiles(window, bounds, self.inner, self.enc_radius):
-            z = fn(x[..., t.crop_slices[0], t.crop_slices[1]])
-            iy0, iy1, ix0, ix1 = t.inner
-            z = z[..., iy0:iy1, ix0:ix1]
-            if out is None:
-                out = z.new_empty((*z.shape[:2], window[1] - window[0], window[3] - window[2]))
-            out[..., t.core[0] - window[0]:t.core[1] - window[0],
-                t.core[2] - window[2]:t.core[3] - window[2]] = z
-            if tick is not None:
-                tick()
-        return out
+        return map_in_pieces(fn, x, window, self.inner, self.enc_radius, tick)
 
     def __call__(self, crop: np.ndarray, core: Box, stats: SaliencyStats | None = None,
                  tick=None) -> dict[str, np.ndarray]:
@@ -591,7 +619,12 @@ class MEFKernel:
         self.q = net.hparams["code_channels"]
         self.halo = self.net.radius
         self.needs_stats = False
-        self.bytes_per_pixel = 4 * k * (self.q * 4 + 8) + 64
+        self.inner = inner_tile("mef", device)
+        # per crop pixel: the luminance/colour planes, logits and weights (+ the codes if
+        # asked); the encoder's transients are bounded by the inner pieces
+        self.bytes_per_pixel = 4 * k * ((self.q if codes else 1) * 2 + 12) + 64
+        if self.inner is None:
+            self.bytes_per_pixel += 4 * k * self.q * 4
 
     def crop(self, x, t: Tile):
         return x[:, t.crop_slices[0], t.crop_slices[1]], t.inner
@@ -600,9 +633,8 @@ class MEFKernel:
         return tuple(x.shape[1:3])
 
     def preferred_tile(self, device: torch.device) -> int | None:
-        # Measured on a busy 2-core machine, 1 Mpx bracket: whole image 17.8 s, 512 px tiles
-        # 24.7 s, 256 px 25.5 s, 128 px 32.3 s (per-op overheads beat the cache benefit the
-        # performance notes saw); 1024 px keeps steps short for progress at little cost.
+        # 1024 px crops keep progress steps short; the cache-sized work happens inside a crop
+        # (inner pieces of INNER_TILE), so the crop size itself matters little on the CPU
         return 1024 if device.type == "cpu" else None
 
     def outputs(self) -> dict[str, int]:
@@ -628,8 +660,17 @@ class MEFKernel:
                 y = ycc[..., 0][:, None]
             else:
                 y = x[:, None]
-            z = self.net.codes(y.to(self.dtype) if self.dtype else y)
-            logits = F.conv2d(z, self.net.head_w)[:, 0, y0:y1, x0:x1].float()
+            yn = y.to(self.dtype) if self.dtype else y
+            if self.codes:
+                def fn(t):
+                    z = self.net.codes(t)
+                    return torch.cat((F.conv2d(z, self.net.head_w), z), 1)
+            else:
+                fn = self.net.logits
+            # encoder on cache-sized pieces of the core (+ its context), see INNER_TILE
+            lz = map_in_pieces(fn, yn, core, self.inner, self.halo)
+            logits = lz[:, 0].float()
+            z = lz[:, 1:] if self.codes else None
             w = torch.softmax(logits, dim=0)
             y_f = (w * y[:, 0, y0:y1, x0:x1]).sum(0)
             if self.rgb:
@@ -644,7 +685,7 @@ class MEFKernel:
                 res["weights"] = to_numpy(w)
             if self.codes:
                 for i in range(self.k):
-                    res[f"exposure_{i}"] = to_numpy(z[i, :, y0:y1, x0:x1])
+                    res[f"exposure_{i}"] = to_numpy(z[i])
         if tick is not None:
             tick()
         return res
