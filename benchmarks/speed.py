@@ -59,12 +59,16 @@ def _resize(img, h: int, w: int):
                       img.shape[1] else cv2.INTER_AREA)
 
 
-def _hw(mpx: float, aspect: float = 4 / 3) -> tuple[int, int]:
-    h = int(round((mpx * 1e6 / aspect) ** 0.5))
+def _hw(mpx, aspect: float = 4 / 3) -> tuple[int, int]:
+    """Output (H, W) for a size: megapixels (4:3) or "HxW" (e.g. "8192x8192")."""
+    if isinstance(mpx, str) and "x" in mpx:
+        h, w = mpx.split("x")
+        return int(h), int(w)
+    h = int(round((float(mpx) * 1e6 / aspect) ** 0.5))
     return h, int(round(h * aspect))
 
 
-def make_inputs(task: str, mpx: float):
+def make_inputs(task: str, mpx):
     import numpy as np
 
     h, w = _hw(mpx)
@@ -119,7 +123,7 @@ def _naive(task: str, model, inputs, device):
         return net(lr, g.to(device)).clamp(0, 1).cpu().numpy()
 
 
-def measure(task: str, mpx: float, variant: str, device: str, tile) -> dict:
+def measure(task: str, mpx, variant: str, device: str, tile) -> dict:
     import resource
 
     import numpy as np
@@ -186,6 +190,15 @@ def measure(task: str, mpx: float, variant: str, device: str, tile) -> dict:
 
 # --- driver ------------------------------------------------------------------------------------
 
+def _size(spec: str):
+    """A --sizes entry: megapixels (float) or "HxW" (kept as the string)."""
+    return spec if "x" in str(spec) else float(spec)
+
+
+def _fmt(mpx) -> str:
+    return mpx if isinstance(mpx, str) else f"{mpx:g}"
+
+
 def run_child(task, mpx, variant, device, tile, timeout) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{task}:{mpx}:{variant}", "--device", device]
     if tile is not None:
@@ -217,15 +230,16 @@ def machine() -> str:
 
 def row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['task']} | {r['mpx']:g} | {r['variant']} | - | - | - | {r['error']} |"
+        return f"| {r['task']} | {_fmt(r['mpx'])} | {r['variant']} | - | - | - | {r['error']} |"
     gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
-    return (f"| {r['task']} | {r['mpx']:g} | {r['variant']} | {r['seconds']:.1f} | "
+    return (f"| {r['task']} | {_fmt(r['mpx'])} | {r['variant']} | {r['seconds']:.1f} | "
             f"{r['out_mpx'] / r['seconds']:.3f} | {r['peak_rss_mb']:.0f} | {gpu} |")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1,4,16,64", help="output megapixels, comma separated")
+    ap.add_argument("--sizes", default="1,4,16,64",
+                    help="output sizes, comma separated: megapixels (4:3) or HxW (8192x8192)")
     ap.add_argument("--tasks", default="ivf,mef,mmf")
     ap.add_argument("--variants", default="engine,peer,naive",
                     help=f"any of {', '.join(VARIANTS)}")
@@ -236,11 +250,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also append every row to this JSON-lines file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    import numpy as np
+
     if a.child:
         task, mpx, variant = a.child.split(":")
-        print(json.dumps(measure(task, float(mpx), variant, a.device, a.tile)))
+        print(json.dumps(measure(task, _size(mpx), variant, a.device, a.tile)))
         return 0
-    sizes = [1.0] if a.quick else [float(s) for s in a.sizes.split(",")]
+    sizes = [1.0] if a.quick else [_size(s) for s in a.sizes.split(",")]
     variants = a.variants.split(",")
     print(f"machine: {machine()}", flush=True)
     print("| task | Mpx | variant | s | Mpx/s | peak RSS MB | peak GPU MB |")
@@ -249,7 +265,7 @@ def main(argv=None) -> int:
     for task in a.tasks.split(","):
         for mpx in sizes:
             for v in variants:
-                if v == "naive" and mpx > NAIVE_MAX_MPX[task]:
+                if v == "naive" and np.prod(_hw(mpx)) / 1e6 > NAIVE_MAX_MPX[task]:
                     r = {"task": task, "mpx": mpx, "variant": v,
                          "error": "skipped: the untiled run holds every code map at once"}
                 elif v.startswith("compile") and task == "mmf":
@@ -263,7 +279,7 @@ def main(argv=None) -> int:
                         f.write(json.dumps(r) + "\n")
     by = {(r["task"], r["mpx"], r["variant"]): r for r in results if "error" not in r}
     print()
-    for (task, mpx, v), r in sorted(by.items()):
+    for (task, mpx, v), r in sorted(by.items(), key=lambda kv: str(kv[0])):
         if v != "engine":
             continue
         peer, naive = by.get((task, mpx, "peer")), by.get((task, mpx, "naive"))
@@ -279,7 +295,7 @@ def main(argv=None) -> int:
         if naive:
             notes.append(f"{naive['seconds'] / r['seconds']:.2f}x faster than naive, "
                          f"{naive['peak_rss_mb'] / r['peak_rss_mb']:.1f}x less peak RSS")
-        print(f"{task} {mpx:g} Mpx: " + "; ".join(notes))
+        print(f"{task} {_fmt(mpx)} Mpx: " + "; ".join(notes))
     return 0
 
 

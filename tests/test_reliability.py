@@ -150,6 +150,27 @@ NORMALISATION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("array", [c[0] for c in NORMALISATION_CASES] + [
+    np.array([[-1.7e308, 0.0], [1.0, 1.7e308]]),  # a span beyond float64: halved first
+    np.full((3, 4), 7, np.int16) * -1,  # constant -> zeros
+], ids=lambda v: str(v.dtype))
+def test_crops_normalised_on_demand_equal_the_whole_image_normalisation(array):
+    """fuse_infrared_visible converts the crops the tiles read (NormalisedStack) instead of
+    copying the sources whole: every crop holds exactly normalise()'s values."""
+    from napari_cscfusion.engine.inputs import NormalisedStack, normalise, normaliser
+
+    whole = normalise(array, "ir").data
+    stack = NormalisedStack([normaliser(array, "ir"), normaliser(array[::-1], "vis")])
+    assert stack.shape == (2, *array.shape)
+    np.testing.assert_array_equal(stack[:, 1:3, 0:2],
+                                  np.stack([whole[1:3, 0:2], normalise(array[::-1], "v")
+                                            .data[1:3, 0:2]]))
+    np.testing.assert_array_equal(stack[0], whole)
+    assert stack[:, :, :].dtype == np.float32 and np.isfinite(whole).all()
+    plane = NormalisedStack([normaliser(np.stack([array, array]), "ir")]).plane((1,))
+    np.testing.assert_array_equal(plane[0], whole)
+
+
 @pytest.mark.parametrize("array,expected,note", NORMALISATION_CASES,
                          ids=lambda v: str(v.dtype) if isinstance(v, np.ndarray) else None)
 def test_every_dtype_is_fused_as_its_documented_normalisation(array, expected, note):

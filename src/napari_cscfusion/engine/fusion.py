@@ -14,7 +14,15 @@ import torch
 from .. import __version__
 from . import notices
 from .device import resolve_device
-from .inputs import check_frames, check_min_size, check_ndim, check_same_shape, normalise
+from .inputs import (
+    NormalisedStack,
+    check_frames,
+    check_min_size,
+    check_ndim,
+    check_same_shape,
+    normalise,
+    normaliser,
+)
 from .lazy import fuse_exposures_lazy, fuse_grey_lazy, fuse_guided_lazy, is_dask
 from .registry import FusionModel, resolve_model
 from .rules import RULES
@@ -106,12 +114,14 @@ def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_ru
                             exact_rules=exact_rules, code_gain=code_gain)
 
 
-def _fuse_grey_stack(x: np.ndarray, names: list[str], model: FusionModel, base_rule: str,
-                     detail_rule: str, device: torch.device, codes: bool, progress=None, *,
-                     tile=None, weights: bool = True, precision: str | None = None,
-                     compile: bool = False, exact_rules: bool = False,
-                     code_gain: float = IVF_ALPHA) -> tuple[np.ndarray, dict, dict]:
-    """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1]."""
+def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: FusionModel,
+                     base_rule: str, detail_rule: str, device: torch.device, codes: bool,
+                     progress=None, *, tile=None, weights: bool = True,
+                     precision: str | None = None, compile: bool = False,
+                     exact_rules: bool = False, code_gain: float = IVF_ALPHA
+                     ) -> tuple[np.ndarray, dict, dict]:
+    """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1] (an array or
+    a NormalisedStack, which converts the crops the tiles read)."""
     code_gain = check_code_gain(code_gain)
 
     def attempt(dev: torch.device) -> dict:
@@ -219,13 +229,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, lazy.weights, meta)
     shape = tuple(np.shape(ir))
-    # normalised straight into one stacked array (no second copy of the sources)
-    x = np.empty((2, *shape), np.float32)
-    notes = {}
-    for i, (a, n) in enumerate(((ir, "ir"), (vis, "vis"))):
-        norm = normalise(a, n)
-        x[i], notes[n] = norm.data, norm.note
-        del norm
+    # normalised crop by crop as the tiles need them: no float32 copy of the sources
+    parts = [normaliser(ir, "ir"), normaliser(vis, "vis")]
+    x = NormalisedStack(parts)
+    notes = {"ir": parts[0].note, "vis": parts[1].note}
     t1 = time.perf_counter()
     planes = _planes(shape, 2)
     if codes and len(planes) > 1:
@@ -242,7 +249,7 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
         code_maps = {}
         for k, idx in enumerate(planes):
             img, code_maps, w = _fuse_grey_stack(
-                x[(slice(None), *idx)], names, model, base_rule, detail_rule, dev, codes,
+                x.plane(idx), names, model, base_rule, detail_rule, dev, codes,
                 _plane_progress(progress, k, len(planes)), tile=tile, weights=weights,
                 precision=precision, compile=compile, code_gain=code_gain)
             image[idx] = img

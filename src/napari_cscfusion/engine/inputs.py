@@ -19,8 +19,39 @@ class Normalised:
     note: str  # how the values were mapped to [0, 1]
 
 
-def normalise(array, name: str) -> Normalised:
-    """Return a float32 copy of ``array`` in [0, 1]; raise TypeError/ValueError naming ``name``."""
+class Normaliser:
+    """How one image maps to float32 in [0, 1], applicable to any crop of it, so that a huge
+    image is converted tile by tile instead of copied whole (the crops hold exactly the values
+    ``normalise`` gives: the same float64 arithmetic, element by element)."""
+
+    def __init__(self, a: np.ndarray, note: str, kind: str, lo: float = 0.0,
+                 span: float = 1.0, halve: bool = False):
+        self.array, self.note, self.kind = a, note, kind
+        self.lo, self.span, self.halve = lo, span, halve
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    def __call__(self, index=()) -> np.ndarray:
+        """The normalised float32 values of ``array[index]`` (a new array)."""
+        a = self.array[index]
+        if self.kind == "divide":
+            return (a / np.float64(self.span)).astype(np.float32)
+        if self.kind == "as is":
+            return np.array(a, dtype=np.float32, copy=True)
+        if self.kind == "zero":
+            return np.zeros(np.shape(a), np.float32)
+        a = a.astype(np.float64)
+        if self.halve:
+            a = a * 0.5
+        return ((a - self.lo) / self.span).astype(np.float32)
+
+
+def normaliser(array, name: str) -> Normaliser:
+    """Check ``array`` and say how it maps to [0, 1] (see the module docstring); raise
+    TypeError/ValueError naming ``name``. Reads the whole image once (its range), copies
+    nothing."""
     a = np.asarray(array)
     if a.dtype == bool:
         raise TypeError(f"{name}: boolean images cannot be fused; convert the mask to a "
@@ -36,29 +67,59 @@ def normalise(array, name: str) -> Normalised:
         info = np.iinfo(a.dtype)
         lo = int(a.min())
         if lo >= 0:
-            return Normalised((a / np.float64(info.max)).astype(np.float32),
-                              f"divided by the {a.dtype} maximum {info.max}")
-        return _minmax(a.astype(np.float64), f"{a.dtype} with negative values")
+            return Normaliser(a, f"divided by the {a.dtype} maximum {info.max}", "divide",
+                              span=float(info.max))
+        return _minmax(a, f"{a.dtype} with negative values")
     if not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).sum())
         raise ValueError(f"{name}: contains {bad} NaN or infinite pixel(s); replace or mask them "
                          f"before fusing")
     lo, hi = float(a.min()), float(a.max())
     if lo >= 0.0 and hi <= 1.0:
-        return Normalised(a.astype(np.float32, copy=True), "float in [0, 1], used as is")
-    return _minmax(a.astype(np.float64), f"float range [{lo:.6g}, {hi:.6g}]")
+        return Normaliser(a, "float in [0, 1], used as is", "as is")
+    return _minmax(a, f"float range [{lo:.6g}, {hi:.6g}]")
 
 
-def _minmax(a: np.ndarray, why: str) -> Normalised:
+def normalise(array, name: str) -> Normalised:
+    """Return a float32 copy of ``array`` in [0, 1]; raise TypeError/ValueError naming ``name``."""
+    n = normaliser(array, name)
+    return Normalised(n(), n.note)
+
+
+def _minmax(a: np.ndarray, why: str) -> Normaliser:
+    # the extremes of the float64 values (exact: min/max do not round)
     lo, hi = float(a.min()), float(a.max())
-    if not np.isfinite(hi - lo):
+    halve = not np.isfinite(hi - lo)
+    if halve:
         # a span beyond the float64 range (values near +-1.8e308): halve first (exact), or
         # (a - lo) / (hi - lo) would be inf / inf = NaN
-        a, lo, hi = a * 0.5, lo * 0.5, hi * 0.5
+        lo, hi = lo * 0.5, hi * 0.5
     if hi > lo:
-        data = ((a - lo) / (hi - lo)).astype(np.float32)
-        return Normalised(data, f"min-max scaled ({why})")
-    return Normalised(np.zeros(a.shape, np.float32), f"constant image set to 0 ({why})")
+        return Normaliser(a, f"min-max scaled ({why})", "minmax", lo, hi - lo, halve)
+    return Normaliser(a, f"constant image set to 0 ({why})", "zero")
+
+
+class NormalisedStack:
+    """S same-shape images, normalised on demand: ``stack[:, ys, xs]`` (or any index whose
+    first element picks sources) is the float32 [S', ...] array of those crops. Stands in for
+    the stacked float32 copy of the sources, which for an 8192x8192 pair alone is 512 MB."""
+
+    def __init__(self, parts: list[Normaliser]):
+        self.parts = parts
+        self.shape = (len(parts), *parts[0].shape)
+        self.ndim, self.dtype = len(self.shape), np.dtype(np.float32)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        parts = self.parts[first] if isinstance(first, slice) else [self.parts[first]]
+        out = np.stack([p(rest) for p in parts])
+        return out if isinstance(first, slice) else out[0]
+
+    def plane(self, index: tuple[int, ...]) -> NormalisedStack:
+        """The stack of plane ``index`` of every source (still lazy)."""
+        return NormalisedStack([Normaliser(p.array[index], p.note, p.kind, p.lo, p.span,
+                                           p.halve) for p in self.parts])
 
 
 def check_frames(array, name: str) -> None:
