@@ -255,6 +255,20 @@ def test_fast_saliency_rule_within_1e4_of_float64_reference():
     assert (w_ref - 0.5).abs().max() > 0.05  # weights are not trivially equal
 
 
+@pytest.mark.parametrize("sources", [2, 3, 5])
+@pytest.mark.parametrize("weight_channels", [1, 64])
+def test_weighted_sum_is_bit_identical_to_the_product_summed(sources, weight_channels):
+    """The l1 rule's sum_s w_s z_s made a few channels at a time (no [S, q, H, W] product)
+    gives exactly the values of (w * z).sum(0): tiled == whole and the authors' match rest
+    on the same roundings."""
+    g = torch.Generator().manual_seed(sources)
+    z = torch.randn(sources, 64, 23, 31, generator=g)
+    w = torch.rand(sources, weight_channels, 23, 31, generator=g)
+    got = rules.weighted_sum(w, z, chunk=5)  # a chunk that does not divide q
+    assert got.shape == (64, 23, 31)
+    assert torch.equal(got, (w * z).sum(0))
+
+
 def test_saliency_statistics_of_tiles_add_up_to_the_whole_image():
     z = torch.randn(2, 3, 40, 50)
     lo, hi = rules.SaliencyStats.extremes(z)

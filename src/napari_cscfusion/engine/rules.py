@@ -25,18 +25,32 @@ def average_rule(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def l1_attention_weights(z: torch.Tensor) -> torch.Tensor:
     """A_s = 3x3 mean (zero border) of sum_c |z_s|; w_s = A_s / sum_s A_s -> [S,1,H,W]."""
+    # sum_c |z_s| one source at a time: a [q,H,W] temporary instead of [S,q,H,W], and the
+    # same reduction (bit for bit) as z.abs().sum(1)
+    act = torch.stack([z[s].abs().sum(0, keepdim=True) for s in range(z.shape[0])])
     # a 1/9 kernel convolution rather than avg_pool: the authors' arithmetic, bit for bit
-    activity = F.conv2d(z.abs().sum(1, keepdim=True), z.new_full((1, 1, 3, 3), 1.0 / 9),
-                        padding=1)
+    activity = F.conv2d(act, z.new_full((1, 1, 3, 3), 1.0 / 9), padding=1)
     total = activity.sum(0, keepdim=True)
     # Where every source is silent (0/0) fall back to equal weights instead of NaN.
     return torch.where(total > 0, activity / total.clamp_min(torch.finfo(z.dtype).tiny),
                        torch.full_like(activity, 1.0 / z.shape[0]))
 
 
+def weighted_sum(w: torch.Tensor, z: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """sum_s w_s z_s for w [S,1,H,W] (or [S,q,H,W]), z [S,q,H,W] -> [q,H,W]: the values of
+    (w * z).sum(0) (the same sequential additions) without its [S,q,H,W] product, which is
+    the largest temporary of a tile (products made a few channels at a time)."""
+    out = torch.mul(w[0], z[0])
+    for s in range(1, z.shape[0]):
+        for c in range(0, z.shape[1], chunk):
+            sl = slice(c, c + chunk)
+            out[sl] += w[s, sl] * z[s, sl] if w.shape[1] > 1 else w[s] * z[s, sl]
+    return out
+
+
 def l1_rule(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = l1_attention_weights(z)
-    return (w * z).sum(0), w
+    return weighted_sum(w, z), w
 
 
 def symmetric_index(n: int, pad: int, device=None) -> torch.Tensor:
