@@ -540,7 +540,14 @@ def test_cli_missing_device(tmp_path, capsys):
 
 def _oom_above(monkeypatch, pixels: int, device_type: str | None = None):
     """Make every convolution on more than ``pixels`` pixels (on ``device_type``, or anywhere)
-    raise CUDA out-of-memory, as a too-large tile on a small GPU would."""
+    raise CUDA out-of-memory, as a too-large tile on a small GPU would.
+
+    The encoders run on whole crops, as on a GPU: on the CPU they work on cache-sized pieces
+    (``INNER_TILE``), whose convolutions would never reach the simulated limit."""
+    from napari_cscfusion.engine import tiling
+
+    for task in ("ivf", "mef"):
+        monkeypatch.setitem(tiling.INNER_TILE, (task, "cpu"), None)
     real = F.conv2d
     calls = {"oom": 0}
 
