@@ -346,7 +346,7 @@ def test_many_exposures_are_processed_in_chunks_that_fit_the_memory_budget(monke
     q = m.network.hparams["code_channels"]
     assert 40 * q * 72 * 64 * 4 > 12e6  # the whole stack's codes would not fit the budget
     budget = 8_000_000
-    monkeypatch.setattr(tiling, "memory_budget", lambda device: budget)
+    monkeypatch.setattr(tiling, "available_memory", lambda device: budget)
     biggest = []
     real = F.conv2d
 

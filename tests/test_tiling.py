@@ -89,6 +89,42 @@ def test_auto_tile_follows_the_memory_budget():
     assert tiling.auto_tile(10 ** 9, 20, CPU, budget=1) == tiling.MIN_TILE
 
 
+class _Kernel:
+    """What resolve_tile reads of a kernel: 1 kB per crop pixel, 20 px halo, 5 result maps."""
+    bytes_per_pixel, fixed_bytes, halo = 1000, 0, 20
+
+    def preferred_tile(self, device):
+        return None
+
+    def outputs(self):
+        return {"image": 1, "weights": 4}
+
+
+def test_automatic_tiles_whole_image_when_it_fits_else_within_the_cap(monkeypatch):
+    k = _Kernel()
+    monkeypatch.setattr(tiling, "available_memory", lambda device: 8 << 30)
+    # 2048^2 px x 1 kB = 4.2 GB fits the 8 GiB available: one tile, no halo, no statistics
+    assert tiling.resolve_tile(None, (2048, 2048), k, CPU) is None
+    # ... but not when 4 dask threads share it: tiles within the cap, shared too
+    shared = tiling.resolve_tile(None, (2048, 2048), k, CPU, parallel=4)
+    assert shared == int(np.sqrt(tiling.CPU_BUDGET_CAP / 4 / 1000)) - 40
+    # 4096^2 x 1 kB = 16.8 GB does not fit: tiles as large as the 2 GiB cap allows
+    side = tiling.resolve_tile(None, (4096, 4096), k, CPU)
+    assert side == int(np.sqrt(tiling.CPU_BUDGET_CAP / 1000)) - 40
+    # results held in memory (5 float32 maps: 336 MB here) share the cap with the tile
+    held = tiling.result_bytes(k, (4096, 4096))
+    assert held == 20 * 4096 * 4096
+    with_results = tiling.resolve_tile(None, (4096, 4096), k, CPU, held=held)
+    assert with_results == int(np.sqrt((tiling.CPU_BUDGET_CAP - held) / 1000)) - 40
+    assert with_results < side
+    # results beyond the cap: the tile keeps the floor
+    floor = tiling.resolve_tile(None, (4096, 4096), k, CPU, held=10 << 30)
+    assert floor == int(np.sqrt(tiling.CPU_TILE_FLOOR / 1000)) - 40
+    # little memory available: it bounds the tile below the cap
+    monkeypatch.setattr(tiling, "available_memory", lambda device: 100 * 1000 * 1000)
+    assert tiling.resolve_tile(None, (4096, 4096), k, CPU) == int(np.sqrt(1e5)) - 40
+
+
 def test_tile_argument_is_checked():
     k = tiling.MEFKernel(model("mef").network, 3, False, CPU) if CKPT.is_dir() else None
     if k is None:
@@ -183,6 +219,31 @@ def test_ivf_codes_tiled_equal_whole_and_many_sources():
         np.testing.assert_allclose(got[1][name], ref[1][name], atol=1e-5, rtol=0)
     assert got[2]["base"].shape == (3, 64, 80)
     np.testing.assert_allclose(got[2]["base"].sum(0), 1.0, atol=1e-5)
+
+
+@needs_shared
+@pytest.mark.parametrize("base_rule,detail_rule", [("saliency", "l1"), ("l1", "average"),
+                                                   ("average", "l1")])
+def test_ivf_without_codes_fuses_piece_by_piece_to_the_same_values(monkeypatch, base_rule,
+                                                                    detail_rule):
+    """Without codes the local rules and the decoder run on the encoder's pieces (less held
+    per crop pixel); with codes every stage holds its whole window. Same images and weights,
+    whole or tiled, with pieces smaller than the crops."""
+    monkeypatch.setitem(tiling.INNER_TILE, ("ivf", "cpu"), 24)
+    ir, vis = tno_pair(72, 88)
+    imgs = {"ir": ir.astype(np.float32) / 255, "vis": vis.astype(np.float32) / 255}
+    for tile in (0, 40):
+        kw = dict(tile=tile, code_gain=1.0)
+        staged = fuse_grey_sources(imgs, model("ivf"), base_rule, detail_rule, CPU, True, **kw)
+        pieces = fuse_grey_sources(imgs, model("ivf"), base_rule, detail_rule, CPU, False, **kw)
+        np.testing.assert_allclose(pieces[0], staged[0], atol=1e-6, rtol=0)
+        for key in ("base", "detail"):
+            np.testing.assert_allclose(pieces[2][key], staged[2][key], atol=1e-6, rtol=0)
+        assert pieces[1] == {} and len(staged[1]) == 6
+    k = tiling.IVFKernel(model("ivf").network, ["ir", "vis"], base_rule, detail_rule, CPU)
+    kc = tiling.IVFKernel(model("ivf").network, ["ir", "vis"], base_rule, detail_rule, CPU,
+                          codes=True)
+    assert k.bytes_per_pixel < kc.bytes_per_pixel
 
 
 @needs_shared

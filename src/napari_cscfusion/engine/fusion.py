@@ -35,6 +35,7 @@ from .tiling import (  # noqa: F401  (Cancelled and IVF_ALPHA are re-exported he
     MMFKernel,
     check_code_gain,
     resolve_tile,
+    result_bytes,
     run_tiled,
 )
 
@@ -129,7 +130,8 @@ def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: F
         kernel = IVFKernel(net, names, base_rule, detail_rule, dev, codes=codes,
                            weights=weights, precision=precision, compile=compile,
                            exact_rules=exact_rules, code_gain=code_gain)
-        side = resolve_tile(tile, x.shape[-2:], kernel, dev)
+        side = resolve_tile(tile, x.shape[-2:], kernel, dev,
+                            held=result_bytes(kernel, x.shape[-2:]))
         return run_tiled(kernel, x, side, progress)
 
     outs = notices.on_device_or_cpu(attempt, device)
@@ -175,13 +177,15 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     itself comes back as it was), as fuse_multimodal does for medical images.
     progress(done, total) is called after every tile step and may raise Cancelled.
 
-    Scale: ``tile`` is the tile side in pixels (None: chosen from free memory, GPU memory on
-    CUDA; 0 or False: the whole image at once). Tiles carry a halo as wide as the network's
-    and the rules' context (113 px with the saliency rule, whose whole-image statistics are
-    computed first in a separate pass), so tiled and whole-image results agree to float
-    rounding. A tile that runs out of memory is split and retried (down to 32 px), and when
-    even that fails on a GPU the run goes on on the CPU; either way with an OutOfMemoryRetry
-    warning and a line in ``metadata["notices"]`` (``metadata["device"]`` is then "cpu").
+    Scale: ``tile`` is the tile side in pixels (None: the whole image when its working set
+    fits the available memory, else tiles chosen from it, GPU memory on CUDA; on the CPU the
+    tile and the results then share 2 GiB; 0 or False: the whole image at once). Tiles carry
+    a halo as wide as the network's and the rules' context (113 px with the saliency rule,
+    whose whole-image statistics are computed first in a separate pass), so tiled and
+    whole-image results agree to float rounding. A tile that runs out of memory is split and
+    retried (down to 32 px), and when even that fails on a GPU the run goes on on the CPU;
+    either way with an OutOfMemoryRetry warning and a line in ``metadata["notices"]``
+    (``metadata["device"]`` is then "cpu").
     ``precision``: None/'fp32' (default), or 'fp16'/'bf16' for the networks on a GPU (the
     rules stay float32; error against fp32 in benchmarks/README.md). ``compile``: run the
     encoders through torch.compile (pays off on large images; the first call compiles).
@@ -277,7 +281,8 @@ def fuse_exposure_stack(stack: np.ndarray, model: FusionModel, device: torch.dev
         net = model.network_on(dev)
         kernel = MEFKernel(net, stack.shape[0], rgb, dev, codes=codes, weights=weights,
                            precision=precision, compile=compile)
-        side = resolve_tile(tile, stack.shape[1:3], kernel, dev)
+        side = resolve_tile(tile, stack.shape[1:3], kernel, dev,
+                            held=result_bytes(kernel, stack.shape[1:3]))
         return run_tiled(kernel, stack, side, progress)
 
     outs = notices.on_device_or_cpu(attempt, device)
@@ -547,7 +552,7 @@ def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.
         net = model.network_on(d)
         kernel = MMFKernel(net, (h_in, w_in), (H, W), d, precision=precision,
                            compile=compile)
-        side = resolve_tile(tile, (H, W), kernel, d)
+        side = resolve_tile(tile, (H, W), kernel, d, held=result_bytes(kernel, (H, W)))
         if codes or (side is None and precision in (None, "fp32")):
             # One pass through the network's own forward: the authors' arithmetic exactly (the
             # fast guided filter's E[xy] - E[x]E[y] cancels, so summation order shows in fp32).

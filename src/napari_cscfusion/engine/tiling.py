@@ -41,8 +41,12 @@ from .rules import SALIENCY_RADIUS, SaliencyStats, apply_rule
 
 IVF_ALPHA = 2.0  # the authors scale both fused codes by 2 before decoding
 MIN_TILE = 32  # smallest core side; below it the halo overhead makes tiling pointless
-CPU_BUDGET_FRACTION = 0.25  # of psutil's available memory, for one tile's working set
-CPU_BUDGET_CAP = 2 << 30  # and at most 2 GiB: big images run in bounded memory
+CPU_BUDGET_FRACTION = 0.25  # of psutil's available memory: a whole image whose working set
+# fits is run at once (fastest); larger ones are tiled, and then the tile and the results
+# held in memory share at most 2 GiB (big images run in bounded memory), the tile at least
+# 512 MiB (smaller tiles pay too much halo)
+CPU_BUDGET_CAP = 2 << 30
+CPU_TILE_FLOOR = 512 << 20
 CUDA_BUDGET_FRACTION = 0.6  # of the free GPU memory
 # Inner tiles on the CPU: the element-wise passes between convolutions (batch norm, padding,
 # soft threshold, residual) stream q maps per pixel and are memory-bound there, so the
@@ -131,8 +135,9 @@ def tile_grid(shape: tuple[int, int], tile: int | None, halo: int) -> list[Tile]
 
 # --- memory ---------------------------------------------------------------------------------
 
-def memory_budget(device: torch.device) -> int:
-    """Bytes one tile's working set may take on ``device``."""
+def available_memory(device: torch.device) -> int:
+    """Bytes a fusion may use on ``device``: a share of the free GPU memory, or of the
+    memory the system has available (psutil)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * CUDA_BUDGET_FRACTION)
@@ -142,7 +147,23 @@ def memory_budget(device: torch.device) -> int:
         available = psutil.virtual_memory().available
     except ImportError:  # psutil is optional: assume a modest machine
         available = 4 << 30
-    return int(min(available * CPU_BUDGET_FRACTION, CPU_BUDGET_CAP))
+    return int(available * CPU_BUDGET_FRACTION)
+
+
+def memory_budget(device: torch.device, held: int = 0) -> int:
+    """Bytes one tile's working set may take on ``device`` in a tiled run that also holds
+    ``held`` bytes of results in (host) memory. On the CPU the tile and those results share
+    CPU_BUDGET_CAP, so that a huge image runs in bounded memory (the tile gets at least
+    CPU_TILE_FLOOR); on a GPU the results live on the host and do not count."""
+    budget = available_memory(device)
+    if device.type == "cuda":
+        return budget
+    return int(min(budget, max(CPU_TILE_FLOOR, CPU_BUDGET_CAP - held)))
+
+
+def result_bytes(kernel, shape: tuple[int, int]) -> int:
+    """Bytes of the float32 results a kernel's run over an image of ``shape`` holds."""
+    return 4 * sum(kernel.outputs().values()) * shape[0] * shape[1]
 
 
 def auto_tile(bytes_per_pixel: float, halo: int, device: torch.device,
@@ -156,19 +177,24 @@ def auto_tile(bytes_per_pixel: float, halo: int, device: torch.device,
 
 
 def resolve_tile(tile, shape: tuple[int, int], kernel, device: torch.device,
-                 parallel: int = 1) -> int | None:
+                 parallel: int = 1, held: int = 0) -> int | None:
     """The ``tile=`` argument of the fuse functions -> a core side, or None for one tile.
 
-    None: automatic (memory and the kernel's speed preference; the budget is shared by
-    ``parallel`` tiles in flight, e.g. dask threads); 0 or False: the whole image at once;
+    None: automatic. The whole image at once when its working set fits the available memory
+    (``available_memory``: no halo overhead, no statistics passes: the fastest run), else
+    tiles as large as ``memory_budget`` allows (``held``: bytes of results the run keeps in
+    memory besides the tile), at most the kernel's preferred side; both budgets are shared by
+    ``parallel`` tiles in flight (e.g. dask threads). 0 or False: the whole image at once;
     an int >= 1: that core side (the crop adds the kernel's halo)."""
     if tile is None:
         fixed = getattr(kernel, "fixed_bytes", 0)
-        budget = memory_budget(device) // max(1, parallel) - fixed
+        parallel = max(1, parallel)
         preferred = kernel.preferred_tile(device)
-        if shape[0] * shape[1] * kernel.bytes_per_pixel <= budget and (
+        whole = shape[0] * shape[1] * kernel.bytes_per_pixel + fixed
+        if whole <= available_memory(device) // parallel and (
                 preferred is None or max(shape) <= preferred):
             return None  # the whole image fits: no halo overhead, no statistics pass
+        budget = memory_budget(device, held) // parallel - fixed
         side = auto_tile(kernel.bytes_per_pixel, kernel.halo, device, budget=max(budget, 1),
                          preferred=preferred)
     elif tile is False or (isinstance(tile, (int, np.integer)) and not isinstance(tile, bool)
@@ -322,8 +348,11 @@ class FoldedIVFN(nn.Module):
 
         ``scale`` s (None: 1, no multiply) applies to the summed codes: s = code_gain / 2
         gives a code gain other than the authors' 2 folded into the weights (exact for 0.5)."""
-        zero = fused_base.new_zeros(1, fused_base.shape[1], 2, 2)
-        z = fused_base + fused_detail
+        return self.decode_sum(fused_base + fused_detail, scale)
+
+    def decode_sum(self, z: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """``decode`` of the summed fused codes z_B + z_D [N, q, H, W] (scaled in place)."""
+        zero = z.new_zeros(1, z.shape[1], 2, 2)
         if scale is not None:
             z.mul_(scale)
         return torch.sigmoid(self._dec(z) + self._dec(zero)[0, 0, 0, 0])
@@ -473,9 +502,13 @@ class IVFKernel:
         self.halo = (self.enc_radius + self.dec_radius
                      + max(RULE_RADIUS[base_rule], RULE_RADIUS[detail_rule]))
         self.needs_stats = base_rule == "saliency"
-        # per crop pixel: one encoder's codes of all sources + fused base and detail codes
-        # (+ small maps); the encoders' transients are bounded by the inner tile instead
-        self.bytes_per_pixel = 4 * self.q * (self.S + 2) + 16 * self.S + 64
+        # per crop pixel, what a crop holds at once (+ small maps; the encoders' transients
+        # are bounded by the inner tile): with codes, one encoder's codes of all sources +
+        # fused base and detail codes; else the saliency rule's base codes of all sources +
+        # their fusion, or (local base rules) the two fused code maps: detail codes, local
+        # rules and the decoder run piece by piece
+        held = self.S + 2 if codes else (self.S + 1 if base_rule == "saliency" else 2)
+        self.bytes_per_pixel = 4 * self.q * held + 16 * self.S + 64
         if self.inner:
             side = self.inner + 2 * self.enc_radius
             self.fixed_bytes = 4 * 4 * self.q * self.S * side * side
@@ -525,6 +558,30 @@ class IVFKernel:
         fn = self.net.encode_base if which == "base" else self.net.encode_detail
         return map_in_pieces(fn, x, window, self.inner, self.enc_radius, tick)
 
+    def fuse_in_pieces(self, which: str, rule: str, x: torch.Tensor, window: Box, tick=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused codes [q, window], weights [S, 1, window]) of a local rule (l1, average),
+        encoder and rule together inner tile by inner tile (their context: the encoder's
+        radius + the rule's), so the [S, q] codes never exist for the whole window."""
+        enc = self.net.encode_base if which == "base" else self.net.encode_detail
+
+        def fn(piece: torch.Tensor) -> torch.Tensor:
+            fused, w = apply_rule(rule, enc(piece).float())
+            return torch.cat((fused, w[:, 0]))[None]
+
+        out = map_in_pieces(fn, x, window, self.inner, self.enc_radius + RULE_RADIUS[rule],
+                            tick)[0]
+        return out[:self.q], out[self.q:, None]
+
+    def decode(self, z: torch.Tensor, window: Box) -> torch.Tensor:
+        """The image [1, window] of the summed fused codes z [q, h, w] (z is scaled in place,
+        once: the pieces overlap), decoder piece by piece (context 3 px): no decoder
+        transients of the whole crop."""
+        if self.code_scale is not None:
+            z.mul_(self.code_scale)
+        return map_in_pieces(self.net.decode_sum, z[None], window, self.inner,
+                             self.dec_radius)[0]
+
     def __call__(self, crop: np.ndarray, core: Box, stats: SaliencyStats | None = None,
                  tick=None) -> dict[str, np.ndarray]:
         shape = crop.shape[-2:]
@@ -537,6 +594,8 @@ class IVFKernel:
             return (slice(box[0] - within[0], box[1] - within[0]),
                     slice(box[2] - within[2], box[3] - within[2]))
 
+        if not self.codes:
+            return self._fuse(x, core, dec, wb, wd, stats, tick)
         res: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             z_b = self.encode("base", x, wb, tick).float()
@@ -571,6 +630,44 @@ class IVFKernel:
                                   self.code_scale)
             cy, cx = rel(core, dec)
             res["image"] = to_numpy(out[0, :, cy, cx])
+        if tick is not None:
+            tick()
+        return res
+
+    def _fuse(self, x: torch.Tensor, core: Box, dec: Box, wb: Box, wd: Box,
+              stats: SaliencyStats | None, tick) -> dict[str, np.ndarray]:
+        """__call__ without codes, holding less: the saliency rule needs the base codes of the
+        whole window (its guided filter reaches 90 px), the local rules and the decoder work
+        piece by piece. The same values as the staged path (the same operations per pixel)."""
+        res: dict[str, np.ndarray] = {}
+
+        def within(box: Box, outer: Box) -> Box:
+            return (box[0] - outer[0], box[1] - outer[0], box[2] - outer[2], box[3] - outer[2])
+
+        def cut(a: torch.Tensor, box: Box, outer: Box) -> torch.Tensor:
+            y0, y1, x0, x1 = within(box, outer)
+            return a[..., y0:y1, x0:x1]
+
+        with torch.inference_mode():
+            if self.base_rule == "saliency":
+                z_b = self.encode("base", x, wb, tick).float()
+                st = None if stats is None else stats.to(self.device)
+                f_b, w_b = apply_rule("saliency", z_b, stats=st, exact=self.exact_rules,
+                                      mean_weights=True)
+                del z_b
+            else:
+                f_b, w_b = self.fuse_in_pieces("base", self.base_rule, x, wb, tick)
+            if self.weights:
+                res["weights_base"] = to_numpy(cut(w_b, core, wb)[:, 0])
+            # the sum of the fused codes goes here, in the networks' precision
+            f_b = cut(f_b, dec, wb).to(x.dtype, copy=True)
+            del w_b
+            f_d, w_d = self.fuse_in_pieces("detail", self.detail_rule, x, wd, tick)
+            if self.weights:
+                res["weights_detail"] = to_numpy(cut(w_d, core, wd)[:, 0])
+            f_b.add_(cut(f_d, dec, wd).to(x.dtype))
+            del f_d, w_d
+            res["image"] = to_numpy(self.decode(f_b, within(core, dec)))
         if tick is not None:
             tick()
         return res
