@@ -93,6 +93,9 @@ def test_ivf_widget_adds_fused_codes_and_weights(ivf_viewer, qtbot):
     for lay in weights_layers:
         assert lay.data.shape == (2, 48, 64)
         np.testing.assert_allclose(lay.data.sum(0), 1.0, atol=1e-5)
+        # the slider of the source axis says what it selects; y, x as on the inputs
+        assert tuple(lay.axis_labels) == ("source", *ir.axis_labels)
+    assert viewer.dims.axis_labels[0] == "source"
     assert len(viewer.layers) == n_layers + 1 + 6 + 2
     np.testing.assert_array_equal(ir.data, ir_before)
     np.testing.assert_array_equal(vis.data, vis_before)
@@ -123,6 +126,7 @@ def test_ivf_every_channel_codes_and_rerun_replaces(ivf_viewer, qtbot):
     code = next(lay for lay in viewer.layers
                 if lay.metadata.get("cscfusion", {}).get("code") == "visible_detail")
     assert code.data.shape == (64, 48, 64)  # the code channel is the slider axis
+    assert code.axis_labels[0] == "code channel"
     lo, hi = code.contrast_limits
     assert lo == pytest.approx(-hi) and hi > 0
     assert code.colormap.name == "cscfusion_diverging"
@@ -159,6 +163,8 @@ def test_ivf_nd_layers_fused_slice_by_slice_with_colour_visible(make_napari_view
     assert fused.metadata["cscfusion"]["planes"] == 3
     weights_layer = viewer.layers["detail weights · ir + vis (CSC-IVFN)"]
     assert weights_layer.data.shape == (3, 2, 40, 44)
+    assert tuple(weights_layer.axis_labels) == (lir.axis_labels[0], "source",
+                                                *lir.axis_labels[1:])
     # plane 1 equals the engine on that plane (luma fused; the visible chroma is kept)
     model = load_model("ivf", weights)
     y = vis[1].astype(np.float32) / 255 @ np.array([0.299, 0.587, 0.114], np.float32)

@@ -62,6 +62,7 @@ def test_mef_stack_layer_from_sample(make_napari_viewer, qtbot, fusion_weights):
         assert "% zeros" in lay.name
     w = viewer.layers["exposures weights · courtyard exposures fused (CSC-MEFN)"]
     assert w.data.shape == (4, 48, 64)
+    assert w.axis_labels[0] == "exposure" and codes[0].axis_labels[0] == "code channel"
     np.testing.assert_allclose(w.data.sum(0), 1.0, atol=1e-5)
     assert w.metadata["cscfusion"]["sources"] == [f"courtyard exposures[{i}]" for i in range(4)]
     assert len(viewer.layers) == n_layers + 1 + 4 + 1

@@ -229,8 +229,13 @@ def transform_of(layer: Image, drop_axes: Sequence[int] = ()) -> dict:
     'spatial_translate'} for an OutputSpec."""
     scale = [float(s) for i, s in enumerate(layer.scale) if i not in drop_axes]
     translate = [float(t) for i, t in enumerate(layer.translate) if i not in drop_axes]
-    return {"extra_scale": tuple(scale[:-2]), "extra_translate": tuple(translate[:-2]),
-            "spatial_scale": tuple(scale[-2:]), "spatial_translate": tuple(translate[-2:])}
+    out = {"extra_scale": tuple(scale[:-2]), "extra_translate": tuple(translate[:-2]),
+           "spatial_scale": tuple(scale[-2:]), "spatial_translate": tuple(translate[-2:])}
+    labels = getattr(layer, "axis_labels", None)  # napari layers have them since 0.6
+    if labels is not None and len(labels) == len(layer.scale):
+        kept = [str(a) for i, a in enumerate(labels) if i not in drop_axes]
+        out.update(extra_labels=tuple(kept[:-2]), spatial_labels=tuple(kept[-2:]))
+    return out
 
 
 def join_names(names: Sequence[str], limit: int = 3) -> str:
@@ -255,17 +260,25 @@ def jsonable(obj: Any) -> Any:
 
 # --- results -> layers ------------------------------------------------------------------------
 
-def _layer_transform(spec: OutputSpec, n_inner: int, ratio: tuple[float, float] = (1.0, 1.0)
-                     ) -> dict:
+def _layer_transform(spec: OutputSpec, n_inner: int, ratio: tuple[float, float] = (1.0, 1.0),
+                     inner_label: str = "channel") -> dict:
     """scale/translate for a layer of extra axes + ``n_inner`` unit axes (e.g. a code channel)
-    + 2 spatial axes sampled ``ratio`` times coarser than the fused image."""
+    + 2 spatial axes sampled ``ratio`` times coarser than the fused image; and axis labels
+    (the source layer's, with ``inner_label`` for the unit axes) so that the viewer's slider
+    of such an axis says what it selects."""
     sy, sx = spec.spatial_scale
     ty, tx = spec.spatial_translate
     ry, rx = ratio
     scale = (*spec.extra_scale, *([1.0] * n_inner), sy * ry, sx * rx)
     translate = (*spec.extra_translate, *([0.0] * n_inner),
                  ty + sy * (ry - 1) / 2, tx + sx * (rx - 1) / 2)
-    return {"scale": scale, "translate": translate}
+    out = {"scale": scale, "translate": translate}
+    if spec.spatial_labels is not None:
+        inner = [inner_label] if n_inner == 1 else [f"{inner_label} {i}" for i in range(n_inner)]
+        labels = (*spec.extra_labels, *inner, *spec.spatial_labels)
+        if len(set(labels)) == len(labels):  # napari wants distinct labels
+            out["axis_labels"] = labels
+    return out
 
 
 def result_layers(result: FusionResult, spec: OutputSpec) -> list[tuple[Any, dict, str]]:
@@ -277,7 +290,7 @@ def result_layers(result: FusionResult, spec: OutputSpec) -> list[tuple[Any, dic
     image = result.image
     fused_inner = image.ndim - n_extra - (3 if spec.rgb else 2)
     fused_kwargs = {"name": spec.fused_name, "rgb": spec.rgb, "metadata": {META_KEY: meta},
-                    **_layer_transform(spec, fused_inner)}
+                    **_layer_transform(spec, fused_inner, inner_label="band")}
     if not spec.rgb:
         fused_kwargs.update(colormap="gray", contrast_limits=(0.0, 1.0))
     out: list[tuple[Any, dict, str]] = [(image, fused_kwargs, "image")]
@@ -296,7 +309,8 @@ def result_layers(result: FusionResult, spec: OutputSpec) -> list[tuple[Any, dic
                  "channel_axis": n_extra if mode == "all" else None}
         kwargs = {"name": f"{key} {kind}{label} · {spec.fused_name}",
                   "metadata": {META_KEY: jsonable(cmeta)}, "visible": False,
-                  "blending": "additive", **_layer_transform(spec, inner, ratio)}
+                  "blending": "additive",
+                  **_layer_transform(spec, inner, ratio, inner_label="code channel")}
         if mode == "summary":  # a non-negative map: sequential colours from zero
             kwargs.update(colormap="magma", contrast_limits=value_limits(code))
         else:  # signed codes: diverging colours centred on zero
@@ -310,5 +324,6 @@ def result_layers(result: FusionResult, spec: OutputSpec) -> list[tuple[Any, dic
         out.append((w, {"name": f"{key} weights · {spec.fused_name}",
                         "metadata": {META_KEY: jsonable(wmeta)}, "visible": False,
                         "colormap": "viridis", "contrast_limits": (0.0, 1.0),
-                        **_layer_transform(spec, inner)}, "image"))
+                        **_layer_transform(spec, inner, inner_label=spec.source_label)},
+                    "image"))
     return out

@@ -41,6 +41,10 @@ class OutputSpec:
     rgb: bool = False
     channel_axis_first: bool = False  # (…, C, H, W) output (CSC-MMFN with C > 1 bands)
     source_names: list[str] = field(default_factory=list)  # the weight maps' source axis
+    source_label: str = "source"  # that axis' label in the viewer ("exposure" for brackets)
+    # axis labels of the source layer (None: leave napari's defaults)
+    extra_labels: tuple[str, ...] = ()
+    spatial_labels: tuple[str, str] | None = None
     metadata: dict = field(default_factory=dict)  # added to the fused layer's metadata
 
 

@@ -90,6 +90,7 @@ class MultiExposureWidget(FusionWidget):
 
         spec = OutputSpec(fused_name=name, network=self.network, rgb=rgb,
                           **transform_of(ref, drop), source_names=names,
+                          source_label="exposure",
                           metadata={**meta, "widget": "mef", "quality_task": "mef"})
         return FusionJob(task=self.task, weights=self.weights.weights, device=device,
                          codes=self.codes.value, leading_shape=lead, run_plane=run_plane,
