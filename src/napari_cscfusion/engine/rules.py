@@ -153,10 +153,17 @@ class SaliencyStats:
         z = z.float()
         return z.amin(dim=(-2, -1)), z.amax(dim=(-2, -1))
 
-    def counts(self, z: torch.Tensor) -> torch.Tensor:
-        """Level counts ([S, q, 256] float64) of codes [S, q, H, W] under these extremes."""
-        n = saliency_normalise(z, self.lo[..., None, None], self.hi[..., None, None])
-        return level_histograms(saliency_levels(n))
+    def counts(self, z: torch.Tensor, channel_chunk: int = 4) -> torch.Tensor:
+        """Level counts ([S, q, 256] float64) of codes [S, q, H, W] under these extremes, a
+        few channels at a time: the normalised maps and their int64 levels of all channels
+        at once would take 5x the codes' own memory."""
+        out = torch.empty((*z.shape[:2], 256), dtype=torch.float64, device=z.device)
+        for c in range(0, z.shape[1], channel_chunk):
+            sl = slice(c, c + channel_chunk)
+            n = saliency_normalise(z[:, sl], self.lo[:, sl, None, None],
+                                   self.hi[:, sl, None, None])
+            out[:, sl] = level_histograms(saliency_levels(n))
+        return out
 
 
 # --- the guided filter on the CPU: float32 maps, box sums accumulated in double --------------
