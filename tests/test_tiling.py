@@ -3,11 +3,13 @@ fast path stays within 1e-4 of its float64 reference, progress/cancel per tile, 
 
 from __future__ import annotations
 
+import ctypes
 import os
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from napari_cscfusion.engine import (
     fuse_grey_sources,
     fuse_infrared_visible,
     load_model,
+    notices,
     rules,
     tiling,
 )
@@ -382,6 +385,45 @@ def test_out_of_memory_tile_is_split_and_result_unchanged(monkeypatch):
         got = fuse_exposures(stack, model("mef"), device="cpu", tile=0).image
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert sizes[0] == 48 * 64 and max(sizes[1:]) <= 30 * 40
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+@pytest.mark.skipif(notices._malloc_trim() is None, reason="the C library has no malloc_trim")
+def test_release_freed_memory_returns_the_pages_of_a_pinned_heap():
+    """The 64 Mpx growth: freed blocks between small kept ones stay resident until trimmed."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block, n = 96 << 10, 1024  # 96 MB in blocks under glibc's mmap threshold: heap memory
+    big, pins = [], []
+    try:
+        for _ in range(n):
+            big.append(libc.malloc(block))
+            ctypes.memset(big[-1], 1, block)
+            pins.append(libc.malloc(4000))  # a small block kept after each, as a tile's results
+        for p in big:
+            libc.free(p)
+        big.clear()
+        before = _rss()
+        assert notices.release_freed_memory()
+        released = before - _rss()
+    finally:
+        for p in big + pins:
+            libc.free(p)
+    assert released > n * block // 2
+
+
+@needs_shared
+def test_freed_memory_is_released_after_every_tile(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tiling, "release_freed_memory", lambda: calls.append(1) or True)
+    ir, vis = tno_pair()
+    fuse_infrared_visible(ir, vis, model("ivf"), device="cpu", tile=56)
+    tiles = len(tiling.tile_grid(ir.shape, 56, 0))
+    assert tiles == 4 and len(calls) == 3 * tiles  # extremes, histogram and fusion passes
 
 
 @needs_shared

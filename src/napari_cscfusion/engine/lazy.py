@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .notices import free_cached, is_oom, notify
+from .notices import free_cached, is_oom, notify, release_freed_memory
 from .tiling import (
     IVF_ALPHA,
     IVFKernel,
@@ -112,7 +112,10 @@ def _run(kernel, crop, core, stats):
             raise
         del exc
         res = _split_after_oom(kernel, crop, core, stats)
-    return np.concatenate([res[name] for name in kernel.outputs()], 0)
+    out = np.concatenate([res[name] for name in kernel.outputs()], 0)
+    del res
+    release_freed_memory()
+    return out
 
 
 def _split_after_oom(kernel, crop: np.ndarray, core, stats) -> dict:
@@ -131,11 +134,14 @@ def _split_after_oom(kernel, crop: np.ndarray, core, stats) -> dict:
 
 def _extremes(kernel, crop, core):
     lo, hi = kernel.extremes(crop, core)
+    release_freed_memory()
     return lo.cpu(), hi.cpu()
 
 
 def _counts(kernel, crop, core, stats):
-    return kernel.counts(crop, core, stats).cpu()
+    counts = kernel.counts(crop, core, stats).cpu()
+    release_freed_memory()
+    return counts
 
 
 def _plane_graph(kernel, key, crop_of, shape, side):

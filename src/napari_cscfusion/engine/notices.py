@@ -16,6 +16,8 @@ by ``begin_run`` and taken by ``take``. A run that raises discards its notices.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import sys
 import threading
@@ -117,6 +119,34 @@ def free_cached(device: torch.device) -> None:
         if mps is not None and hasattr(mps, "empty_cache"):
             with contextlib.suppress(RuntimeError):
                 mps.empty_cache()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> bool:
+    """Hand the pages of freed heap memory back to the OS (glibc ``malloc_trim(0)``); called
+    after every tile. Why: a tile's tens-of-MB temporaries come from the heap, and the small
+    results kept between them (per-tile extremes, histograms) pin its top, so glibc, which
+    only shrinks the heap from the top, kept every tile's freed pages: a 64 Mpx IVF run grew
+    by ~7 MB per tile (measured 0.5 -> 1.6 GB in the first pass) with 99 MB in use. Returns
+    whether it could ask (False where the C library has no malloc_trim)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def on_device_or_cpu(attempt, device: torch.device):

@@ -36,7 +36,7 @@ from torch import nn
 from ..models.color import fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
 from ..models.csc import DCU, CSCEncoder, SoftThreshold, reflect_pad
 from ..models.ivfn import BLUR_SIZE, box_blur
-from .notices import free_cached, gave_up_splitting, is_oom, notify
+from .notices import free_cached, gave_up_splitting, is_oom, notify, release_freed_memory
 from .rules import SALIENCY_RADIUS, SaliencyStats, apply_rule
 
 IVF_ALPHA = 2.0  # the authors scale both fused codes by 2 before decoding
@@ -964,12 +964,14 @@ def saliency_statistics(kernel: IVFKernel, x: np.ndarray, tile: int | None,
     parts = []
     for t in tiles:
         parts.append(kernel.extremes(x[:, t.crop_slices[0], t.crop_slices[1]], t.inner))
+        release_freed_memory()
         if ticker is not None:
             ticker()
     stats = combine_extremes(parts)
     counts = []
     for t in tiles:
         counts.append(kernel.counts(x[:, t.crop_slices[0], t.crop_slices[1]], t.inner, stats))
+        release_freed_memory()
         if ticker is not None:
             ticker()
     return with_histogram(stats, counts)
@@ -1031,6 +1033,8 @@ def _run_tiled(kernel, x, tile, progress, stats, retried: list[int]) -> dict[str
             return
         for name, a in res.items():
             outs[name][:, t.core_slices[0], t.core_slices[1]] = a
+        del res
+        release_freed_memory()
 
     if not multi and kernel.needs_stats:
         # one tile: statistics come from the tile itself; a one-tile run that hits OOM is
