@@ -173,3 +173,49 @@ def test_fuse_ivf_code_gain(tmp_path, capsys):
     assert "code_gain" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--code-gain is for ivf only"):
         main(["fuse", "mef", str(src), str(src), "-o", str(out), "--code-gain", "1"])
+
+
+@needs_shared
+def test_fuse_asks_the_engine_for_no_weight_maps_and_writes_the_same_image(
+        monkeypatch, tmp_path):
+    """The CLI writes only the image (and codes): the IVF weight maps alone would be 1 GB of
+    an 8192x8192 pair's memory. Dropping them must not change the image."""
+    import imageio.v3 as iio
+
+    from napari_cscfusion import cli
+    from napari_cscfusion.engine import fuse_exposures, fuse_infrared_visible
+
+    from ._shared import grey
+
+    asked = []
+
+    def recording(fuse):
+        def wrapper(*a, **kw):
+            asked.append(kw.get("weights", True))
+            return fuse(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(cli, "fuse_infrared_visible", recording(fuse_infrared_visible))
+    monkeypatch.setattr(cli, "fuse_exposures", recording(fuse_exposures))
+    ir = grey(read(DATA / "ivf" / "tno" / "IR1.png"))[100:164, 200:264]
+    vis = grey(read(DATA / "ivf" / "tno" / "VIS1.png"))[100:164, 200:264]
+    frames = [read(DATA / "mef" / "memorial" / f"memorial_{i:02d}.png")[:48, :40, :3]
+              for i in (2, 7, 12)]
+    paths = {}
+    for name, a in {"ir": ir, "vis": vis, **{f"e{i}": f for i, f in enumerate(frames)}}.items():
+        paths[name] = str(tmp_path / f"{name}.png")
+        iio.imwrite(paths[name], a)
+    out = tmp_path / "fused.tif"
+    mefn = ["--weights", str(CKPT / "csc_mefn_authors.pth")]
+    assert main(["fuse", "ivf", paths["ir"], paths["vis"], "-o", str(out), "--device",
+                 "cpu", "--tile", "32", "-q"]) == 0
+    ivf_image = tifffile.imread(out)
+    assert main(["fuse", "mef", paths["e0"], paths["e1"], paths["e2"], "-o", str(out),
+                 "--device", "cpu", "-q", *mefn]) == 0
+    assert asked == [False, False]
+    ref = fuse_infrared_visible(ir, vis, device="cpu", tile=32)
+    assert ref.weights  # the engine's default keeps them
+    np.testing.assert_allclose(ivf_image, ref.image, atol=1e-6, rtol=0)
+    mef_ref = fuse_exposures(np.stack([iio.imread(paths[f"e{i}"]) for i in range(3)]),
+                             model=cli.load_model("mef", mefn[1]), device="cpu")
+    np.testing.assert_allclose(tifffile.imread(out), mef_ref.image, atol=1e-6, rtol=0)

@@ -145,7 +145,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     want_codes = args.codes_out is not None
     if not want_codes and _streaming(args):
         return cmd_fuse_stream(args, model)
-    scale = {"tile": args.tile}  # --tile; --scheduler below (ivf, mef)
+    # --tile; --scheduler below (ivf, mef). No weight maps: nothing writes them, and for IVF
+    # they are 16 B per pixel (1 GB of an 8192x8192 pair's memory)
+    scale = {"tile": args.tile}
     if args.task == "ivf":
         if len(args.images) != 2:
             raise SystemExit("cscfusion fuse ivf: needs exactly two images, IR then VIS")
@@ -157,7 +159,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         result = fuse_infrared_visible(ir, vis, model=model, base_rule=args.base_rule,
                                        detail_rule=args.detail_rule, device=args.device,
                                        codes=want_codes, scheduler=args.scheduler,
-                                       **_ivf_options(args), **scale)
+                                       weights=False, **_ivf_options(args), **scale)
     elif args.task == "mef":
         frames = [read_image(p) for p in args.images]
         f0 = frames[0]
@@ -173,7 +175,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             raise SystemExit(f"cscfusion fuse mef: exposures differ in shape: {listing}")
         frames = [f[..., :3] if f.ndim == 3 and f.shape[-1] == 4 else f for f in frames]
         result = fuse_exposures(np.stack(frames), model=model, device=args.device,
-                                codes=want_codes, scheduler=args.scheduler, **scale)
+                                codes=want_codes, scheduler=args.scheduler, weights=False,
+                                **scale)
     else:
         if len(args.images) != 2:
             raise SystemExit("cscfusion fuse mmf: needs exactly two images, LOWRES then GUIDE")
