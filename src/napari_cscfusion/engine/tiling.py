@@ -81,6 +81,17 @@ class Cancelled(Exception):
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
 
 
+def _within(box: Box, outer: Box) -> Box:
+    """``box`` in the coordinates of ``outer`` (both in the same frame)."""
+    return (box[0] - outer[0], box[1] - outer[0], box[2] - outer[2], box[3] - outer[2])
+
+
+def _cut(a: torch.Tensor, box: Box, outer: Box) -> torch.Tensor:
+    """The ``box`` part of ``a``, whose last two axes cover ``outer``."""
+    y0, y1, x0, x1 = _within(box, outer)
+    return a[..., y0:y1, x0:x1]
+
+
 @dataclass(frozen=True)
 class Tile:
     core: Box  # the pixels this tile produces (image coordinates)
@@ -97,8 +108,7 @@ class Tile:
     @property
     def inner(self) -> Box:
         """The core in the crop's coordinates."""
-        y, x = self.crop[0], self.crop[2]
-        return self.core[0] - y, self.core[1] - y, self.core[2] - x, self.core[3] - x
+        return _within(self.core, self.crop)
 
 
 def expand(box: Box, by: int, bounds: Box) -> Box:
@@ -555,15 +565,18 @@ class IVFKernel:
 
     def encode(self, which: str, x: torch.Tensor, window: Box, tick=None) -> torch.Tensor:
         """Codes [S, q, window] of the crop x [S, 1, h, w], inner tile by inner tile."""
-        fn = self.net.encode_base if which == "base" else self.net.encode_detail
-        return map_in_pieces(fn, x, window, self.inner, self.enc_radius, tick)
+        return map_in_pieces(self._encoder(which), x, window, self.inner, self.enc_radius,
+                             tick)
+
+    def _encoder(self, which: str):
+        return self.net.encode_base if which == "base" else self.net.encode_detail
 
     def fuse_in_pieces(self, which: str, rule: str, x: torch.Tensor, window: Box, tick=None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused codes [q, window], weights [S, 1, window]) of a local rule (l1, average),
         encoder and rule together inner tile by inner tile (their context: the encoder's
         radius + the rule's), so the [S, q] codes never exist for the whole window."""
-        enc = self.net.encode_base if which == "base" else self.net.encode_detail
+        enc = self._encoder(which)
 
         def fn(piece: torch.Tensor) -> torch.Tensor:
             fused, w = apply_rule(rule, enc(piece).float())
@@ -590,12 +603,9 @@ class IVFKernel:
         x = to_device(crop, self.device, self.dtype)[:, None]
         dec, wb, wd = self._windows(shape, core)
 
-        def rel(box: Box, within: Box) -> tuple[slice, slice]:
-            return (slice(box[0] - within[0], box[1] - within[0]),
-                    slice(box[2] - within[2], box[3] - within[2]))
-
         if not self.codes:
             return self._fuse(x, core, dec, wb, wd, stats, tick)
+        # with codes: every source's base and detail codes of the core are results anyway
         res: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             z_b = self.encode("base", x, wb, tick).float()
@@ -604,32 +614,27 @@ class IVFKernel:
                                   mean_weights=True)
             if self.base_rule != "saliency":
                 w_b = w_b.mean(1, keepdim=True)
-            cy, cx = rel(core, wb)
             if self.weights:
-                res["weights_base"] = to_numpy(w_b[:, 0, cy, cx])
-            if self.codes:
-                for i, n in enumerate(self.names):
-                    res[f"{n}_base"] = to_numpy(z_b[i, :, cy, cx])
-                res["fused_base"] = to_numpy(f_b[:, cy, cx])
-            dy, dx = rel(dec, wb)
-            f_b = f_b[:, dy, dx].clone()
-            del z_b, w_b
+                res["weights_base"] = to_numpy(_cut(w_b, core, wb)[:, 0])
+            z_core = _cut(z_b, core, wb)
+            for i, n in enumerate(self.names):
+                res[f"{n}_base"] = to_numpy(z_core[i])
+            res["fused_base"] = to_numpy(_cut(f_b, core, wb))
+            f_b = _cut(f_b, dec, wb).clone()
+            del z_b, z_core, w_b
             z_d = self.encode("detail", x, wd, tick).float()
             f_d, w_d = apply_rule(self.detail_rule, z_d)
-            cy, cx = rel(core, wd)
             if self.weights:
-                res["weights_detail"] = to_numpy(w_d.mean(1)[:, cy, cx])
-            if self.codes:
-                for i, n in enumerate(self.names):
-                    res[f"{n}_detail"] = to_numpy(z_d[i, :, cy, cx])
-                res["fused_detail"] = to_numpy(f_d[:, cy, cx])
-            dy, dx = rel(dec, wd)
-            f_d = f_d[:, dy, dx]
-            del z_d, w_d
+                res["weights_detail"] = to_numpy(_cut(w_d.mean(1), core, wd))
+            z_core = _cut(z_d, core, wd)
+            for i, n in enumerate(self.names):
+                res[f"{n}_detail"] = to_numpy(z_core[i])
+            res["fused_detail"] = to_numpy(_cut(f_d, core, wd))
+            f_d = _cut(f_d, dec, wd)
+            del z_d, z_core, w_d
             out = self.net.decode(f_b[None].to(x.dtype), f_d[None].to(x.dtype),
                                   self.code_scale)
-            cy, cx = rel(core, dec)
-            res["image"] = to_numpy(out[0, :, cy, cx])
+            res["image"] = to_numpy(_cut(out[0], core, dec))
         if tick is not None:
             tick()
         return res
@@ -640,14 +645,6 @@ class IVFKernel:
         whole window (its guided filter reaches 90 px), the local rules and the decoder work
         piece by piece. The same values as the staged path (the same operations per pixel)."""
         res: dict[str, np.ndarray] = {}
-
-        def within(box: Box, outer: Box) -> Box:
-            return (box[0] - outer[0], box[1] - outer[0], box[2] - outer[2], box[3] - outer[2])
-
-        def cut(a: torch.Tensor, box: Box, outer: Box) -> torch.Tensor:
-            y0, y1, x0, x1 = within(box, outer)
-            return a[..., y0:y1, x0:x1]
-
         with torch.inference_mode():
             if self.base_rule == "saliency":
                 z_b = self.encode("base", x, wb, tick).float()
@@ -658,16 +655,16 @@ class IVFKernel:
             else:
                 f_b, w_b = self.fuse_in_pieces("base", self.base_rule, x, wb, tick)
             if self.weights:
-                res["weights_base"] = to_numpy(cut(w_b, core, wb)[:, 0])
+                res["weights_base"] = to_numpy(_cut(w_b, core, wb)[:, 0])
             # the sum of the fused codes goes here, in the networks' precision
-            f_b = cut(f_b, dec, wb).to(x.dtype, copy=True)
+            f_b = _cut(f_b, dec, wb).to(x.dtype, copy=True)
             del w_b
             f_d, w_d = self.fuse_in_pieces("detail", self.detail_rule, x, wd, tick)
             if self.weights:
-                res["weights_detail"] = to_numpy(cut(w_d, core, wd)[:, 0])
-            f_b.add_(cut(f_d, dec, wd).to(x.dtype))
+                res["weights_detail"] = to_numpy(_cut(w_d, core, wd)[:, 0])
+            f_b.add_(_cut(f_d, dec, wd).to(x.dtype))
             del f_d, w_d
-            res["image"] = to_numpy(self.decode(f_b, within(core, dec)))
+            res["image"] = to_numpy(self.decode(f_b, _within(core, dec)))
         if tick is not None:
             tick()
         return res
