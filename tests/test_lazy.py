@@ -321,3 +321,51 @@ def test_guided_on_a_local_cluster_gives_the_same_values():
             res = fuse_guided(low[1], guide[1], m, device="cpu", tile=24, client=client)
             assert isinstance(res.image, np.ndarray)
             np.testing.assert_allclose(res.image, ref, atol=1e-6, rtol=0)
+
+
+@cache
+def mef_with_prior(tmp_root: str, sigma: float = 0.2):
+    """The authors' CSC-MEFN weights saved in our format as if trained with the global
+    exposure prior (header ``exposure_prior_sigma``)."""
+    from napari_cscfusion.models import save_checkpoint
+
+    path = Path(tmp_root) / "mef_prior.pt"
+    save_checkpoint(model("mef").network, path, "mef", {"exposure_prior_sigma": sigma})
+    return load_model("mef", path)
+
+
+@needs_shared
+def test_exposure_prior_weights_add_each_exposures_global_prior_everywhere(tmp_path_factory):
+    import torch
+
+    from napari_cscfusion.models.mefn import exposure_prior
+
+    stack = memorial()  # 2 real exposures (uint8 RGB), 48x64
+    m = mef_with_prior(str(tmp_path_factory.mktemp("prior")))
+    whole = fuse_exposures(stack, m, device="cpu", tile=0)
+    # the network's own forward with the prior: the reference
+    x = torch.from_numpy(np.moveaxis(stack, -1, 1).astype(np.float32) / 255)
+    with torch.no_grad():
+        ref = m.network(x, prior_sigma=0.2).numpy()
+    np.testing.assert_allclose(np.moveaxis(whole.image, -1, 0), ref, atol=2e-6, rtol=0)
+    plain = fuse_exposures(stack, model("mef"), device="cpu", tile=0)
+    assert np.abs(whole.image - plain.image).max() > 0.02  # the prior changes the weights
+    # one logit per exposure, everywhere: -(mean Y - 0.5)^2 / (2 sigma^2) of the whole
+    # exposure, so the weights' log-ratio moves by the difference of the two, at every pixel
+    y = (x * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1)
+    expect = exposure_prior(y.mean((1, 2)).double(), 0.2)
+    ratio = np.log(whole.weights["exposures"][0] / whole.weights["exposures"][1]) \
+        - np.log(plain.weights["exposures"][0] / plain.weights["exposures"][1])
+    assert abs(float(expect[0] - expect[1])) > 0.1
+    np.testing.assert_allclose(ratio, float(expect[0] - expect[1]), atol=1e-3, rtol=0)
+    # tiles, dask (chunks that split the exposures and colours) and a stack of brackets
+    tiled = fuse_exposures(stack, m, device="cpu", tile=16)
+    np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5, rtol=0)
+    series = da.from_array(np.stack([stack, stack[:, ::-1, ::-1]]), chunks=(1, 1, 24, 40, 2))
+    lazy = fuse_exposures(series, m, device="cpu", tile=16)
+    out = lazy.image.compute()
+    np.testing.assert_allclose(out[0], whole.image, atol=1e-5, rtol=0)
+    flipped = fuse_exposures(stack[:, ::-1, ::-1], m, device="cpu", tile=0).image
+    np.testing.assert_allclose(out[1], flipped, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lazy.weights["exposures"][:, 0].compute(),
+                               whole.weights["exposures"], atol=1e-5, rtol=0)

@@ -25,7 +25,7 @@ from .inputs import (
 )
 from .lazy import fuse_exposures_lazy, fuse_grey_lazy, fuse_guided_lazy, is_dask
 from .registry import FusionModel, resolve_model
-from .rules import RULES
+from .rules import RULES, exposure_channel_sums, exposure_prior_logits
 from .tiling import (  # noqa: F401  (Cancelled and IVF_ALPHA are re-exported here)
     IVF_ALPHA,
     MIN_TILE,
@@ -269,6 +269,16 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
 
 # --- multi-exposure with CSC-MEFN ---------------------------------------------------------
 
+def exposure_prior_sigma(model: FusionModel) -> float | None:
+    """sigma of the global exposure prior the weights were trained with (None: none, as the
+    authors' weights)."""
+    sigma = model.info.get("header", {}).get("training", {}).get("exposure_prior_sigma")
+    if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ValueError(f"model: {model.weights_label} records exposure_prior_sigma "
+                         f"{sigma!r}; expected a positive number")
+    return None if sigma is None else float(sigma)
+
+
 def fuse_exposure_stack(stack: np.ndarray, model: FusionModel, device: torch.device,
                         codes: bool = False, progress=None, *, tile=None,
                         weights: bool = True, precision: str | None = None,
@@ -276,11 +286,14 @@ def fuse_exposure_stack(stack: np.ndarray, model: FusionModel, device: torch.dev
     """One bracket, already normalised: (K,H,W) or (K,H,W,3) float32 in [0,1] ->
     (image (H,W) or (H,W,3), codes, weights (K,H,W) or None)."""
     rgb = stack.ndim == 4
+    sigma = exposure_prior_sigma(model)
+    prior = None if sigma is None else exposure_prior_logits(
+        exposure_channel_sums(stack), stack.shape[1] * stack.shape[2], sigma)
 
     def attempt(dev: torch.device) -> dict:
         net = model.network_on(dev)
         kernel = MEFKernel(net, stack.shape[0], rgb, dev, codes=codes, weights=weights,
-                           precision=precision, compile=compile)
+                           precision=precision, compile=compile, exposure_prior=prior)
         side = resolve_tile(tile, stack.shape[1:3], kernel, dev,
                             held=result_bytes(kernel, stack.shape[1:3]))
         return run_tiled(kernel, stack, side, progress)
@@ -313,6 +326,9 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
 
     RGB goes through YCbCr: the network weighs each exposure's luminance (softmax over
     exposures) and chroma is blended by saturation. Returns (H,W) or (H,W,3) float32.
+    Weights trained with the global exposure prior (the packaged ones; header
+    ``exposure_prior_sigma``) add it to each exposure's logits, from that exposure's mean
+    luminance over the whole image (``models.mefn.exposure_prior``; in metadata).
 
     nD: leading axes before the exposure axis, (..., K, H, W[, 3]), are independent brackets
     (time, z, ...), each fused on its own; a last axis of length 3 means RGB unless
@@ -341,9 +357,11 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
         if codes:
             raise ValueError("codes: not available for dask inputs or cluster runs")
         lazy = fuse_exposures_lazy(stack, model, dev, is_rgb, tile=tile, weights=weights,
-                                   precision=precision, client=client, scheduler=scheduler)
+                                   precision=precision, client=client, scheduler=scheduler,
+                                   prior_sigma=exposure_prior_sigma(model))
         meta = _base_metadata(model, dev, lazy.notes)
         meta.update(sources=names, colour=colour, lazy=lazy.is_lazy, tile=lazy.tile,
+                    exposure_prior_sigma=exposure_prior_sigma(model),
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, lazy.weights, meta)
     norm = normalise(stack, "stack")
@@ -365,7 +383,7 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
             w_out[(slice(None), *idx)] = w
     meta = _base_metadata(model, dev, {"stack": norm.note})
     meta.update(sources=names, colour=colour, planes=len(planes), tile=tile,
-                precision=precision,
+                precision=precision, exposure_prior_sigma=exposure_prior_sigma(model),
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {"exposures": w_out} if weights else {}, meta)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .notices import free_cached, is_oom, notify, release_freed_memory
+from .rules import exposure_channel_sums, exposure_prior_logits
 from .tiling import (
     IVF_ALPHA,
     MIN_TILE,
@@ -170,15 +171,15 @@ def _counts(kernel, crop, core, stats):
     return sum(c.cpu() for c in parts)
 
 
-def _plane_graph(kernel, key, crop_of, shape, side):
+def _plane_graph(kernel, key, crop_of, shape, side, stats=None):
     """One plane: statistics tasks if needed, one task per tile, assembled (C, H, W).
     ``kernel`` gives the geometry; the tasks get it through ``key`` (one graph node, so a
-    cluster receives it once)."""
+    cluster receives it once). ``stats``: the plane's statistics made by the caller
+    (a delayed value every tile task gets), if the kernel does not compute its own."""
     import dask
     import dask.array as da
 
     tiles = tile_grid(shape, side, kernel.halo)
-    stats = None
     if kernel.needs_stats and len(tiles) > 1:
         st_tiles = kernel.stats_tiles(shape, side)
         ext = [dask.delayed(_extremes)(key, crop_of(t), t.inner) for t in st_tiles]
@@ -311,11 +312,22 @@ def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device
     return LazyOutcome(image, result, notes, side, lazy)
 
 
+def _exposure_sums(block, lo, hi):
+    return exposure_channel_sums(normalise_block(block, lo, hi, "stack"))
+
+
+def _exposure_prior(sums, pixels: int, sigma: float):
+    return exposure_prior_logits(np.sum(sums, 0), pixels, sigma)
+
+
 def fuse_exposures_lazy(stack, model, device, rgb: bool, *, tile=None, weights: bool = True,
                         precision: str | None = None, client=None,
-                        scheduler: str | None = None) -> LazyOutcome:
+                        scheduler: str | None = None,
+                        prior_sigma: float | None = None) -> LazyOutcome:
     """CSC-MEFN fusion of (..., K, H, W[, 3]) brackets as a dask graph: image (..., H, W[, 3])
-    and weights {"exposures": (K, ..., H, W)}."""
+    and weights {"exposures": (K, ..., H, W)}. ``prior_sigma``: weights trained with the
+    global exposure prior; each bracket's prior logits come from one reduction task over
+    its blocks, which every tile task of that bracket reads."""
     import dask
     import dask.array as da
 
@@ -333,7 +345,14 @@ def fuse_exposures_lazy(stack, model, device, rgb: bool, *, tile=None, weights: 
         def crop_of(t, idx=idx):
             return dask.delayed(_crop_stack)(a[idx + (slice(None),) + t.crop_slices], lo, hi)
 
-        planes.append(_plane_graph(kernel, k, crop_of, (H, W), side))
+        prior = None
+        if prior_sigma is not None:
+            # blocks holding every exposure (and colour channel) of their pixels
+            whole = {0: -1, 3: -1} if rgb else {0: -1}
+            blocks = a[idx].rechunk(whole).to_delayed().ravel()
+            sums = [dask.delayed(_exposure_sums)(b, lo, hi) for b in blocks]
+            prior = dask.delayed(_exposure_prior)(sums, H * W, prior_sigma)
+        planes.append(_plane_graph(kernel, k, crop_of, (H, W), side, prior))
     out = da.stack(planes).reshape(*lead, -1, H, W) if lead else planes[0]
     parts = _split(kernel, out, len(lead))
     img = parts["image"]

@@ -359,3 +359,25 @@ def apply_rule(name: str, z: torch.Tensor, stats: SaliencyStats | None = None,
     if name == "average":
         return average_rule(z)
     raise ValueError(f"fusion rule must be one of {RULES}, got {name!r}")
+
+
+# --- CSC-MEFN: the global exposure prior of weights trained with it ------------------------
+
+LUMA = np.array([0.299, 0.587, 0.114])  # Y of YCbCr (models.color), linear: mean Y from means
+
+
+def exposure_channel_sums(stack: np.ndarray) -> np.ndarray:
+    """Per exposure, the float64 sum of each channel of a normalised stack (K,H,W) or
+    (K,H,W,3) (or of one block of it) -> (K,) or (K,3); no full-size temporary."""
+    return np.stack([np.sum(x, axis=(0, 1), dtype=np.float64) for x in stack])
+
+
+def exposure_prior_logits(channel_sums: np.ndarray, pixels: int, sigma: float) -> np.ndarray:
+    """The logit ``models.mefn.exposure_prior`` adds to every pixel of each exposure, from
+    the exposures' channel sums over the whole image (``exposure_channel_sums``) -> (K,)."""
+    from ..models.mefn import exposure_prior
+
+    means = np.asarray(channel_sums, np.float64) / pixels
+    if means.ndim == 2:  # RGB: mean luminance from the channel means (Y is linear)
+        means = means @ LUMA
+    return exposure_prior(torch.from_numpy(means), sigma).numpy().astype(np.float32)

@@ -705,10 +705,14 @@ class MEFKernel:
     task = "mef"
 
     def __init__(self, net, k: int, rgb: bool, device: torch.device, codes: bool = False,
-                 weights: bool = True, precision: str | None = None, compile: bool = False):
+                 weights: bool = True, precision: str | None = None, compile: bool = False,
+                 exposure_prior: np.ndarray | None = None):
         self.dtype = _precision(precision)
         self.net = folded("mef", net, self.dtype, compile)
         self.k, self.rgb, self.device = k, rgb, device
+        # (K,) logits of the global exposure prior (rules.exposure_prior_logits) for weights
+        # trained with it; lazy runs pass them per bracket as ``stats`` instead
+        self.exposure_prior = exposure_prior
         self.codes, self.weights = codes, weights
         self.q = net.hparams["code_channels"]
         self.halo = self.net.radius
@@ -764,6 +768,9 @@ class MEFKernel:
             # encoder on cache-sized pieces of the core (+ its context), see INNER_TILE
             lz = map_in_pieces(fn, yn, core, self.inner, self.halo)
             logits = lz[:, 0].float()
+            prior = stats if stats is not None else self.exposure_prior
+            if prior is not None:
+                logits = logits + torch.as_tensor(prior, device=logits.device)[:, None, None]
             z = lz[:, 1:] if self.codes else None
             w = torch.softmax(logits, dim=0)
             y_f = (w * y[:, 0, y0:y1, x0:x1]).sum(0)

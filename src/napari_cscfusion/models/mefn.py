@@ -11,6 +11,17 @@ from .color import fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
 from .csc import CSCEncoder, ReflectConv2d
 
 
+def exposure_prior(mean_luminance: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A logit added to every pixel of an exposure by weights trained with it (ours; their
+    header holds ``training['exposure_prior_sigma']``; the authors' have none):
+    -(m - 0.5)^2 / (2 sigma^2), m = that exposure's mean luminance over the whole image.
+
+    Why: the network sees 11x11 px of one exposure, never how well exposed the frame is as a
+    whole, which MEF-SSIM's luminance weights (Ma et al. 2015) and real long brackets depend on
+    (the global term exp(-(m - .5)^2 / (2 sigma_g^2)) of those weights, in log form)."""
+    return -(mean_luminance - 0.5) ** 2 / (2.0 * sigma * sigma)
+
+
 class CSCMEFN(nn.Module):
     def __init__(self, code_channels: int = 24, num_dcus: int = 2):
         super().__init__()
@@ -32,15 +43,20 @@ class CSCMEFN(nn.Module):
         """Per-pixel weight logits for luminance images y [N,1,H,W] -> [N,1,H,W]."""
         return self.head(self.encoder(y))
 
-    def fuse_luminance(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """y: [K,1,H,W] exposures of one scene -> (fused Y [1,H,W], softmax weights [K,H,W])."""
-        w = torch.softmax(self.logits(y)[:, 0], dim=0)
+    def fuse_luminance(self, y: torch.Tensor, prior_sigma: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """y: [K,1,H,W] exposures of one scene -> (fused Y [1,H,W], softmax weights [K,H,W]).
+        ``prior_sigma``: add ``exposure_prior`` (for weights trained with it)."""
+        logits = self.logits(y)[:, 0]
+        if prior_sigma:
+            logits = logits + exposure_prior(y.mean((1, 2, 3)), prior_sigma)[:, None, None]
+        w = torch.softmax(logits, dim=0)
         return (w * y[:, 0]).sum(0, keepdim=True), w
 
-    def forward(self, stack: torch.Tensor) -> torch.Tensor:
+    def forward(self, stack: torch.Tensor, prior_sigma: float | None = None) -> torch.Tensor:
         """stack: [K,3,H,W] RGB exposures in [0,1] -> fused RGB [3,H,W] clamped to [0,1]."""
         ycc = rgb_to_ycbcr(stack, dim=1)
-        y_f, _ = self.fuse_luminance(ycc[:, :1])
+        y_f, _ = self.fuse_luminance(ycc[:, :1], prior_sigma)
         cb = fuse_chroma(ycc[:, 1], dim=0)
         cr = fuse_chroma(ycc[:, 2], dim=0)
         fused = ycbcr_to_rgb(torch.cat((y_f, cb[None], cr[None]), 0), dim=0)

@@ -54,6 +54,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="mef: simulated camera black level in display units (default 0 0.08)")
     p.add_argument("--cover-prob", type=float, default=None,
                    help="mef: share of brackets covering the crop's dynamic range (default 0.5)")
+    p.add_argument("--exposure-prior", type=float, default=None, metavar="SIGMA",
+                   help="mef: add each exposure's global well-exposedness, "
+                        "-(mean - 0.5)^2 / (2 SIGMA^2), to its logits (0.2: MEF-SSIM's sigma_g; "
+                        "default: that of --init weights, if any; 0: none)")
     p.add_argument("--freeze-bn", action="store_true",
                    help="train with batch norm on its running statistics (as at inference)")
     p.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
@@ -97,7 +101,7 @@ def run_train(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, schedule=args.schedule,
         warmup_steps=args.warmup_steps, halo_weight=args.halo_weight,
         freeze_bn=args.freeze_bn, recalibrate_batches=args.recalibrate_bn,
-        source_options=source or None,
+        source_options=source or None, exposure_prior_sigma=args.exposure_prior,
     )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")

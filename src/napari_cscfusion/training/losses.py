@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.color import fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
+from ..models.mefn import exposure_prior
 
 SSIM_WEIGHT = 5.0  # the authors' IVFN loss: MSE + 5 * (1 - SSIM) / 2
 
@@ -53,16 +54,19 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
-def mefn_fuse_batch(net, stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mefn_fuse_batch(net, stack: torch.Tensor, prior_sigma: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """CSC-MEFN fusion of a batch of brackets [N,K,3,H,W] in [0,1], differentiable.
 
     Returns (fused RGB [N,3,H,W] clamped to [0,1], fused luminance [N,1,H,W]); the same
-    computation as ``CSCMEFN.forward`` for each bracket.
+    computation as ``CSCMEFN.forward(..., prior_sigma)`` for each bracket.
     """
     n, k, _, h, w = stack.shape
     ycc = rgb_to_ycbcr(stack, dim=2)  # [N,K,3,H,W]
     y = ycc[:, :, :1]
     logits = net.logits(y.reshape(n * k, 1, h, w)).reshape(n, k, h, w)
+    if prior_sigma:
+        logits = logits + exposure_prior(y.mean((2, 3, 4)), prior_sigma)[..., None, None]
     weights = torch.softmax(logits, dim=1)
     y_f = (weights * y[:, :, 0]).sum(1)  # [N,H,W]
     cb = fuse_chroma(ycc[:, :, 1], dim=1)
@@ -77,11 +81,12 @@ def halo_term(y: torch.Tensor) -> torch.Tensor:
             + (y[..., :, 1:] - y[..., :, :-1]).abs().mean())
 
 
-def mef_loss(net, stack: torch.Tensor, halo_weight: float = 0.0) -> torch.Tensor:
+def mef_loss(net, stack: torch.Tensor, halo_weight: float = 0.0,
+             prior_sigma: float | None = None) -> torch.Tensor:
     """−MEF-SSIM(fused, stack) (+ halo_weight · mean|∇Y_F|)."""
     from ..metrics import mef_ssim_torch  # written alongside; imported when MEF is trained
 
-    fused, y_f = mefn_fuse_batch(net, stack)
+    fused, y_f = mefn_fuse_batch(net, stack, prior_sigma)
     score = mef_ssim_torch(stack, fused)
     loss = -score.mean()
     if halo_weight:

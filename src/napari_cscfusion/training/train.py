@@ -82,7 +82,8 @@ def set_train_mode(net: nn.Module, freeze_bn: bool = False) -> nn.Module:
 
 
 @torch.no_grad()
-def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str) -> None:
+def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str,
+                   prior_sigma: float | None = None) -> None:
     """Recompute every batch-norm layer's running statistics as the plain average over
     ``batches`` training batches (precise BN), with the weights unchanged."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -96,19 +97,20 @@ def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str) 
         if task == "ivf":
             net(b["image"])
         elif task == "mef":
-            mefn_fuse_batch(net, b["stack"])
+            mefn_fuse_batch(net, b["stack"], prior_sigma)
         else:
             net(b["lr"], b["guide"])
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
 
 
-def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0):
+def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0,
+                 prior_sigma: float | None = None):
     if task == "ivf":
         x = batch["image"]
         return ivf_loss(net(x), x)
     if task == "mef":
-        return mef_loss(net, batch["stack"], halo_weight)
+        return mef_loss(net, batch["stack"], halo_weight, prior_sigma)
     return mmf_loss(net(batch["lr"], batch["guide"]), batch["target"])
 
 
@@ -127,8 +129,9 @@ def _centre(img: np.ndarray, size: int) -> np.ndarray:
 class Validator:
     """A fixed validation set for ``task`` and a score (higher is better)."""
 
-    def __init__(self, task: str, data_root, seed: int = 0, max_items: int | None = None):
-        self.task = task
+    def __init__(self, task: str, data_root, seed: int = 0, max_items: int | None = None,
+                 prior_sigma: float | None = None):
+        self.task, self.prior_sigma = task, prior_sigma
         if task == "ivf":
             pairs = D.flir_pairs(data_root, "val")
             imgs = [_centre(D.read_grey(p), 128) for pair in pairs for p in pair]
@@ -170,7 +173,7 @@ class Validator:
 
             vals = []
             for st in self.stacks:
-                fused, _ = mefn_fuse_batch(net, st.to(device))
+                fused, _ = mefn_fuse_batch(net, st.to(device), self.prior_sigma)
                 vals += mef_ssim_torch(st.to(device), fused).cpu().tolist()
             return float(np.mean(vals))
         finally:
@@ -224,6 +227,7 @@ def train(
     freeze_bn: bool = False,
     recalibrate_batches: int = 0,
     source_options: dict | None = None,
+    exposure_prior_sigma: float | None = None,
 ) -> Path:
     """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
 
@@ -235,11 +239,17 @@ def train(
     statistics are first recomputed over that many training batches (fresh runs only).
     ``source_options``: extra keyword arguments of the training batch source (mef: ``counts``,
     ``spacing``, ``black``, ``cover_prob``; see ``training.data.MEFBrackets``), recorded in
-    the header through its ``describe()``.
+    the header through its ``describe()``. ``exposure_prior_sigma`` (mef): train with
+    ``models.mefn.exposure_prior`` added to the logits (recorded in the header; the engine
+    adds it at inference); None keeps the prior of ``init_weights`` (if any), 0 trains
+    without one.
     Returns ``out`` (the latest weights; ``<out>.best.pt`` holds the best validated epoch).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if exposure_prior_sigma is not None and (task != "mef" or not exposure_prior_sigma >= 0):
+        raise ValueError(f"exposure_prior_sigma: a number >= 0 (0: none) for 'mef' only, got "
+                         f"{exposure_prior_sigma!r} for {task!r}")
     out = Path(out)
     side = _paths(out)
     dev = pick_device(device)
@@ -262,6 +272,8 @@ def train(
             # The whole record of how the starting weights were trained (stage 1 of a
             # two-stage run), so the final file says everything that produced it.
             init_info["training"] = parent
+            if exposure_prior_sigma is None:  # fine-tuning keeps the weights' fusion rule
+                exposure_prior_sigma = parent.get("exposure_prior_sigma")
     else:
         net = build(task, hparams)
         if task == "mmf":
@@ -269,11 +281,12 @@ def train(
             # randomly initialised residual otherwise costs more than it ever recovers.
             with torch.no_grad():
                 net.decoder.weight.zero_()
+    exposure_prior_sigma = exposure_prior_sigma or None  # 0: none
     net = net.to(dev)
     if recalibrate_batches and not resume:
         cal = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed + 7919,
                             **(source_options or {}))
-        recalibrate_bn(net, cal, recalibrate_batches, task)
+        recalibrate_bn(net, cal, recalibrate_batches, task, exposure_prior_sigma)
     set_train_mode(net, freeze_bn)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
 
@@ -293,7 +306,8 @@ def train(
     elif side["log"].exists():
         side["log"].unlink()
 
-    validator = Validator(task, root, seed, val_items) if validate else None
+    validator = (Validator(task, root, seed, val_items, exposure_prior_sigma)
+                 if validate else None)
     hp = dict(getattr(net, "hparams", {}))
 
     def header(epoch_done: float, val: float | None) -> dict:
@@ -307,6 +321,10 @@ def train(
             "batch_size": batch_size, "crop": crop, "lr": lr, "schedule": schedule,
             "warmup_steps": warmup_steps, "seed": seed, "loss": LOSS_NAMES[task],
             "halo_weight": halo_weight, "optimizer": "Adam",
+            **({"exposure_prior_sigma": exposure_prior_sigma,
+                "exposure_prior": "models.mefn.exposure_prior(mean luminance of each exposure "
+                                  "over the whole image, sigma) added to the logits"}
+               if exposure_prior_sigma else {}),
             "batch_norm": ("running statistics frozen during training"
                            + (f" (recalibrated over {recalibrate_batches} batches first)"
                               if recalibrate_batches else "") if freeze_bn
@@ -358,7 +376,7 @@ def train(
                     g["lr"] = cur_lr
                 batch = _to(src.batch(epoch, step), dev)
                 batch.pop("scale", None)
-                loss = compute_loss(task, net, batch, halo_weight)
+                loss = compute_loss(task, net, batch, halo_weight, exposure_prior_sigma)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
