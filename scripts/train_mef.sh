@@ -3,22 +3,42 @@
 # Authors' architecture (q=24, 2 DCUs), unsupervised -MEF-SSIM on brackets simulated from the
 # HDR maps in mef/hdr (sunrise held out): 2-16 exposures 0.5-3 EV apart (half of them covering
 # the crop's dynamic range), random camera incl. black level. Epochs chosen on the validation
-# part of the training maps (right-hand 20 %), never on Memorial or sunrise. Two stages:
+# part of the training maps (right-hand 20 %), never on Memorial or sunrise. Stages:
 #   1. from scratch (seed 0), batch statistics in batch norm -> runs/mef.pt, runs/mef.best.pt
 #   2. fine-tuning of the best stage-1 epoch with batch norm frozen on running statistics
 #      recalibrated over 20 batches (trained as it runs at inference) -> runs/mef_ft.best.pt
-# The shipped file is the .best.pt of the stage with the higher validation score.
-# Resume an interrupted stage with: [STAGE=n] scripts/train_mef.sh --resume
+#   3. (2026-12-03) fine-tuning of the stage-2 file with the global exposure prior
+#      (--exposure-prior 0.2, models.mefn.exposure_prior) -> runs/prior/mef_p.best.pt; INIT= the
+#      stage-2 file (sha256 a4a909ff..., shipped until 2026-12-03: git show
+#      0c3bc6a:src/napari_cscfusion/weights/mef.pt)
+# PRIOR=1 runs stages 1 and 2 from scratch with the prior instead (-> runs/prior/mef_s1*,
+# runs/prior/mef_s2*). The shipped file is the .best.pt with the highest validation score.
+# Resume an interrupted stage with: [STAGE=n] [PRIOR=1] scripts/train_mef.sh --resume
 set -e
 cd "$(dirname "$0")/.."
 PY=".venv/bin/python -m napari_cscfusion.training.cli train mef"
 DATA="--batch-size 8 --crop 64 --counts 2 16 --spacing 0.5 3 --black-level 0 0.08 --cover-prob 0.5"
-if [ "${STAGE:-1}" = 1 ]; then
-  exec nice -n 5 $PY --out runs/mef.pt $DATA \
-    --epochs 28 --steps-per-epoch 25 --lr 5e-3 --schedule cosine --warmup-steps 10 \
-    --seed 0 --threads "${THREADS:-1}" --max-minutes "${MAX_MINUTES:-50}" --no-progress "$@"
+RUN="--threads ${THREADS:-1} --no-progress"
+if [ "${PRIOR:-0}" = 1 ]; then
+  mkdir -p runs/prior
+  OUT1=runs/prior/mef_s1 OUT2=runs/prior/mef_s2 DATA="$DATA --exposure-prior 0.2"
 else
-  exec nice -n 5 $PY --out runs/mef_ft.pt --init runs/mef.best.pt --freeze-bn --recalibrate-bn 20 \
-    $DATA --epochs 12 --steps-per-epoch 25 --lr 1e-3 --schedule cosine --warmup-steps 10 \
-    --seed 0 --threads "${THREADS:-1}" --max-minutes "${MAX_MINUTES:-25}" --no-progress "$@"
+  OUT1=runs/mef OUT2=runs/mef_ft
 fi
+case "${STAGE:-1}" in
+1)
+  exec nice -n 5 $PY --out $OUT1.pt $DATA \
+    --epochs 28 --steps-per-epoch 25 --lr 5e-3 --schedule cosine --warmup-steps 10 \
+    --seed 0 $RUN --max-minutes "${MAX_MINUTES:-50}" "$@" ;;
+2)
+  exec nice -n 5 $PY --out $OUT2.pt --init $OUT1.best.pt --freeze-bn --recalibrate-bn 20 \
+    $DATA --epochs 12 --steps-per-epoch 25 --lr 1e-3 --schedule cosine --warmup-steps 10 \
+    --seed 0 $RUN --max-minutes "${MAX_MINUTES:-25}" "$@" ;;
+3)
+  mkdir -p runs/prior
+  exec nice -n 5 $PY --out runs/prior/mef_p.pt --init "${INIT:-runs/mef_ft.best.pt}" \
+    --freeze-bn --exposure-prior 0.2 $DATA --epochs 12 --steps-per-epoch 25 --lr 1e-3 \
+    --schedule cosine --warmup-steps 10 --seed 0 $RUN --max-minutes "${MAX_MINUTES:-25}" "$@" ;;
+*)
+  echo "STAGE must be 1, 2 or 3" >&2; exit 2 ;;
+esac

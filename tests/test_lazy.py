@@ -345,8 +345,9 @@ def test_exposure_prior_weights_add_each_exposures_global_prior_everywhere(tmp_p
     whole = fuse_exposures(stack, m, device="cpu", tile=0)
     # the network's own forward with the prior: the reference
     x = torch.from_numpy(np.moveaxis(stack, -1, 1).astype(np.float32) / 255)
+    assert m.network.prior_sigma == 0.2  # set by the loader from the header
     with torch.no_grad():
-        ref = m.network(x, prior_sigma=0.2).numpy()
+        ref = m.network(x).numpy()
     np.testing.assert_allclose(np.moveaxis(whole.image, -1, 0), ref, atol=2e-6, rtol=0)
     plain = fuse_exposures(stack, model("mef"), device="cpu", tile=0)
     assert np.abs(whole.image - plain.image).max() > 0.02  # the prior changes the weights

@@ -245,21 +245,29 @@ def test_training_with_the_exposure_prior_fuses_as_the_network_and_records_it(tm
     net = build("mef").eval()
     stack = D.make_source("mef", crop=24, batch_size=2, seed=0).batch(0, 0)["stack"]
     with torch.no_grad():
-        fused, _ = mefn_fuse_batch(net, stack, 0.2)
         plain, _ = mefn_fuse_batch(net, stack)
+        net.prior_sigma = 0.2
+        fused, _ = mefn_fuse_batch(net, stack)
         for b in range(2):  # the training batch computes what the model's forward does
-            torch.testing.assert_close(fused[b], net(stack[b], prior_sigma=0.2),
-                                       atol=1e-6, rtol=0)
+            torch.testing.assert_close(fused[b], net(stack[b]), atol=1e-6, rtol=0)
     assert (fused - plain).abs().max() > 1e-3
     out = _train("mef", tmp_path / "prior.pt", exposure_prior_sigma=0.2)
-    tr = load_network("mef", out)[1]["header"]["training"]
+    loaded, info = load_network("mef", out)
+    tr = info["header"]["training"]
     assert tr["exposure_prior_sigma"] == 0.2 and "exposure_prior" in tr["exposure_prior"]
+    assert loaded.prior_sigma == 0.2
     # fine-tuning keeps the parent's prior unless told otherwise (0: none)
     child = _train("mef", tmp_path / "child.pt", init_weights=out)
     assert load_network("mef", child)[1]["header"]["training"]["exposure_prior_sigma"] == 0.2
     for plain in (_train("mef", tmp_path / "plain.pt"),
                   _train("mef", tmp_path / "off.pt", init_weights=out, exposure_prior_sigma=0)):
         assert "exposure_prior_sigma" not in load_network("mef", plain)[1]["header"]["training"]
+    from napari_cscfusion.models import save_checkpoint
+    from napari_cscfusion.models.checkpoints import CheckpointError
+
+    save_checkpoint(net, tmp_path / "bad.pt", "mef", {"exposure_prior_sigma": -1})
+    with pytest.raises(CheckpointError, match="exposure_prior_sigma -1"):
+        load_network("mef", tmp_path / "bad.pt")
     for task, sigma in (("ivf", 0.2), ("mef", -1.0)):
         with pytest.raises(ValueError, match="exposure_prior_sigma"):
             _train(task, tmp_path / "bad.pt", exposure_prior_sigma=sigma)

@@ -271,12 +271,8 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
 
 def exposure_prior_sigma(model: FusionModel) -> float | None:
     """sigma of the global exposure prior the weights were trained with (None: none, as the
-    authors' weights)."""
-    sigma = model.info.get("header", {}).get("training", {}).get("exposure_prior_sigma")
-    if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
-        raise ValueError(f"model: {model.weights_label} records exposure_prior_sigma "
-                         f"{sigma!r}; expected a positive number")
-    return None if sigma is None else float(sigma)
+    authors' weights); the loader set it on the network from our header."""
+    return getattr(model.network, "prior_sigma", None)
 
 
 def fuse_exposure_stack(stack: np.ndarray, model: FusionModel, device: torch.device,

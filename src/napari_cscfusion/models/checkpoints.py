@@ -295,6 +295,12 @@ def load_network(task: str, path: str | Path) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{source} holds tensors of the wrong rank for {task!r}") from None
     net = build_network(task, hparams)
     load_state_strict(net, sd, source)
+    if task == "mef":  # a fusion-rule setting of our weights, not a tensor: from the header
+        sigma = ((info.get("header") or {}).get("training") or {}).get("exposure_prior_sigma")
+        if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
+            raise CheckpointError(f"{source} records exposure_prior_sigma {sigma!r}; expected "
+                                  f"a positive number")
+        net.prior_sigma = None if sigma is None else float(sigma)
     info["hparams"] = hparams
     return net.eval(), info
 

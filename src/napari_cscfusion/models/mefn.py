@@ -23,9 +23,13 @@ def exposure_prior(mean_luminance: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class CSCMEFN(nn.Module):
-    def __init__(self, code_channels: int = 24, num_dcus: int = 2):
+    def __init__(self, code_channels: int = 24, num_dcus: int = 2,
+                 prior_sigma: float | None = None):
         super().__init__()
         self.hparams = {"code_channels": code_channels, "num_dcus": num_dcus}
+        # sigma of ``exposure_prior`` for weights trained with it (None: none, as the
+        # authors'); load_network sets it from our checkpoint header
+        self.prior_sigma = prior_sigma
         # The stem's soft threshold has a single shared theta ([1,1,1,1]) in the authors' net.
         self.encoder = CSCEncoder(1, code_channels, num_dcus, "sst", stem=True, stem_norm=True,
                                   stem_threshold_channels=1)
@@ -43,20 +47,18 @@ class CSCMEFN(nn.Module):
         """Per-pixel weight logits for luminance images y [N,1,H,W] -> [N,1,H,W]."""
         return self.head(self.encoder(y))
 
-    def fuse_luminance(self, y: torch.Tensor, prior_sigma: float | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """y: [K,1,H,W] exposures of one scene -> (fused Y [1,H,W], softmax weights [K,H,W]).
-        ``prior_sigma``: add ``exposure_prior`` (for weights trained with it)."""
+    def fuse_luminance(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y: [K,1,H,W] exposures of one scene -> (fused Y [1,H,W], softmax weights [K,H,W])."""
         logits = self.logits(y)[:, 0]
-        if prior_sigma:
-            logits = logits + exposure_prior(y.mean((1, 2, 3)), prior_sigma)[:, None, None]
+        if self.prior_sigma:
+            logits = logits + exposure_prior(y.mean((1, 2, 3)), self.prior_sigma)[:, None, None]
         w = torch.softmax(logits, dim=0)
         return (w * y[:, 0]).sum(0, keepdim=True), w
 
-    def forward(self, stack: torch.Tensor, prior_sigma: float | None = None) -> torch.Tensor:
+    def forward(self, stack: torch.Tensor) -> torch.Tensor:
         """stack: [K,3,H,W] RGB exposures in [0,1] -> fused RGB [3,H,W] clamped to [0,1]."""
         ycc = rgb_to_ycbcr(stack, dim=1)
-        y_f, _ = self.fuse_luminance(ycc[:, :1], prior_sigma)
+        y_f, _ = self.fuse_luminance(ycc[:, :1])
         cb = fuse_chroma(ycc[:, 1], dim=0)
         cr = fuse_chroma(ycc[:, 2], dim=0)
         fused = ycbcr_to_rgb(torch.cat((y_f, cb[None], cr[None]), 0), dim=0)

@@ -54,13 +54,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
-def mefn_fuse_batch(net, stack: torch.Tensor, prior_sigma: float | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def mefn_fuse_batch(net, stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CSC-MEFN fusion of a batch of brackets [N,K,3,H,W] in [0,1], differentiable.
 
     Returns (fused RGB [N,3,H,W] clamped to [0,1], fused luminance [N,1,H,W]); the same
-    computation as ``CSCMEFN.forward(..., prior_sigma)`` for each bracket.
+    computation as ``CSCMEFN.forward`` for each bracket (with the network's exposure prior).
     """
+    prior_sigma = getattr(net, "prior_sigma", None)
     n, k, _, h, w = stack.shape
     ycc = rgb_to_ycbcr(stack, dim=2)  # [N,K,3,H,W]
     y = ycc[:, :, :1]
@@ -81,12 +81,11 @@ def halo_term(y: torch.Tensor) -> torch.Tensor:
             + (y[..., :, 1:] - y[..., :, :-1]).abs().mean())
 
 
-def mef_loss(net, stack: torch.Tensor, halo_weight: float = 0.0,
-             prior_sigma: float | None = None) -> torch.Tensor:
+def mef_loss(net, stack: torch.Tensor, halo_weight: float = 0.0) -> torch.Tensor:
     """−MEF-SSIM(fused, stack) (+ halo_weight · mean|∇Y_F|)."""
     from ..metrics import mef_ssim_torch  # written alongside; imported when MEF is trained
 
-    fused, y_f = mefn_fuse_batch(net, stack, prior_sigma)
+    fused, y_f = mefn_fuse_batch(net, stack)
     score = mef_ssim_torch(stack, fused)
     loss = -score.mean()
     if halo_weight:

@@ -82,8 +82,7 @@ def set_train_mode(net: nn.Module, freeze_bn: bool = False) -> nn.Module:
 
 
 @torch.no_grad()
-def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str,
-                   prior_sigma: float | None = None) -> None:
+def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str) -> None:
     """Recompute every batch-norm layer's running statistics as the plain average over
     ``batches`` training batches (precise BN), with the weights unchanged."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -97,20 +96,19 @@ def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str,
         if task == "ivf":
             net(b["image"])
         elif task == "mef":
-            mefn_fuse_batch(net, b["stack"], prior_sigma)
+            mefn_fuse_batch(net, b["stack"])
         else:
             net(b["lr"], b["guide"])
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
 
 
-def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0,
-                 prior_sigma: float | None = None):
+def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0):
     if task == "ivf":
         x = batch["image"]
         return ivf_loss(net(x), x)
     if task == "mef":
-        return mef_loss(net, batch["stack"], halo_weight, prior_sigma)
+        return mef_loss(net, batch["stack"], halo_weight)
     return mmf_loss(net(batch["lr"], batch["guide"]), batch["target"])
 
 
@@ -129,9 +127,8 @@ def _centre(img: np.ndarray, size: int) -> np.ndarray:
 class Validator:
     """A fixed validation set for ``task`` and a score (higher is better)."""
 
-    def __init__(self, task: str, data_root, seed: int = 0, max_items: int | None = None,
-                 prior_sigma: float | None = None):
-        self.task, self.prior_sigma = task, prior_sigma
+    def __init__(self, task: str, data_root, seed: int = 0, max_items: int | None = None):
+        self.task = task
         if task == "ivf":
             pairs = D.flir_pairs(data_root, "val")
             imgs = [_centre(D.read_grey(p), 128) for pair in pairs for p in pair]
@@ -173,7 +170,7 @@ class Validator:
 
             vals = []
             for st in self.stacks:
-                fused, _ = mefn_fuse_batch(net, st.to(device), self.prior_sigma)
+                fused, _ = mefn_fuse_batch(net, st.to(device))
                 vals += mef_ssim_torch(st.to(device), fused).cpu().tolist()
             return float(np.mean(vals))
         finally:
@@ -272,8 +269,6 @@ def train(
             # The whole record of how the starting weights were trained (stage 1 of a
             # two-stage run), so the final file says everything that produced it.
             init_info["training"] = parent
-            if exposure_prior_sigma is None:  # fine-tuning keeps the weights' fusion rule
-                exposure_prior_sigma = parent.get("exposure_prior_sigma")
     else:
         net = build(task, hparams)
         if task == "mmf":
@@ -281,12 +276,16 @@ def train(
             # randomly initialised residual otherwise costs more than it ever recovers.
             with torch.no_grad():
                 net.decoder.weight.zero_()
-    exposure_prior_sigma = exposure_prior_sigma or None  # 0: none
+    if task == "mef":
+        # None: fine-tuning keeps the starting weights' fusion rule (load_network set it)
+        if exposure_prior_sigma is not None:
+            net.prior_sigma = exposure_prior_sigma or None  # 0: none
+        exposure_prior_sigma = net.prior_sigma
     net = net.to(dev)
     if recalibrate_batches and not resume:
         cal = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed + 7919,
                             **(source_options or {}))
-        recalibrate_bn(net, cal, recalibrate_batches, task, exposure_prior_sigma)
+        recalibrate_bn(net, cal, recalibrate_batches, task)
     set_train_mode(net, freeze_bn)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
 
@@ -306,8 +305,7 @@ def train(
     elif side["log"].exists():
         side["log"].unlink()
 
-    validator = (Validator(task, root, seed, val_items, exposure_prior_sigma)
-                 if validate else None)
+    validator = Validator(task, root, seed, val_items) if validate else None
     hp = dict(getattr(net, "hparams", {}))
 
     def header(epoch_done: float, val: float | None) -> dict:
@@ -376,7 +374,7 @@ def train(
                     g["lr"] = cur_lr
                 batch = _to(src.batch(epoch, step), dev)
                 batch.pop("scale", None)
-                loss = compute_loss(task, net, batch, halo_weight, exposure_prior_sigma)
+                loss = compute_loss(task, net, batch, halo_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
