@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..models.color import LUMA
 from .fusion import FusionResult
 from .inputs import normalise
 
@@ -95,7 +96,7 @@ def downsample_area(image: np.ndarray, factor: int, rgb: bool = False) -> np.nda
     return np.moveaxis(a, 0, -1) if rgb else a
 
 
-_Y = np.array([0.299, 0.587, 0.114], np.float32)
+_Y = np.array(LUMA, np.float32)
 
 
 def luminance(rgb: np.ndarray, name: str = "image") -> np.ndarray:

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.color import LUMA
+from ..models.mefn import exposure_prior
+
 RULES = ("saliency", "l1", "average")
 SALIENCY_RADIUS = 45  # guided-filter refinement of the saliency weights (authors' r1)
 SALIENCY_EPS = 0.01  # guided-filter regulariser (authors' eps1)
@@ -363,9 +366,6 @@ def apply_rule(name: str, z: torch.Tensor, stats: SaliencyStats | None = None,
 
 # --- CSC-MEFN: the global exposure prior of weights trained with it ------------------------
 
-LUMA = np.array([0.299, 0.587, 0.114])  # Y of YCbCr (models.color), linear: mean Y from means
-
-
 def exposure_channel_sums(stack: np.ndarray) -> np.ndarray:
     """Per exposure, the float64 sum of each channel of a normalised stack (K,H,W) or
     (K,H,W,3) (or of one block of it) -> (K,) or (K,3); no full-size temporary."""
@@ -375,9 +375,7 @@ def exposure_channel_sums(stack: np.ndarray) -> np.ndarray:
 def exposure_prior_logits(channel_sums: np.ndarray, pixels: int, sigma: float) -> np.ndarray:
     """The logit ``models.mefn.exposure_prior`` adds to every pixel of each exposure, from
     the exposures' channel sums over the whole image (``exposure_channel_sums``) -> (K,)."""
-    from ..models.mefn import exposure_prior
-
     means = np.asarray(channel_sums, np.float64) / pixels
     if means.ndim == 2:  # RGB: mean luminance from the channel means (Y is linear)
-        means = means @ LUMA
+        means = means @ np.array(LUMA)
     return exposure_prior(torch.from_numpy(means), sigma).numpy().astype(np.float32)

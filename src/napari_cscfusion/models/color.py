@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+LUMA = (0.299, 0.587, 0.114)  # Y = .299 R + .587 G + .114 B
+
 
 def rgb_to_ycbcr(rgb: torch.Tensor, dim: int = -3) -> torch.Tensor:
     r, g, b = rgb.unbind(dim)
-    y = 0.299 * r + 0.587 * g + 0.114 * b
+    y = LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
     cb = 0.5 - 0.168736 * r - 0.331264 * g + 0.5 * b
     cr = 0.5 + 0.5 * r - 0.418688 * g - 0.081312 * b
     return torch.stack((y, cb, cr), dim)

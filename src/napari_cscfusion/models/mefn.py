@@ -47,12 +47,19 @@ class CSCMEFN(nn.Module):
         """Per-pixel weight logits for luminance images y [N,1,H,W] -> [N,1,H,W]."""
         return self.head(self.encoder(y))
 
+    def weight_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """Luminance of brackets [..., K, 1, H, W] -> the logits softmaxed over K
+        [..., K, H, W]: the network's, plus the exposure prior if the weights have one."""
+        *lead, _, h, w = y.shape
+        logits = self.logits(y.reshape(-1, 1, h, w)).reshape(*lead, h, w)
+        if self.prior_sigma:
+            logits = logits + exposure_prior(y.mean((-3, -2, -1)),
+                                             self.prior_sigma)[..., None, None]
+        return logits
+
     def fuse_luminance(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """y: [K,1,H,W] exposures of one scene -> (fused Y [1,H,W], softmax weights [K,H,W])."""
-        logits = self.logits(y)[:, 0]
-        if self.prior_sigma:
-            logits = logits + exposure_prior(y.mean((1, 2, 3)), self.prior_sigma)[:, None, None]
-        w = torch.softmax(logits, dim=0)
+        w = torch.softmax(self.weight_logits(y), dim=0)
         return (w * y[:, 0]).sum(0, keepdim=True), w
 
     def forward(self, stack: torch.Tensor) -> torch.Tensor:

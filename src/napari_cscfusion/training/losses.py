@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from ..models.color import fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
-from ..models.mefn import exposure_prior
 
 SSIM_WEIGHT = 5.0  # the authors' IVFN loss: MSE + 5 * (1 - SSIM) / 2
 
@@ -60,14 +59,9 @@ def mefn_fuse_batch(net, stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     Returns (fused RGB [N,3,H,W] clamped to [0,1], fused luminance [N,1,H,W]); the same
     computation as ``CSCMEFN.forward`` for each bracket (with the network's exposure prior).
     """
-    prior_sigma = getattr(net, "prior_sigma", None)
-    n, k, _, h, w = stack.shape
     ycc = rgb_to_ycbcr(stack, dim=2)  # [N,K,3,H,W]
     y = ycc[:, :, :1]
-    logits = net.logits(y.reshape(n * k, 1, h, w)).reshape(n, k, h, w)
-    if prior_sigma:
-        logits = logits + exposure_prior(y.mean((2, 3, 4)), prior_sigma)[..., None, None]
-    weights = torch.softmax(logits, dim=1)
+    weights = torch.softmax(net.weight_logits(y), dim=1)
     y_f = (weights * y[:, :, 0]).sum(1)  # [N,H,W]
     cb = fuse_chroma(ycc[:, :, 1], dim=1)
     cr = fuse_chroma(ycc[:, :, 2], dim=1)
