@@ -26,14 +26,13 @@ from .notices import free_cached, is_oom, notify, release_freed_memory
 from .rules import exposure_channel_sums, exposure_prior_logits
 from .tiling import (
     IVF_ALPHA,
-    MIN_TILE,
     IVFKernel,
     MEFKernel,
     MMFKernel,
     combine_extremes,
+    measured_in_parts,
     resolve_tile,
     run_tiled,
-    sub_tiles,
     tile_grid,
     with_histogram,
 )
@@ -135,39 +134,14 @@ def _split_after_oom(kernel, crop: np.ndarray, core, stats) -> dict:
     return {name: a[:, core[0]:core[1], core[2]:core[3]] for name, a in full.items()}
 
 
-def _measured_in_parts(kernel, measure, crop: np.ndarray, core) -> list:
-    """``measure(crop, core)`` of a statistics task, as a list of parts. A crop that runs out
-    of memory is measured in quarters of its core (then smaller, down to ``MIN_TILE``), each
-    with the encoder's halo, which the crop holds (where it does not, the crop's edge is the
-    image's): the parts' extremes / counts combine to the whole core's exactly."""
-    try:
-        part = measure(crop, core)
-        release_freed_memory()
-        return [part]
-    except Exception as exc:
-        side = max(core[1] - core[0], core[3] - core[2])
-        if not is_oom(exc) or side < 2 * MIN_TILE:
-            raise
-        del exc
-    free_cached(kernel.device)
-    half = (side + 1) // 2
-    notify(f"out of memory on {kernel.device} in a statistics task of {side} px; measured in "
-           f"tiles of {half} px")
-    parts = []
-    for t in sub_tiles(core, (0, crop.shape[-2], 0, crop.shape[-1]), half, kernel.enc_radius):
-        sub = crop[..., t.crop_slices[0], t.crop_slices[1]]
-        parts += _measured_in_parts(kernel, measure, sub, t.inner)
-    return parts
-
-
 def _extremes(kernel, crop, core):
-    parts = _measured_in_parts(kernel, kernel.extremes, crop, core)
+    parts = measured_in_parts(kernel, kernel.extremes, crop, core)
     whole = combine_extremes(parts)  # one part: the same tensors, on the CPU
     return whole.lo, whole.hi
 
 
 def _counts(kernel, crop, core, stats):
-    parts = _measured_in_parts(kernel, lambda c, k: kernel.counts(c, k, stats), crop, core)
+    parts = measured_in_parts(kernel, lambda c, k: kernel.counts(c, k, stats), crop, core)
     return sum(c.cpu() for c in parts)
 
 

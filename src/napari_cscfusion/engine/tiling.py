@@ -960,6 +960,32 @@ class Ticker:
         self.report()
 
 
+def measured_in_parts(kernel, measure, crop: np.ndarray, core) -> list:
+    """``measure(crop, core)`` of one saliency-statistics tile (in memory or in a lazy task), as
+    a list of parts. A crop that runs out of memory is measured in quarters of its core (then
+    smaller, down to ``MIN_TILE``), each with the encoder's halo, which the crop holds (where
+    it does not, the crop's edge is the image's): the parts' extremes / counts combine to the
+    whole core's exactly."""
+    try:
+        part = measure(crop, core)
+        release_freed_memory()
+        return [part]
+    except Exception as exc:
+        side = max(core[1] - core[0], core[3] - core[2])
+        if not is_oom(exc) or side < 2 * MIN_TILE:
+            raise
+        del exc
+    free_cached(kernel.device)
+    half = (side + 1) // 2
+    notify(f"out of memory on {kernel.device} in the saliency statistics of a {side} px tile; "
+           f"measured in tiles of {half} px")
+    parts = []
+    for t in sub_tiles(core, (0, crop.shape[-2], 0, crop.shape[-1]), half, kernel.enc_radius):
+        sub = crop[..., t.crop_slices[0], t.crop_slices[1]]
+        parts += measured_in_parts(kernel, measure, sub, t.inner)
+    return parts
+
+
 def saliency_statistics(kernel: IVFKernel, x: np.ndarray, tile: int | None,
                         ticker: Ticker | None = None) -> SaliencyStats:
     """Whole-image extremes, then histograms, of the base codes: two passes over tiles (each
@@ -967,15 +993,15 @@ def saliency_statistics(kernel: IVFKernel, x: np.ndarray, tile: int | None,
     tiles = kernel.stats_tiles(x.shape[-2:], tile)
     parts = []
     for t in tiles:
-        parts.append(kernel.extremes(x[:, t.crop_slices[0], t.crop_slices[1]], t.inner))
-        release_freed_memory()
+        parts += measured_in_parts(kernel, kernel.extremes,
+                                   x[:, t.crop_slices[0], t.crop_slices[1]], t.inner)
         if ticker is not None:
             ticker()
     stats = combine_extremes(parts)
     counts = []
     for t in tiles:
-        counts.append(kernel.counts(x[:, t.crop_slices[0], t.crop_slices[1]], t.inner, stats))
-        release_freed_memory()
+        counts += measured_in_parts(kernel, lambda c, k: kernel.counts(c, k, stats),
+                                    x[:, t.crop_slices[0], t.crop_slices[1]], t.inner)
         if ticker is not None:
             ticker()
     return with_histogram(stats, counts)
