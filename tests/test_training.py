@@ -271,3 +271,52 @@ def test_training_with_the_exposure_prior_fuses_as_the_network_and_records_it(tm
     for task, sigma in (("ivf", 0.2), ("mef", -1.0)):
         with pytest.raises(ValueError, match="exposure_prior_sigma"):
             _train(task, tmp_path / "bad.pt", exposure_prior_sigma=sigma)
+
+
+def test_max_grad_norm_clips_every_step_and_is_recorded(tmp_path, monkeypatch):
+    norms = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):  # the gradients' global norm as the optimiser sees it
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    _train("mmf", tmp_path / "free.pt", validate=False)
+    free = list(norms)
+    norms.clear()
+    out = _train("mmf", tmp_path / "clipped.pt", validate=False, max_grad_norm=1e-4)
+    assert max(free) > 1e-3  # so the limit below is a real one
+    assert len(norms) == 2 and max(norms) <= 1e-4 * (1 + 1e-4)
+    assert load_network("mmf", out)[1]["header"]["training"]["max_grad_norm"] == 1e-4
+    assert "max_grad_norm" not in load_network(
+        "mmf", tmp_path / "free.pt")[1]["header"]["training"]
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        _train("mmf", tmp_path / "bad.pt", validate=False, max_grad_norm=0)
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_epoch(tmp_path,
+                                                                          monkeypatch):
+    import importlib
+
+    T = importlib.import_module("napari_cscfusion.training.train")  # the module, not train()
+    # a constant learning rate: epoch 1 of two is then the same as a one-epoch run
+    one = _train("mmf", tmp_path / "one.pt", validate=False, schedule="constant")
+    real, calls = T.compute_loss, []
+
+    def compute_loss(*args, **kwargs):  # epoch 2, step 2 diverges
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(T, "compute_loss", compute_loss)
+    out = tmp_path / "two.pt"
+    with pytest.raises(FloatingPointError, match=r"nan at epoch 2, step 2.*--max-grad-norm"):
+        _train("mmf", out, epochs=2, validate=False, schedule="constant")
+    assert _same(_state(one), _state(out))  # epoch 1's weights, untouched by the bad step
+    state = torch.load(tmp_path / "two.state.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 0)
+    rows = list(csv.DictReader(open(tmp_path / "two.log.csv")))
+    assert [float(r["epoch"]) for r in rows] == [1.0]

@@ -62,6 +62,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="train with batch norm on its running statistics (as at inference)")
     p.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="first recompute batch-norm statistics over N training batches")
+    p.add_argument("--max-grad-norm", type=float, default=None, metavar="NORM",
+                   help="clip the gradients' global norm to NORM before each step (default: "
+                        "no clipping); for wide networks whose loss blows up")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
@@ -102,6 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, halo_weight=args.halo_weight,
         freeze_bn=args.freeze_bn, recalibrate_batches=args.recalibrate_bn,
         source_options=source or None, exposure_prior_sigma=args.exposure_prior,
+        max_grad_norm=args.max_grad_norm,
     )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")

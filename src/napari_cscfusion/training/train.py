@@ -225,6 +225,7 @@ def train(
     recalibrate_batches: int = 0,
     source_options: dict | None = None,
     exposure_prior_sigma: float | None = None,
+    max_grad_norm: float | None = None,
 ) -> Path:
     """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
 
@@ -239,7 +240,11 @@ def train(
     the header through its ``describe()``. ``exposure_prior_sigma`` (mef): train with
     ``models.mefn.exposure_prior`` added to the logits (recorded in the header; the engine
     adds it at inference); None keeps the prior of ``init_weights`` (if any), 0 trains
-    without one.
+    without one. ``max_grad_norm``: clip the gradients' global norm to this before each step
+    (None: no clipping; recorded in the header); wider networks (mmf ``code_channels`` 64)
+    otherwise can blow up after some epochs.
+    A loss that is not finite stops the run with ``FloatingPointError`` before that step
+    changes anything: the files of the last finished epoch stay as they were.
     Returns ``out`` (the latest weights; ``<out>.best.pt`` holds the best validated epoch).
     """
     if task not in TASKS:
@@ -247,6 +252,8 @@ def train(
     if exposure_prior_sigma is not None and (task != "mef" or not exposure_prior_sigma >= 0):
         raise ValueError(f"exposure_prior_sigma: a number >= 0 (0: none) for 'mef' only, got "
                          f"{exposure_prior_sigma!r} for {task!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm: a number > 0 or None, got {max_grad_norm!r}")
     out = Path(out)
     side = _paths(out)
     dev = pick_device(device)
@@ -319,6 +326,7 @@ def train(
             "batch_size": batch_size, "crop": crop, "lr": lr, "schedule": schedule,
             "warmup_steps": warmup_steps, "seed": seed, "loss": LOSS_NAMES[task],
             "halo_weight": halo_weight, "optimizer": "Adam",
+            **({"max_grad_norm": max_grad_norm} if max_grad_norm else {}),
             **({"exposure_prior_sigma": exposure_prior_sigma,
                 "exposure_prior": "models.mefn.exposure_prior(mean luminance of each exposure "
                                   "over the whole image, sigma) added to the logits"}
@@ -375,8 +383,16 @@ def train(
                 batch = _to(src.batch(epoch, step), dev)
                 batch.pop("scale", None)
                 loss = compute_loss(task, net, batch, halo_weight)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training {task}: the loss is {float(loss.detach())} at epoch "
+                        f"{epoch + 1}, step {step + 1}; the run diverged. {out} and "
+                        f"{side['best']} hold the last finished epoch (or none yet); train "
+                        f"again with a lower --lr or with --max-grad-norm (e.g. 1)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
                 opt.step()
                 losses.append(float(loss.detach()))
                 step += 1
