@@ -582,10 +582,12 @@ def test_out_of_memory_is_retried_with_smaller_tiles(monkeypatch, task, inputs, 
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_out_of_memory_in_a_lazy_statistics_task_is_measured_in_parts(monkeypatch):
-    """dask in, saliency rule: a statistics task (base codes of a tile, for the whole-image
-    extremes and histograms) whose crop does not fit is measured in quarters; the combined
-    statistics, hence the image, are the in-memory run's."""
+@pytest.mark.parametrize("lazy", [False, True], ids=["in-memory", "dask"])
+def test_out_of_memory_in_the_statistics_pass_is_measured_in_parts(monkeypatch, lazy):
+    """Saliency rule, several tiles: a statistics tile (base codes of a tile, for the
+    whole-image extremes and histograms; in memory, or a dask task) whose crop does not fit
+    is measured in quarters instead of failing the run; the combined statistics, hence the
+    image, are those of a run that fits."""
     import dask
     import dask.array as da
 
@@ -603,39 +605,13 @@ def test_out_of_memory_in_a_lazy_statistics_task_is_measured_in_parts(monkeypatc
         return real(self, crop, core)
 
     monkeypatch.setattr(tiling.IVFKernel, "base_codes", base_codes)
-    lazy = fuse_infrared_visible(da.from_array(ir, chunks=64), da.from_array(vis, chunks=64),
-                                 model=model("ivf"), device="cpu", tile=64)
+    if lazy:
+        ir, vis = da.from_array(ir, chunks=64), da.from_array(vis, chunks=64)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         with dask.config.set(scheduler="synchronous"):
-            got = lazy.image.compute()
-    assert len(too_big) == 8  # 4 tiles, 2 passes
-    assert any(issubclass(w.category, OutOfMemoryRetry) and "saliency statistics" in str(w.message)
-               for w in record)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-
-
-def test_out_of_memory_in_the_in_memory_statistics_pass_is_measured_in_parts(monkeypatch):
-    """numpy in, saliency rule, several tiles: a statistics tile whose crop does not fit is
-    measured in quarters (as in a lazy task) instead of failing the run; the image is the
-    one of a run that fits."""
-    from napari_cscfusion import OutOfMemoryRetry
-    from napari_cscfusion.engine import tiling
-
-    ir, vis = RNG.random((128, 128)), RNG.random((128, 128))
-    want = fuse_infrared_visible(ir, vis, model=model("ivf"), device="cpu", tile=64).image
-    real, too_big = tiling.IVFKernel.base_codes, []
-
-    def base_codes(self, crop, core):  # only the statistics passes encode through here
-        if crop.shape[-2] * crop.shape[-1] > 80 * 80:  # 64 px cores + 20 px halo: 84 px
-            too_big.append(crop.shape)
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. (simulated)")
-        return real(self, crop, core)
-
-    monkeypatch.setattr(tiling.IVFKernel, "base_codes", base_codes)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        got = fuse_infrared_visible(ir, vis, model=model("ivf"), device="cpu", tile=64).image
+            got = np.asarray(fuse_infrared_visible(ir, vis, model=model("ivf"), device="cpu",
+                                                   tile=64).image)
     assert len(too_big) == 8  # 4 tiles, 2 passes
     assert any(issubclass(w.category, OutOfMemoryRetry) and "saliency statistics" in
                str(w.message) for w in record)
