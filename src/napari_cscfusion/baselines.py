@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .metrics import _as_float01
+from .models.color import luma
 
 __all__ = [
     "average_fusion",
@@ -213,7 +214,7 @@ def guided_filter(guide, src, r: int, eps: float) -> np.ndarray:
 
     g = _as_float01(guide)
     if g.ndim == 3:
-        g = g[..., 0] * 0.299 + g[..., 1] * 0.587 + g[..., 2] * 0.114
+        g = luma(g)
     p = _as_float01(src)
     if p.shape[:2] != g.shape:
         raise ValueError(f"guide {g.shape} and input {p.shape[:2]} must have the same size")

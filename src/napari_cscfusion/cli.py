@@ -30,6 +30,7 @@ from .engine import (
 from .engine.io import read_image, to_grey, write_tiff
 from .engine.registry import load_model
 from .engine.rules import RULES
+from .models.color import luma
 
 
 def _model(task: str, weights: str | None):
@@ -83,7 +84,7 @@ def _streaming(args: argparse.Namespace) -> bool:
 def _lazy_grey(a):
     """Luminance of a lazy (H, W, 3|4) image; grey images unchanged."""
     if a.ndim == 3 and a.shape[-1] in (3, 4):
-        return 0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]
+        return luma(a)
     return a
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models.color import luma
+
 __all__ = [
     "IVF_METRICS",
     "MEF_METRICS",
@@ -201,7 +203,7 @@ def _grey(img) -> np.ndarray:
     """float64 grey image in [0,1]-scale; (H,W,3|4) colour -> BT.601 luma."""
     a = _as_float01(img)
     if a.ndim == 3 and a.shape[-1] in (3, 4):
-        a = a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
+        a = luma(a)
     if a.ndim != 2:
         raise ValueError(f"expected a 2-D grey or (H,W,3) colour image, got shape {a.shape}")
     return a

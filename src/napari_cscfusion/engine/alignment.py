@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.optimize import minimize
 
+from ..models.color import luma
 from .inputs import check_min_size, normalise
 
 #: Misalignment (RMS displacement over the fixed image's foreground) tolerated as "aligned".
@@ -45,7 +46,7 @@ def _grey(image, name: str) -> np.ndarray:
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[-1] in (3, 4):
         a = normalise(a[..., :3], name).data.astype(np.float64)
-        a = 0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]
+        a = luma(a)
     elif a.ndim == 2:
         a = normalise(a, name).data.astype(np.float64)
     else:

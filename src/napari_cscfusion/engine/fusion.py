@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..models.color import luma
 from . import notices
 from .device import resolve_device
 from .inputs import (
@@ -396,7 +397,7 @@ def stretch_percentiles(image: np.ndarray, low: float = 0.5, high: float = 99.5)
 # --- guided super-resolution with CSC-MMFN ------------------------------------------------
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
-    return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]).astype(np.float32)
+    return luma(rgb).astype(np.float32)
 
 
 def _guide_for_network(g: np.ndarray, net_g: int, network: str) -> np.ndarray:

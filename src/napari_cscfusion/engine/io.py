@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.color import luma
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
@@ -40,7 +42,7 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     """(H,W,3|4) colour -> (H,W) BT.601 luminance, same value range; grey passes through."""
     if image.ndim == 3 and image.shape[-1] in (3, 4):
         rgb = image[..., :3].astype(np.float64)
-        grey = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+        grey = luma(rgb)
         if np.issubdtype(image.dtype, np.integer):
             return np.round(grey).astype(image.dtype)
         return grey.astype(image.dtype)

@@ -7,6 +7,12 @@ import torch
 LUMA = (0.299, 0.587, 0.114)  # Y = .299 R + .587 G + .114 B
 
 
+def luma(rgb):
+    """BT.601 luma of channels-last colour (..., 3 or more; extra channels such as alpha are
+    ignored), for numpy, dask or torch arrays alike; the arithmetic of ``rgb_to_ycbcr``'s Y."""
+    return LUMA[0] * rgb[..., 0] + LUMA[1] * rgb[..., 1] + LUMA[2] * rgb[..., 2]
+
+
 def rgb_to_ycbcr(rgb: torch.Tensor, dim: int = -3) -> torch.Tensor:
     r, g, b = rgb.unbind(dim)
     y = LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
