@@ -652,6 +652,48 @@ def test_out_of_memory_in_a_lazy_tile_task_is_retried_with_smaller_tiles(monkeyp
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("weights", ["packaged", "authors"])
+def test_out_of_memory_in_a_lazy_guided_tile_task_is_fused_in_parts(monkeypatch, weights):
+    """dask in, CSC-MMFN: a tile task whose low-res and guide crops do not fit is fused in
+    quarters inside the task, each from its part of both crops (the values of the in-memory
+    run with those tiles, and the OutOfMemoryRetry warning). Packaged weights: the low-res input is
+    bicubically upsampled in the task first; the authors': it stays at low resolution."""
+    import dask
+    import dask.array as da
+
+    from napari_cscfusion import OutOfMemoryRetry
+    from napari_cscfusion.engine import tiling
+
+    if weights == "authors" and not CKPT.is_dir():
+        pytest.skip(f"no reference checkpoints at {CKPT}")
+    m = load_model("mmf") if weights == "packaged" else model("mmf")
+    c = m.network.lr_channels
+    low = RNG.random((c, 32, 32)).astype(np.float32)
+    guide = RNG.random((128, 128) if m.network.guide_channels == 1 else (128, 128, 3))
+    # the parts are the 32 px tiles of an in-memory run
+    want = fuse_guided(low, guide, model=m, device="cpu", tile=32).image
+    real, too_big = tiling.MMFKernel.__call__, []
+
+    def call(self, crop, core, stats=None, tick=None):
+        g = crop[1]
+        if g.shape[-2] * g.shape[-1] > 70 * 70:  # 64 px cores + context: ~90 px; 32 px: ~58
+            too_big.append(g.shape)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. (simulated)")
+        return real(self, crop, core, stats, tick)
+
+    monkeypatch.setattr(tiling.MMFKernel, "__call__", call)
+    lazy = fuse_guided(da.from_array(low, chunks=(c, 16, 16)), da.from_array(guide, chunks=64),
+                       model=m, device="cpu", tile=64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with dask.config.set(scheduler="synchronous"):
+            got = lazy.image.compute()
+    assert len(too_big) == 4  # every 64 px tile task, once; their quarters fit
+    assert any(issubclass(w.category, OutOfMemoryRetry) and "tile task of 64 px" in
+               str(w.message) for w in record)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def _notices(record, result) -> str:
     return " ".join([str(w.message) for w in record] + [str(result.metadata)]).lower()
 

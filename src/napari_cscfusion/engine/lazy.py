@@ -26,6 +26,7 @@ from .notices import free_cached, is_oom, notify, release_freed_memory
 from .rules import exposure_channel_sums, exposure_prior_logits
 from .tiling import (
     IVF_ALPHA,
+    MIN_TILE,
     IVFKernel,
     MEFKernel,
     MMFKernel,
@@ -33,6 +34,7 @@ from .tiling import (
     measured_in_parts,
     resolve_tile,
     run_tiled,
+    sub_tiles,
     tile_grid,
     with_histogram,
 )
@@ -109,14 +111,53 @@ def _run(kernel, crop, core, stats):
     try:
         res = kernel(crop, core, stats)
     except Exception as exc:
-        # crops of one array (IVF, MEF) can be split; MMF's two-resolution crops cannot
-        if not (is_oom(exc) and isinstance(crop, np.ndarray)):
+        one_array = isinstance(crop, np.ndarray)  # IVF, MEF; MMF has a low-res and a guide crop
+        if not is_oom(exc) or (not one_array and max(core[1] - core[0],
+                                                     core[3] - core[2]) < 2 * MIN_TILE):
             raise
         del exc
-        res = _split_after_oom(kernel, crop, core, stats)
+        if one_array:
+            res = _split_after_oom(kernel, crop, core, stats)
+        else:
+            res = {"image": _guided_split(kernel, crop)}
     out = np.concatenate([res[name] for name in kernel.outputs()], 0)
     del res
     release_freed_memory()
+    return out
+
+
+def _guided_in_parts(kernel: MMFKernel, crop) -> np.ndarray:
+    """The MMF image of a crop (low-res crop, guide crop, core in output coordinates); split
+    into quarters if it runs out of memory (down to ``MIN_TILE``)."""
+    core = crop[2]
+    try:
+        return kernel(crop, core)["image"]
+    except Exception as exc:
+        if not is_oom(exc) or max(core[1] - core[0], core[3] - core[2]) < 2 * MIN_TILE:
+            raise
+        del exc
+    return _guided_split(kernel, crop)
+
+
+def _guided_split(kernel: MMFKernel, crop) -> np.ndarray:
+    """An MMF tile (task) that ran out of memory: its core is fused in quarters, each from the
+    part of the low-res and guide crops that its windows need (inside the tile's: windows grow
+    with the core). The kernel resamples at whole-image coordinates, so the parts are the
+    tiles an in-memory run would make."""
+    free_cached(kernel.device)
+    lr, g, core = crop
+    side = max(core[1] - core[0], core[3] - core[2])
+    half = (side + 1) // 2
+    notify(f"out of memory on {kernel.device} in a tile task of {side} px; retried with tiles "
+           f"of {half} px")
+    (_, _, ly, gy), (_, _, lx, gx) = (kernel.windows(core)[ax] for ax in (0, 1))
+    out = np.empty((kernel.c, core[1] - core[0], core[3] - core[2]), np.float32)
+    for t in sub_tiles(core, core, half, 0):
+        (_, _, sly, sgy), (_, _, slx, sgx) = (kernel.windows(t.core)[ax] for ax in (0, 1))
+        sub = (lr[:, sly[0] - ly[0]:sly[1] - ly[0], slx[0] - lx[0]:slx[1] - lx[0]],
+               g[:, sgy[0] - gy[0]:sgy[1] - gy[0], sgx[0] - gx[0]:sgx[1] - gx[0]], t.core)
+        out[:, t.core[0] - core[0]:t.core[1] - core[0], t.core[2] - core[2]:t.core[3] - core[2]] \
+            = _guided_in_parts(kernel, sub)
     return out
 
 
