@@ -734,6 +734,21 @@ def test_out_of_memory_retry_notice_in_multimodal_fusion(monkeypatch):
                                      "retried with tiles of 48 px"]
 
 
+def _fake_gpu_without_memory(monkeypatch):
+    """'cuda' resolves to PyTorch's meta device (tensors without data; the weights stay on
+    the CPU) and every convolution on it runs out of memory."""
+    from napari_cscfusion.engine import fusion
+    from napari_cscfusion.engine.registry import FusionModel
+
+    fake = torch.device("meta")
+    real_resolve, real_network_on = fusion.resolve_device, FusionModel.network_on
+    monkeypatch.setattr(fusion, "resolve_device",
+                        lambda d: fake if d == "cuda" else real_resolve(d))
+    monkeypatch.setattr(FusionModel, "network_on", lambda self, d: real_network_on(
+        self, torch.device("cpu") if d == fake else d))
+    return _oom_above(monkeypatch, 0, device_type="meta")  # nothing fits on the "GPU"
+
+
 @pytest.mark.parametrize("task", ["ivf", "mef", "mmf"])
 def test_out_of_memory_on_every_tile_of_a_gpu_falls_back_to_the_cpu(monkeypatch, task):
     """The fallback without a GPU: 'cuda' resolves to PyTorch's meta device (tensors without
@@ -741,9 +756,6 @@ def test_out_of_memory_on_every_tile_of_a_gpu_falls_back_to_the_cpu(monkeypatch,
     engine splits tiles down to the smallest, then reruns on the CPU: the plain CPU result,
     metadata device 'cpu', and a warning saying so."""
     from napari_cscfusion import OutOfMemoryRetry
-    from napari_cscfusion.engine import fusion
-    from napari_cscfusion.engine.registry import FusionModel
-
     m = model(task)
     c = m.network.lr_channels if task == "mmf" else 0
     inputs, kwargs = {
@@ -753,13 +765,7 @@ def test_out_of_memory_on_every_tile_of_a_gpu_falls_back_to_the_cpu(monkeypatch,
     }[task]
     fuse = {"ivf": fuse_infrared_visible, "mef": fuse_exposures, "mmf": fuse_guided}[task]
     want = fuse(*inputs, model=m, device="cpu", **kwargs)
-    fake = torch.device("meta")
-    real_resolve, real_network_on = fusion.resolve_device, FusionModel.network_on
-    monkeypatch.setattr(fusion, "resolve_device",
-                        lambda d: fake if d == "cuda" else real_resolve(d))
-    monkeypatch.setattr(FusionModel, "network_on", lambda self, d: real_network_on(
-        self, torch.device("cpu") if d == fake else d))
-    calls = _oom_above(monkeypatch, 0, device_type="meta")  # nothing fits on the "GPU"
+    calls = _fake_gpu_without_memory(monkeypatch)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         r = fuse(*inputs, model=m, device="cuda", **kwargs)
@@ -774,6 +780,54 @@ def test_out_of_memory_on_every_tile_of_a_gpu_falls_back_to_the_cpu(monkeypatch,
                         r"instead \(slower\)", ours[1]), ours
     np.testing.assert_allclose(r.image, want.image, atol=1e-5)
     assert next(m.network.parameters()).device.type == "cpu"  # the user's network stays put
+
+
+@pytest.mark.parametrize("task", ["ivf", "mef", "mmf"])
+def test_out_of_memory_on_a_gpu_in_lazy_tasks_falls_back_to_the_cpu(monkeypatch, task):
+    """Dask in, the GPU faked as above (nothing fits on it): every tile task, and the saliency
+    rule's statistics tasks, split down to the smallest tiles and then run on a CPU copy of
+    the kernel, with a notice; the image is the CPU's in-memory tiled one."""
+    import dask
+    import dask.array as da
+
+    from napari_cscfusion import OutOfMemoryRetry
+    m = model(task)
+    c = m.network.lr_channels if task == "mmf" else 0
+    inputs, kwargs, chunks = {
+        "ivf": ((RNG.random((96, 80)), RNG.random((96, 80))), {"base_rule": "saliency"}, 48),
+        "mef": ((RNG.random((3, 96, 80, 3)),), {}, (3, 48, 48, 3)),
+        "mmf": ((RNG.random((c, 24, 20)), RNG.random((96, 80, 3))), {}, None),
+    }[task]
+    fuse = {"ivf": fuse_infrared_visible, "mef": fuse_exposures, "mmf": fuse_guided}[task]
+    want = fuse(*inputs, model=m, device="cpu", tile=48, **kwargs).image
+    calls = _fake_gpu_without_memory(monkeypatch)
+    lazy_inputs = [da.from_array(a, chunks=chunks or -1) for a in inputs]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        r = fuse(*lazy_inputs, model=m, device="cuda", tile=48, **kwargs)
+        with dask.config.set(scheduler="synchronous"):
+            got = r.image.compute()
+    ours = [str(w.message) for w in record if issubclass(w.category, OutOfMemoryRetry)]
+    assert calls["oom"] >= 4  # every tile task tried the "GPU" first
+    fell_back = [n for n in ours if "ran that task on the CPU instead" in n]
+    assert len(fell_back) == 4 + (8 if task == "ivf" else 0), ours  # 4 tiles (+ 2x4 statistics)
+    assert all(n.startswith("out of memory on meta in a ") for n in fell_back)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert next(m.network.parameters()).device.type == "cpu"  # the user's network stays put
+
+
+def test_cpu_twin_of_a_kernel_is_made_once_with_the_same_weights():
+    from napari_cscfusion.engine.lazy import _cpu_twin
+    from napari_cscfusion.engine.tiling import MEFKernel
+
+    kernel = MEFKernel(model("mef").network, 3, True, torch.device("cpu"))
+    twin = _cpu_twin(kernel)
+    assert _cpu_twin(kernel) is twin and twin is not kernel and twin.device.type == "cpu"
+    assert twin.net is not kernel.net and kernel.device.type == "cpu"
+    ours, theirs = kernel.net.state_dict(), twin.net.state_dict()  # the folded weights
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    for name, t in ours.items():  # (on the CPU already, so shared, not copied)
+        assert torch.equal(t, theirs[name]) and theirs[name].device.type == "cpu", name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

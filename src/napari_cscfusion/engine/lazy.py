@@ -16,11 +16,14 @@ integers; otherwise the global min/max, as lazy reductions).
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .notices import free_cached, is_oom, notify, release_freed_memory
 from .rules import exposure_channel_sums, exposure_prior_logits
@@ -31,6 +34,7 @@ from .tiling import (
     MEFKernel,
     MMFKernel,
     combine_extremes,
+    inner_tile,
     measured_in_parts,
     resolve_tile,
     run_tiled,
@@ -107,7 +111,51 @@ def _crop_stack(block, lo, hi):
     return normalise_block(block, lo, hi, "stack")
 
 
+_cpu_twin_lock = threading.Lock()
+
+
+def _on_device_or_cpu(kernel, what: str, fn):
+    """``fn(kernel)``; if that runs out of memory on a GPU even after the task split its tile
+    down to the smallest, ``fn`` of the kernel's CPU twin, with a notice (as
+    ``notices.on_device_or_cpu`` does for a whole in-memory run, but task by task)."""
+    try:
+        return fn(kernel)
+    except Exception as exc:
+        if kernel.device.type == "cpu" or not is_oom(exc):
+            raise
+        del exc
+    free_cached(kernel.device)
+    notify(f"out of memory on {kernel.device} in a {what} task, split as far as it goes; ran "
+           f"that task on the CPU instead (slower)")
+    return fn(_cpu_twin(kernel))
+
+
+def _cpu_twin(kernel):
+    """The kernel with its inference network copied to the CPU, made once per kernel (per
+    worker process)."""
+    with _cpu_twin_lock:
+        twin = kernel.__dict__.get("_cpu_twin")
+        if twin is None:
+            cpu = torch.device("cpu")
+            twin = copy.copy(kernel)
+            # parameters and buffers copied straight to the CPU (a deepcopy first would
+            # allocate them again on the GPU that just ran out of memory)
+            memo = {id(t): (torch.nn.Parameter(t.detach().to(cpu), t.requires_grad)
+                            if isinstance(t, torch.nn.Parameter) else t.to(cpu))
+                    for t in (*kernel.net.parameters(), *kernel.net.buffers())}
+            twin.net = copy.deepcopy(kernel.net, memo)
+            twin.device = cpu
+            if hasattr(kernel, "inner"):
+                twin.inner = inner_tile(kernel.task, cpu)
+            kernel._cpu_twin = twin
+        return twin
+
+
 def _run(kernel, crop, core, stats):
+    return _on_device_or_cpu(kernel, "tile", lambda k: _run_on(k, crop, core, stats))
+
+
+def _run_on(kernel, crop, core, stats):
     try:
         res = kernel(crop, core, stats)
     except Exception as exc:
@@ -176,13 +224,15 @@ def _split_after_oom(kernel, crop: np.ndarray, core, stats) -> dict:
 
 
 def _extremes(kernel, crop, core):
-    parts = measured_in_parts(kernel, kernel.extremes, crop, core)
+    parts = _on_device_or_cpu(kernel, "statistics", lambda k: measured_in_parts(
+        k, k.extremes, crop, core))
     whole = combine_extremes(parts)  # one part: the same tensors, on the CPU
     return whole.lo, whole.hi
 
 
 def _counts(kernel, crop, core, stats):
-    parts = measured_in_parts(kernel, lambda c, k: kernel.counts(c, k, stats), crop, core)
+    parts = _on_device_or_cpu(kernel, "statistics", lambda k: measured_in_parts(
+        k, lambda c, box: k.counts(c, box, stats), crop, core))
     return sum(c.cpu() for c in parts)
 
 
