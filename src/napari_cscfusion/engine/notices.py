@@ -2,7 +2,7 @@
 
 Out of memory (issue 7): a tile that runs out of memory is split and retried (tiling.run_tiled),
 and when even the smallest tiles do not fit on a GPU the fusion is rerun on the CPU
-(``on_device_or_cpu``). Each such event is
+(``on_device_or_cpu``; lazy runs do both inside each dask task, lazy.py). Each such event is
 
 * a ``warnings.warn`` of category ``OutOfMemoryRetry`` (a RuntimeWarning: shown by default, unlike
   ResourceWarning, which Python ignores unless asked), and
