@@ -812,6 +812,8 @@ def test_out_of_memory_on_a_gpu_in_lazy_tasks_falls_back_to_the_cpu(monkeypatch,
     fell_back = [n for n in ours if "ran that task on the CPU instead" in n]
     assert len(fell_back) == 4 + (8 if task == "ivf" else 0), ours  # 4 tiles (+ 2x4 statistics)
     assert all(n.startswith("out of memory on meta in a ") for n in fell_back)
+    # 48 px tasks are not split: no tiles below the smallest side (MIN_TILE = 32)
+    assert all(int(px) >= 32 for n in ours for px in re.findall(r"tiles of (\d+) px", n)), ours
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert next(m.network.parameters()).device.type == "cpu"  # the user's network stays put
 

@@ -160,9 +160,8 @@ def _run_on(kernel, crop, core, stats):
         res = kernel(crop, core, stats)
     except Exception as exc:
         one_array = isinstance(crop, np.ndarray)  # IVF, MEF; MMF has a low-res and a guide crop
-        if not is_oom(exc) or (not one_array and max(core[1] - core[0],
-                                                     core[3] - core[2]) < 2 * MIN_TILE):
-            raise
+        if not is_oom(exc) or max(core[1] - core[0], core[3] - core[2]) < 2 * MIN_TILE:
+            raise  # (as run_tiled: no tiles below MIN_TILE)
         del exc
         if one_array:
             res = _split_after_oom(kernel, crop, core, stats)
