@@ -29,7 +29,6 @@ from .registry import FusionModel, resolve_model
 from .rules import RULES, exposure_channel_sums, exposure_prior_logits
 from .tiling import (  # noqa: F401  (Cancelled and IVF_ALPHA are re-exported here)
     IVF_ALPHA,
-    MIN_TILE,
     Cancelled,
     IVFKernel,
     MEFKernel,
@@ -38,6 +37,7 @@ from .tiling import (  # noqa: F401  (Cancelled and IVF_ALPHA are re-exported he
     resolve_tile,
     result_bytes,
     run_tiled,
+    splittable_oom,
 )
 
 IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per side
@@ -346,6 +346,7 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
                          f"(shape {shape}; the exposure axis comes first)")
     check_min_size(core_shape[:3], "stack", MEF_MIN_SIZE, "3x3 reflection padding")
     model = resolve_model(model, "mef")
+    prior_sigma = exposure_prior_sigma(model)
     dev = resolve_device(device)
     k = core_shape[0]
     names = [f"exposure_{i}" for i in range(k)]
@@ -355,10 +356,10 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
             raise ValueError("codes: not available for dask inputs or cluster runs")
         lazy = fuse_exposures_lazy(stack, model, dev, is_rgb, tile=tile, weights=weights,
                                    precision=precision, client=client, scheduler=scheduler,
-                                   prior_sigma=exposure_prior_sigma(model))
+                                   prior_sigma=prior_sigma)
         meta = _base_metadata(model, dev, lazy.notes)
         meta.update(sources=names, colour=colour, lazy=lazy.is_lazy, tile=lazy.tile,
-                    exposure_prior_sigma=exposure_prior_sigma(model),
+                    exposure_prior_sigma=prior_sigma,
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, lazy.weights, meta)
     norm = normalise(stack, "stack")
@@ -380,7 +381,7 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
             w_out[(slice(None), *idx)] = w
     meta = _base_metadata(model, dev, {"stack": norm.note})
     meta.update(sources=names, colour=colour, planes=len(planes), tile=tile,
-                precision=precision, exposure_prior_sigma=exposure_prior_sigma(model),
+                precision=precision, exposure_prior_sigma=prior_sigma,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {"exposures": w_out} if weights else {}, meta)
 
@@ -582,7 +583,7 @@ def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.
                 report(progress, 1, 1)
                 return _to_numpy(out), code_maps
             except Exception as exc:
-                if codes or not notices.is_oom(exc) or max(H, W) < 2 * MIN_TILE:
+                if codes or not splittable_oom(exc, (0, H, 0, W)):
                     raise
             # out of memory on the whole image: tiles (whose results agree to 1e-5)
             notices.free_cached(d)

@@ -29,7 +29,6 @@ from .notices import free_cached, is_oom, notify, release_freed_memory
 from .rules import exposure_channel_sums, exposure_prior_logits
 from .tiling import (
     IVF_ALPHA,
-    MIN_TILE,
     IVFKernel,
     MEFKernel,
     MMFKernel,
@@ -38,6 +37,7 @@ from .tiling import (
     measured_in_parts,
     resolve_tile,
     run_tiled,
+    splittable_oom,
     sub_tiles,
     tile_grid,
     with_histogram,
@@ -156,17 +156,16 @@ def _run(kernel, crop, core, stats):
 
 
 def _run_on(kernel, crop, core, stats):
-    try:
-        res = kernel(crop, core, stats)
-    except Exception as exc:
-        one_array = isinstance(crop, np.ndarray)  # IVF, MEF; MMF has a low-res and a guide crop
-        if not is_oom(exc) or max(core[1] - core[0], core[3] - core[2]) < 2 * MIN_TILE:
-            raise  # (as run_tiled: no tiles below MIN_TILE)
-        del exc
-        if one_array:
+    if isinstance(crop, np.ndarray):  # IVF, MEF: crops of one array
+        try:
+            res = kernel(crop, core, stats)
+        except Exception as exc:
+            if not splittable_oom(exc, core):
+                raise  # (as run_tiled: no tiles below MIN_TILE)
+            del exc
             res = _split_after_oom(kernel, crop, core, stats)
-        else:
-            res = {"image": _guided_split(kernel, crop)}
+    else:  # MMF: a low-res and a guide crop
+        res = {"image": _guided_in_parts(kernel, crop)}
     out = np.concatenate([res[name] for name in kernel.outputs()], 0)
     del res
     release_freed_memory()
@@ -174,29 +173,19 @@ def _run_on(kernel, crop, core, stats):
 
 
 def _guided_in_parts(kernel: MMFKernel, crop) -> np.ndarray:
-    """The MMF image of a crop (low-res crop, guide crop, core in output coordinates); split
-    into quarters if it runs out of memory (down to ``MIN_TILE``)."""
-    core = crop[2]
+    """The MMF image of a crop (low-res crop, guide crop, core in output coordinates). If it
+    runs out of memory the core is fused in quarters (then smaller, down to ``MIN_TILE``),
+    each from the part of both crops that its windows need (inside the crop's: windows grow
+    with the core). The kernel resamples at whole-image coordinates, so the parts are the
+    tiles an in-memory run would make."""
+    lr, g, core = crop
     try:
         return kernel(crop, core)["image"]
     except Exception as exc:
-        if not is_oom(exc) or max(core[1] - core[0], core[3] - core[2]) < 2 * MIN_TILE:
+        if not splittable_oom(exc, core):
             raise
         del exc
-    return _guided_split(kernel, crop)
-
-
-def _guided_split(kernel: MMFKernel, crop) -> np.ndarray:
-    """An MMF tile (task) that ran out of memory: its core is fused in quarters, each from the
-    part of the low-res and guide crops that its windows need (inside the tile's: windows grow
-    with the core). The kernel resamples at whole-image coordinates, so the parts are the
-    tiles an in-memory run would make."""
-    free_cached(kernel.device)
-    lr, g, core = crop
-    side = max(core[1] - core[0], core[3] - core[2])
-    half = (side + 1) // 2
-    notify(f"out of memory on {kernel.device} in a tile task of {side} px; retried with tiles "
-           f"of {half} px")
+    half = _halved_tile_task(kernel, core)
     (_, _, ly, gy), (_, _, lx, gx) = (kernel.windows(core)[ax] for ax in (0, 1))
     out = np.empty((kernel.c, core[1] - core[0], core[3] - core[2]), np.float32)
     for t in sub_tiles(core, core, half, 0):
@@ -208,17 +197,23 @@ def _guided_split(kernel: MMFKernel, crop) -> np.ndarray:
     return out
 
 
-def _split_after_oom(kernel, crop: np.ndarray, core, stats) -> dict:
-    """A tile task that ran out of memory: its crop (the core plus the kernel's halo) goes
-    through run_tiled in tiles of half the core (split further there if needed, with the
-    OutOfMemoryRetry notice); only the core is kept, whose context lies inside the crop. The
-    whole-image statistics are the graph's (or, for a one-tile graph, the crop is the image)."""
+def _halved_tile_task(kernel, core) -> int:
+    """After a tile task ran out of memory: free the device's cache, say so, and return the
+    side of the tiles to retry the task's core with (half its side)."""
     free_cached(kernel.device)
     side = max(core[1] - core[0], core[3] - core[2])
     half = (side + 1) // 2
     notify(f"out of memory on {kernel.device} in a tile task of {side} px; retried with tiles "
            f"of {half} px")
-    full = run_tiled(kernel, crop, half, None, stats)
+    return half
+
+
+def _split_after_oom(kernel, crop: np.ndarray, core, stats) -> dict:
+    """A tile task that ran out of memory: its crop (the core plus the kernel's halo) goes
+    through run_tiled in tiles of half the core (split further there if needed, with the
+    OutOfMemoryRetry notice); only the core is kept, whose context lies inside the crop. The
+    whole-image statistics are the graph's (or, for a one-tile graph, the crop is the image)."""
+    full = run_tiled(kernel, crop, _halved_tile_task(kernel, core), None, stats)
     return {name: a[:, core[0]:core[1], core[2]:core[3]] for name, a in full.items()}
 
 

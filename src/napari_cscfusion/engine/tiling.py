@@ -41,6 +41,12 @@ from .rules import SALIENCY_RADIUS, SaliencyStats, apply_rule
 
 IVF_ALPHA = 2.0  # the authors scale both fused codes by 2 before decoding
 MIN_TILE = 32  # smallest core side; below it the halo overhead makes tiling pointless
+
+
+def splittable_oom(exc: BaseException, box) -> bool:
+    """Whether ``exc`` is out of memory on a tile ``box`` (y0, y1, x0, x1) that can still be
+    split in quarters (its longer side at least 2 * MIN_TILE)."""
+    return is_oom(exc) and max(box[1] - box[0], box[3] - box[2]) >= 2 * MIN_TILE
 CPU_BUDGET_FRACTION = 0.25  # of psutil's available memory: a whole image whose working set
 # fits is run at once (fastest); larger ones are tiled, and then the tile and the results
 # held in memory share at most 2 GiB (big images run in bounded memory), the tile at least
@@ -971,11 +977,11 @@ def measured_in_parts(kernel, measure, crop: np.ndarray, core) -> list:
         release_freed_memory()
         return [part]
     except Exception as exc:
-        side = max(core[1] - core[0], core[3] - core[2])
-        if not is_oom(exc) or side < 2 * MIN_TILE:
+        if not splittable_oom(exc, core):
             raise
         del exc
     free_cached(kernel.device)
+    side = max(core[1] - core[0], core[3] - core[2])
     half = (side + 1) // 2
     notify(f"out of memory on {kernel.device} in the saliency statistics of a {side} px tile; "
            f"measured in tiles of {half} px")
@@ -1051,12 +1057,11 @@ def _run_tiled(kernel, x, tile, progress, stats, retried: list[int]) -> dict[str
             crop, inner = kernel.crop(x, t)
             res = kernel(crop, inner, stats if multi else None, ticker)
         except Exception as exc:
-            side = max(t.core[1] - t.core[0], t.core[3] - t.core[2])
-            if not is_oom(exc) or side < 2 * MIN_TILE:
+            if not splittable_oom(exc, t.core):
                 raise
             del exc
             free_cached(kernel.device)
-            half = (side + 1) // 2
+            half = (max(t.core[1] - t.core[0], t.core[3] - t.core[2]) + 1) // 2
             retried.append(half)
             for sub in sub_tiles(t.core, (0, H, 0, W), half, kernel.halo):
                 run(sub)
@@ -1076,7 +1081,7 @@ def _run_tiled(kernel, x, tile, progress, stats, retried: list[int]) -> dict[str
                 outs[name][...] = a
             return outs
         except Exception as exc:
-            if not is_oom(exc) or max(H, W) < 2 * MIN_TILE:
+            if not splittable_oom(exc, (0, H, 0, W)):
                 raise
         free_cached(kernel.device)
         half = (max(H, W) + 1) // 2
