@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quality import read_rgb  # benchmarks/quality.py: 8-bit RGB file -> [0, 1]
 
 from napari_cscfusion.baselines import mertens_fusion
 from napari_cscfusion.metrics import mef_ssim, mef_ssim_torch
@@ -93,12 +94,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    import cv2
-
     folder = D.resolve_data_root(args.data) / "mef" / "memorial"
-    files = sorted(folder.glob("memorial_*.png"))
-    mem = np.stack([cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files])
-    mem = mem.astype(np.float32) / 255.0
+    mem = np.stack([read_rgb(f) for f in sorted(folder.glob("memorial_*.png"))])
+    mem = mem.astype(np.float32)  # the network's dtype
     net = load_network("mef", args.weights)[0].eval()
     print("| Memorial bracket | ours | Mertens | ceiling, CSC-MEFN form | ceiling, RGB form |"
           + (" network fitted to it |" if args.network_steps else ""))

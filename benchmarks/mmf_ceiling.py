@@ -5,21 +5,22 @@
 Fits the packaged ``mmf.pt`` (its architecture and size; batch norm on its running statistics,
 as deployed) to the first ``--pairs`` FLIR-test pairs themselves — random 96 px crops, batch 16,
 Adam 1e-3, MSE to the full-resolution IR — and prints every 200 steps the mean PSNR gain over
-bicubic on those same whole images (low-res = INTER_AREA downsampling, the network input
-prepared as its header says). An overfitting oracle on test data: an upper bound for "could
-better training of this network meet the target?", never a way to choose weights.
+bicubic on those same whole images (low-res = INTER_AREA downsampling; the network input is
+the bicubic image, as the packaged weights' header says: ``lr_input='bicubic'``). An
+overfitting oracle on test data: an upper bound for "could better training of this network
+meet the target?", never a way to choose weights.
 ~1 s per step on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from quality import ivf_pairs  # benchmarks/quality.py: FLIR-test pairs in index order
 
 from napari_cscfusion.models import load_network
 from napari_cscfusion.training import data as D
@@ -40,17 +41,17 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net, info = load_network("mmf", args.weights)
-    mode = info.get("header", {}).get("training", {}).get("lr_input", "align")
+    if info.get("header", {}).get("training", {}).get("lr_input") != "bicubic":
+        raise SystemExit("crops need the network input at full resolution (weights trained "
+                         "with lr_input='bicubic', as the packaged mmf.pt)")
     folder = D.resolve_data_root(args.data) / "ivf" / "flir_test"
-    irs = sorted(folder.glob("IR*.*"), key=lambda p: int(re.search(r"\d+", p.stem).group()))
     data = []
-    for ir_path in irs[:args.pairs]:
-        vis_path = next(folder.glob("VIS" + re.search(r"\d+", ir_path.stem).group() + ".*"))
+    for ir_path, vis_path in ivf_pairs(folder)[:args.pairs]:
         ir, vis = D.read_grey(ir_path), D.read_grey(vis_path)
         h, w = (s - s % args.scale for s in ir.shape)  # whole low-res pixels
         lr = D.area_downsample(ir[:h, :w], args.scale)
-        bicubic = D.prepare_mmf_lr(lr, (h, w), "bicubic")
-        data.append((ir[:h, :w], D.prepare_mmf_lr(lr, (h, w), mode), vis[:h, :w], bicubic))
+        # the network's input is the bicubic image itself (lr_input='bicubic')
+        data.append((ir[:h, :w], D.prepare_mmf_lr(lr, (h, w), "bicubic"), vis[:h, :w]))
 
     def as_t(a):
         return torch.from_numpy(np.ascontiguousarray(a))[None, None]
@@ -59,19 +60,17 @@ def main(argv=None) -> None:
     def mean_gain() -> float:
         net.eval()
         gains = [float(psnr(net(as_t(lr), as_t(v)).clamp(0, 1), as_t(t))
-                       - psnr(as_t(b).clamp(0, 1), as_t(t))) for t, lr, v, b in data]
+                       - psnr(as_t(lr).clamp(0, 1), as_t(t))) for t, lr, v in data]
         return float(np.mean(gains))
 
     print(f"x{args.scale}, {len(data)} FLIR-test pairs: gain over bicubic {mean_gain():+.3f} dB "
           f"(packaged)", flush=True)
-    if mode != "bicubic":
-        raise SystemExit("crops need the network input at full resolution (lr_input='bicubic')")
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     rng, crop, t0 = np.random.default_rng(0), 96, time.time()
     for it in range(args.steps):
         batch = []
         for _ in range(16):
-            t, lr, v, _ = data[int(rng.integers(len(data)))]
+            t, lr, v = data[int(rng.integers(len(data)))]
             y, x = int(rng.integers(t.shape[0] - crop)), int(rng.integers(t.shape[1] - crop))
             batch.append([a[y:y + crop, x:x + crop] for a in (t, lr, v)])
         t, lr, v = (torch.from_numpy(np.stack(a))[:, None] for a in zip(*batch, strict=True))
