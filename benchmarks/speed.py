@@ -17,7 +17,23 @@ For each task and size (megapixels of the output) it prints one row per variant:
   the network; MMF: the untiled forward).
 
 with wall time, Mpx/s, peak resident memory (RSS) and, on CUDA, peak GPU memory. Every row
-runs in a fresh child process, so peak RSS is that variant's alone. Inputs are real images
+runs in a fresh child process, so peak RSS is that variant's alone.
+
+``--targets`` instead measures issue 18's ratios in ONE process, each pair back to back,
+``--repeat`` times, best of each (on a shared machine only ratios of one run mean anything):
+
+* IVF, TNO pair 1 (768x576), default rules: the engine against the compute limit, i.e. the
+  network's convolution FLOPs divided by the best throughput of a 64-channel 3x3 convolution
+  measured in the same process (NCHW and channels_last);
+* MEF, 3 Memorial exposures resized to 12 Mpx, uint8: the engine against OpenCV's Mertens on
+  the same uint8 arrays (``cv2.createMergeMertens().process`` takes uint8 lists);
+* MMF, 1 and 4 Mpx: the engine against the naive untiled forward (skipped where the naive
+  run's code maps would not fit in memory).
+
+The engine's first call (which compiles the fast path) is timed separately from the warm
+calls. ``--weights`` picks the networks: ``clamped`` (the packaged ones with every soft
+threshold clamped at 0, a stand-in for weights trained with nonnegative thresholds),
+``packaged`` or ``authors``; ``--exact`` forces the exact path. Inputs are real images
 (TNO pair 1, three Memorial exposures, the Aloe guide with a 31-band low-resolution stand-in
 derived from it) resized to the requested size. Targets (issue 5) are checked where measured.
 """
@@ -38,6 +54,8 @@ SHARED = Path(os.environ.get("CSCFUSION_SHARED", ROOT.parent / "shared"))
 DATA, CKPT = SHARED / "data", SHARED / "reference-checkpoints"
 WEIGHTS = {"ivf": CKPT, "mef": CKPT / "csc_mefn_authors.pth",
            "mmf": CKPT / "csc_mmfn_authors.pth"}
+# bytes per output pixel the naive MMF forward holds at its peak (run A: 6257 MB at 1 Mpx)
+NAIVE_MMF_BYTES_PER_PX = 6300
 VARIANTS = ("engine", "compile", "compile-warm", "peer", "naive")
 # naive runs hold every code map of the whole image: skip them where that alone is huge
 NAIVE_MAX_MPX = {"ivf": 4.5, "mef": 16.5, "mmf": 1.5}
@@ -188,6 +206,145 @@ def measure(task: str, mpx, variant: str, device: str, tile) -> dict:
     return res
 
 
+
+# --- issue 18: ratios measured in one process ---------------------------------------------------
+
+def conv_probe(repeat: int = 5, side: int = 256) -> float:
+    """Best throughput (FLOP/s) of a 64 -> 64 3x3 convolution here, NCHW or channels_last."""
+    import torch
+    import torch.nn.functional as F
+
+    flops = 2 * 64 * 64 * 9 * side * side
+    best = float("inf")
+    w = torch.randn(64, 64, 3, 3)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(1, 64, side, side).contiguous(memory_format=fmt)
+        with torch.inference_mode():
+            F.conv2d(x, w, padding=1)
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                F.conv2d(x, w, padding=1)
+                best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
+def ivf_conv_flops(net, h: int, w: int, sources: int = 2) -> float:
+    """Convolution FLOPs of one CSC-IVFN fusion of ``sources`` h x w images: both encoders
+    per source (the first DCU has one convolution, the others two) and one decoder pass on
+    the summed fused codes (what the engine runs), plus the 11x11 box blur."""
+    from torch import nn
+
+    macs = 0
+    for enc in (net.base, net.detail):
+        for i, dcu in enumerate(enc.dcus):
+            one = dcu.adjoint.weight.numel()
+            macs += sources * (one if i == 0 else 2 * one)
+    macs += sum(m.weight.numel() for m in net.decoder.layers if isinstance(m, nn.Conv2d))
+    macs += sources * 2 * 121  # box blur of each source (base and detail inputs)
+    return 2.0 * macs * h * w
+
+
+def target_model(task: str, weights: str):
+    from napari_cscfusion.engine import FusionModel, load_model
+
+    if weights == "authors":
+        return load_model(task, WEIGHTS[task])
+    model = load_model(task)
+    if weights == "packaged":
+        return model
+    from napari_cscfusion.models.fastpath import with_clamped_thresholds
+
+    return FusionModel(task, with_clamped_thresholds(model.network),
+                       dict(model.info, label=f"packaged {task}.pt, thresholds clamped >= 0"))
+
+
+def _timed(fn, repeat: int) -> tuple[float, float, object]:
+    """(first call s, best of ``repeat`` further calls s, last result)."""
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return first, best, out
+
+
+def _exact_kw(fn, exact: bool) -> dict:
+    import inspect
+
+    return {"exact": exact} if "exact" in inspect.signature(fn).parameters else {}
+
+
+def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") -> list[str]:
+    """Issue 18's ratios, each pair measured back to back in this process."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from napari_cscfusion.engine import fuse_exposures, fuse_guided, fuse_infrared_visible
+
+    torch.set_num_threads(int(os.environ.get("CSC_THREADS", os.cpu_count() or 1)))
+    lines = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"machine: {machine()}; weights: {weights}; exact: {exact}; repeat {repeat}")
+    if "ivf" in tasks:
+        model = target_model("ivf", weights)
+        ir, vis = (_read(DATA / "ivf" / "tno" / f"{n}1.png") for n in ("IR", "VIS"))
+        h, w = ir.shape[:2]
+        flops = ivf_conv_flops(model.network, h, w)
+        kw = _exact_kw(fuse_infrared_visible, exact)
+        first, best, res = _timed(
+            lambda: fuse_infrared_visible(ir, vis, model, device=device, **kw), repeat)
+        probe = max(conv_probe() for _ in range(repeat))
+        limit = flops / probe
+        say(f"ivf TNO pair {h}x{w}: conv {flops / 1e9:.1f} GFLOP, probe {probe / 1e9:.0f} "
+            f"GFLOP/s -> limit {limit:.3f} s; engine {best:.3f} s (first call {first:.1f} s, "
+            f"path {res.metadata.get('path', 'exact')}): {best / limit:.1f}x the limit "
+            f"(target <= 5x, beyond <= 2x)")
+    if "mef" in tasks:
+        model = target_model("mef", weights)
+        stack = make_inputs("mef", 12)[0]  # (3, H, W, 3) uint8, as a camera gives them
+        frames = [np.ascontiguousarray(f[..., ::-1]) for f in stack]  # BGR for OpenCV
+        merge = cv2.createMergeMertens()
+        kw = _exact_kw(fuse_exposures, exact)
+        first, best, res = _timed(lambda: fuse_exposures(stack, model, device=device,
+                                                         **kw), repeat)
+        _, mertens, _ = _timed(lambda: merge.process(frames), repeat)
+        say(f"mef 3 x {stack.shape[1]}x{stack.shape[2]} uint8: engine {best:.2f} s (first "
+            f"call {first:.1f} s, path {res.metadata.get('path', 'exact')}), OpenCV Mertens "
+            f"on the same uint8 arrays {mertens:.2f} s: {best / mertens:.2f}x Mertens "
+            f"(target <= 2x, beyond < 1x)")
+    if "mmf" in tasks:
+        model = target_model("mmf", weights)
+        kw = _exact_kw(fuse_guided, exact)
+        for mpx in (1, 4):
+            lr, guide = make_inputs("mmf", mpx)
+            first, best, res = _timed(
+                lambda lr=lr, guide=guide: fuse_guided(lr, guide, model, device=device, **kw),
+                repeat)
+            import psutil
+
+            need = NAIVE_MMF_BYTES_PER_PX * guide.shape[0] * guide.shape[1]
+            if need > 0.8 * psutil.virtual_memory().available:
+                say(f"mmf {mpx} Mpx: engine {best:.2f} s (first call {first:.1f} s); naive "
+                    f"not run: it would hold ~{need / 2 ** 30:.0f} GiB")
+                continue
+            dev = torch.device(device)
+            _, naive, _ = _timed(
+                lambda lr=lr, guide=guide, dev=dev: _naive("mmf", model, [lr, guide], dev),
+                repeat)
+            say(f"mmf {mpx} Mpx: engine {best:.2f} s (first call {first:.1f} s, path "
+                f"{res.metadata.get('path', 'exact')}), naive {naive:.2f} s: engine "
+                f"{naive / best:.2f}x faster (target >= 1.5x)")
+    return lines
+
+
 # --- driver ------------------------------------------------------------------------------------
 
 def _size(spec: str):
@@ -248,6 +405,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tile", type=int, default=None, help="engine tile (default: automatic)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
     ap.add_argument("--json", help="also append every row to this JSON-lines file")
+    ap.add_argument("--targets", action="store_true",
+                    help="issue 18's ratios in one process (see the module docstring)")
+    ap.add_argument("--repeat", type=int, default=2, help="warm calls per measurement (--targets)")
+    ap.add_argument("--weights", default="clamped", choices=("clamped", "packaged", "authors"),
+                    help="networks for --targets")
+    ap.add_argument("--exact", action="store_true", help="--targets on the exact path")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     import numpy as np
@@ -255,6 +418,9 @@ def main(argv=None) -> int:
     if a.child:
         task, mpx, variant = a.child.split(":")
         print(json.dumps(measure(task, _size(mpx), variant, a.device, a.tile)))
+        return 0
+    if a.targets:
+        targets(a.repeat, a.weights, a.exact, a.tasks.split(","), a.device)
         return 0
     sizes = [1.0] if a.quick else [_size(s) for s in a.sizes.split(",")]
     variants = a.variants.split(",")
