@@ -67,14 +67,33 @@ _FAST = {"ivf": fastpath.FastIVFN, "mef": fastpath.FastMEFN, "mmf": None}
 
 def fixed_span(lo: int, hi: int, n: int, side: int, halo: int) -> tuple[int, int]:
     """The crop [a, b) of a core [lo, hi) along an axis of length n: core + halo clipped to
-    [0, n), then grown away from the border to ``side`` (or n) pixels, so that every crop of
-    a run has one shape. A grown crop only adds context: where it touches the border, its
-    edge is the border, as in the clipped crop."""
+    [0, n), then grown (forwards, or backwards at the end) to ``side`` (or n) pixels, so that
+    every crop of a run has one shape. A grown crop only adds context: where it touches the
+    border, its edge is the border, as in the clipped crop."""
     a, b = max(0, lo - halo), min(n, hi + halo)
     want = min(n, side)
     if b - a < want:
-        if a == 0:
-            b = want
-        else:
-            a = n - want
+        b = min(n, a + want)
+        a = b - want
     return a, b
+
+
+def spans(n: int, step: int) -> list[tuple[int, int]]:
+    """Equal-ish cores of at most ``step`` covering [0, n)."""
+    k = max(1, -(-n // step))
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def fixed_tiles(shape: tuple[int, int], tile: int, halo: int):
+    """(core, crop) boxes (y0, y1, x0, x1) covering ``shape``: cores of at most ``tile``, crops
+    of one shape (``fixed_span``)."""
+    H, W = shape
+    side = tile + 2 * halo
+    out = []
+    for y0, y1 in spans(H, tile):
+        a, b = fixed_span(y0, y1, H, side, halo)
+        for x0, x1 in spans(W, tile):
+            c, d = fixed_span(x0, x1, W, side, halo)
+            out.append(((y0, y1, x0, x1), (a, b, c, d)))
+    return out

@@ -292,3 +292,29 @@ class FastIVFN(nn.Module):
             z = z * scale
         zero = z.new_zeros(1, z.shape[1], 3, 3)
         return torch.sigmoid(self._dec(z) + self._dec(zero)[0, 0, 0, 0])
+
+
+class FastMMFN(nn.Module):
+    """CSC-MMFN in the fast form (its thresholds are clamped at >= 0 by design, so the fast
+    path always applies): ``forward(lr, guide)`` as CSCMMFN's, clamped to [0, 1], and the
+    pieces the engine's tiles call (``guide_encoder``, ``lr_encoder``, ``decode_codes``)."""
+
+    def __init__(self, net, form: str = "conv"):
+        super().__init__()
+        self.lr_encoder = FastEncoder(net.lr_encoder, form)
+        self.guide_encoder = FastEncoder(net.guide_encoder, form)
+        self.register_buffer("dec_w", net.decoder.weight.detach().clone())
+        self.radius_, self.eps = net.radius, net.eps
+
+    def decode_codes(self, z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(_pad(z), self.dec_w)
+
+    def forward(self, lr: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        from .mmfn import fast_guided_filter, upsample
+
+        z_guide = self.guide_encoder(guide)
+        z_lr = self.lr_encoder(lr)
+        z_fused = fast_guided_filter(upsample(z_guide, lr.shape[-2:]), z_lr, z_guide,
+                                     self.radius_, self.eps)
+        out = self.decode_codes(z_fused) + upsample(lr, z_fused.shape[-2:])
+        return out.clamp(0.0, 1.0)
