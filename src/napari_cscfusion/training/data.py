@@ -28,7 +28,8 @@ import torch
 os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")  # must precede the cv2 import
 import cv2  # noqa: E402
 
-TASKS = ("ivf", "mef", "mmf")
+from ..models.checkpoints import TASKS  # noqa: E402  (the one task list)
+
 HELD_OUT_HDR = "sunrise"  # never used for training or validation: kept for evaluation
 VAL_EVERY = 10  # flir_train pairs 10, 20, ..., 180 form the validation split
 MEF_VAL_FRACTION = 0.2  # right-hand part of each training HDR panorama: validation

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.device import resolve_device
 from ..models import CSCIVFN, CSCMEFN, CSCMMFN, load_network, save_checkpoint
 from ..models.checkpoints import sha256_of
 from . import data as D
@@ -55,14 +56,6 @@ def _paths(out: Path) -> dict[str, Path]:
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     return {"best": out.with_name(stem + ".best.pt"), "state": out.with_name(stem + ".state.pt"),
             "log": out.with_name(stem + ".log.csv")}
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
-    return torch.device(device)
 
 
 def build(task: str, hparams: dict | None = None) -> nn.Module:
@@ -256,7 +249,7 @@ def train(
         raise ValueError(f"max_grad_norm: a number > 0 or None, got {max_grad_norm!r}")
     out = Path(out)
     side = _paths(out)
-    dev = pick_device(device)
+    dev = resolve_device(device)  # the engine's choice: CUDA, then MPS, then the CPU
     root = D.resolve_data_root(data_root)
     t_start = time.monotonic()
 
