@@ -1,6 +1,7 @@
 """Training loop for the three CSC networks (engine layer: torch, no napari).
 
-``train(task, out, ...)`` writes, next to ``out``:
+``train(TrainConfig(task=..., out=..., ...))`` (or ``train(task, out, ...)``) writes, next to
+``out``:
 - ``out``: the latest weights in the package format (``save_checkpoint``), rewritten every epoch
   (and when a time limit or Ctrl-C stops the run);
 - ``<out>.best.pt``: the weights of the epoch with the best validation score (validation split of
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +194,49 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train(
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run takes (``train``'s arguments; the CLI fills one). Run-time
+    options are documented at ``train``."""
+
+    task: str
+    out: str | Path
+    data_root: str | Path | None = None
+    epochs: int
+    batch_size: int
+    lr: float
+    crop: int
+    seed: int = 0
+    device: str = "auto"
+    init_weights: str | Path | None = None
+    resume: bool = False
+    max_minutes: float | None = None
+    progress: bool = True
+    hparams: dict | None = None
+    steps_per_epoch: int | None = None
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    halo_weight: float = 0.0
+    validate: bool = True
+    val_items: int | None = None
+    freeze_bn: bool = False
+    recalibrate_batches: int = 0
+    source_options: dict | None = None
+    exposure_prior_sigma: float | None = None
+    max_grad_norm: float | None = None
+
+
+def train(config: TrainConfig | str, out: str | Path | None = None, **options) -> Path:
+    """Train as ``config`` says: a TrainConfig, or (the same fields as arguments)
+    ``train(task, out, epochs=..., ...)``. See ``_train`` for what the run does."""
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig(task=config, out=out, **options)
+    elif out is not None or options:
+        raise TypeError("train: give a TrainConfig alone, or the task, out and options")
+    return _train(**{f.name: getattr(config, f.name) for f in fields(config)})
+
+
+def _train(
     task: str,
     out: str | Path,
     *,
