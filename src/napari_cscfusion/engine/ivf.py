@@ -18,14 +18,12 @@ from .inputs import NormalisedStack, check_min_size, check_same_shape, normalise
 from .lazy import (
     LazyOutcome,
     as_dask,
-    finish,
     is_dask,
-    kernel_key,
     lazy_requested,
     norm_spec,
     normalised_crops,
-    parallel_tiles,
-    plane_graph,
+    outcome,
+    planes_graph,
     split_outputs,
 )
 from .planes import plane_indices
@@ -456,6 +454,7 @@ def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device
     """CSC-IVFN fusion of S grey sources (name -> (..., H, W), numpy or dask) as a dask graph:
     image (..., H, W) and weights {"base", "detail"} (S, ..., H, W); ``code_gain`` as in
     fuse_infrared_visible."""
+    import dask
     import dask.array as da
 
     from_numpy = not any(is_dask(a) for a in images.values())
@@ -471,25 +470,16 @@ def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device
     net = model.network_on(device)
     kernel = IVFKernel(net, names, base_rule, detail_rule, device, weights=weights,
                        precision=precision, code_gain=code_gain)
-    side = resolve_tile(tile, (H, W), kernel, device, parallel=parallel_tiles(client, scheduler))
-    k = kernel_key(kernel)
-    planes = []
-    for idx in np.ndindex(*lead):
-        def crop_of(t, idx=idx):
-            import dask
 
-            blocks = [a[idx + t.crop_slices] for a in arrays]
-            return dask.delayed(normalised_crops)(blocks, specs, names)
+    def crop_of(idx, t):
+        blocks = [a[idx + t.crop_slices] for a in arrays]
+        return dask.delayed(normalised_crops)(blocks, specs, names)
 
-        planes.append(plane_graph(kernel, k, crop_of, (H, W), side))
-    out = da.stack(planes).reshape(*lead, -1, H, W) if lead else planes[0]
+    out, side = planes_graph(kernel, device, tile, lead, (H, W), crop_of, client=client,
+                             scheduler=scheduler)
     parts = split_outputs(kernel, out, len(lead))
     result = {"image": parts["image"][(slice(None),) * len(lead) + (0,)]}
     if weights:
         for key in ("base", "detail"):
             result[key] = da.moveaxis(parts[f"weights_{key}"], len(lead), 0)
-    result, lazy = finish(result, client, scheduler, from_numpy)
-    image = result.pop("image")
-    return LazyOutcome(image, result, notes, side, lazy)
-
-
+    return outcome(result, notes, side, client, scheduler, from_numpy)

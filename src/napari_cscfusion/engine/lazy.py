@@ -25,6 +25,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from .tiling import (
     combine_extremes,
     inner_tile,
     measured_in_parts,
+    resolve_tile,
     run_tiled,
     splittable_oom,
     tile_grid,
@@ -190,7 +192,7 @@ def _counts(kernel, crop, core, stats):
     return sum(c.cpu() for c in parts)
 
 
-def plane_graph(kernel, key, crop_of, shape, side, stats=None):
+def _plane_graph(kernel, key, crop_of, shape, side, stats=None):
     """One plane: statistics tasks if needed, one task per tile, assembled (C, H, W).
     ``kernel`` gives the geometry; the tasks get it through ``key`` (one graph node, so a
     cluster receives it once). ``stats``: the plane's statistics made by the caller
@@ -224,7 +226,7 @@ def split_outputs(kernel, out, lead: int) -> dict:
     return res
 
 
-def finish(arrays: dict, client, scheduler, from_numpy: bool) -> tuple[dict, bool]:
+def _finish(arrays: dict, client, scheduler, from_numpy: bool) -> tuple[dict, bool]:
     """Run on a dask.distributed cluster when asked: numpy results for numpy inputs, arrays
     persisted on the cluster for dask inputs; else leave the graphs lazy."""
     if client is None and scheduler is None:
@@ -262,7 +264,7 @@ def _client_for(address: str):
     return client
 
 
-def parallel_tiles(client, scheduler) -> int:
+def _parallel_tiles(client, scheduler) -> int:
     """Tiles computed at once by the local threaded scheduler (a cluster's workers have
     their own memory: there one tile per worker thread is budgeted as in-process)."""
     if client is not None or scheduler is not None:
@@ -279,7 +281,34 @@ def close_clients() -> None:
         client.close()
 
 
-def kernel_key(kernel):
+def _kernel_key(kernel):
     import dask
 
     return dask.delayed(kernel, name=f"cscfusion-kernel-{uuid.uuid4().hex}", traverse=False)
+
+
+def planes_graph(kernel, device, tile, lead: tuple, shape: tuple[int, int], crop_of, *,
+                 client=None, scheduler: str | None = None, stats_of=None):
+    """``kernel`` over every plane of the leading (time, z, ...) axes ``lead``, each plane of
+    ``shape`` (H, W): (a dask array (*lead, C, H, W), C the kernel's output channels in
+    ``outputs()`` order; the tile side it is cut in, from ``tile`` as in the fuse functions).
+    ``crop_of(idx, tile)``: one tile's inputs from plane ``idx``, a delayed value;
+    ``stats_of(idx)``: that plane's statistics for every tile task (delayed), or None."""
+    import dask.array as da
+
+    side = resolve_tile(tile, shape, kernel, device, parallel=_parallel_tiles(client, scheduler))
+    key = _kernel_key(kernel)
+    planes = [_plane_graph(kernel, key, partial(crop_of, idx), shape, side,
+                           None if stats_of is None else stats_of(idx))
+              for idx in np.ndindex(*lead)]
+    out = da.stack(planes).reshape(*lead, -1, *shape) if lead else planes[0]
+    return out, side
+
+
+def outcome(arrays: dict, notes: dict, side, client, scheduler: str | None,
+            from_numpy: bool) -> LazyOutcome:
+    """The builders' result: ``arrays`` ({"image": ..., weight maps}) left lazy, or run on the
+    cluster of ``client``/``scheduler`` (numpy results for numpy inputs)."""
+    arrays, lazy = _finish(arrays, client, scheduler, from_numpy)
+    image = arrays.pop("image")
+    return LazyOutcome(image, arrays, notes, side, lazy)

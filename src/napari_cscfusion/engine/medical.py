@@ -12,6 +12,8 @@ at most one pseudo-coloured functional image such as PET or SPECT), 2D images or
   the two last axes other than ``axis`` and every other axis (time, ...) is looped over too.
   Only one plane of each source is read at a time, so dask-backed (lazy) arrays work; the values
   are mapped to [0, 1] with statistics of the whole volume so that slices stay comparable.
+* ``MedicalVolume``: the same sources and slicing for a caller that drives the planes itself
+  (the napari widget: progress, cancelling, codes per plane) and the axis order of its result.
 """
 
 from __future__ import annotations

@@ -19,14 +19,12 @@ from .inputs import check_frames, check_min_size, normalise
 from .lazy import (
     LazyOutcome,
     as_dask,
-    finish,
     is_dask,
-    kernel_key,
     lazy_requested,
     norm_spec,
     normalise_block,
-    parallel_tiles,
-    plane_graph,
+    outcome,
+    planes_graph,
     split_outputs,
 )
 from .planes import plane_indices
@@ -322,30 +320,24 @@ def fuse_exposures_lazy(stack, model, device, rgb: bool, *, tile=None, weights: 
     note, lo, hi = norm_spec(a, "stack")
     net = model.network_on(device)
     kernel = MEFKernel(net, K, rgb, device, weights=weights, precision=precision)
-    side = resolve_tile(tile, (H, W), kernel, device, parallel=parallel_tiles(client, scheduler))
-    k = kernel_key(kernel)
-    planes = []
-    for idx in np.ndindex(*lead):
-        def crop_of(t, idx=idx):
-            return dask.delayed(_crop_stack)(a[idx + (slice(None),) + t.crop_slices], lo, hi)
 
-        prior = None
-        if prior_sigma is not None:
-            # blocks holding every exposure (and colour channel) of their pixels
-            whole = {0: -1, 3: -1} if rgb else {0: -1}
-            blocks = a[idx].rechunk(whole).to_delayed().ravel()
-            sums = [dask.delayed(_exposure_sums)(b, lo, hi) for b in blocks]
-            prior = dask.delayed(_exposure_prior)(sums, H * W, prior_sigma)
-        planes.append(plane_graph(kernel, k, crop_of, (H, W), side, prior))
-    out = da.stack(planes).reshape(*lead, -1, H, W) if lead else planes[0]
+    def crop_of(idx, t):
+        return dask.delayed(_crop_stack)(a[idx + (slice(None),) + t.crop_slices], lo, hi)
+
+    def prior_of(idx):
+        # blocks holding every exposure (and colour channel) of their pixels
+        whole = {0: -1, 3: -1} if rgb else {0: -1}
+        blocks = a[idx].rechunk(whole).to_delayed().ravel()
+        sums = [dask.delayed(_exposure_sums)(b, lo, hi) for b in blocks]
+        return dask.delayed(_exposure_prior)(sums, H * W, prior_sigma)
+
+    out, side = planes_graph(kernel, device, tile, lead, (H, W), crop_of, client=client,
+                             scheduler=scheduler,
+                             stats_of=None if prior_sigma is None else prior_of)
     parts = split_outputs(kernel, out, len(lead))
     img = parts["image"]
     img = da.moveaxis(img, len(lead), -1) if rgb else img[(slice(None),) * len(lead) + (0,)]
     result = {"image": img}
     if weights:
         result["exposures"] = da.moveaxis(parts["weights"], len(lead), 0)
-    result, lazy = finish(result, client, scheduler, from_numpy)
-    image = result.pop("image")
-    return LazyOutcome(image, result, {"stack": note}, side, lazy)
-
-
+    return outcome(result, {"stack": note}, side, client, scheduler, from_numpy)

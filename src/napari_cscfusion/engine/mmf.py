@@ -20,15 +20,13 @@ from .inputs import check_frames, check_min_size, check_ndim, normalise
 from .lazy import (
     LazyOutcome,
     as_dask,
-    finish,
     halved_tile_task,
     is_dask,
-    kernel_key,
     lazy_requested,
     norm_spec,
     normalise_block,
-    parallel_tiles,
-    plane_graph,
+    outcome,
+    planes_graph,
 )
 from .planes import plane_indices
 from .registry import FusionModel, resolve_model
@@ -420,38 +418,32 @@ def fuse_guided_lazy(low_res, guide, model, device, prepare_guide, *, bicubic: b
     low-res rows and columns the bicubic pre-upsampling of the kernel's crop reads) and
     ``prepare_guide`` maps a normalised guide crop to (G, h', w')."""
     import dask
-    import dask.array as da
 
     from_numpy = not (is_dask(low_res) or is_dask(guide))
     lr, g = as_dask(low_res), as_dask(guide)
     nl = lr.ndim - 3
-    lead, (C, h, w), (H, W) = tuple(lr.shape[:nl]), tuple(lr.shape[nl:]), tuple(g.shape[nl:nl + 2])
+    lead, (h, w), (H, W) = tuple(lr.shape[:nl]), tuple(lr.shape[-2:]), tuple(g.shape[nl:nl + 2])
     note_l, *spec_l = norm_spec(lr, "low_res")
     note_g, *spec_g = norm_spec(g, "guide")
     net = model.network_on(device)
     kernel = MMFKernel(net, (H, W) if bicubic else (h, w), (H, W), device, precision=precision)
-    side = resolve_tile(tile, (H, W), kernel, device, parallel=parallel_tiles(client, scheduler))
-    k = kernel_key(kernel)
-    planes = []
-    for idx in np.ndindex(*lead):
-        def crop_of(t, idx=idx):
-            win = kernel.windows(t.core)
-            (_, _, ly, gy), (_, _, lx, gx) = win[0], win[1]
-            resize = None
-            if bicubic:  # the kernel's crop of the guide-sized bicubic image, made here
-                sy, sx = bicubic_span(*ly, h, H), bicubic_span(*lx, w, W)
-                resize = ((sy[0], sx[0]), (h, w), (H, W), (*ly, *lx))
-                ly, lx = sy, sx
-            lr_blk = lr[idx + (slice(None), slice(*ly), slice(*lx))]
-            g_blk = g[idx + (slice(*gy), slice(*gx))]
-            return dask.delayed(_guided_crop)(lr_blk, g_blk, spec_l, spec_g, resize,
-                                              prepare_guide, t.core)
 
-        planes.append(plane_graph(kernel, k, crop_of, (H, W), side))
-    out = da.stack(planes).reshape(*lead, C, H, W) if lead else planes[0]
+    def crop_of(idx, t):
+        win = kernel.windows(t.core)
+        (_, _, ly, gy), (_, _, lx, gx) = win[0], win[1]
+        resize = None
+        if bicubic:  # the kernel's crop of the guide-sized bicubic image, made here
+            sy, sx = bicubic_span(*ly, h, H), bicubic_span(*lx, w, W)
+            resize = ((sy[0], sx[0]), (h, w), (H, W), (*ly, *lx))
+            ly, lx = sy, sx
+        lr_blk = lr[idx + (slice(None), slice(*ly), slice(*lx))]
+        g_blk = g[idx + (slice(*gy), slice(*gx))]
+        return dask.delayed(_guided_crop)(lr_blk, g_blk, spec_l, spec_g, resize,
+                                          prepare_guide, t.core)
+
+    out, side = planes_graph(kernel, device, tile, lead, (H, W), crop_of, client=client,
+                             scheduler=scheduler)
     if squeeze:
         out = out[(slice(None),) * nl + (0,)]
-    result, lazy = finish({"image": out}, client, scheduler, from_numpy)
-    return LazyOutcome(result["image"], {}, {"low_res": note_l, "guide": note_g}, side, lazy)
-
-
+    return outcome({"image": out}, {"low_res": note_l, "guide": note_g}, side, client,
+                   scheduler, from_numpy)

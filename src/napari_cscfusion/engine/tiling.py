@@ -210,6 +210,8 @@ def resolve_tile(tile, shape: tuple[int, int], kernel, device: torch.device,
     return None if side >= max(shape) else side
 
 
+# --- pieces inside a crop, tensors in and out -----------------------------------------------
+
 def map_in_pieces(fn, x: torch.Tensor, window: Box, piece: int | None, radius: int,
                   tick=None) -> torch.Tensor:
     """fn (a local operation of context ``radius``: output pixel = f(input within radius),
@@ -249,6 +251,8 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     return (t if t.dtype == torch.float64 else t.float()).cpu().numpy()
 
+
+# --- whole-image statistics (the saliency rule's), from parts ---------------------------------
 
 def combine_extremes(parts) -> SaliencyStats:
     los, his = zip(*parts, strict=True)
