@@ -23,6 +23,11 @@ def use_fast_path(net: nn.Module, exact: bool) -> bool:
     return fastpath.fast_path_applies(net, exact)
 
 
+def run_path(model, exact: bool) -> str:
+    """"fast" or "exact": the path a run of ``model`` (a FusionModel) takes (metadata)."""
+    return "fast" if use_fast_path(model.network, exact) else "exact"
+
+
 class Compiled:
     """``torch.compile`` (inductor, weights frozen into the graph) of a callable, falling back
     to the eager call with a notice when compilation fails (no C++ compiler, an unsupported
@@ -46,54 +51,74 @@ class Compiled:
         return self.eager(*args)
 
 
-def fast_network(task: str, net: nn.Module, compile: bool = True, **kw) -> nn.Module:
-    """The fast form of ``net`` for ``task`` (cached per network, weights version and compile
-    flag), in eval mode on the network's device."""
+def _wrap(compile: bool):
+    return Compiled if compile else (lambda fn: fn)
+
+
+class FastIVF:
+    """The IVF kernel's network in the fast form: the methods IVFKernel calls on its folded
+    network, each compiled (``compile``), plus ``detail_l1`` (detail codes + l1 rule)."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool):
+        f = _prepared(fastpath.FastIVFN(net), net, dtype)
+        wrap = _wrap(compile)
+        self.encoder_radius = f.encoder_radius
+        self.encode_base = wrap(f.encode_base)
+        self.encode_detail = wrap(f.encode_detail)
+        self.detail_l1 = wrap(f.detail_l1)
+        self.decode_sum = wrap(f.decode_sum)
+
+    def decode(self, fused_base, fused_detail, scale=None):
+        return self.decode_sum(fused_base + fused_detail, scale)
+
+
+class FastMEF:
+    """CSC-MEFN's whole crop pipeline (colour conversion to blending) in the fast form:
+    ``(crop, prior) -> (image, weights)``, see fastpath.FastMEFN; ``scale`` maps the crop's
+    values to [0, 1] (1/255 for uint8)."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool,
+                 scale: float = 1.0):
+        self.module = _prepared(fastpath.FastMEFN(net, scale=scale), net, dtype)
+        self.radius = self.module.radius
+        self.run = _wrap(compile)(self.module)
+
+
+class FastMMF:
+    """CSC-MMFN in the fast form: what MMFKernel calls on its folded network, compiled, and
+    ``whole`` (the untiled forward, clamped)."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool):
+        f = _prepared(fastpath.FastMMFN(net), net, dtype)
+        wrap = _wrap(compile)
+        self.radius_, self.eps = f.radius_, f.eps
+        self.lr_radius, self.guide_radius = f.lr_encoder.radius, f.guide_encoder.radius
+        self.lr_encoder = wrap(f.lr_encoder)
+        self.guide_encoder = wrap(f.guide_encoder)
+        self.decode_codes = wrap(f.decode_codes)
+        self.whole = wrap(f)
+
+
+def _prepared(f: nn.Module, net: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     p = next(net.parameters())
-    key = (task, str(p.device), bool(compile), p.data_ptr(), p._version,
+    f = f.to(p.device).eval()
+    return f.to(dtype) if dtype is not None else f
+
+
+_FAST = {"ivf": FastIVF, "mef": FastMEF, "mmf": FastMMF}
+
+
+def fast_network(task: str, net: nn.Module, dtype: torch.dtype | None = None,
+                 compile: bool = True, **kw):
+    """The fast form of ``net`` for ``task`` (FastIVF, FastMEF or FastMMF), cached per
+    network (weights version), device, dtype, compile flag and options: its compiled graphs
+    are reused by later runs of the session."""
+    p = next(net.parameters())
+    key = (task, str(p.device), dtype, bool(compile), p.data_ptr(), p._version,
            tuple(sorted(kw.items())))
     with _lock:
         per_net = _cache.setdefault(net, {})
         if key not in per_net:
             with torch.no_grad():
-                f = _FAST[task](net, **kw).to(p.device).eval()
-            per_net.clear()
-            per_net[key] = (f, compile)
-        return per_net[key][0]
-
-
-_FAST = {"ivf": fastpath.FastIVFN, "mef": fastpath.FastMEFN, "mmf": None}
-
-
-def fixed_span(lo: int, hi: int, n: int, side: int, halo: int) -> tuple[int, int]:
-    """The crop [a, b) of a core [lo, hi) along an axis of length n: core + halo clipped to
-    [0, n), then grown (forwards, or backwards at the end) to ``side`` (or n) pixels, so that
-    every crop of a run has one shape. A grown crop only adds context: where it touches the
-    border, its edge is the border, as in the clipped crop."""
-    a, b = max(0, lo - halo), min(n, hi + halo)
-    want = min(n, side)
-    if b - a < want:
-        b = min(n, a + want)
-        a = b - want
-    return a, b
-
-
-def spans(n: int, step: int) -> list[tuple[int, int]]:
-    """Equal-ish cores of at most ``step`` covering [0, n)."""
-    k = max(1, -(-n // step))
-    edges = [round(i * n / k) for i in range(k + 1)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
-
-
-def fixed_tiles(shape: tuple[int, int], tile: int, halo: int):
-    """(core, crop) boxes (y0, y1, x0, x1) covering ``shape``: cores of at most ``tile``, crops
-    of one shape (``fixed_span``)."""
-    H, W = shape
-    side = tile + 2 * halo
-    out = []
-    for y0, y1 in spans(H, tile):
-        a, b = fixed_span(y0, y1, H, side, halo)
-        for x0, x1 in spans(W, tile):
-            c, d = fixed_span(x0, x1, W, side, halo)
-            out.append(((y0, y1, x0, x1), (a, b, c, d)))
-    return out
+                per_net[key] = _FAST[task](net, dtype, compile, **kw)
+        return per_net[key]

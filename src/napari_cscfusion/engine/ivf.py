@@ -14,6 +14,7 @@ from ..models.folded import folded
 from ..models.ivfn import IVF_ALPHA
 from . import notices
 from .device import resolve_device
+from .fast import fast_network, run_path, use_fast_path
 from .inputs import NormalisedStack, check_min_size, check_same_shape, normaliser
 from .lazy import (
     LazyOutcome,
@@ -55,6 +56,8 @@ IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per si
 # bit-identical output): IVF 768x576 pair 32.9 s with 512 px, 14.2 s with 192 px; MEF 3 x 4
 # Mpx 16.8 s with 256 px, 10.2 s with 128 px (mef.py). On a GPU big pieces are faster.
 INNER_TILE = {"cpu": 192, "gpu": 512}
+# The fast path's pieces (crops of one shape, compiled graphs): see benchmarks/README.md
+FAST_INNER_TILE = {"cpu": 128, "gpu": 512}
 
 
 def check_code_gain(code_gain) -> float:
@@ -86,6 +89,11 @@ class IVFKernel:
     decoder carries the authors' IVF_ALPHA = 2 (their infrared/visible heuristic); any other
     gain multiplies the summed fused codes by code_gain / IVF_ALPHA first (none for 2, so the
     default results are unchanged; 1 keeps a source fused with itself at its own scale).
+
+    ``exact``: the reference arithmetic (FoldedIVFN) even where the fast path applies; the
+    fast path (engine/fast.py: weights with no negative soft threshold) runs the compiled
+    fast form on crops of one shape and fuses the l1 rule into the detail encoder's graph.
+    ``path`` says which ran.
     """
 
     task = "ivf"
@@ -95,18 +103,24 @@ class IVFKernel:
                  device: torch.device, codes: bool = False, weights: bool = True,
                  precision: str | None = None, compile: bool = False,
                  inner: int | None = None, exact_rules: bool = False,
-                 code_gain: float = IVF_ALPHA):
+                 code_gain: float = IVF_ALPHA, exact: bool = True):
         self.dtype = precision_dtype(precision)
         self.code_gain = check_code_gain(code_gain)
         # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
         self.code_scale = None if self.code_gain == IVF_ALPHA else self.code_gain / IVF_ALPHA
-        self.net = folded("ivf", net, self.dtype, compile)
+        self.fast = use_fast_path(net, exact)
+        self.path = "fast" if self.fast else "exact"
+        if self.fast:
+            self.net = fast_network("ivf", net, self.dtype, compile=compile)
+        else:
+            self.net = folded("ivf", net, self.dtype, compile)
         self.names, self.S = list(names), len(names)
         self.q = net.hparams["code_channels"]
         self.base_rule, self.detail_rule = base_rule, detail_rule
         self.device, self.codes, self.weights = device, codes, weights
         # encoder pieces: cache-sized on the CPU (see INNER_TILE); None picks by device
-        self.inner = inner_tile(INNER_TILE, device) if inner is None else inner
+        sides = FAST_INNER_TILE if self.fast else INNER_TILE
+        self.inner = inner_tile(sides, device) if inner is None else inner
         self.exact_rules = exact_rules
         self.enc_radius = self.net.encoder_radius
         self.dec_radius = 3
@@ -167,7 +181,7 @@ class IVFKernel:
     def encode(self, which: str, x: torch.Tensor, window: Box, tick=None) -> torch.Tensor:
         """Codes [S, q, window] of the crop x [S, 1, h, w], inner tile by inner tile."""
         return map_in_pieces(self._encoder(which), x, window, self.inner, self.enc_radius,
-                             tick)
+                             tick, fixed=self.fast)
 
     def _encoder(self, which: str):
         return self.net.encode_base if which == "base" else self.net.encode_detail
@@ -183,8 +197,10 @@ class IVFKernel:
             fused, w = apply_rule(rule, enc(piece).float())
             return torch.cat((fused, w[:, 0]))[None]
 
+        if self.fast and which == "detail" and rule == "l1" and self.dtype is None:
+            fn = self.net.detail_l1  # encoder and rule in one compiled graph
         out = map_in_pieces(fn, x, window, self.inner, self.enc_radius + RULE_RADIUS[rule],
-                            tick)[0]
+                            tick, fixed=self.fast)[0]
         return out[:self.q], out[self.q:, None]
 
     def decode(self, z: torch.Tensor, window: Box) -> torch.Tensor:
@@ -194,7 +210,7 @@ class IVFKernel:
         if self.code_scale is not None:
             z.mul_(self.code_scale)
         return map_in_pieces(self.net.decode_sum, z[None], window, self.inner,
-                             self.dec_radius)[0]
+                             self.dec_radius, fixed=self.fast)[0]
 
     def __call__(self, crop: np.ndarray, core: Box, stats: SaliencyStats | None = None,
                  tick=None) -> dict[str, np.ndarray]:
@@ -292,39 +308,43 @@ class IVFKernel:
 def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_rule: str,
                       detail_rule: str, device: torch.device, codes: bool, progress=None, *,
                       tile=None, weights: bool = True, precision: str | None = None,
-                      compile: bool = False, exact_rules: bool = False,
-                      code_gain: float = IVF_ALPHA) -> tuple[np.ndarray, dict, dict]:
+                      compile: bool | None = None, exact_rules: bool = False,
+                      code_gain: float = IVF_ALPHA, exact: bool = False
+                      ) -> tuple[np.ndarray, dict, dict]:
     """Fuse S >= 2 registered grey float32 images in [0,1] (name -> (H,W)) with CSC-IVFN.
 
     All sources go through each encoder as one batch, tile by tile (see ``tile`` in
     fuse_infrared_visible). ``code_gain``: the factor on the fused codes before decoding
-    (default 2, the authors'; see fuse_infrared_visible). Returns (image (H,W), codes
-    name -> (q,H,W) if ``codes``, weights {"base": (S,H,W) channel-mean saliency/l1 weights,
-    "detail": (S,H,W)}, empty when ``weights=False``).
+    (default 2, the authors'; see fuse_infrared_visible). ``exact``/``compile`` as in
+    fuse_infrared_visible. Returns (image (H,W), codes name -> (q,H,W) if ``codes``, weights
+    {"base": (S,H,W) channel-mean saliency/l1 weights, "detail": (S,H,W)}, empty when
+    ``weights=False``); ``run_path(model, exact)`` says which path ran.
     """
     check_rules(base_rule, detail_rule)
     names = list(images)
     x = np.stack([np.asarray(images[n], dtype=np.float32) for n in names])
     return _fuse_grey_stack(x, names, model, base_rule, detail_rule, device, codes, progress,
                             tile=tile, weights=weights, precision=precision, compile=compile,
-                            exact_rules=exact_rules, code_gain=code_gain)
+                            exact_rules=exact_rules, code_gain=code_gain, exact=exact)
 
 
 def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: FusionModel,
                      base_rule: str, detail_rule: str, device: torch.device, codes: bool,
                      progress=None, *, tile=None, weights: bool = True,
-                     precision: str | None = None, compile: bool = False,
-                     exact_rules: bool = False, code_gain: float = IVF_ALPHA
-                     ) -> tuple[np.ndarray, dict, dict]:
+                     precision: str | None = None, compile: bool | None = None,
+                     exact_rules: bool = False, code_gain: float = IVF_ALPHA,
+                     exact: bool = False) -> tuple[np.ndarray, dict, dict]:
     """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1] (an array or
     a NormalisedStack, which converts the crops the tiles read)."""
     code_gain = check_code_gain(code_gain)
 
     def attempt(dev: torch.device) -> dict:
         net = model.network_on(dev)
+        fast = use_fast_path(net, exact)
         kernel = IVFKernel(net, names, base_rule, detail_rule, dev, codes=codes,
-                           weights=weights, precision=precision, compile=compile,
-                           exact_rules=exact_rules, code_gain=code_gain)
+                           weights=weights, precision=precision,
+                           compile=fast if compile is None else compile,
+                           exact_rules=exact_rules, code_gain=code_gain, exact=exact)
         side = resolve_tile(tile, x.shape[-2:], kernel, dev,
                             held=result_bytes(kernel, x.shape[-2:]))
         return run_tiled(kernel, x, side, progress)
@@ -339,9 +359,9 @@ def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: F
 def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
                           detail_rule: str = "l1", device="auto", codes: bool = False,
                           progress=None, *, tile=None, weights: bool = True,
-                          precision: str | None = None, compile: bool = False,
+                          precision: str | None = None, compile: bool | None = None,
                           client=None, scheduler: str | None = None,
-                          code_gain: float = IVF_ALPHA) -> FusionResult:
+                          code_gain: float = IVF_ALPHA, exact: bool = False) -> FusionResult:
     """Fuse a registered infrared/visible pair of grey images with CSC-IVFN.
 
     ir, vis: (H,W), or nD stacks (..., H, W) of equal shape (time, z, ...): every plane is
@@ -366,12 +386,20 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     either way with an OutOfMemoryRetry warning and a line in ``metadata["notices"]``
     (``metadata["device"]`` is then "cpu").
     ``precision``: None/'fp32' (default), or 'fp16'/'bf16' for the networks on a GPU (the
-    rules stay float32; error against fp32 in benchmarks/README.md). ``compile``: run the
-    encoders through torch.compile (pays off on large images; the first call compiles).
+    rules stay float32; error against fp32 in benchmarks/README.md).
     ``weights=False`` skips the weight maps (two (S,H,W) arrays: memory on huge images).
 
+    Speed: weights whose soft thresholds are all >= 0 run the fast path (batch norm folded,
+    the element-wise chain fused by torch.compile, cache-sized crops of one shape; within
+    1e-3 max / 1e-5 mean of the exact path on [0, 1] images, see models/fastpath.py);
+    ``exact=True``, or weights with a negative threshold (the authors'), run the exact
+    reference arithmetic. ``metadata["path"]`` says which ran. ``compile``: None (default)
+    compiles on the fast path only (the first call of a session compiles: seconds to a
+    minute; torch's on-disk cache shortens later sessions); True/False forces it.
+
     Dask: with dask inputs the result's image and weights are lazy dask arrays (chunked by
-    tile and by plane) that compute the same values; napari displays them directly. With
+    tile and by plane) that compute the same values; napari displays them directly (always on
+    the exact path). With
     ``client`` (a dask.distributed Client) or ``scheduler`` (its address) the work runs on
     that cluster: numpy inputs give numpy results, dask inputs a dask array persisted there.
 
@@ -408,7 +436,7 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
                               client=client, scheduler=scheduler, code_gain=code_gain)
         meta = base_metadata(model, dev, lazy.notes)
         meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
-                    code_gain=code_gain, lazy=lazy.is_lazy, tile=lazy.tile,
+                    code_gain=code_gain, lazy=lazy.is_lazy, tile=lazy.tile, path="exact",
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, lazy.weights, meta)
     shape = tuple(np.shape(ir))
@@ -424,7 +452,8 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     if len(planes) == 1:
         image, code_maps, w_out = _fuse_grey_stack(
             x, names, model, base_rule, detail_rule, dev, codes, progress, tile=tile,
-            weights=weights, precision=precision, compile=compile, code_gain=code_gain)
+            weights=weights, precision=precision, compile=compile, code_gain=code_gain,
+            exact=exact)
     else:
         image = np.empty(shape, np.float32)
         w_out = {k: np.empty((2, *shape), np.float32) for k in ("base", "detail")} \
@@ -434,7 +463,7 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
             img, code_maps, w = _fuse_grey_stack(
                 x.plane(idx), names, model, base_rule, detail_rule, dev, codes,
                 plane_progress(progress, k, len(planes)), tile=tile, weights=weights,
-                precision=precision, compile=compile, code_gain=code_gain)
+                precision=precision, compile=compile, code_gain=code_gain, exact=exact)
             image[idx] = img
             for key, a in w.items():
                 w_out[key][(slice(None), *idx)] = a
@@ -442,6 +471,7 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     meta = base_metadata(model, dev, notes)
     meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
                 code_gain=code_gain, planes=len(planes), tile=tile, precision=precision,
+                path=run_path(model, exact),
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, w_out, meta)
 

@@ -27,6 +27,7 @@ import torch
 from ..models.color import rgb_to_ycbcr, ycbcr_to_rgb
 from . import notices
 from .device import resolve_device
+from .fast import run_path
 from .inputs import check_min_size, map_values, normalise, value_mapping
 from .ivf import IVF_MIN_SIZE, check_code_gain, fuse_grey_sources
 from .registry import resolve_model
@@ -226,7 +227,8 @@ def _plane_axes(ndim: int, axis) -> tuple[tuple[int, int], tuple[int, ...]]:
 
 def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule: str = "l1",
                     device="auto", codes: bool = False, names=None, progress=None, axis=None,
-                    rgb=None, code_gain: float = MEDICAL_CODE_GAIN) -> FusionResult:
+                    rgb=None, code_gain: float = MEDICAL_CODE_GAIN, *,
+                    exact: bool = False) -> FusionResult:
     """Fuse N >= 2 registered medical images (e.g. MRI T1 + PD, CT + MRI, MRI + PET) with
     CSC-IVFN.
 
@@ -249,6 +251,8 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
       image keeps the sources' (quantitative) intensities. The authors' 2 (the default of
       fuse_infrared_visible) is an infrared/visible display heuristic that stretches the contrast.
     progress(done, total) is called between steps and may raise Cancelled.
+    exact: the exact path even for weights the fast path applies to (see
+      fuse_infrared_visible; metadata['path'] says which ran).
 
     Returns a FusionResult: image float32 in [0, 1] ((..., H, W) grey or (..., H, W, 3) RGB when
     a colour source takes part); weights 'base' and 'detail', (N, ...spatial) per-source weight
@@ -300,7 +304,8 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
             def plane_progress(done, total, k=k):
                 progress(k * total + done, n_planes * total)
         fused, cmaps, weights = fuse_grey_sources(grey, model, base_rule, detail_rule, dev,
-                                                  codes, plane_progress, code_gain=code_gain)
+                                                  codes, plane_progress, code_gain=code_gain,
+                                                  exact=exact)
         if chroma is not None:
             fused, n_desat = _recolour(torch.from_numpy(fused), chroma)
             desaturated += n_desat
@@ -319,7 +324,7 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
         if colour else None,
         base_rule=base_rule, detail_rule=detail_rule, code_gain=code_gain,
         spatial_shape=spatial, plane_axes=plane_axes if len(spatial) > 2 else None,
-        slice_axes=loop_axes or None, planes=n_planes,
+        slice_axes=loop_axes or None, planes=n_planes, path=run_path(model, exact),
         timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1},
     )
     return FusionResult(image, code_maps, {"base": w_base, "detail": w_detail}, meta)

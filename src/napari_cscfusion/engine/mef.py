@@ -15,7 +15,8 @@ from ..models.folded import folded
 from ..models.mefn import exposure_prior
 from . import notices
 from .device import resolve_device
-from .inputs import check_frames, check_min_size, normalise
+from .fast import fast_network, use_fast_path
+from .inputs import check_frames, check_min_size, normaliser
 from .lazy import (
     LazyOutcome,
     as_dask,
@@ -32,13 +33,16 @@ from .registry import FusionModel, resolve_model
 from .result import FusionResult, base_metadata, plane_progress
 from .tiling import (
     Box,
+    Ticker,
     Tile,
+    grown,
     inner_tile,
     map_in_pieces,
     precision_dtype,
     resolve_tile,
     result_bytes,
     run_tiled,
+    tile_grid,
     to_device,
     to_numpy,
 )
@@ -47,6 +51,9 @@ MEF_MIN_SIZE = 2  # 3x3 reflection padding needs 2 px
 # Inner pieces on the CPU (see ivf.INNER_TILE): MEF 3 x 4 Mpx 16.8 s with 256 px, 10.2 s with
 # 128 px (benchmarks/README.md); on a GPU the whole crop.
 INNER_TILE = {"cpu": 128, "gpu": None}
+# The fast path's tiles: crops of one shape through one compiled graph, colour to blending
+# (benchmarks/README.md); on a GPU large ones
+FAST_TILE = {"cpu": 128, "gpu": 1024}
 
 
 def exposure_channel_sums(stack: np.ndarray) -> np.ndarray:
@@ -195,6 +202,62 @@ def fuse_exposure_stack(stack: np.ndarray, model: FusionModel, device: torch.dev
     return image, outs, w
 
 
+def fuse_exposure_stack_fast(stack: np.ndarray, scale: float, model: FusionModel,
+                             device: torch.device, progress=None, *, tile=None,
+                             weights: bool = True, precision: str | None = None,
+                             compile: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """One bracket on the fast path: stack (K,H,W) or (K,H,W,3) as the user gave it (uint8 or
+    uint16 with ``scale`` = 1 / dtype max, or float32 in [0, 1] with scale 1) ->
+    (image (H,W[,3]) float32, weights (K,H,W) or None).
+
+    Every crop (one shape, ``tile`` px + the network's 5 px halo) goes through one compiled
+    graph from the raw values to the blended colour (fastpath.FastMEFN): the stack is never
+    converted to float32 as a whole, and a crop's codes stay in cache."""
+    K, H, W = stack.shape[:3]
+    rgb = stack.ndim == 4
+    sigma = exposure_prior_sigma(model)
+    prior = np.zeros(K, np.float32) if sigma is None else exposure_prior_logits(
+        exposure_channel_sums(stack) * scale, H * W, sigma)
+
+    def attempt(dev: torch.device):
+        net = model.network_on(dev)
+        fnet = fast_network("mef", net, precision_dtype(precision), compile=compile,
+                            scale=scale)
+        side = FAST_TILE["cpu" if dev.type == "cpu" else "gpu"] if tile is None else tile
+        side = side or max(H, W)
+        bounds = (0, H, 0, W)
+        tiles = [grown(t, bounds, side + 2 * fnet.radius)
+                 for t in tile_grid((H, W), side, fnet.radius)]
+        image = np.empty((H, W, 3) if rgb else (H, W), np.float32)
+        w_out = np.empty((K, H, W), np.float32) if weights else None
+        src = torch.from_numpy(np.ascontiguousarray(stack))
+        prior_t = torch.from_numpy(np.asarray(prior, np.float32)).to(dev)
+        ticker = Ticker(progress, len(tiles))
+        with torch.inference_mode():
+            for t in tiles:
+                crop = src[:, t.crop_slices[0], t.crop_slices[1]].to(dev)
+                img, w = fnet.run(crop, prior_t)
+                iy0, iy1, ix0, ix1 = t.inner
+                image[t.core_slices] = to_numpy(img[iy0:iy1, ix0:ix1])
+                if weights:
+                    w_out[(slice(None), *t.core_slices)] = to_numpy(w[:, iy0:iy1, ix0:ix1])
+                ticker()
+        return image, w_out
+
+    return notices.on_device_or_cpu(attempt, device)
+
+
+def _raw_for_fast_path(norm) -> tuple[np.ndarray, float] | None:
+    """(values as given, scale to [0, 1]) where the fast path can map the values itself inside
+    its compiled graph: uint8/uint16 divided by their maximum, float32 already in [0, 1]."""
+    a = norm.array
+    if norm.kind == "divide" and a.dtype in (np.uint8, np.uint16):
+        return a, 1.0 / norm.span
+    if norm.kind == "as is" and a.dtype == np.float32:
+        return a, 1.0
+    return None
+
+
 def _split_exposures(shape: tuple[int, ...], rgb) -> tuple[bool, int]:
     """(is RGB, index of the exposure axis) for a stack of this shape."""
     if rgb is None:
@@ -211,8 +274,8 @@ def _split_exposures(shape: tuple[int, ...], rgb) -> tuple[bool, int]:
 
 def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
                    progress=None, *, rgb: bool | None = None, tile=None, weights: bool = True,
-                   precision: str | None = None, compile: bool = False, client=None,
-                   scheduler: str | None = None) -> FusionResult:
+                   precision: str | None = None, compile: bool | None = None, client=None,
+                   scheduler: str | None = None, exact: bool = False) -> FusionResult:
     """Fuse K >= 2 registered exposures: stack (K,H,W) grey or (K,H,W,3) RGB.
 
     RGB goes through YCbCr: the network weighs each exposure's luminance (softmax over
@@ -225,8 +288,10 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
     (time, z, ...), each fused on its own; a last axis of length 3 means RGB unless
     ``rgb=False``. One normalisation for the whole input (per-exposure min-max would undo the
     exposure differences the fusion depends on). ``tile``, ``precision``, ``compile``,
-    ``weights``, ``client``/``scheduler`` and dask inputs as in fuse_infrared_visible (the
-    network's halo is 5 px; automatic tiles on the CPU are at most 1024 px).
+    ``weights``, ``client``/``scheduler``, dask inputs, ``exact`` and the fast path as in
+    fuse_infrared_visible (the network's halo is 5 px; automatic tiles on the CPU are at most
+    1024 px on the exact path, 128 px on the fast path, which reads uint8/uint16 and float32
+    stacks as they are, converting crop by crop; ``codes=True`` runs the exact path).
     weights {"exposures": (K, ..., H, W)}.
     """
     t0 = time.perf_counter()
@@ -253,10 +318,13 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
                                    prior_sigma=prior_sigma)
         meta = base_metadata(model, dev, lazy.notes)
         meta.update(sources=names, colour=colour, lazy=lazy.is_lazy, tile=lazy.tile,
-                    exposure_prior_sigma=prior_sigma,
+                    exposure_prior_sigma=prior_sigma, path="exact",
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, lazy.weights, meta)
-    norm = normalise(stack, "stack")
+    fast = not codes and use_fast_path(model.network, exact)
+    norm = normaliser(stack, "stack")
+    raw = _raw_for_fast_path(norm) if fast else None
+    data, scale = raw if raw is not None else (norm(), 1.0)
     t1 = time.perf_counter()
     planes = plane_indices(shape[:lead])
     if codes and len(planes) > 1:
@@ -267,15 +335,23 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
     w_out = np.empty((k, *shape[:lead], *core_shape[1:3]), np.float32) if weights else None
     code_maps = {}
     for i, idx in enumerate(planes):
-        img, code_maps, w = fuse_exposure_stack(
-            norm.data[idx], model, dev, codes, plane_progress(progress, i, len(planes)),
-            tile=tile, weights=weights, precision=precision, compile=compile)
+        if fast:
+            img, w = fuse_exposure_stack_fast(
+                data[idx], scale, model, dev, plane_progress(progress, i, len(planes)),
+                tile=tile, weights=weights, precision=precision,
+                compile=True if compile is None else compile)
+        else:
+            img, code_maps, w = fuse_exposure_stack(
+                data[idx], model, dev, codes, plane_progress(progress, i, len(planes)),
+                tile=tile, weights=weights, precision=precision, compile=bool(compile))
         image[idx] = img
         if weights:
             w_out[(slice(None), *idx)] = w
+    del data
     meta = base_metadata(model, dev, {"stack": norm.note})
     meta.update(sources=names, colour=colour, planes=len(planes), tile=tile,
                 precision=precision, exposure_prior_sigma=prior_sigma,
+                path="fast" if fast else "exact",
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {"exposures": w_out} if weights else {}, meta)
 

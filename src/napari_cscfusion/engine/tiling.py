@@ -129,6 +129,24 @@ def sub_tiles(window: Box, bounds: Box, tile: int | None, halo: int) -> list[Til
     return out
 
 
+def _grown_span(a: int, b: int, lo: int, hi: int, side: int) -> tuple[int, int]:
+    want = min(hi - lo, side)
+    if b - a < want:
+        b = min(hi, a + want)
+        a = b - want
+    return a, b
+
+
+def grown(t: Tile, bounds: Box, side: int) -> Tile:
+    """``t`` with its crop grown (forwards, or backwards at the end of ``bounds``) to ``side``
+    pixels per axis, or the bounds' extent: every crop of a window then has one shape, so a
+    compiled graph is built once (fast path). Growing only adds context; where a crop
+    touches the bounds its edge is their edge, as before."""
+    y = _grown_span(t.crop[0], t.crop[1], bounds[0], bounds[1], side)
+    x = _grown_span(t.crop[2], t.crop[3], bounds[2], bounds[3], side)
+    return Tile(t.core, (*y, *x))
+
+
 def tile_grid(shape: tuple[int, int], tile: int | None, halo: int) -> list[Tile]:
     """Tiles covering an image of ``shape`` (H, W)."""
     full = (0, shape[0], 0, shape[1])
@@ -213,15 +231,21 @@ def resolve_tile(tile, shape: tuple[int, int], kernel, device: torch.device,
 # --- pieces inside a crop, tensors in and out -----------------------------------------------
 
 def map_in_pieces(fn, x: torch.Tensor, window: Box, piece: int | None, radius: int,
-                  tick=None) -> torch.Tensor:
+                  tick=None, fixed: bool = False) -> torch.Tensor:
     """fn (a local operation of context ``radius``: output pixel = f(input within radius),
     same size out as in, e.g. an encoder) applied to x [N, c, h, w] and cut to ``window``,
     computed piece by piece (cores of side ``piece``, each with its ``radius`` halo clipped
     to x): equal to fn(x)[..., window] because every piece sees its full context, and where
-    a piece touches x's border its edge *is* that border (fn's reflection padding)."""
+    a piece touches x's border its edge *is* that border (fn's reflection padding).
+    ``fixed``: crops of one shape (``grown``), for compiled ``fn``."""
     bounds = (0, x.shape[-2], 0, x.shape[-1])
+    side = piece + 2 * radius if piece else 0
+    if fixed and piece and max(x.shape[-2:]) <= side:
+        piece = None  # x is no larger than one grown crop: one piece
     out = None
     for t in sub_tiles(window, bounds, piece, radius):
+        if fixed and piece:
+            t = grown(t, bounds, side)
         z = fn(x[..., t.crop_slices[0], t.crop_slices[1]])
         iy0, iy1, ix0, ix1 = t.inner
         z = z[..., iy0:iy1, ix0:ix1]
