@@ -16,6 +16,7 @@ from ..models.color import luma
 from ..models.folded import folded
 from . import notices
 from .device import resolve_device
+from .fast import fast_network, run_path, use_fast_path
 from .inputs import check_frames, check_min_size, check_ndim, normalise
 from .lazy import (
     LazyOutcome,
@@ -69,14 +70,21 @@ class MMFKernel:
     needs_stats = False
 
     def __init__(self, net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
-                 device: torch.device, precision: str | None = None, compile: bool = False):
+                 device: torch.device, precision: str | None = None, compile: bool = False,
+                 exact: bool = True):
         self.dtype = precision_dtype(precision)
-        self.net = folded("mmf", net, self.dtype, compile)
+        self.fast = use_fast_path(net, exact)
+        self.path = "fast" if self.fast else "exact"
+        if self.fast:  # compiled encoders and decoder (engine/fast.py)
+            self.net = fast_network("mmf", net, self.dtype, compile=compile)
+            self.r_lr, self.r_g = self.net.lr_radius, self.net.guide_radius
+        else:
+            self.net = folded("mmf", net, self.dtype, compile)
+            self.r_lr = self.net.lr_encoder.radius
+            self.r_g = self.net.guide_encoder.radius
         self.c = net.lr_channels
         self.q = net.hparams["code_channels"]
         self.lr_shape, self.hr_shape, self.device = tuple(lr_shape), tuple(hr_shape), device
-        self.r_lr = self.net.lr_encoder.radius
-        self.r_g = self.net.guide_encoder.radius
         self.box = self.net.radius_
         scale = max(hr_shape[0] / lr_shape[0], hr_shape[1] / lr_shape[1])
         # context in output pixels (for the tile-size estimate only; crops are exact)
@@ -259,8 +267,8 @@ def _guided_layout(lr_shape: tuple, g_shape: tuple, net_c: int | None) -> tuple[
 
 def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
                 progress=None, *, tile=None, precision: str | None = None,
-                compile: bool = False, client=None, scheduler: str | None = None
-                ) -> FusionResult:
+                compile: bool | None = None, client=None, scheduler: str | None = None,
+                exact: bool = False) -> FusionResult:
     """Super-resolve ``low_res`` (h,w) or (C,h,w) to the guide's size (H,W) with CSC-MMFN.
 
     guide: (H,W) grey or (H,W,3) RGB; a grey guide is repeated to RGB for a network trained
@@ -275,8 +283,10 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     ``tile``: output tile side (None: from free memory; 0/False: whole image). Tiles are cut
     in the guide's coordinates; each crops both inputs with the context its pixels need and
     resamples at whole-image coordinates, so tiled and whole-image results agree (1e-5).
-    ``precision``/``compile`` as in fuse_infrared_visible. ``codes=True`` returns the guide,
-    low-resolution and fused codes and needs one plane, whole (no tiling).
+    ``precision``, ``compile``, ``exact`` and the fast path as in fuse_infrared_visible
+    (CSC-MMFN clamps its thresholds at >= 0, so it takes the fast path unless ``exact``).
+    ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
+    whole (no tiling; exact path).
     progress(done, total) is called after every tile and may raise Cancelled.
 
     Dask: dask inputs (or ``client``/``scheduler``, as in fuse_infrared_visible) give a lazy
@@ -326,7 +336,7 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
                                 precision=precision, client=client, scheduler=scheduler)
         meta = base_metadata(model, dev, lazy.notes)
         meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), lazy=lazy.is_lazy,
-                    tile=lazy.tile, precision=precision,
+                    tile=lazy.tile, precision=precision, path="exact",
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, {}, meta)
     n_lr, n_g = normalise(lr_arr, "low_res"), normalise(g_arr, "guide")
@@ -348,40 +358,49 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         image[idx], code_maps = _guided_plane(
             model, lr, prepare_guide(n_g.data[idx]), dev, codes,
             plane_progress(progress, k, len(planes)), tile=tile, precision=precision,
-            compile=compile)
+            compile=compile, exact=exact)
     if not chan:
         image = image[..., 0, :, :]
     meta = base_metadata(model, dev, {"low_res": n_lr.note, "guide": n_g.note})
     meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), planes=len(planes),
-                tile=tile, precision=precision,
+                tile=tile, precision=precision, path="exact" if codes else run_path(model, exact),
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {}, meta)
 
 
 def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.device,
                   codes: bool, progress=None, *, tile=None, precision: str | None = None,
-                  compile: bool = False) -> tuple[np.ndarray, dict]:
+                  compile: bool | None = None, exact: bool = False
+                  ) -> tuple[np.ndarray, dict]:
     """One plane of fuse_guided: lr (C, h_in, w_in) and g (G, H, W) float32 in [0,1], as the
     network takes them -> (image (C, H, W), codes)."""
     h_in, w_in = lr.shape[-2:]
     H, W = g.shape[-2:]
+    exact = exact or codes
 
     def attempt(d: torch.device) -> tuple[np.ndarray, dict]:
         net = model.network_on(d)
+        fast = use_fast_path(net, exact)
         kernel = MMFKernel(net, (h_in, w_in), (H, W), d, precision=precision,
-                           compile=compile)
+                           compile=fast if compile is None else compile, exact=exact)
         side = resolve_tile(tile, (H, W), kernel, d, held=result_bytes(kernel, (H, W)))
         if codes or (side is None and precision in (None, "fp32")):
-            # One pass through the network's own forward: the authors' arithmetic exactly (the
-            # fast guided filter's E[xy] - E[x]E[y] cancels, so summation order shows in fp32).
+            # One pass through the whole image: on the exact path the network's own forward,
+            # the authors' arithmetic exactly (the fast guided filter's E[xy] - E[x]E[y]
+            # cancels, so summation order shows in fp32); on the fast path its compiled form.
             try:
                 with torch.inference_mode():
                     lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(d)
                     g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(d)
                     report(progress, 0, 1)
-                    z = net.encode(lr_t, g_t)
-                    out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
-                    code_maps = {k: to_numpy(v[0]) for k, v in z.items()} if codes else {}
+                    code_maps = {}
+                    if fast:
+                        out = kernel.net.whole(lr_t, g_t)[0]
+                    else:
+                        z = net.encode(lr_t, g_t)
+                        out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
+                        if codes:
+                            code_maps = {k: to_numpy(v[0]) for k, v in z.items()}
                 report(progress, 1, 1)
                 return to_numpy(out), code_maps
             except Exception as exc:

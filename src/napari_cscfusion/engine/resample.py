@@ -38,8 +38,13 @@ def interp_axis(x: torch.Tensor, dim: int, pos: torch.Tensor, offset: int,
     i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
     shape = [1] * x.ndim
     shape[dim] = -1
-    a = x.index_select(dim, i0 - offset)
-    b = x.index_select(dim, i1 - offset)
+    # advanced indexing, not index_select: the same values, and along the last axis ~50x
+    # faster on the CPU (index_select there was half of a tiled CSC-MMFN run, profiled)
+    at = [slice(None)] * x.ndim
+    at[dim] = i0 - offset
+    a = x[tuple(at)]
+    at[dim] = i1 - offset
+    b = x[tuple(at)]
     return a * lam0.view(shape).to(x.dtype) + b * lam1.view(shape).to(x.dtype)
 
 
