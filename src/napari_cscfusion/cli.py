@@ -148,7 +148,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         return cmd_fuse_stream(args, model)
     # --tile; --scheduler below (ivf, mef). No weight maps: nothing writes them, and for IVF
     # they are 16 B per pixel (1 GB of an 8192x8192 pair's memory)
-    scale = {"tile": args.tile}
+    scale = {"tile": args.tile, "exact": args.exact}
     if args.task == "ivf":
         if len(args.images) != 2:
             raise SystemExit("cscfusion fuse ivf: needs exactly two images, IR then VIS")
@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-q", "--quiet", action="store_true")
     f.add_argument("--tile", type=int, default=None,
                    help="tile side in pixels (default: from free memory; 0: whole image)")
+    f.add_argument("--exact", action="store_true",
+                   help="the exact reference arithmetic even where the fast path applies "
+                   "(weights with no negative soft threshold; within 1e-3 of it); streamed "
+                   "and cluster runs are always exact")
     f.add_argument("--scheduler", default=None,
                    help="dask.distributed scheduler address: run the tiles on that cluster "
                    "(ivf, mef)")
