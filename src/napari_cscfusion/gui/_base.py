@@ -17,7 +17,7 @@ from qtpy.QtCore import QTimer
 
 from ._common import WeightsChooser, codes_combo, device_combo, result_layers, status_label
 from ._state import CancelToken, FusionJob, OutputTracker, RunOutcome
-from ._worker import make_worker
+from ._worker import make_worker, timing_text
 
 PROGRESS_STEPS = 1000
 
@@ -52,6 +52,7 @@ class FusionWidget(Container):
         self._worker = None
         self._token: CancelToken | None = None
         self._started = 0.0
+        self._running_text = ""
         self.last_outputs: list = []  # the layers the last run added
         self._timer = QTimer(self.native)
         self._timer.setInterval(100)
@@ -89,6 +90,9 @@ class FusionWidget(Container):
     def _poll_progress(self) -> None:
         if self._token is not None:
             self.progress.value = int(round(self._token.fraction * PROGRESS_STEPS))
+            timing = timing_text(time.perf_counter() - self._started, self._token.fraction)
+            if timing:
+                self.status.value = f"{self._running_text}: {timing}"
 
     # --- actions --------------------------------------------------------------------------------
     def run(self, *_) -> None:
@@ -109,7 +113,8 @@ class FusionWidget(Container):
         self._job_key = job.key
         self._started = time.perf_counter()
         self.progress.value = 0
-        self.status.value = f"running {self.network}…"
+        self._running_text = f"running {self.network}"
+        self.status.value = f"{self._running_text}…"
         self._set_running(True)
         worker.start()
 
@@ -147,7 +152,8 @@ class FusionWidget(Container):
     def _on_yielded(self, value) -> None:
         done, total = value
         if total > 1 and self._token is not None:
-            self.status.value = f"running {self.network}: slice {done} of {total}"
+            self._running_text = f"running {self.network}: slice {done} of {total}"
+            self.status.value = self._running_text
 
     def _on_crashed(self, token: CancelToken, exc: BaseException) -> None:
         # run_job returns its errors; this is only reached for a bug in the worker itself,

@@ -75,6 +75,25 @@ def run_job(job: FusionJob, token: CancelToken):
         return RunOutcome(error=exc, elapsed_s=time.perf_counter() - t0)
 
 
+ETA_AFTER_S = 3.0  # runs shorter than this show no timing: it would only flicker
+
+
+def timing_text(elapsed_s: float, fraction: float) -> str:
+    """"12 s elapsed, about 30 s left" for a run ``fraction`` (0..1) done after
+    ``elapsed_s``: the time left extrapolated from the rate so far; "" for short runs, and no
+    estimate before 2 % of the work (too early to say)."""
+    if elapsed_s < ETA_AFTER_S:
+        return ""
+    text = f"{_duration(elapsed_s)} elapsed"
+    if 0.02 <= fraction < 1.0:
+        text += f", about {_duration(elapsed_s * (1.0 - fraction) / fraction)} left"
+    return text
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s // 60:.0f} min {s % 60:02.0f} s"
+
+
 def make_worker(job: FusionJob, token: CancelToken) -> GeneratorWorker:
     """A started-later worker; connect its signals, then call ``start()``."""
     return create_worker(run_job, job, token, _start_thread=False, _ignore_errors=True)

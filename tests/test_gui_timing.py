@@ -1,0 +1,49 @@
+"""Issue 18: a run over a few seconds shows its elapsed time and an estimate of the time left
+(a real napari viewer under Xvfb), and the estimate's arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari_cscfusion.gui._worker import ETA_AFTER_S, timing_text  # noqa: E402
+
+PLUGIN = "napari-cscfusion"
+IVF = "Infrared + visible fusion (CSC-IVFN)"
+
+
+def test_timing_text_extrapolates_the_rate_so_far():
+    assert timing_text(1.0, 0.5) == ""  # short runs: nothing
+    assert timing_text(10.0, 0.25) == "10 s elapsed, about 30 s left"
+    assert timing_text(60.0, 0.4) == "60 s elapsed, about 90 s left"
+    assert timing_text(120.0, 0.5) == "2 min 00 s elapsed, about 2 min 00 s left"
+    assert timing_text(5.0, 0.01) == "5 s elapsed"  # too early for an estimate
+
+
+@pytest.mark.gui
+def test_a_long_run_shows_elapsed_and_time_left(make_napari_viewer, qtbot, fusion_weights):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(3)
+    ir = viewer.add_image(rng.random((6, 128, 128), np.float32), name="ir")
+    vis = viewer.add_image(rng.random((6, 128, 128), np.float32), name="vis")
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, IVF)
+    widget.weights.set_path(fusion_weights("ivf"))
+    widget.ir_layer.value, widget.vis_layer.value = ir, vis
+    widget.base_rule.value = "saliency"
+    widget.run_button.native.click()
+
+    def shows_timing() -> bool:
+        return "elapsed" in widget.status.value and "left" in widget.status.value
+
+    qtbot.waitUntil(shows_timing, timeout=120_000)
+    text = widget.status.value
+    assert text.startswith("running CSC-IVFN")
+    elapsed = text.split(": ")[-1].split(" elapsed")[0]
+    assert elapsed.endswith(" s") and (" min " in elapsed or float(elapsed[:-2]) >= ETA_AFTER_S)
+    widget.cancel()
+    assert not widget.running
+    # after the run: the usual final status, no timing left over by the timer
+    qtbot.wait(300)
+    assert "elapsed" not in widget.status.value
