@@ -6,7 +6,9 @@
 
 For each task and size (megapixels of the output) it prints one row per variant:
 
-* ``engine``  — the public fuse_* function with automatic tiles (what users run);
+* ``engine``  — the public fuse_* function with automatic tiles (what users run: the fast
+  path where the weights allow it, compiled, the compilation included);
+* ``exact``   — the same with ``exact=True`` (the reference arithmetic);
 * ``compile`` — the same with ``compile=True`` (torch.compile of the encoders; the first
   call's compilation is included, as a user's one-off run would pay it);
 * ``compile-warm`` — compiled on a small crop first, then timed (a session's steady state);
@@ -56,7 +58,7 @@ WEIGHTS = {"ivf": CKPT, "mef": CKPT / "csc_mefn_authors.pth",
            "mmf": CKPT / "csc_mmfn_authors.pth"}
 # bytes per output pixel the naive MMF forward holds at its peak (run A: 6257 MB at 1 Mpx)
 NAIVE_MMF_BYTES_PER_PX = 6300
-VARIANTS = ("engine", "compile", "compile-warm", "peer", "naive")
+VARIANTS = ("engine", "exact", "compile", "compile-warm", "peer", "naive")
 # naive runs hold every code map of the whole image: skip them where that alone is huge
 NAIVE_MAX_MPX = {"ivf": 4.5, "mef": 16.5, "mmf": 1.5}
 
@@ -141,7 +143,7 @@ def _naive(task: str, model, inputs, device):
         return net(lr, g.to(device)).clamp(0, 1).cpu().numpy()
 
 
-def measure(task: str, mpx, variant: str, device: str, tile) -> dict:
+def measure(task: str, mpx, variant: str, device: str, tile, weights: str = "authors") -> dict:
     import resource
 
     import numpy as np
@@ -152,13 +154,13 @@ def measure(task: str, mpx, variant: str, device: str, tile) -> dict:
         fuse_exposures,
         fuse_guided,
         fuse_infrared_visible,
-        load_model,
         resolve_device,
     )
 
     torch.set_num_threads(int(os.environ.get("CSC_THREADS", os.cpu_count() or 1)))
     inputs = make_inputs(task, mpx)
-    model = load_model(task, WEIGHTS[task])
+    # the MMF inputs are the authors' 31-band network's
+    model = target_model(task, "authors" if task == "mmf" else weights)
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -172,15 +174,17 @@ def measure(task: str, mpx, variant: str, device: str, tile) -> dict:
         else:
             fuse_exposures(inputs[0][:, :96, :96], model, **kw)
     t0 = time.perf_counter()
-    if variant in ("engine", "compile", "compile-warm"):
+    if variant in ("engine", "exact", "compile", "compile-warm"):
         if variant.startswith("compile"):
             kw["compile"] = True
+        if variant == "exact":
+            kw["exact"] = True
         if task == "ivf":
             out = fuse_infrared_visible(*inputs, model, **kw).image
         elif task == "mef":
             out = fuse_exposures(inputs[0], model, **kw).image
         else:
-            kw.pop("tile"), kw.pop("compile", None)
+            kw.pop("tile")
             out = fuse_guided(inputs[0], inputs[1], model, **kw).image
     elif variant == "peer":
         if task == "ivf":
@@ -361,8 +365,9 @@ def _fmt(mpx) -> str:
     return mpx if isinstance(mpx, str) else f"{mpx:g}"
 
 
-def run_child(task, mpx, variant, device, tile, timeout) -> dict:
-    cmd = [sys.executable, __file__, "--child", f"{task}:{mpx}:{variant}", "--device", device]
+def run_child(task, mpx, variant, device, tile, timeout, weights="authors") -> dict:
+    cmd = [sys.executable, __file__, "--child", f"{task}:{mpx}:{variant}", "--device", device,
+           "--weights", weights]
     if tile is not None:
         cmd += ["--tile", str(tile)]
     try:
@@ -413,8 +418,9 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", action="store_true",
                     help="issue 18's ratios in one process (see the module docstring)")
     ap.add_argument("--repeat", type=int, default=2, help="warm calls per measurement (--targets)")
-    ap.add_argument("--weights", default="clamped", choices=("clamped", "packaged", "authors"),
-                    help="networks for --targets")
+    ap.add_argument("--weights", default=None, choices=("clamped", "packaged", "authors"),
+                    help="networks (default: authors' for the rows, clamped for --targets; "
+                    "MMF always the authors')")
     ap.add_argument("--exact", action="store_true", help="--targets on the exact path")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -422,10 +428,11 @@ def main(argv=None) -> int:
 
     if a.child:
         task, mpx, variant = a.child.split(":")
-        print(json.dumps(measure(task, _size(mpx), variant, a.device, a.tile)))
+        print(json.dumps(measure(task, _size(mpx), variant, a.device, a.tile,
+                                 a.weights or "authors")))
         return 0
     if a.targets:
-        targets(a.repeat, a.weights, a.exact, a.tasks.split(","), a.device)
+        targets(a.repeat, a.weights or "clamped", a.exact, a.tasks.split(","), a.device)
         return 0
     sizes = [1.0] if a.quick else [_size(s) for s in a.sizes.split(",")]
     variants = a.variants.split(",")
@@ -442,7 +449,8 @@ def main(argv=None) -> int:
                 elif v.startswith("compile") and task == "mmf":
                     continue
                 else:
-                    r = run_child(task, mpx, v, a.device, a.tile, a.timeout)
+                    r = run_child(task, mpx, v, a.device, a.tile, a.timeout,
+                                  a.weights or "authors")
                 results.append(r)
                 print(row(r), flush=True)
                 if a.json:
