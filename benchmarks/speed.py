@@ -307,11 +307,15 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") 
         first, best, res = _timed(
             lambda: fuse_infrared_visible(ir, vis, model, device=device, **kw), repeat)
         probe = max(conv_probe() for _ in range(repeat))
+        _, ref_s, ref = _timed(lambda: fuse_infrared_visible(ir, vis, model, device=device,
+                                                             exact=True), repeat)
         limit = flops / probe
+        diff = np.abs(res.image - ref.image)
         say(f"ivf TNO pair {h}x{w}: conv {flops / 1e9:.1f} GFLOP, probe {probe / 1e9:.0f} "
             f"GFLOP/s -> limit {limit:.3f} s; engine {best:.3f} s (first call {first:.1f} s, "
             f"path {res.metadata.get('path', 'exact')}): {best / limit:.1f}x the limit "
-            f"(target <= 5x, beyond <= 2x)")
+            f"(target <= 5x, beyond <= 2x); exact path {ref_s:.3f} s ({ref_s / limit:.1f}x); "
+            f"|engine - exact| max {diff.max():.2g}, mean {diff.mean():.2g}")
     if "mef" in tasks:
         model = target_model("mef", weights)
         stack = make_inputs("mef", 12)[0]  # (3, H, W, 3) uint8, as a camera gives them
@@ -321,10 +325,15 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") 
         first, best, res = _timed(lambda: fuse_exposures(stack, model, device=device,
                                                          **kw), repeat)
         _, mertens, _ = _timed(lambda: merge.process(frames), repeat)
+        _, ref_s, ref = _timed(lambda: fuse_exposures(stack, model, device=device,
+                                                      exact=True), repeat)
+        diff = np.abs(res.image - ref.image)
         say(f"mef 3 x {stack.shape[1]}x{stack.shape[2]} uint8: engine {best:.2f} s (first "
             f"call {first:.1f} s, path {res.metadata.get('path', 'exact')}), OpenCV Mertens "
             f"on the same uint8 arrays {mertens:.2f} s: {best / mertens:.2f}x Mertens "
-            f"(target <= 2x, beyond < 1x)")
+            f"(target <= 2x, beyond < 1x); exact path {ref_s:.2f} s "
+            f"({ref_s / mertens:.2f}x); |engine - exact| max {diff.max():.2g}, mean "
+            f"{diff.mean():.2g}")
     if "mmf" in tasks:
         # the authors' 31-band network and inputs as in the rows above (its thresholds are
         # clamped at >= 0 by design: the fast path applies to it)

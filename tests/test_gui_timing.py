@@ -17,7 +17,7 @@ IVF = "Infrared + visible fusion (CSC-IVFN)"
 def test_timing_text_extrapolates_the_rate_so_far():
     assert timing_text(1.0, 0.5) == ""  # short runs: nothing
     assert timing_text(10.0, 0.25) == "10 s elapsed, about 30 s left"
-    assert timing_text(60.0, 0.4) == "60 s elapsed, about 90 s left"
+    assert timing_text(60.0, 0.4) == "60 s elapsed, about 1 min 30 s left"
     assert timing_text(120.0, 0.5) == "2 min 00 s elapsed, about 2 min 00 s left"
     assert timing_text(5.0, 0.01) == "5 s elapsed"  # too early for an estimate
 

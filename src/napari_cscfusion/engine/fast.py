@@ -28,6 +28,21 @@ def run_path(model, exact: bool) -> str:
     return "fast" if use_fast_path(model.network, exact) else "exact"
 
 
+# Where compile=None compiles the fast path: measured on the shared 2-core CPU
+# (benchmarks/README.md, issue 18): CSC-MMFN's compiled forward 2.6x faster than eager at
+# 0.3 Mpx; CSC-IVFN's compiled encoders no faster than the exact folded ones on 178 px
+# pieces (the thin 1 <-> 64 convolutions stay oneDNN calls), so not there on a CPU.
+AUTO_COMPILE_CPU = {"ivf": False, "mef": True, "mmf": True}
+
+
+def auto_compile(task: str, fast: bool, device: torch.device) -> bool:
+    """Whether a run with ``compile=None`` compiles: the fast path only; on a CPU where it
+    measured faster (AUTO_COMPILE_CPU), on a GPU always (unmeasured: no GPU here)."""
+    if not fast:
+        return False
+    return AUTO_COMPILE_CPU[task] if device.type == "cpu" else True
+
+
 class Compiled:
     """``torch.compile`` (inductor, weights frozen into the graph) of a callable, falling back
     to the eager call with a notice when compilation fails (no C++ compiler, an unsupported

@@ -14,7 +14,7 @@ from ..models.folded import folded
 from ..models.ivfn import IVF_ALPHA
 from . import notices
 from .device import resolve_device
-from .fast import fast_network, run_path, use_fast_path
+from .fast import auto_compile, fast_network, run_path, use_fast_path
 from .inputs import NormalisedStack, check_min_size, check_same_shape, normaliser
 from .lazy import (
     LazyOutcome,
@@ -343,7 +343,8 @@ def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: F
         fast = use_fast_path(net, exact)
         kernel = IVFKernel(net, names, base_rule, detail_rule, dev, codes=codes,
                            weights=weights, precision=precision,
-                           compile=fast if compile is None else compile,
+                           compile=auto_compile("ivf", fast, dev) if compile is None
+                           else compile,
                            exact_rules=exact_rules, code_gain=code_gain, exact=exact)
         side = resolve_tile(tile, x.shape[-2:], kernel, dev,
                             held=result_bytes(kernel, x.shape[-2:]))
@@ -394,8 +395,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     1e-3 max / 1e-5 mean of the exact path on [0, 1] images, see models/fastpath.py);
     ``exact=True``, or weights with a negative threshold (the authors'), run the exact
     reference arithmetic. ``metadata["path"]`` says which ran. ``compile``: None (default)
-    compiles on the fast path only (the first call of a session compiles: seconds to a
-    minute; torch's on-disk cache shortens later sessions); True/False forces it.
+    compiles where that measured faster (``engine.fast.auto_compile``: the fast path of MEF and
+    MMF, and of IVF on a GPU; not IVF on a CPU, where the compiled encoders were no faster
+    than the exact ones, benchmarks/README.md); the first call of a session compiles (a minute
+    or more; torch's on-disk cache shortens later sessions); True/False forces it.
 
     Dask: with dask inputs the result's image and weights are lazy dask arrays (chunked by
     tile and by plane) that compute the same values; napari displays them directly (always on

@@ -15,7 +15,7 @@ from ..models.folded import folded
 from ..models.mefn import exposure_prior
 from . import notices
 from .device import resolve_device
-from .fast import fast_network, use_fast_path
+from .fast import auto_compile, fast_network, use_fast_path
 from .inputs import check_frames, check_min_size, normaliser
 from .lazy import (
     LazyOutcome,
@@ -339,7 +339,7 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
             img, w = fuse_exposure_stack_fast(
                 data[idx], scale, model, dev, plane_progress(progress, i, len(planes)),
                 tile=tile, weights=weights, precision=precision,
-                compile=True if compile is None else compile)
+                compile=auto_compile("mef", True, dev) if compile is None else compile)
         else:
             img, code_maps, w = fuse_exposure_stack(
                 data[idx], model, dev, codes, plane_progress(progress, i, len(planes)),

@@ -16,7 +16,7 @@ from ..models.color import luma
 from ..models.folded import folded
 from . import notices
 from .device import resolve_device
-from .fast import fast_network, run_path, use_fast_path
+from .fast import auto_compile, fast_network, run_path, use_fast_path
 from .inputs import check_frames, check_min_size, check_ndim, normalise
 from .lazy import (
     LazyOutcome,
@@ -382,7 +382,8 @@ def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.
         net = model.network_on(d)
         fast = use_fast_path(net, exact)
         kernel = MMFKernel(net, (h_in, w_in), (H, W), d, precision=precision,
-                           compile=fast if compile is None else compile, exact=exact)
+                           compile=auto_compile("mmf", fast, d) if compile is None
+                           else compile, exact=exact)
         side = resolve_tile(tile, (H, W), kernel, d, held=result_bytes(kernel, (H, W)))
         if codes or (side is None and precision in (None, "fp32")):
             # One pass through the whole image: on the exact path the network's own forward,
