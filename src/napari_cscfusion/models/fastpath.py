@@ -239,25 +239,18 @@ class FastIVFN(nn.Module):
     its folded network (``encode_base``, ``encode_detail``, ``decode``, ``decode_sum``,
     ``encoder_radius``), plus ``detail_l1``: detail codes and the l1 rule in one graph.
 
-    The decoder has batch norm folded and the authors' code scale ``alpha`` folded into its
-    first convolution, as the exact path's folded decoder."""
+    The decoder is the exact path's folded one (batch norm and the authors' code scale folded
+    into its convolutions)."""
 
-    def __init__(self, net, form: str = "conv", alpha: float = 2.0):
+    def __init__(self, net, form: str = "conv"):
         super().__init__()
+        from .folded import register_folded_decoder
         from .ivfn import BLUR_SIZE
 
         self.base = FastEncoder(net.base, form)
         self.detail = FastEncoder(net.detail, form)
         self.encoder_radius = BLUR_SIZE // 2 + net.base.receptive_radius
-        convs = [m for m in net.decoder.layers if isinstance(m, nn.Conv2d)]
-        bns = [m for m in net.decoder.layers if isinstance(m, nn.BatchNorm2d)]
-        for i, (conv, bn) in enumerate(zip(convs, bns, strict=True)):
-            w = conv.weight.detach()
-            s, t = _bn_scale_shift(bn, w.shape[0], w)
-            w = w * s.view(-1, 1, 1, 1)
-            self.register_buffer(f"dw{i}", (w * alpha if i == 0 else w).clone())
-            self.register_buffer(f"db{i}", t.clone())
-        self.n_dec = len(convs)
+        self.n_dec = register_folded_decoder(self, net.decoder)
 
     def encode_base(self, x: torch.Tensor) -> torch.Tensor:
         from .ivfn import box_blur

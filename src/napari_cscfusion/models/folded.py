@@ -117,6 +117,20 @@ class FoldedEncoder(nn.Module):
         return z
 
 
+def register_folded_decoder(module: nn.Module, decoder: nn.Module) -> int:
+    """Register the IVFN decoder's convolutions with batch norm folded (weights dw{i}, biases
+    db{i}) and the authors' code scale IVF_ALPHA folded into the first, on ``module``;
+    returns how many."""
+    convs = [m for m in decoder.layers if isinstance(m, nn.Conv2d)]
+    bns = [m for m in decoder.layers if isinstance(m, nn.BatchNorm2d)]
+    for i, (conv, bn) in enumerate(zip(convs, bns, strict=True)):
+        s, t = _bn_scale_shift(bn)
+        w = conv.weight.detach() * s.view(-1, 1, 1, 1)
+        module.register_buffer(f"dw{i}", (w * IVF_ALPHA if i == 0 else w).clone())
+        module.register_buffer(f"db{i}", t.clone())
+    return len(convs)
+
+
 class FoldedIVFN(nn.Module):
     """CSC-IVFN for fusion: encoders and the affine decoder with BN folded and the authors'
     code scale (x2, exact in binary floating point) folded into the decoder's first conv."""
@@ -126,18 +140,7 @@ class FoldedIVFN(nn.Module):
         self.base = FoldedEncoder(net.base)
         self.detail = FoldedEncoder(net.detail)
         self.encoder_radius = BLUR_SIZE // 2 + net.base.receptive_radius
-        ws, bs = [], []
-        convs = [m for m in net.decoder.layers if isinstance(m, nn.Conv2d)]
-        bns = [m for m in net.decoder.layers if isinstance(m, nn.BatchNorm2d)]
-        for i, (conv, bn) in enumerate(zip(convs, bns, strict=True)):
-            s, t = _bn_scale_shift(bn)
-            w = conv.weight.detach() * s.view(-1, 1, 1, 1)
-            ws.append(w * IVF_ALPHA if i == 0 else w)
-            bs.append(t)
-        for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
-            self.register_buffer(f"dw{i}", w.clone())
-            self.register_buffer(f"db{i}", b.clone())
-        self.n_dec = len(ws)
+        self.n_dec = register_folded_decoder(self, net.decoder)
 
     def encode_base(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x, first_input=box_blur(x))
