@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .csc import DCU, CSCEncoder, SoftThreshold
+from .folded import FoldedIVFN, register_folded_decoder
+from .ivfn import BLUR_SIZE
 
 # --- the gate -----------------------------------------------------------------------------
 
@@ -234,33 +236,17 @@ class FastMEFN(nn.Module):
         return out.clamp(0.0, 1.0), w
 
 
-class FastIVFN(nn.Module):
-    """CSC-IVFN for fusion in the fast form, with the methods the engine's IVF kernel calls on
-    its folded network (``encode_base``, ``encode_detail``, ``decode``, ``decode_sum``,
-    ``encoder_radius``), plus ``detail_l1``: detail codes and the l1 rule in one graph.
-
-    The decoder is the exact path's folded one (batch norm and the authors' code scale folded
-    into its convolutions)."""
+class FastIVFN(FoldedIVFN):
+    """CSC-IVFN for fusion in the fast form: the exact path's FoldedIVFN (its methods, which
+    the engine's IVF kernel calls, and its folded decoder) with fast-form encoders, plus
+    ``detail_l1``: detail codes and the l1 rule in one graph."""
 
     def __init__(self, net, form: str = "conv"):
-        super().__init__()
-        from .folded import register_folded_decoder
-        from .ivfn import BLUR_SIZE
-
+        nn.Module.__init__(self)
         self.base = FastEncoder(net.base, form)
         self.detail = FastEncoder(net.detail, form)
         self.encoder_radius = BLUR_SIZE // 2 + net.base.receptive_radius
         self.n_dec = register_folded_decoder(self, net.decoder)
-
-    def encode_base(self, x: torch.Tensor) -> torch.Tensor:
-        from .ivfn import box_blur
-
-        return self.base(x, first_input=box_blur(x))
-
-    def encode_detail(self, x: torch.Tensor) -> torch.Tensor:
-        from .ivfn import box_blur
-
-        return self.detail(x, first_input=x - box_blur(x))
 
     def detail_l1(self, x: torch.Tensor) -> torch.Tensor:
         """Detail codes of S sources [S, 1, h, w] fused by the l1 rule -> [1, q + S, h, w]:
@@ -272,21 +258,6 @@ class FastIVFN(nn.Module):
         w = torch.where(total > 0, activity / total.clamp_min(torch.finfo(z.dtype).tiny),
                         torch.full_like(activity, 1.0 / z.shape[0]))
         return torch.cat(((w * z).sum(0), w[:, 0]))[None]
-
-    def _dec(self, z: torch.Tensor) -> torch.Tensor:
-        for i in range(self.n_dec):
-            z = F.conv2d(_pad(z), getattr(self, f"dw{i}"), getattr(self, f"db{i}"))
-        return z
-
-    def decode(self, fused_base: torch.Tensor, fused_detail: torch.Tensor,
-               scale: float | None = None) -> torch.Tensor:
-        return self.decode_sum(fused_base + fused_detail, scale)
-
-    def decode_sum(self, z: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        if scale is not None:
-            z = z * scale
-        zero = z.new_zeros(1, z.shape[1], 3, 3)
-        return torch.sigmoid(self._dec(z) + self._dec(zero)[0, 0, 0, 0])
 
 
 class FastMMFN(nn.Module):
