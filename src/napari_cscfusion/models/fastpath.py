@@ -75,7 +75,7 @@ def _bn_scale_shift(bn: nn.Module, q: int, like: torch.Tensor):
 
 def _shrink(v: torch.Tensor, kind: str, param: torch.Tensor) -> torch.Tensor:
     if kind == "prelu":
-        return torch.where(v >= 0, v, v * param)
+        return F.prelu(v, param.flatten())  # one pass eager, fused when compiled
     return v - torch.clamp(v, -param, param)
 
 
