@@ -56,7 +56,7 @@ IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per si
 # bit-identical output): IVF 768x576 pair 32.9 s with 512 px, 14.2 s with 192 px; MEF 3 x 4
 # Mpx 16.8 s with 256 px, 10.2 s with 128 px (mef.py). On a GPU big pieces are faster.
 INNER_TILE = {"cpu": 192, "gpu": 512}
-# The fast path's pieces (crops of one shape, compiled graphs): see benchmarks/README.md
+# The compiled fast path's pieces (crops of one shape): see benchmarks/README.md
 FAST_INNER_TILE = {"cpu": 128, "gpu": 512}
 
 
@@ -119,7 +119,9 @@ class IVFKernel:
         self.base_rule, self.detail_rule = base_rule, detail_rule
         self.device, self.codes, self.weights = device, codes, weights
         # encoder pieces: cache-sized on the CPU (see INNER_TILE); None picks by device
-        sides = FAST_INNER_TILE if self.fast else INNER_TILE
+        # compiled graphs want crops of one shape (fixed), and cache-sized ones
+        self.fixed = self.fast and bool(compile)
+        sides = FAST_INNER_TILE if self.fixed else INNER_TILE
         self.inner = inner_tile(sides, device) if inner is None else inner
         self.exact_rules = exact_rules
         self.enc_radius = self.net.encoder_radius
@@ -181,7 +183,7 @@ class IVFKernel:
     def encode(self, which: str, x: torch.Tensor, window: Box, tick=None) -> torch.Tensor:
         """Codes [S, q, window] of the crop x [S, 1, h, w], inner tile by inner tile."""
         return map_in_pieces(self._encoder(which), x, window, self.inner, self.enc_radius,
-                             tick, fixed=self.fast)
+                             tick, fixed=self.fixed)
 
     def _encoder(self, which: str):
         return self.net.encode_base if which == "base" else self.net.encode_detail
@@ -200,7 +202,7 @@ class IVFKernel:
         if self.fast and which == "detail" and rule == "l1" and self.dtype is None:
             fn = self.net.detail_l1  # encoder and rule in one compiled graph
         out = map_in_pieces(fn, x, window, self.inner, self.enc_radius + RULE_RADIUS[rule],
-                            tick, fixed=self.fast)[0]
+                            tick, fixed=self.fixed)[0]
         return out[:self.q], out[self.q:, None]
 
     def decode(self, z: torch.Tensor, window: Box) -> torch.Tensor:
@@ -210,7 +212,7 @@ class IVFKernel:
         if self.code_scale is not None:
             z.mul_(self.code_scale)
         return map_in_pieces(self.net.decode_sum, z[None], window, self.inner,
-                             self.dec_radius, fixed=self.fast)[0]
+                             self.dec_radius, fixed=self.fixed)[0]
 
     def __call__(self, crop: np.ndarray, core: Box, stats: SaliencyStats | None = None,
                  tick=None) -> dict[str, np.ndarray]:
