@@ -261,9 +261,9 @@ class FastIVFN(FoldedIVFN):
 
 
 class FastMMFN(nn.Module):
-    """CSC-MMFN in the fast form (its thresholds are clamped at >= 0 by design, so the fast
-    path always applies): ``forward(lr, guide)`` as CSCMMFN's, clamped to [0, 1], and the
-    pieces the engine's tiles call (``guide_encoder``, ``lr_encoder``, ``decode_codes``)."""
+    """CSC-MMFN's encoders and decoder in the fast form (its thresholds are clamped at >= 0 by
+    design, so the fast path always applies): the pieces the engine calls (``guide_encoder``,
+    ``lr_encoder``, ``decode_codes``); the guided filter between them stays the model's."""
 
     def __init__(self, net, form: str = "conv"):
         super().__init__()
@@ -274,13 +274,3 @@ class FastMMFN(nn.Module):
 
     def decode_codes(self, z: torch.Tensor) -> torch.Tensor:
         return F.conv2d(_pad(z), self.dec_w)
-
-    def forward(self, lr: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        from .mmfn import fast_guided_filter, upsample
-
-        z_guide = self.guide_encoder(guide)
-        z_lr = self.lr_encoder(lr)
-        z_fused = fast_guided_filter(upsample(z_guide, lr.shape[-2:]), z_lr, z_guide,
-                                     self.radius_, self.eps)
-        out = self.decode_codes(z_fused) + upsample(lr, z_fused.shape[-2:])
-        return out.clamp(0.0, 1.0)
