@@ -154,3 +154,18 @@ def test_cli_exact_flag_is_recorded(tmp_path):
         assert main(["fuse", "mef", *paths, "-o", str(out), "--weights", str(weights),
                      "--device", "cpu", "-q", "--tile", "0", *flag]) == 0
         assert read_tiff_metadata(out)["path"] == path
+
+
+@needs_shared
+@pytest.mark.slow
+def test_ivf_compiled_fast_path_matches_exact_on_a_tno_crop():
+    # compile=True: what a GPU runs by default (engine.fast.auto_compile); crops of one shape
+    from napari_cscfusion import fuse_infrared_visible
+
+    model = clamped("ivf")
+    ir, vis = (grey(read(DATA / "ivf" / "tno" / f"{n}1.png"))[100:260, 200:420]
+               for n in ("IR", "VIS"))
+    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
+    fast = fuse_infrared_visible(ir, vis, model, device="cpu", compile=True)
+    assert fast.metadata["path"] == "fast"
+    assert_close(fast.image, exact.image)
