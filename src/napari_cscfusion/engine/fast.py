@@ -28,19 +28,21 @@ def run_path(model, exact: bool) -> str:
     return "fast" if use_fast_path(model.network, exact) else "exact"
 
 
-# Where compile=None compiles the fast path: measured on the shared 2-core CPU
-# (benchmarks/README.md, issue 18): CSC-MMFN's compiled forward 2.6x faster than eager at
-# 0.3 Mpx; CSC-IVFN's compiled encoders no faster than the exact folded ones on 178 px
-# pieces (the thin 1 <-> 64 convolutions stay oneDNN calls), so not there on a CPU.
-AUTO_COMPILE_CPU = {"ivf": False, "mef": True, "mmf": True}
+# Where compile=None compiles the fast path, measured on the shared 2-core CPU
+# (benchmarks/README.md, issue 18): CSC-MEFN's whole crop pipeline in one graph; not
+# CSC-IVFN's encoders on a CPU (no faster than the exact folded ones on its pieces) and never
+# CSC-MMFN's: compiled, its codes round differently and the guided filter (eps 1e-4 on code
+# variances) amplified that to 1.2e-3 on a FLIR crop, over the fast path's 1e-3 (eager: 4.8e-4)
+AUTO_COMPILE = {"ivf": {"cpu": False, "gpu": True}, "mef": {"cpu": True, "gpu": True},
+                "mmf": {"cpu": False, "gpu": False}}
 
 
 def auto_compile(task: str, fast: bool, device: torch.device) -> bool:
-    """Whether a run with ``compile=None`` compiles: the fast path only; on a CPU where it
-    measured faster (AUTO_COMPILE_CPU), on a GPU always (unmeasured: no GPU here)."""
+    """Whether a run with ``compile=None`` compiles: the fast path only, where AUTO_COMPILE
+    says (GPU entries unmeasured: no GPU was at hand)."""
     if not fast:
         return False
-    return AUTO_COMPILE_CPU[task] if device.type == "cpu" else True
+    return AUTO_COMPILE[task]["cpu" if device.type == "cpu" else "gpu"]
 
 
 class Compiled:

@@ -396,10 +396,11 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     1e-3 max / 1e-5 mean of the exact path on [0, 1] images, see models/fastpath.py);
     ``exact=True``, or weights with a negative threshold (the authors'), run the exact
     reference arithmetic. ``metadata["path"]`` says which ran. ``compile``: None (default)
-    compiles where that measured faster (``engine.fast.auto_compile``: the fast path of MEF and
-    MMF, and of IVF on a GPU; not IVF on a CPU, where the compiled encoders were no faster
-    than the exact ones, benchmarks/README.md); the first call of a session compiles (a minute
-    or more; torch's on-disk cache shortens later sessions); True/False forces it.
+    compiles where that measured faster and within the tolerance (``engine.fast.auto_compile``:
+    the fast path of MEF, and of IVF on a GPU; not IVF on a CPU, where the compiled encoders
+    were no faster than the exact ones, nor MMF, whose compiled form left the tolerance;
+    benchmarks/README.md); the first call of a session compiles (a minute or more; torch's
+    on-disk cache shortens later sessions); True/False forces it.
 
     Dask: with dask inputs the result's image and weights are lazy dask arrays (chunked by
     tile and by plane) that compute the same values; napari displays them directly (always on
