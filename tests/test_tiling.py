@@ -454,14 +454,18 @@ def test_mmf_tiled_equals_whole_image_including_non_integer_scales():
     net = model("mmf").network
     for low, guide in ((lr, g), (lr[:, :, :28], g[:, :61])):  # x2, and x2 by 61/28
         # float64: no rounding to hide behind, so this checks every crop window exactly
-        w64 = fuse_guided(low, guide, model("mmf"), device="cpu", tile=0, precision="fp64")
-        t64 = fuse_guided(low, guide, model("mmf"), device="cpu", tile=24, precision="fp64")
+        w64 = fuse_guided(low, guide, model("mmf"), device="cpu", tile=0, precision="fp64",
+                          exact=True)
+        t64 = fuse_guided(low, guide, model("mmf"), device="cpu", tile=24, precision="fp64",
+                          exact=True)
         assert np.abs(t64.image - w64.image).max() < 1e-6
         # float32: the fast guided filter's eps = 1e-4 on code variances amplifies rounding.
         # The whole image runs the network's own forward (the authors' cumulative-sum
         # arithmetic, bit for bit); tiles use direct box means, which are closer to float64.
-        whole = fuse_guided(low, guide, model("mmf"), device="cpu", tile=0).image
-        tiled = fuse_guided(low, guide, model("mmf"), device="cpu", tile=24).image
+        whole = fuse_guided(low, guide, model("mmf"), device="cpu", tile=0,
+                            exact=True).image
+        tiled = fuse_guided(low, guide, model("mmf"), device="cpu", tile=24,
+                            exact=True).image
         assert np.abs(tiled - w64.image).max() < 1e-4
         err = np.abs(whole - w64.image)
         assert err.max() < 1e-3 and err.mean() < 1e-5  # the authors' own fp32 rounding

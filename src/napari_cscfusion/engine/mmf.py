@@ -282,7 +282,8 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     in the guide's coordinates; each crops both inputs with the context its pixels need and
     resamples at whole-image coordinates, so tiled and whole-image results agree (1e-5).
     ``precision``, ``compile``, ``exact`` and the fast path as in fuse_infrared_visible
-    (CSC-MMFN clamps its thresholds at >= 0, so it takes the fast path unless ``exact``).
+    (CSC-MMFN clamps its thresholds at >= 0, so it takes the fast path unless ``exact``;
+    dask runs take it too, uncompiled as in-memory runs by default, so both agree).
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
     progress(done, total) is called after every tile and may raise Cancelled.
@@ -331,10 +332,11 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
                              "numpy plane to look at its codes")
         lazy = fuse_guided_lazy(lr_arr, g_arr, model, dev, prepare_guide,
                                 bicubic=lr_input == "bicubic", squeeze=not chan, tile=tile,
-                                precision=precision, client=client, scheduler=scheduler)
+                                precision=precision, client=client, scheduler=scheduler,
+                                exact=exact)
         meta = base_metadata(model, dev, lazy.notes)
         meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), lazy=lazy.is_lazy,
-                    tile=lazy.tile, precision=precision, path="exact",
+                    tile=lazy.tile, precision=precision, path=run_path(model, exact),
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, {}, meta)
     n_lr, n_g = normalise(lr_arr, "low_res"), normalise(g_arr, "guide")
@@ -429,6 +431,7 @@ def _guided_crop(lr_blk, g_blk, lr_spec, g_spec, resize, prepare_guide, core):
 
 def fuse_guided_lazy(low_res, guide, model, device, prepare_guide, *, bicubic: bool,
                      squeeze: bool, tile=None, precision: str | None = None, client=None,
+                     exact: bool = False,
                      scheduler: str | None = None) -> LazyOutcome:
     """CSC-MMFN guided super-resolution as a dask graph: low_res (..., C, h, w) and guide
     (..., H, W) or (..., H, W, 3) (numpy or dask, same leading shape) -> image
@@ -445,7 +448,9 @@ def fuse_guided_lazy(low_res, guide, model, device, prepare_guide, *, bicubic: b
     note_l, *spec_l = norm_spec(lr, "low_res")
     note_g, *spec_g = norm_spec(g, "guide")
     net = model.network_on(device)
-    kernel = MMFKernel(net, (H, W) if bicubic else (h, w), (H, W), device, precision=precision)
+    # the path of an in-memory tiled run (uncompiled), so that both give the same values
+    kernel = MMFKernel(net, (H, W) if bicubic else (h, w), (H, W), device, precision=precision,
+                       exact=exact)
 
     def crop_of(idx, t):
         win = kernel.windows(t.core)
