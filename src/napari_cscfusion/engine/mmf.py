@@ -266,7 +266,7 @@ def _guided_layout(lr_shape: tuple, g_shape: tuple, net_c: int | None) -> tuple[
 def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
                 progress=None, *, tile=None, precision: str | None = None,
                 compile: bool | None = None, client=None, scheduler: str | None = None,
-                exact: bool = False) -> FusionResult:
+                exact: bool = True) -> FusionResult:
     """Super-resolve ``low_res`` (h,w) or (C,h,w) to the guide's size (H,W) with CSC-MMFN.
 
     guide: (H,W) grey or (H,W,3) RGB; a grey guide is repeated to RGB for a network trained
@@ -281,9 +281,11 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     ``tile``: output tile side (None: from free memory; 0/False: whole image). Tiles are cut
     in the guide's coordinates; each crops both inputs with the context its pixels need and
     resamples at whole-image coordinates, so tiled and whole-image results agree (1e-5).
-    ``precision``, ``compile``, ``exact`` and the fast path as in fuse_infrared_visible
-    (CSC-MMFN clamps its thresholds at >= 0, so it takes the fast path unless ``exact``;
-    dask runs take it too, uncompiled as in-memory runs by default, so both agree).
+    ``precision``, ``compile`` and the fast path as in fuse_infrared_visible, but ``exact``
+    defaults to True here: CSC-MMFN's fast form (``exact=False``; its thresholds are clamped
+    at >= 0, so it applies) measured no faster than the naive forward at 1 Mpx and its guided
+    filter (eps 1e-4 on code variances) amplifies the fast form's rounding to the edge of the
+    1e-3 tolerance (benchmarks/README.md, issue 18). Dask runs take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
     progress(done, total) is called after every tile and may raise Cancelled.
