@@ -89,3 +89,28 @@ def mef_loss(net, stack: torch.Tensor, halo_weight: float = 0.0) -> torch.Tensor
 
 def mmf_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred, target)
+
+
+# --- second-generation terms (issue 17): sparse codes, black stays black -----------------
+
+BLACK_LEVEL = 0.5 / 255  # what an all-black input may decode to at most (half a grey level)
+BLACK_GAINS = (0.0, 1.0, 2.0, 4.0)  # code gains the black term checks (see ivf_black_term)
+
+
+def ivf_black_term(net, size: int = 24) -> torch.Tensor:
+    """How far two all-black sources fused at code gain g decode above ``BLACK_LEVEL``, in
+    logits, for g in ``BLACK_GAINS`` (mean hinge). The decoded logit of black is affine in g
+    (g * L(z_black) + 2 dec(0)), so holding it at g = 0 and g = 1 holds it for every g >= 0
+    with a non-positive slope: g = 2 and 4 keep that slope from creeping up."""
+    p = next(net.parameters())
+    z_b, z_d = net.encode(torch.zeros(1, 1, size, size, device=p.device, dtype=p.dtype))
+    limit = math.log(BLACK_LEVEL / (1.0 - BLACK_LEVEL))
+    terms = [F.relu(net.decoder(g * (z_b + z_d)) + net.decoder.offset() - limit).mean()
+             for g in BLACK_GAINS]
+    return torch.stack(terms).mean()
+
+
+def code_l1(codes: torch.Tensor) -> torch.Tensor:
+    """Sparsity term: mean absolute code value (with nonnegative soft thresholds it drives
+    codes to exact zeros)."""
+    return codes.abs().mean()
