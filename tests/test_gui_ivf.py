@@ -82,6 +82,10 @@ def test_ivf_widget_adds_fused_codes_and_weights(ivf_viewer, qtbot):
         assert lay.data.shape == (48, 64)  # summary map: L1 over the 64 code channels
         assert 0.0 <= cm["sparsity"] <= 1.0
         assert f"{100 * cm['sparsity']:.0f}% zeros" in lay.name
+        # the base encoder is a PReLU by design: named so, never advertised as sparse
+        if cm["code"].endswith("_base"):
+            assert cm["activation"] == "PReLU" and "PReLU" in lay.name
+            assert "sparse" not in lay.name
         assert (lay.data >= 0).all()
         np.testing.assert_allclose(lay.scale, (0.5, 0.25))
     # the detail encoder ends in a soft threshold: its codes have exact zeros

@@ -78,6 +78,8 @@ def _base_metadata(model: FusionModel, device: torch.device, notes: dict) -> dic
         "weights_format": info.get("format"),
         "device": used,
         "normalisation": notes,
+        # what makes each kind of code (PReLU / sparse / soft threshold): the code layers' names
+        "code_activation": model.network.code_activations(),
         "package_version": __version__,
         "notices": lines,
     }

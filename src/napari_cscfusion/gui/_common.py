@@ -281,6 +281,15 @@ def _layer_transform(spec: OutputSpec, n_inner: int, ratio: tuple[float, float] 
     return out
 
 
+def _code_activation(key: str, kinds: dict) -> str | None:
+    """The activation (metadata 'code_activation': 'PReLU', 'sparse', ...) of the code named
+    ``key`` ('infrared_base' -> kind 'base', 'exposure_2' -> 'exposure', 'fused' -> 'fused')."""
+    for kind, activation in kinds.items():
+        if key == kind or key.endswith("_" + kind) or key.startswith(kind + "_"):
+            return activation
+    return None
+
+
 def result_layers(result: FusionResult, spec: OutputSpec) -> list[tuple[Any, dict, str]]:
     """LayerData tuples for the fused image, its code layers and its weight maps."""
     meta = dict(jsonable(result.metadata))
@@ -302,9 +311,12 @@ def result_layers(result: FusionResult, spec: OutputSpec) -> list[tuple[Any, dic
         ratio = (fused_hw[0] / hw[0], fused_hw[1] / hw[1])
         inner = code.ndim - n_extra - 2
         zeros = sparsity.get(key)
-        label = f" ({100 * zeros:.0f}% zeros)" if zeros is not None else ""
+        activation = _code_activation(key, result.metadata.get("code_activation") or {})
+        about = [a for a in (activation, zeros is not None and f"{100 * zeros:.0f}% zeros") if a]
+        label = f" ({', '.join(about)})" if about else ""
         kind = "code summary" if mode == "summary" else "codes"
         cmeta = {"role": "codes", "code": key, "mode": mode, "sparsity": zeros,
+                 "activation": activation,
                  "network": spec.network, "fused_layer": spec.fused_name,
                  "channel_axis": n_extra if mode == "all" else None}
         kwargs = {"name": f"{key} {kind}{label} · {spec.fused_name}",

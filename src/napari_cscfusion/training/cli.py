@@ -73,7 +73,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "the last DCU; mmf: both backbones)")
     p.add_argument("--black-weight", type=float, default=0.0, metavar="W",
                    help="ivf: add W * the black term (two black sources must decode to at "
-                        "most 0.5/255 at code gains 0-4)")
+                        "most 0.5/255 at code gains 0.1-4)")
     p.add_argument("--min-val-sparsity", type=float, default=None, metavar="FRACTION",
                    help="epochs whose validation codes have fewer exact zeros are not "
                         "eligible as <out>.best.pt")

@@ -94,19 +94,22 @@ def mmf_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # --- second-generation terms (issue 17): sparse codes, black stays black -----------------
 
 BLACK_LEVEL = 0.5 / 255  # what an all-black input may decode to at most (half a grey level)
-BLACK_GAINS = (0.0, 1.0, 2.0, 4.0)  # code gains the black term checks (see ivf_black_term)
+BLACK_GAINS = (0.1, 0.5, 1.0, 2.0, 4.0)  # code gains the black term checks: the GUI's range
 
 
 def ivf_black_term(net, size: int = 24) -> torch.Tensor:
     """How far two all-black sources fused at code gain g decode above ``BLACK_LEVEL``, in
-    logits, for g in ``BLACK_GAINS`` (mean hinge). The decoded logit of black is affine in g
-    (g * L(z_black) + 2 dec(0)), so holding it at g = 0 and g = 1 holds it for every g >= 0
-    with a non-positive slope: g = 2 and 4 keep that slope from creeping up."""
+    logits, for g in ``BLACK_GAINS`` (mean hinge). The decoded logit of black is affine in g:
+    g * L(z_black) + 2 dec(0), so holding it at the smallest gain holds it for every larger one
+    once L(z_black) < 0. The pivot 2 dec(0), around which the code gain stretches the contrast
+    of every image (the look of the authors' gain 2), is detached: this term moves the codes
+    of black, not the pivot."""
     p = next(net.parameters())
     z_b, z_d = net.encode(torch.zeros(1, 1, size, size, device=p.device, dtype=p.dtype))
     limit = math.log(BLACK_LEVEL / (1.0 - BLACK_LEVEL))
-    terms = [F.relu(net.decoder(g * (z_b + z_d)) + net.decoder.offset() - limit).mean()
-             for g in BLACK_GAINS]
+    offset = net.decoder.offset().detach()
+    slope = net.decoder(z_b + z_d) - offset  # L(z_black): the decoder without its constant
+    terms = [F.relu(g * slope + 2.0 * offset - limit).mean() for g in BLACK_GAINS]
     return torch.stack(terms).mean()
 
 

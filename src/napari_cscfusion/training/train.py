@@ -499,7 +499,8 @@ def train(
                 "threshold_warm_start": threshold_warm_start,
                 "warm_start_mean_thresholds": warm_thresholds,
                 **({"black_term": "losses.ivf_black_term (two black sources decode to at most "
-                                  "0.5/255 at code gains 0, 1, 2, 4)"} if task == "ivf" else {})}
+                                  "0.5/255 at code gains 0.1, 0.5, 1, 2, 4; the pivot "
+                                  "2 dec(0) detached)"} if task == "ivf" else {})}
                if second_gen else {}),
             **({"exposure_prior_sigma": exposure_prior_sigma,
                 "exposure_prior": "models.mefn.exposure_prior(mean luminance of each exposure "
