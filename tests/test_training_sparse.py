@@ -157,3 +157,14 @@ def test_extremes_put_black_borders_masks_clipped_and_flat_crops_in_the_batches(
     assert not torch.equal(plain, extreme) and "extremes" in src.describe()["augment"]
     with pytest.raises(ValueError, match="extremes"):
         D.IVFCrops(ROOT, crop=32, batch_size=8, extremes=1.5)
+
+
+def test_threshold_floor_keeps_the_codes_sparse_while_training(tmp_path):
+    start = _negative_start("ivf", tmp_path / "start.pt")
+    out = _train("ivf", tmp_path / "fl.pt", init_weights=start, nonnegative_thresholds=True,
+                 threshold_floor=0.9, lr=1e-2, epochs=2)
+    tr = load_network("ivf", out)[1]["header"]["training"]
+    free = _train("ivf", tmp_path / "free.pt", init_weights=start, nonnegative_thresholds=True,
+                  lr=1e-2, epochs=2)
+    assert tr["threshold_floor"] == 0.9 and tr["val_sparsity"] > 0.6
+    assert load_network("ivf", free)[1]["header"]["training"]["val_sparsity"] < 0.5

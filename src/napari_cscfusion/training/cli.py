@@ -80,6 +80,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threshold-warm-start", type=float, default=None, metavar="FRACTION",
                    help="first raise the last units' soft thresholds so that about FRACTION "
                         "of the codes are zero (per-channel quantiles on training batches)")
+    p.add_argument("--threshold-floor", type=float, default=None, metavar="FRACTION",
+                   help="keep the last units' soft thresholds at or above the running "
+                        "FRACTION quantile of their inputs after every step")
     p.add_argument("--extremes", type=float, default=None, metavar="P",
                    help="ivf: share of training crops given black borders/masks, clipped "
                         "highlights or flat areas (training.data.add_extremes; default 0)")
@@ -131,6 +134,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm, nonnegative_thresholds=args.nonnegative_thresholds,
         sparsity_weight=args.sparsity_weight, black_weight=args.black_weight,
         min_val_sparsity=args.min_val_sparsity, threshold_warm_start=args.threshold_warm_start,
+        threshold_floor=args.threshold_floor,
     )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")

@@ -194,6 +194,47 @@ def warm_start_thresholds(net: nn.Module, task: str, src: D.BatchSource, fractio
     return means
 
 
+class ThresholdFloor:
+    """Keeps the soft thresholds of the last unit of every code encoder at or above the
+    running (EMA, ``momentum``) per-channel ``fraction`` quantile of their input's magnitude
+    on the training batches: about that fraction of the shown codes stay exact zeros while
+    the rest of the network trains (sparse by construction; the floor follows the inputs)."""
+
+    def __init__(self, net: nn.Module, task: str, fraction: float, momentum: float = 0.9,
+                 max_samples: int = 100_000):
+        self.units = [enc.dcus[-1] for enc in _code_encoders(task, net)]
+        self.fraction, self.momentum, self.max_samples = fraction, momentum, max_samples
+        self.floors: list[torch.Tensor | None] = [None] * len(self.units)
+        self.seen: list[torch.Tensor | None] = [None] * len(self.units)
+        self.hooks = [u.norm.register_forward_hook(self._hook(k))
+                      for k, u in enumerate(self.units)]
+
+    def _hook(self, k: int):
+        def keep(_m, _i, out):
+            v = out.detach().abs().transpose(0, 1).flatten(1)
+            if v.shape[1] > self.max_samples:
+                v = v[:, torch.randperm(v.shape[1], device=v.device)[:self.max_samples]]
+            self.seen[k] = torch.quantile(v.float(), self.fraction, dim=1)
+        return keep
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """After an optimiser step: update the floors with this step's quantiles, raise."""
+        for k, u in enumerate(self.units):
+            q = self.seen[k]
+            if q is None:
+                continue
+            f = self.floors[k]
+            self.floors[k] = q if f is None else self.momentum * f + (1 - self.momentum) * q
+            theta = u.shrink.theta
+            theta.copy_(torch.maximum(theta, self.floors[k].to(theta).reshape(theta.shape)))
+            self.seen[k] = None
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 def project_thresholds(net: nn.Module) -> int:
     """Clamp every soft threshold at >= 0 in place (a true shrinkage, continuous at zero);
     returns how many threshold values were negative."""
@@ -351,6 +392,7 @@ def train(
     black_weight: float = 0.0,
     min_val_sparsity: float | None = None,
     threshold_warm_start: float | None = None,
+    threshold_floor: float | None = None,
 ) -> Path:
     """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
 
@@ -379,6 +421,7 @@ def train(
     codes have fewer exact zeros than this fraction is not eligible as ``<out>.best.pt``.
     ``threshold_warm_start`` (a fraction): before training, ``warm_start_thresholds`` raises
     the last units' thresholds so that about that fraction of the codes are zero.
+    ``threshold_floor`` (a fraction): ``ThresholdFloor`` keeps them there after every step.
     The log gains a ``val_sparsity`` column whenever one of these options is used.
     A loss that is not finite stops the run with ``FloatingPointError`` before that step
     changes anything: the files of the last finished epoch stay as they were.
@@ -405,8 +448,12 @@ def train(
     if threshold_warm_start is not None and not 0 < threshold_warm_start < 1:
         raise ValueError(f"threshold_warm_start: a fraction in (0, 1) or None, got "
                          f"{threshold_warm_start!r}")
+    if threshold_floor is not None and not 0 < threshold_floor < 1:
+        raise ValueError(f"threshold_floor: a fraction in (0, 1) or None, got "
+                         f"{threshold_floor!r}")
     second_gen = bool(nonnegative_thresholds or sparsity_weight or black_weight
-                      or min_val_sparsity is not None or threshold_warm_start)
+                      or min_val_sparsity is not None or threshold_warm_start
+                      or threshold_floor)
     out = Path(out)
     side = _paths(out)
     dev = pick_device(device)
@@ -497,6 +544,7 @@ def train(
                 "black_weight": black_weight,
                 "min_val_sparsity": min_val_sparsity, "val_sparsity": val_sparsity,
                 "threshold_warm_start": threshold_warm_start,
+                "threshold_floor": threshold_floor,
                 "warm_start_mean_thresholds": warm_thresholds,
                 **({"black_term": "losses.ivf_black_term (two black sources decode to at most "
                                   "0.5/255 at code gains 0.1, 0.5, 1, 2, 4; the pivot "
@@ -552,6 +600,7 @@ def train(
         bar = tqdm(total=total_steps, initial=start_epoch * spe + start_step,
                    desc=f"train {task}", unit="step", dynamic_ncols=True)
 
+    floor = ThresholdFloor(net, task, threshold_floor) if threshold_floor else None
     deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
     stopped = False
     epoch, step = start_epoch, start_step
@@ -582,6 +631,8 @@ def train(
                 opt.step()
                 if nonnegative_thresholds:
                     project_thresholds(net)
+                if floor is not None:
+                    floor.apply()
                 losses.append(float(loss.detach()))
                 step += 1
                 if bar is not None:
@@ -627,6 +678,8 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        if floor is not None:
+            floor.remove()
     return out
 
 
