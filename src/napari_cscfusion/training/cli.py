@@ -73,7 +73,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "the last DCU; mmf: both backbones)")
     p.add_argument("--black-weight", type=float, default=0.0, metavar="W",
                    help="ivf: add W * the black term (two black sources must decode to at "
-                        "most 0.5/255 at code gains 0.1-4)")
+                        "most 0.5/255 at code gains >= 1)")
     p.add_argument("--min-val-sparsity", type=float, default=None, metavar="FRACTION",
                    help="epochs whose validation codes have fewer exact zeros are not "
                         "eligible as <out>.best.pt")
@@ -95,7 +95,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import train
+    from .train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,8 +120,8 @@ def run_train(args: argparse.Namespace) -> int:
         if args.task != "ivf":
             raise SystemExit("--extremes is only for ivf")
         source["extremes"] = args.extremes
-    path = train(
-        args.task, args.out, data_root=args.data_root,
+    path = train(TrainConfig(
+        task=args.task, out=args.out, data_root=args.data_root,
         epochs=d["epochs"] if args.epochs is None else args.epochs,
         batch_size=args.batch_size or d["batch_size"],
         lr=args.lr or d["lr"], crop=args.crop or d["crop"], seed=args.seed, device=args.device,
@@ -135,7 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
         sparsity_weight=args.sparsity_weight, black_weight=args.black_weight,
         min_val_sparsity=args.min_val_sparsity, threshold_warm_start=args.threshold_warm_start,
         threshold_floor=args.threshold_floor,
-    )
+    ))
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")
     print(json.dumps(raw["training"], indent=1, default=str))
