@@ -14,7 +14,7 @@
 #      sha256 335bebca...) with every soft threshold clamped at >= 0 (after each step), the
 #      detail encoder's last thresholds warm-started so that ~85 % of the codes are zero, an L1
 #      term on the detail codes (SPARSITY=, default 0.1), the black term (two black sources
-#      decode to <= 0.5/255 at code gains 0.1-4) and 30 % of the crops with black borders /
+#      decode to <= 0.5/255 at code gains 1-4) and 30 % of the crops with black borders /
 #      masks, clipped highlights or flat areas; only epochs with >= 75 % zeros on validation
 #      are eligible -> runs/g2/ivf_w85_s<SPARSITY>.best.pt
 # Run with STAGE=1, 2, 3, 4 in turn (each reads the previous stage's file).
@@ -40,7 +40,7 @@ case "${STAGE:-4}" in
      nice -n 5 $PY --out "runs/g2/ivf_w85_s$SW.pt" \
        --init "${INIT:-src/napari_cscfusion/weights/ivf.pt}" --threshold-warm-start 0.85 \
        --freeze-bn --nonnegative-thresholds --sparsity-weight "$SW" --black-weight 0.1 \
-       --extremes 0.3 --min-val-sparsity 0.75 --epochs "${EPOCHS:-14}" --steps-per-epoch 25 \
+       --extremes 0.3 --min-val-sparsity 0.75 --epochs "${EPOCHS:-10}" --steps-per-epoch 25 \
        --batch-size 8 --crop 48 --lr 5e-4 --schedule cosine --warmup-steps 10 --seed 17 \
        --threads 1 --no-progress "$@" ;;
   *) echo "STAGE must be 1, 2, 3, 4 or 5" >&2; exit 2 ;;

@@ -51,7 +51,7 @@ case "${STAGE:-1}" in
   exec nice -n 5 $PY --out "runs/g2/mef_w80_s$SW.pt" \
     --init "${INIT:-src/napari_cscfusion/weights/mef.pt}" --threshold-warm-start 0.8 \
     --freeze-bn --nonnegative-thresholds --sparsity-weight "$SW" --min-val-sparsity 0.75 \
-    $DATA --epochs "${EPOCHS:-10}" --steps-per-epoch 25 --lr 1e-3 --schedule cosine \
+    $DATA --epochs "${EPOCHS:-12}" --steps-per-epoch 25 --lr 1e-3 --schedule cosine \
     --warmup-steps 10 --seed 17 $RUN "$@" ;;
 *)
   echo "STAGE must be 1, 2, 3 or 4" >&2; exit 2 ;;
