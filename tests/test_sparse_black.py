@@ -46,7 +46,7 @@ def _with_extremes(img: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("task", ["ivf", "mef", "mmf"])
 def test_packaged_soft_thresholds_are_all_nonnegative(task):
     net = load_model(task).network
-    thetas = [m.theta for m in net.modules() if isinstance(m, SoftThreshold)]
+    thetas = [m.theta.detach() for m in net.modules() if isinstance(m, SoftThreshold)]
     assert thetas
     assert min(float(t.min()) for t in thetas) >= 0.0
 
