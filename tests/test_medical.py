@@ -1,12 +1,9 @@
 """Medical / multi-modal fusion (engine.medical) and the alignment check / rigid registration
-(engine.alignment) on the BrainWeb T1/PD slices of ../shared/data/medical (ITK examples)."""
+(engine.alignment) on the BrainWeb T1/PD slices (ITK examples) that ship as sample data, and the
+shifted/rotated PD slices of the shared data."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -25,10 +22,7 @@ from napari_cscfusion.engine.medical import MultimodalSources, fuse_multimodal
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path
 from napari_cscfusion.models.color import rgb_to_ycbcr, ycbcr_to_rgb
 
-SHARED = Path(os.environ.get("CSCFUSION_SHARED",
-                             Path(__file__).resolve().parents[1].parent / "shared"))
-MED = SHARED / "data" / "medical"
-CKPT = SHARED / "reference-checkpoints"
+from ._shared import CKPT, BrainWeb
 
 # The rotated ITK image is the PD slice padded by 20 px ("BrainProtonDensitySliceBorder20"),
 # turned 10 deg clockwise about (row, col) = (128.5, 110.5) and moved by (16, 13) px: fitting that
@@ -50,21 +44,9 @@ def model():
     pytest.skip("no packaged IVFN weights and no reference checkpoints")
 
 
-def _grey(name: str) -> np.ndarray:
-    img = np.asarray(iio.imread(MED / name))
-    return img[..., 0] if img.ndim == 3 else img
-
-
 @pytest.fixture(scope="module")
 def brain():
-    if not MED.is_dir():
-        pytest.skip(f"no medical data at {MED}")
-    return {
-        "t1": _grey("BrainT1Slice.png"),
-        "pd": _grey("BrainProtonDensitySlice.png"),
-        "shifted": _grey("BrainProtonDensitySliceShifted13x17y.png"),
-        "rotated": _grey("BrainProtonDensitySliceR10X13Y17.png"),
-    }
+    return BrainWeb()
 
 
 def _brain_mask(pd: np.ndarray) -> np.ndarray:

@@ -226,8 +226,8 @@ def test_nan_and_inf_are_refused_naming_the_argument(bad, dtype, target):
         elif target == "stack":
             fuse_exposures(img((3, 12, 12, 3), "stack"), model=model("mef"), device="cpu")
         else:
-            c = model("mmf").network.lr_channels
-            fuse_guided(img((c, 6, 6), "low_res"), img((12, 12, 3), "guide"),
+            c = model("mmf").network.lr_channels  # 31 (authors'), 1 (packaged)
+            fuse_guided(img((c, 6, 6) if c > 1 else (6, 6), "low_res"), img((12, 12, 3), "guide"),
                         model=model("mmf"), device="cpu")
     assert str(info.value).startswith(f"{target}:")
 
@@ -318,10 +318,16 @@ def test_cli_single_exposure(tmp_path):
 
 
 def _mef_reference(stack: np.ndarray, net) -> np.ndarray:
-    """Softmax over exposures of the network's logits, computed one exposure at a time."""
+    """Softmax over exposures of the network's logits, computed one exposure at a time, plus
+    the global exposure prior of weights trained with one (the packaged ones): a logit of
+    -(m - 0.5)^2 / (2 sigma^2) from each exposure's mean m over the whole image."""
     with torch.inference_mode():
         y = torch.from_numpy(stack.astype(np.float32))[:, None]
         logits = torch.cat([net.logits(y[i:i + 1]) for i in range(len(y))])
+        if net.prior_sigma:
+            means = y.double().mean((1, 2, 3))
+            prior = -(means - 0.5) ** 2 / (2 * net.prior_sigma ** 2)
+            logits = logits + prior.float()[:, None, None, None]
         w = torch.softmax(logits[:, 0], 0)
         return (w * y[:, 0]).sum(0).clamp(0, 1).numpy()
 
@@ -1161,8 +1167,10 @@ def test_property_guided(dtype, h, w, grow, rgb_guide, wrong_channels, guide_dty
         expected.append((ValueError, "low_res: images must be at least 4x4"))
     if H < h or W < w:
         expected.append((ValueError, "guide: must be at least as large"))
-    if wrong_channels:
+    if wrong_channels and c > 2:
         expected.append((ValueError, "low_res: this CSC-MMFN model expects"))
+    elif wrong_channels:  # a 1-band model (packaged) reads (2, h, w) as two low-res planes
+        expected.append((ValueError, "low_res and guide: the leading .* axes must be the same"))
     r = expect(lambda: fuse_guided(low, guide, model=m, device="cpu"), expected,
                [(low, low0), (guide, guide0)])
     if r is not None:

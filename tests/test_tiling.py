@@ -4,9 +4,7 @@ fast path stays within 1e-4 of its float64 reference, progress/cancel per tile, 
 from __future__ import annotations
 
 import ctypes
-import os
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -24,11 +22,8 @@ from napari_cscfusion.engine import (
     tiling,
 )
 
-SHARED = Path(os.environ.get("CSCFUSION_SHARED",
-                             Path(__file__).resolve().parents[1].parent / "shared"))
-DATA, CKPT = SHARED / "data", SHARED / "reference-checkpoints"
-needs_shared = pytest.mark.skipif(not (DATA.is_dir() and CKPT.is_dir()),
-                                  reason=f"shared data/checkpoints not found at {SHARED}")
+from ._shared import CKPT, DATA, needs_shared
+
 CPU = torch.device("cpu")
 
 
