@@ -311,8 +311,8 @@ def test_cli_single_exposure(tmp_path):
             "--device", "cpu"]
     if CKPT.is_dir():
         args += ["--weights", str(CKPT / "csc_mefn_authors.pth")]
-    elif not packaged_weights_path("mef").is_file():
-        return
+    else:  # the packaged weights ship with the package (test_packaged_weights)
+        assert packaged_weights_path("mef").is_file()
     assert main(args) == 0
     assert tifffile.imread(tmp_path / "o.tif").shape == (8, 8)
 
@@ -476,9 +476,11 @@ def test_random_byte_damage_gives_a_checkpoint_error_or_a_model(tmp_path, data):
     """Flipped bytes anywhere in a checkpoint: CheckpointError naming the file or (damage in
     the tensor data, which a zip does not checksum) a loaded model; never another exception."""
     src = CKPT / "csc_mefn_authors.pth"
-    raw = bytearray(src.read_bytes() if src.is_file() else _our_checkpoint(tmp_path)
-                    .read_bytes())
-    for _ in range(data.draw(st.integers(1, 8), label="n_flips")):
+    if not src.is_file():
+        src = _our_checkpoint(tmp_path)
+    raw = bytearray(src.read_bytes())
+    n_flips = data.draw(st.integers(1, 8), label="n_flips")
+    for _ in range(n_flips):
         i = data.draw(st.integers(0, len(raw) - 1), label="offset")
         raw[i] ^= data.draw(st.integers(1, 255), label="xor")
     p = tmp_path / "damaged.pth"
@@ -489,6 +491,14 @@ def test_random_byte_damage_gives_a_checkpoint_error_or_a_model(tmp_path, data):
         assert "damaged.pth" in str(exc)
     else:
         assert m.task == "mef"
+        # the file's own network, not another one: same tensors, and a flipped byte changes
+        # at most one value (not, say, the packaged weights loaded in its place)
+        want = load_model("mef", src).network.state_dict()
+        got = m.network.state_dict()
+        assert list(got) == list(want)
+        assert all(got[k].shape == want[k].shape for k in want)
+        changed = sum(int((got[k] != want[k]).sum()) for k in want if want[k].numel())
+        assert changed <= n_flips, changed
 
 
 def test_cli_reports_a_corrupt_checkpoint(tmp_path, capsys):
