@@ -42,11 +42,13 @@ def _skip_reason(report) -> str:
     return reason.removeprefix("Skipped: ")
 
 
+_SKIPS = pytest.StashKey[Counter]()
+_PARTS = pytest.StashKey[set]()
+
+
 def pytest_configure(config):
     config.stash[_SKIPS] = Counter()
-
-
-_SKIPS = pytest.StashKey[Counter]()
+    config.stash[_PARTS] = set()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -56,7 +58,12 @@ def pytest_runtest_makereport(item, call):
     if not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = _skip_reason(report)
-    group = (f"{NEEDS_SHARED} at {SHARED}" if reason.startswith(NEEDS_SHARED) else reason)
+    if reason.startswith(NEEDS_SHARED):  # group by the missing parts
+        reason_parts = reason.removeprefix(NEEDS_SHARED).split(" under ")[0].strip()
+        item.config.stash[_PARTS].update(p.strip() for p in reason_parts.split(","))
+        group = f"{NEEDS_SHARED} at {SHARED}"
+    else:
+        group = reason
     item.config.stash[_SKIPS][group] += 1
     if CI and not ALLOWED_IN_CI.match(reason):
         report.outcome = "failed"
@@ -67,14 +74,16 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skips = config.stash.get(_SKIPS, Counter())
-    if not SHARED.is_dir():
+    if CI and not SHARED.is_dir():
         terminalreporter.write_line(
             f"shared data root {SHARED} is missing: the tests that need its data or the "
-            f"authors' checkpoints were skipped (set CSCFUSION_SHARED)"
-            + ("; CI=true makes that a failure" if CI else ""),
-            red=CI, yellow=not CI)
+            f"authors' checkpoints cannot run (set CSCFUSION_SHARED); CI=true makes that a "
+            f"failure", red=True)
     if skips:
         parts = [f"{n} {why}" for why, n in skips.most_common()]
+        missing = sorted(config.stash.get(_PARTS, set()))
+        if missing:
+            parts.append(f"missing there: {', '.join(missing)}")
         what = "skipped (failures under CI=true)" if CI else "skipped"
         terminalreporter.write_line(f"{what} {sum(skips.values())}: " + "; ".join(parts),
                                     red=CI, yellow=not CI)

@@ -149,15 +149,12 @@ def test_out_of_memory_on_the_gpu_runs_on_the_cpu_and_says_so(monkeypatch, capsy
 
 def test_fuse_ivf_code_gain(tmp_path, capsys):
     """--code-gain reaches the engine (metadata), is checked by it, and is ivf only."""
-    from ._shared import grey
-
-    med = DATA / "medical"
-    if not med.is_dir():
-        pytest.skip(f"no medical data at {med}")
     import imageio.v3 as iio
 
+    from ._shared import grey, medical_image
+
     src = tmp_path / "t1.png"
-    t1 = grey(read(med / "BrainT1Slice.png"))[60:124, 50:114]
+    t1 = grey(read(medical_image("BrainT1Slice.png")))[60:124, 50:114]
     iio.imwrite(src, t1)
     out = tmp_path / "fused.tif"
     base = ["fuse", "ivf", str(src), str(src), "-o", str(out), "--device", "cpu",

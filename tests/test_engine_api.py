@@ -122,7 +122,7 @@ def test_ivf_fusion_keeps_structure_of_both_sources(pair):
 def test_ivf_bad_input(pair, change, words):
     args, kwargs = change(*pair)
     if "device" in kwargs and torch.cuda.device_count() > 7:
-        pytest.skip("a machine with 8 GPUs")
+        pytest.skip("needs CUDA device 7 to be absent (this machine has 8 GPUs)")
     with pytest.raises(ValueError, match=words):
         fuse_infrared_visible(*args, model=authors_model("ivf"), **kwargs)
 

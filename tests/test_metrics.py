@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from napari_cscfusion import metrics as M
 
-from ._shared import shared_path
+from ._shared import SAMPLES, shared_path
 
 # ------------------------------------------------------------------------------------------
 # MEF-SSIM
@@ -309,8 +309,11 @@ def _load_grey(path: Path) -> np.ndarray:
     return a.astype(np.float64) / 255.0
 
 
-@pytest.fixture(scope="module")
-def tno_pair():
+@pytest.fixture(scope="module", params=["sample 1", "shared 5"])
+def tno_pair(request):
+    """TNO pair 1 (ships as sample data) and pair 5 (shared data)."""
+    if request.param == "sample 1":
+        return _load_grey(SAMPLES / "tno_01_ir.png"), _load_grey(SAMPLES / "tno_01_vis.png")
     return (_load_grey(shared_path("data/ivf/tno/IR5.png")),
             _load_grey(shared_path("data/ivf/tno/VIS5.png")))
 

@@ -32,7 +32,7 @@ from napari_cscfusion.engine.io import read_image, read_tiff_metadata, write_tif
 from napari_cscfusion.engine.registry import packaged_weights_path
 from napari_cscfusion.models.checkpoints import CheckpointError, save_checkpoint
 
-from ._shared import CKPT
+from ._shared import CKPT, missing
 
 # A few examples per dtype in CI (the dtypes are parametrised so that every one is tried:
 # hypothesis alone draws the rarer combinations seldom); CSCFUSION_PROPERTY_EXAMPLES=100 for a
@@ -378,7 +378,7 @@ def _our_checkpoint(tmp_path, task="mef"):
 def test_truncated_checkpoints_name_the_file(tmp_path, fraction, which):
     src = CKPT / "csc_mefn_authors.pth" if which == "authors" else _our_checkpoint(tmp_path)
     if not src.is_file():
-        pytest.skip(f"{src} absent")
+        pytest.skip(missing("reference-checkpoints/csc_mefn_authors.pth"))
     data = src.read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[:int(len(data) * fraction)])
@@ -393,7 +393,7 @@ def test_a_checkpoint_for_another_task_says_what_was_expected(tmp_path, task, ot
     authors = {"mef": CKPT / "csc_mefn_authors.pth", "mmf": CKPT / "csc_mmfn_authors.pth",
                "ivf": CKPT}
     if not CKPT.is_dir():
-        pytest.skip("authors' checkpoints absent")
+        pytest.skip(missing("reference-checkpoints/"))
     with pytest.raises(CheckpointError) as info:
         load_model(task, authors[other])
     msg = str(info.value)
@@ -681,7 +681,7 @@ def test_out_of_memory_in_a_lazy_guided_tile_task_is_fused_in_parts(monkeypatch,
     from napari_cscfusion.engine import tiling
 
     if weights == "authors" and not CKPT.is_dir():
-        pytest.skip(f"no reference checkpoints at {CKPT}")
+        pytest.skip(missing("reference-checkpoints/"))
     m = load_model("mmf") if weights == "packaged" else model("mmf")
     c = m.network.lr_channels
     low = RNG.random((c, 32, 32)).astype(np.float32)

@@ -22,7 +22,7 @@ from napari_cscfusion.engine import (
     tiling,
 )
 
-from ._shared import CKPT, DATA, needs_shared
+from ._shared import CKPT, DATA, missing, needs_shared
 
 CPU = torch.device("cpu")
 
@@ -126,7 +126,7 @@ def test_automatic_tiles_whole_image_when_it_fits_else_within_the_cap(monkeypatc
 def test_tile_argument_is_checked():
     k = tiling.MEFKernel(model("mef").network, 3, False, CPU) if CKPT.is_dir() else None
     if k is None:
-        pytest.skip("no checkpoints")
+        pytest.skip(missing("reference-checkpoints/"))
     assert tiling.resolve_tile(0, (100, 100), k, CPU) is None
     assert tiling.resolve_tile(False, (100, 100), k, CPU) is None
     assert tiling.resolve_tile(40, (100, 100), k, CPU) == 40
