@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,26 +84,20 @@ def _write_error(path: Path, exc: OSError) -> OSError:
     return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
 
 
-def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
-    """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description.
-
-    Written to a temporary file in the same folder, flushed to disk, then renamed over
-    ``path``: a failure (unwritable folder, full disk, interruption) leaves no partial file
-    behind and an existing file at ``path`` untouched. OSErrors name ``path`` and keep their
-    errno. The file gets the usual permissions (0o666 less the umask, or those of the file it
-    replaces), not the temporary file's private 0o600.
-    """
-    import tifffile
-
+@contextlib.contextmanager
+def replaced_on_success(path: str | Path) -> Iterator[Path]:
+    """``with replaced_on_success(path) as tmp:`` write to ``tmp``, a temporary file in the
+    same folder; when the block ends without error it gets the usual permissions (0o666 less
+    the umask, or those of the file it replaces, not mkstemp's private 0o600) and is renamed
+    over ``path``. Any failure, an interruption or cancellation included, removes it: no
+    partial file is left and an existing file at ``path`` stays untouched. OSErrors name
+    ``path`` and keep their errno."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OSError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"cannot write {str(path)!r}: it is a folder")
-    description = json.dumps(_jsonable(metadata or {}))
-    arr = np.asarray(image)
-    photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
     try:
         mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
@@ -109,11 +105,7 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
     except OSError as exc:
         raise _write_error(path, exc) from exc
     try:
-        with open(tmp, "wb") as fh:
-            tifffile.imwrite(fh, arr, description=description, photometric=photometric,
-                             bigtiff=arr.nbytes > 2**31, metadata=None)
-            fh.flush()
-            os.fsync(fh.fileno())  # a full disk may only show here
+        yield Path(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
@@ -122,6 +114,26 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
+    """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description.
+
+    Written to a temporary file in the same folder, flushed to disk, then renamed over
+    ``path`` (``replaced_on_success``): a failure (unwritable folder, full disk, interruption)
+    leaves no partial file behind and an existing file at ``path`` untouched.
+    """
+    import tifffile
+
+    path = Path(path)
+    description = json.dumps(_jsonable(metadata or {}))
+    arr = np.asarray(image)
+    photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as fh:
+        tifffile.imwrite(fh, arr, description=description, photometric=photometric,
+                         bigtiff=arr.nbytes > 2**31, metadata=None)
+        fh.flush()
+        os.fsync(fh.fileno())  # a full disk may only show here
     return path
 
 

@@ -563,21 +563,30 @@ def store_tiff(path, image, metadata: dict | None = None, progress=None) -> None
     """Compute the dask array ``image`` block by block into an uncompressed TIFF at ``path``
     (BigTIFF when over 2 GB) with bounded memory: the blocks go into a memory map of the file
     as they finish, and the graph is computed once (shared statistics tasks run once).
-    ``progress(done, total)`` after every block."""
+    ``progress(done, total)`` after every block. The map is of a temporary file beside
+    ``path``, renamed over it at the end: a failure, Ctrl-C or a ``Cancelled`` from
+    ``progress`` mid-stream leaves no partial file and an existing ``path`` untouched."""
     import json
 
     import dask.array as da
     import tifffile
-    from dask.callbacks import Callback
 
-    from .io import _jsonable
+    from .io import _jsonable, replaced_on_success
 
     arr = image if is_dask(image) else da.from_array(np.asarray(image))
     rgb = arr.ndim >= 3 and arr.shape[-1] == 3
-    mm = tifffile.memmap(path, shape=arr.shape, dtype=arr.dtype,
-                         bigtiff=arr.nbytes > 2 ** 31 - 2 ** 25,
-                         photometric="rgb" if rgb else "minisblack",
-                         description=json.dumps(_jsonable(metadata or {})), metadata=None)
+    with replaced_on_success(path) as tmp:
+        _store_into(tifffile.memmap(tmp, shape=arr.shape, dtype=arr.dtype,
+                                    bigtiff=arr.nbytes > 2 ** 31 - 2 ** 25,
+                                    photometric="rgb" if rgb else "minisblack",
+                                    description=json.dumps(_jsonable(metadata or {})),
+                                    metadata=None), arr, rgb, progress)
+
+
+def _store_into(mm, arr, rgb: bool, progress) -> None:
+    """store_tiff's computation of ``arr`` into the memory map ``mm``, flushed and closed."""
+    import dask.array as da
+    from dask.callbacks import Callback
 
     class _Ticks(Callback):
         def _start_state(self, dsk, state):
