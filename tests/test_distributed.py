@@ -13,7 +13,8 @@ import pytest
 import tifffile
 
 from napari_cscfusion.engine import fuse_exposures, fuse_guided, fuse_infrared_visible
-from napari_cscfusion.engine.lazy import close_clients, is_dask, store_tiff
+from napari_cscfusion.engine.io import store_tiff
+from napari_cscfusion.engine.lazy import close_clients, is_dask
 
 from ._shared import SAMPLES, grey, read
 

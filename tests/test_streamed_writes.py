@@ -1,4 +1,4 @@
-"""Nothing is lost on a failed write: the streamed TIFF writer (engine.lazy.store_tiff, used by
+"""Nothing is lost on a failed write: the streamed TIFF writer (engine.io.store_tiff, used by
 ``cscfusion fuse --stream``) and the napari writer (File > Save Layers) write to a temporary
 file beside the target and rename it at the end. A failure, Ctrl-C or a cancel part-way leaves
 the folder byte for byte as it was: no partial file, an existing target untouched."""
@@ -14,8 +14,7 @@ import pytest
 import tifffile
 
 from napari_cscfusion.engine import Cancelled
-from napari_cscfusion.engine.io import read_tiff_metadata, write_tiff
-from napari_cscfusion.engine.lazy import store_tiff
+from napari_cscfusion.engine.io import read_tiff_metadata, store_tiff, write_tiff
 
 da = pytest.importorskip("dask.array")
 
@@ -112,20 +111,20 @@ def test_cli_stream_failure_is_a_clear_error_and_leaves_the_folder(folder, monke
     disk at the fifth block): exit status 2, the error names the output, the folder as it
     was (the inputs included)."""
     from napari_cscfusion import cli
-    from napari_cscfusion.engine import lazy
+    from napari_cscfusion.engine import io
 
     rng = np.random.default_rng(2)
     for name in ("ir.tif", "vis.tif"):
         tifffile.imwrite(folder / name, (rng.random((64, 64)) * 255).astype(np.uint8))
     before = folder_state(folder)
-    real_store, ticks = lazy.store_tiff, []
+    real_store, ticks = io.store_tiff, []
 
     def progress_then_full(done, total):
         ticks.append(done)
         if done == 5:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(lazy, "store_tiff", lambda path, image, metadata, progress:
+    monkeypatch.setattr(io, "store_tiff", lambda path, image, metadata, progress:
                         real_store(path, image, metadata, progress_then_full))
     rc = cli.main(["fuse", "ivf", str(folder / "ir.tif"), str(folder / "vis.tif"), "--stream",
                    "--tile", "32", "--device", "cpu", "-o", str(folder / "fused.tif"), "-q"])
