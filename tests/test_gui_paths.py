@@ -32,14 +32,10 @@ def test_quality_of_a_guided_super_resolution_run(make_napari_viewer, qtbot):
     """The MMF widget's result, measured: the quality widget picks the fused layer, the
     'super-resolution vs a reference' task and the sample's full-resolution reference from
     the result's metadata; PSNR and SSIM against that reference."""
+    from .test_gui_mmf import _sample_crop
+
     viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, "guided_sr")
-    guide = viewer.layers["TNO visible guide"]
-    low = viewer.layers["TNO infrared low-res x4"]
-    ref = viewer.layers["TNO infrared reference"]
-    guide.data = np.ascontiguousarray(guide.data[200:264, 320:400])
-    low.data = np.ascontiguousarray(low.data[50:66, 80:100])
-    ref.data = np.ascontiguousarray(ref.data[200:264, 320:400])
+    guide, low, ref = _sample_crop(viewer)
     mmf = dock(viewer, "Guided super-resolution (CSC-MMFN)")
     mmf.low_layer.value, mmf.guide_layer.value = low, guide
     mmf.run_button.native.click()
