@@ -389,7 +389,7 @@ class MedicalVolume:
         loop, plane = self.loop_axes, self.plane_axes
         if list(plane) == [len(loop), len(loop) + 1]:
             return result  # the planes are already the last axes
-        result.image = _source_axes(result.image, loop, plane, trailing=3 if self.colour else 0)
+        result.image = _source_axes(result.image, loop, plane, trailing=1 if self.colour else 0)
         result.weights = {k: _source_axes(w, loop, plane, inner=1)
                           for k, w in result.weights.items()}
         result.codes = {k: _source_axes(c, loop, plane, inner=c.ndim - len(loop) - 2)
