@@ -82,26 +82,18 @@ def _write_error(path: Path, exc: OSError) -> OSError:
     return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
 
 
-def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
-    """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description.
-
-    Written to a temporary file in the same folder, flushed to disk, then renamed over
-    ``path``: a failure (unwritable folder, full disk, interruption) leaves no partial file
-    behind and an existing file at ``path`` untouched. OSErrors name ``path`` and keep their
-    errno. The file gets the usual permissions (0o666 less the umask, or those of the file it
-    replaces), not the temporary file's private 0o600.
-    """
-    import tifffile
-
+def _write_atomically(path: str | Path, write) -> Path:
+    """Call ``write(file object)`` on a temporary file in ``path``'s folder, flush it to disk,
+    then rename it over ``path``: a failure (unwritable folder, full disk, interruption) leaves
+    no partial file behind and an existing file at ``path`` untouched. OSErrors name ``path``
+    and keep their errno. The file gets the usual permissions (0o666 less the umask, or those
+    of the file it replaces), not the temporary file's private 0o600."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OSError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"cannot write {str(path)!r}: it is a folder")
-    description = json.dumps(_jsonable(metadata or {}))
-    arr = np.asarray(image)
-    photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
     try:
         mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
@@ -110,8 +102,7 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
         raise _write_error(path, exc) from exc
     try:
         with open(tmp, "wb") as fh:
-            tifffile.imwrite(fh, arr, description=description, photometric=photometric,
-                             bigtiff=arr.nbytes > 2**31, metadata=None)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())  # a full disk may only show here
         os.chmod(tmp, mode)
@@ -123,6 +114,72 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
+    """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description, atomically
+    (see _write_atomically: no partial file on failure)."""
+    import tifffile
+
+    description = json.dumps(_jsonable(metadata or {}))
+    arr = np.asarray(image)
+    photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
+
+    def write(fh):
+        tifffile.imwrite(fh, arr, description=description, photometric=photometric,
+                         bigtiff=arr.nbytes > 2**31, metadata=None)
+
+    return _write_atomically(path, write)
+
+
+EIGHT_BIT_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+METADATA_KEY = "cscfusion"  # the PNG text chunk holding the run's metadata (JSON)
+
+
+def to_uint8(image) -> np.ndarray:
+    """A fused image (floats in [0, 1]) as 8-bit, rounded; values outside [0, 1] clipped."""
+    arr = np.asarray(image, dtype=np.float32)
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def write_image8(path: str | Path, image, metadata: dict | None = None) -> Path:
+    """Write a fused image (floats in [0, 1], grey (H, W) or RGB (H, W, 3)) as an 8-bit PNG or
+    JPEG (by ``path``'s suffix), with ``metadata`` as JSON: a PNG text chunk "cscfusion" or the
+    JPEG comment. Atomic like write_tiff."""
+    from PIL import Image, PngImagePlugin
+
+    path = Path(path)
+    arr = to_uint8(image)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
+        raise ValueError(f"cannot write {str(path)!r} as an 8-bit image: expected a grey "
+                         f"(H, W) or RGB (H, W, 3) image, got shape {arr.shape} (use TIFF)")
+    text = json.dumps(_jsonable(metadata or {}))
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(METADATA_KEY, text)
+        options = {"format": "PNG", "pnginfo": info}
+    elif suffix in (".jpg", ".jpeg"):
+        options = {"format": "JPEG", "quality": 95, "comment": text.encode()}
+    else:
+        raise ValueError(f"cannot write {str(path)!r} as an 8-bit image: use .png, .jpg or "
+                         f".jpeg")
+    return _write_atomically(path, lambda fh: Image.fromarray(arr).save(fh, **options))
+
+
+def read_image_metadata(path: str | Path) -> dict:
+    """The JSON metadata written by write_tiff or write_image8 (empty dict if there is none)."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return read_tiff_metadata(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.info.get(METADATA_KEY, im.info.get("comment"))
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {}
 
 
 def read_tiff_metadata(path: str | Path) -> dict:
