@@ -9,8 +9,9 @@ Run once, by hand: the package ships the two small PNGs and never needs nilearn.
 Anatomy: one axial slice of the T1 template (1 mm). Function: a SIMULATED FDG-PET-like uptake
 map, not a measurement: grey matter 0.35, white matter 0.1, cerebrospinal fluid and outside the
 brain 0, plus a hot lesion (a 3-D Gaussian, peak 1.0, sigma 6 mm) in the right temporal lobe,
-blurred to PET resolution (Gaussian, 7 mm FWHM), with 2 % noise, shown with the usual "hot"
-colour map (black, red, yellow, white) as an 8-bit RGB image, as PET viewers export it.
+blurred to PET resolution (Gaussian, 7 mm FWHM), with 1 % noise, shown with the usual "hot"
+colour map (black, red, yellow; the peak at 70 % of the map, yellow rather than white, so that
+it keeps a colour) as an 8-bit RGB image, as PET viewers export it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ LESION_MM = (40.0, -20.0, 4.0)  # MNI coordinates (x right, y anterior, z up) of
 SLICE_Z_MM = 4.0  # the axial slice shown: through the lesion, the thalami and the ventricles
 LESION_SIGMA_MM = 6.0
 PET_FWHM_MM = 7.0
-NOISE = 0.02
+NOISE = 0.01
+PEAK_ON_MAP = 0.7  # where the hottest voxel falls on the colour map: yellow
 SEED = 19
 
 
@@ -72,7 +74,7 @@ def main(argv=None) -> None:
     k = int(round(np.linalg.solve(affine, [0, 0, SLICE_Z_MM, 1])[2]))
     anatomy = axial(t1_data, k)
     anatomy = np.round(255 * anatomy / np.percentile(anatomy, 99.9)).clip(0, 255)
-    function = axial(uptake, k) / axial(uptake, k).max()
+    function = PEAK_ON_MAP * axial(uptake, k) / axial(uptake, k).max()
     pet = np.round(255 * hot(function)).astype(np.uint8)
 
     import imageio.v3 as iio
