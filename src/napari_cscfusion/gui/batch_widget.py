@@ -24,7 +24,6 @@ from magicgui.widgets import (
     TextEdit,
 )
 from napari.qt.threading import create_worker
-from qtpy.QtCore import QTimer
 
 from ..engine import Cancelled
 from ..engine.batch import FORMATS, MODEL_TASK, BatchOutcome, BatchPlan, plan_batch, run_batch
@@ -32,10 +31,10 @@ from ..engine.io import read_image
 from ..engine.notices import recorded_only
 from ..engine.rules import RULES
 from ._common import META_KEY, device_combo
+from ._running import PROGRESS_STEPS, RunState
 from ._state import MODELS, CancelToken
 from ._worker import CancelMode
 
-PROGRESS_STEPS = 1000
 TASK_CHOICES = [("infrared + visible (CSC-IVFN)", "ivf"),
                 ("exposure brackets (CSC-MEFN)", "mef"),
                 ("guided super-resolution (CSC-MMFN)", "mmf"),
@@ -100,7 +99,7 @@ def run_plan(plan: BatchPlan, token: CancelToken, weights, overwrite: bool, opti
     return summary
 
 
-class BatchFusionWidget(Container):
+class BatchFusionWidget(RunState, Container):
     """Fuse every image (set) of whole folders and write the results to an output folder."""
 
     def __init__(self, napari_viewer):
@@ -144,16 +143,11 @@ class BatchFusionWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.open_button.changed.connect(self.open_results)
-        self._token: CancelToken | None = None
-        self._worker = None
+        self._init_run_state()
         self._plan: BatchPlan | None = None
         self._done = 0  # items reported by the running batch
         self.last_summary: BatchSummary | None = None
         self.last_layer = None  # the stack layer the last "open" added
-        self._timer = QTimer(self.native)
-        self._timer.setInterval(100)
-        self._timer.timeout.connect(self._poll_progress)
-        self.native.destroyed.connect(self._cancel_token_only)
         self._task_changed()
 
     # --- inputs -----------------------------------------------------------------------------
@@ -206,26 +200,6 @@ class BatchFusionWidget(Container):
         return plan
 
     # --- running ----------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._token is not None
-
-    @property
-    def worker(self):
-        return self._worker
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.enabled = not running
-        self.cancel_button.enabled = running
-        if running:
-            self._timer.start()
-        else:
-            self._timer.stop()
-
-    def _poll_progress(self) -> None:
-        if self._token is not None:
-            self.progress.value = int(round(self._token.fraction * PROGRESS_STEPS))
-
     def run(self, *_) -> None:
         if self.running:
             return
@@ -262,10 +236,6 @@ class BatchFusionWidget(Container):
         self._set_running(False)
         self.status.value = "cancelled: results written so far are kept"
         self.open_button.enabled = self._plan is not None
-
-    def _cancel_token_only(self, *_) -> None:
-        if self._token is not None:
-            self._token.cancel()
 
     def _on_item(self, token: CancelToken, outcome: BatchOutcome) -> None:
         if token is not self._token:
