@@ -106,8 +106,7 @@ class BatchFusionWidget(RunState, Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.task = ComboBox(label="task", choices=TASK_CHOICES, value="ivf")
-        self.folders = Container(labels=True)
-        self.folders.margins = (0, 0, 0, 0)
+        self.folders: list[FileEdit] = []  # one row per input folder, after the task row
         self.add_folder = PushButton(text="Add a modality folder")
         self.output = FileEdit(label="output folder", mode="d",
                                tooltip="results go here (created if missing), one file per "
@@ -135,7 +134,7 @@ class BatchFusionWidget(RunState, Container):
         buttons = Container(widgets=[self.run_button, self.cancel_button, self.open_button],
                             layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)
-        self.extend([self.task, self.folders, self.add_folder, self.output, self.format,
+        self.extend([self.task, self.add_folder, self.output, self.format,
                      self.overwrite, self.base_rule, self.device, self.open_when_done, buttons,
                      self.progress, self.status, self.failures])
         self.task.changed.connect(self._task_changed)
@@ -155,12 +154,15 @@ class BatchFusionWidget(RunState, Container):
         n = len(self.folders)
         edit = FileEdit(mode="d", label=label or f"modality {n + 1} folder",
                         tooltip=FOLDER_HELP[self.task.value])
+        self.insert(1 + n, edit)  # rows of this form, so that the labels line up
         self.folders.append(edit)
         return edit
 
     def _task_changed(self, *_) -> None:
         task = self.task.value
         kept = [self._folder_text(e) for e in self.folders]
+        for edit in self.folders:
+            self.remove(edit)
         self.folders.clear()
         for i, label in enumerate(FOLDER_LABELS[task]):
             edit = self._add_folder_edit(label)
