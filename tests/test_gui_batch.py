@@ -57,6 +57,7 @@ def test_batch_writes_lists_failures_and_opens_a_stack(qtbot, batch_widget, tmp_
     run_and_wait(qtbot, widget)
     assert sorted(p.name for p in out.iterdir()) == ["p0.tif", "p2.tif"]
     assert widget.status.value.startswith("2 written, 0 skipped (exist), 1 failed")
+    assert widget.progress.value == widget.progress.max
     assert not widget.failures.native.isHidden()
     assert widget.failures.value.startswith("p1: cannot read") and "p1.png" in \
         widget.failures.value
@@ -113,6 +114,15 @@ def test_folders_that_do_not_fit_start_nothing(qtbot, batch_widget, tmp_path):
     widget.run_button.native.click()
     assert not widget.running and "is an input folder" in widget.status.value
     assert sorted(p.name for p in vis.iterdir()) == ["p0.png"]
+    # the weights chooser follows the task's network; a missing checkpoint starts nothing
+    widget.task.value = "mef"
+    assert widget.weights.task == "mef" and [e.label for e in widget.folders] == \
+        ["brackets folder"]
+    widget.set_folders([ir], tmp_path / "out")
+    widget.weights.set_path(tmp_path / "missing.pt")
+    widget.run_button.native.click()
+    assert not widget.running and widget.status.value.startswith("error: weights:")
+    assert not (tmp_path / "out").exists()
 
 
 def test_medical_batch_with_three_modalities_in_png(qtbot, batch_widget, tmp_path):

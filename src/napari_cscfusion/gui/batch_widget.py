@@ -30,7 +30,7 @@ from ..engine.batch import FORMATS, MODEL_TASK, BatchOutcome, BatchPlan, plan_ba
 from ..engine.io import read_image
 from ..engine.notices import recorded_only
 from ..engine.rules import RULES
-from ._common import META_KEY, device_combo
+from ._common import META_KEY, WeightsChooser, device_combo
 from ._running import PROGRESS_STEPS, RunState
 from ._state import MODELS, CancelToken
 from ._worker import CancelMode
@@ -119,6 +119,7 @@ class BatchFusionWidget(RunState, Container):
         self.base_rule = ComboBox(label="base rule", choices=list(RULES), value="saliency",
                                   tooltip="infrared + visible and medical: how the base codes "
                                           "are fused")
+        self.weights = WeightsChooser("ivf", folders=True)  # remade for each task
         self.device = device_combo()
         self.open_when_done = CheckBox(text="open the results as a stack when done", value=True)
         self.run_button = PushButton(text="Run")
@@ -135,7 +136,8 @@ class BatchFusionWidget(RunState, Container):
                             layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)
         self.extend([self.task, self.add_folder, self.output, self.format,
-                     self.overwrite, self.base_rule, self.device, self.open_when_done, buttons,
+                     self.overwrite, self.base_rule, *self.weights.widgets, self.device,
+                     self.open_when_done, buttons,
                      self.progress, self.status, self.failures])
         self.task.changed.connect(self._task_changed)
         self.add_folder.changed.connect(lambda *_: self._add_folder_edit())
@@ -170,6 +172,14 @@ class BatchFusionWidget(RunState, Container):
                 edit.value = kept[i]
         self.add_folder.visible = task == "medical"
         self.base_rule.visible = task in ("ivf", "medical")
+        model_task = MODEL_TASK[task]
+        if self.weights.task != model_task:  # the chooser names the network's packaged file
+            at = self.index(self.weights.source)
+            for w in self.weights.widgets:
+                self.remove(w)
+            self.weights = WeightsChooser(model_task, folders=model_task == "ivf")
+            for k, w in enumerate(self.weights.widgets):
+                self.insert(at + k, w)
 
     @staticmethod
     def _folder_text(edit: FileEdit) -> str:
@@ -207,6 +217,7 @@ class BatchFusionWidget(RunState, Container):
             return
         try:
             plan = self.build_plan()
+            weights = self.weights.weights
         except Exception as exc:  # the folders do not fit: say why, start nothing
             self.status.value = f"error: {exc}"
             return
@@ -214,7 +225,7 @@ class BatchFusionWidget(RunState, Container):
         if plan.task in ("ivf", "medical"):
             options["base_rule"] = self.base_rule.value
         token = CancelToken()
-        worker = create_worker(run_plan, plan, token, None, bool(self.overwrite.value), options,
+        worker = create_worker(run_plan, plan, token, weights, bool(self.overwrite.value), options,
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(lambda outcome, token=token: self._on_item(token, outcome))
         worker.returned.connect(lambda summary, token=token: self._on_done(token, summary))
