@@ -20,9 +20,8 @@ from napari_cscfusion.engine import (
     fuse_guided,
     fuse_infrared_visible,
     load_model,
-    plan_batch,
-    run_batch,
 )
+from napari_cscfusion.engine.batch import plan_batch, run_batch
 from napari_cscfusion.engine.io import read_image_metadata, read_tiff_metadata
 from napari_cscfusion.engine.medical import fuse_multimodal
 

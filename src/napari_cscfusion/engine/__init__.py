@@ -1,7 +1,6 @@
 """The engine: numpy (or dask) in, the same out. Normalisation, colour, device choice, fusion
 rules, tiled inference (tiling.py) and lazy dask graphs (lazy.py)."""
 
-from .batch import BatchOutcome, BatchPlan, fuse_sources, plan_batch, read_inputs, run_batch
 from .device import available_devices, resolve_device
 from .fusion import (
     Cancelled,
@@ -17,9 +16,7 @@ from .notices import OutOfMemoryRetry
 from .registry import FusionModel, load_model
 from .tiling import auto_tile, tile_grid
 
-__all__ = ["BatchOutcome", "BatchPlan", "Cancelled", "FusionModel", "FusionResult",
-           "OutOfMemoryRetry", "auto_tile", "fuse_sources", "plan_batch", "read_inputs",
-           "run_batch",
+__all__ = ["Cancelled", "FusionModel", "FusionResult", "OutOfMemoryRetry", "auto_tile",
            "available_devices", "close_clients", "fuse_exposures", "fuse_grey_sources",
            "fuse_guided", "fuse_infrared_visible", "load_model", "read_tiff_lazy",
            "resolve_device", "store_tiff", "stretch_percentiles", "tile_grid"]

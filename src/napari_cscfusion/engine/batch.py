@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .fusion import Cancelled, FusionResult, fuse_exposures, fuse_guided, fuse_infrared_visible
+# the engine's public names (this module is not imported by engine/__init__, so the package is
+# complete when it loads)
+from . import Cancelled, FusionResult, fuse_exposures, fuse_guided, fuse_infrared_visible
 from .io import (
     EIGHT_BIT_SUFFIXES,
     TIFF_SUFFIXES,

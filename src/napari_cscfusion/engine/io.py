@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +84,14 @@ def _write_error(path: Path, exc: OSError) -> OSError:
     return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
 
 
-def _write_atomically(path: str | Path, write) -> Path:
-    """Call ``write(file object)`` on a temporary file in ``path``'s folder, flush it to disk,
-    then rename it over ``path``: a failure (unwritable folder, full disk, interruption) leaves
-    no partial file behind and an existing file at ``path`` untouched. OSErrors name ``path``
-    and keep their errno. The file gets the usual permissions (0o666 less the umask, or those
-    of the file it replaces), not the temporary file's private 0o600."""
+@contextlib.contextmanager
+def replaced_on_success(path: str | Path) -> Iterator[Path]:
+    """``with replaced_on_success(path) as tmp:`` write to ``tmp``, a temporary file in the
+    same folder; when the block ends without error it gets the usual permissions (0o666 less
+    the umask, or those of the file it replaces, not mkstemp's private 0o600) and is renamed
+    over ``path``. Any failure, an interruption or cancellation included, removes it: no
+    partial file is left and an existing file at ``path`` stays untouched. OSErrors name
+    ``path`` and keep their errno."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -101,10 +105,7 @@ def _write_atomically(path: str | Path, write) -> Path:
     except OSError as exc:
         raise _write_error(path, exc) from exc
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # a full disk may only show here
+        yield Path(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
@@ -113,23 +114,27 @@ def _write_atomically(path: str | Path, write) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
-    """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description, atomically
-    (see _write_atomically: no partial file on failure)."""
+    """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description.
+
+    Written to a temporary file in the same folder, flushed to disk, then renamed over
+    ``path`` (``replaced_on_success``): a failure (unwritable folder, full disk, interruption)
+    leaves no partial file behind and an existing file at ``path`` untouched.
+    """
     import tifffile
 
+    path = Path(path)
     description = json.dumps(_jsonable(metadata or {}))
     arr = np.asarray(image)
     photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
-
-    def write(fh):
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as fh:
         tifffile.imwrite(fh, arr, description=description, photometric=photometric,
                          bigtiff=arr.nbytes > 2**31, metadata=None)
-
-    return _write_atomically(path, write)
+        fh.flush()
+        os.fsync(fh.fileno())  # a full disk may only show here
+    return path
 
 
 EIGHT_BIT_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
@@ -145,7 +150,7 @@ def to_uint8(image) -> np.ndarray:
 def write_image8(path: str | Path, image, metadata: dict | None = None) -> Path:
     """Write a fused image (floats in [0, 1], grey (H, W) or RGB (H, W, 3)) as an 8-bit PNG or
     JPEG (by ``path``'s suffix), with ``metadata`` as JSON: a PNG text chunk "cscfusion" or the
-    JPEG comment. Atomic like write_tiff."""
+    JPEG comment. Atomic like write_tiff (replaced_on_success)."""
     from PIL import Image, PngImagePlugin
 
     path = Path(path)
@@ -164,7 +169,11 @@ def write_image8(path: str | Path, image, metadata: dict | None = None) -> Path:
     else:
         raise ValueError(f"cannot write {str(path)!r} as an 8-bit image: use .png, .jpg or "
                          f".jpeg")
-    return _write_atomically(path, lambda fh: Image.fromarray(arr).save(fh, **options))
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as fh:
+        Image.fromarray(arr).save(fh, **options)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
 
 
 def read_image_metadata(path: str | Path) -> dict:
