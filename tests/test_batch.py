@@ -103,6 +103,8 @@ def test_the_output_folder_cannot_be_an_input_folder(tmp_path):
     ir, vis = ivf_folders(tmp_path)
     with pytest.raises(ValueError, match="is an input folder"):
         plan_batch("ivf", [ir, vis], vis)
+    with pytest.raises(ValueError, match="inside the brackets folder"):
+        plan_batch("mef", [ir], ir / "fused")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         plan_batch("ivf", [ir, tmp_path / "nope"], tmp_path / "out")
     with pytest.raises(ValueError, match="format"):

@@ -217,6 +217,9 @@ def _check_folders(task: str, in_dirs: Sequence[Path], out_dir: Path) -> None:
     if out_dir.resolve() in {d.resolve() for d in in_dirs}:
         raise ValueError(f"output folder {str(out_dir)!r} is an input folder: choose another "
                          f"one (results would be paired as inputs next time)")
+    if task == "mef" and out_dir.resolve().parent == in_dirs[0].resolve():
+        raise ValueError(f"output folder {str(out_dir)!r} is inside the brackets folder: "
+                         f"choose another one (it would be read as a bracket next time)")
 
 
 def _paired_items(in_dirs: Sequence[Path], out_dir: Path, suffix: str) -> list[BatchItem]:
