@@ -67,7 +67,7 @@ def test_batch_writes_lists_failures_and_opens_a_stack(qtbot, batch_widget, tmp_
     layer = widget.last_layer
     assert layer.name == viewer.layers[-1].name == "batch ivf results (out)"
     assert layer.data.shape == (2, 40, 48)
-    np.testing.assert_array_equal(layer.data[1], tifffile.imread(out / "p2.tif"))
+    np.testing.assert_array_equal(np.asarray(layer.data[1]), tifffile.imread(out / "p2.tif"))
     assert layer.metadata["cscfusion"]["files"] == [str(out / "p0.tif"), str(out / "p2.tif")]
 
     # a rerun skips what exists and writes the repaired pair
@@ -143,3 +143,19 @@ def test_medical_batch_with_three_modalities_in_png(qtbot, batch_widget, tmp_pat
     fused = iio.imread(tmp_path / "out" / "slice.png")
     assert fused.shape == (40, 48, 3) and fused.dtype == np.uint8
     assert widget.last_layer.rgb and widget.last_layer.data.shape == (1, 40, 48, 3)
+
+
+def test_results_of_another_size_are_named_not_stacked(qtbot, batch_widget, tmp_path):
+    viewer, widget = batch_widget
+    ir, vis = pairs(tmp_path, 2)
+    iio.imwrite(ir / "wide.png", noise((40, 64), 8))
+    iio.imwrite(vis / "wide.png", noise((40, 64), 9))
+    widget.set_folders([ir, vis], tmp_path / "out")
+    run_and_wait(qtbot, widget)
+    layer = widget.last_layer
+    assert layer.data.shape == (2, 40, 48)  # lazy: each file read when shown
+    assert layer.metadata["cscfusion"]["files"] == [str(tmp_path / "out" / f"p{i}.tif")
+                                                   for i in range(2)]
+    np.testing.assert_array_equal(np.asarray(layer.data[0]),
+                                  tifffile.imread(tmp_path / "out" / "p0.tif"))
+    assert widget.status.value.endswith("not opened (other sizes): wide.tif")

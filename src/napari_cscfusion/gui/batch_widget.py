@@ -279,8 +279,13 @@ class BatchFusionWidget(RunState, Container):
 
     # --- results ----------------------------------------------------------------------------
     def open_results(self, *_) -> None:
-        """The plan's results that exist, as one stack layer (the most common size; others
-        are named in the status)."""
+        """The plan's results that exist, as one lazy stack layer (each file is read when its
+        slice is shown, so a large batch opens at once); files of another size than the
+        most common one are named in the status, not opened."""
+        import dask
+        import dask.array as da
+        import imageio.v3 as iio
+
         plan = self._plan
         if plan is None:
             return
@@ -288,18 +293,22 @@ class BatchFusionWidget(RunState, Container):
         if not paths:
             self.status.value = "no results to open"
             return
-        images = {p: read_image(p) for p in paths}
-        shape, _n = Counter(a.shape for a in images.values()).most_common(1)[0]
-        kept = [p for p in paths if images[p].shape == shape]
-        left = [p.name for p in paths if images[p].shape != shape]
-        stack = np.stack([images[p] for p in kept])
+        props = {p: iio.improps(p) for p in paths}  # shape and dtype from the file's header
+        kinds = Counter((tuple(pr.shape), np.dtype(pr.dtype)) for pr in props.values())
+        (shape, dtype), _n = kinds.most_common(1)[0]
+        kept = [p for p in paths if (tuple(props[p].shape), np.dtype(props[p].dtype))
+                == (shape, dtype)]
+        left = [p.name for p in paths if p not in kept]
+        stack = da.stack([da.from_delayed(dask.delayed(read_image)(p), shape, dtype)
+                          for p in kept])
         rgb = len(shape) == 3 and shape[-1] in (3, 4)
         meta = {META_KEY: {"role": "batch_results", "task": plan.task,
                            "files": [str(p) for p in kept], "stack_axis": 0}}
         name = f"batch {plan.task} results ({Path(plan.out_dir).name})"
         kwargs = {"name": name, "rgb": rgb, "metadata": meta}
-        if not rgb and stack.dtype == np.float32:
-            kwargs.update(colormap="gray", contrast_limits=(0.0, 1.0))
+        if not rgb:
+            top = 1.0 if dtype == np.float32 else float(np.iinfo(dtype).max)
+            kwargs.update(colormap="gray", contrast_limits=(0.0, top))
         self.last_layer = self.viewer.add_image(stack, **kwargs)
         if left:
             self.status.value += (f" — opened {len(kept)} of one size; not opened (other "
