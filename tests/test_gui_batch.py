@@ -61,7 +61,8 @@ def test_batch_writes_lists_failures_and_opens_a_stack(qtbot, batch_widget, tmp_
     assert not widget.failures.native.isHidden()
     assert widget.failures.value.startswith("p1: cannot read") and "p1.png" in \
         widget.failures.value
-    assert read_tiff_metadata(out / "p2.tif")["base_rule"] == "l1"
+    meta = read_tiff_metadata(out / "p2.tif")
+    assert meta["base_rule"] == "l1" and meta["code_gain"] == 2.0  # CSC-IVFN's default
     # opened when done: one stack layer of the results, in the items' order
     assert len(viewer.layers) == n_layers + 1
     layer = widget.last_layer
@@ -118,6 +119,7 @@ def test_folders_that_do_not_fit_start_nothing(qtbot, batch_widget, tmp_path):
     widget.task.value = "mef"
     assert widget.weights.task == "mef" and [e.label for e in widget.folders] == \
         ["brackets folder"]
+    assert widget.code_gain.native.isHidden() and widget.base_rule.native.isHidden()
     widget.set_folders([ir], tmp_path / "out")
     widget.weights.set_path(tmp_path / "missing.pt")
     widget.run_button.native.click()
@@ -129,6 +131,8 @@ def test_medical_batch_with_three_modalities_in_png(qtbot, batch_widget, tmp_pat
     viewer, widget = batch_widget
     widget.task.value = "medical"
     assert not widget.add_folder.native.isHidden() and len(widget.folders) == 2
+    assert widget.code_gain.value == 1.0  # medical keeps the sources' intensity scale
+    widget.code_gain.value = 1.5
     dirs = []
     for name, seed in (("T1", 1), ("PD", 2), ("PET", 3)):
         dirs.append(tmp_path / name)
@@ -142,6 +146,10 @@ def test_medical_batch_with_three_modalities_in_png(qtbot, batch_widget, tmp_pat
     assert widget.status.value.startswith("1 written"), widget.status.value
     fused = iio.imread(tmp_path / "out" / "slice.png")
     assert fused.shape == (40, 48, 3) and fused.dtype == np.uint8
+    from napari_cscfusion.engine.io import read_image_metadata
+
+    meta = read_image_metadata(tmp_path / "out" / "slice.png")
+    assert meta["code_gain"] == 1.5 and meta["sources"] == ["T1", "PD", "PET"]
     assert widget.last_layer.rgb and widget.last_layer.data.shape == (1, 40, 48, 3)
 
 

@@ -17,6 +17,7 @@ failed with the reason) and goes on past failures; the caller lists them.
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -130,6 +131,13 @@ def read_inputs(task: str, paths: Sequence[str | Path], names: Sequence[str] | N
         notes.append("colour input converted to luminance (CSC-IVFN fuses grey images)")
         images = [to_grey(a) for a in images]
     return images, notes
+
+
+def default_code_gain(task: str) -> float | None:
+    """The task's fusion function's default code_gain (ivf 2, medical 1; None for mef/mmf,
+    which have none)."""
+    fuse = {"ivf": fuse_infrared_visible, "medical": fuse_multimodal}.get(task)
+    return None if fuse is None else inspect.signature(fuse).parameters["code_gain"].default
 
 
 def fuse_sources(task: str, sources, model: FusionModel | str | None = None, *,

@@ -26,11 +26,19 @@ from magicgui.widgets import (
 from napari.qt.threading import create_worker
 
 from ..engine import Cancelled
-from ..engine.batch import FORMATS, MODEL_TASK, BatchOutcome, BatchPlan, plan_batch, run_batch
+from ..engine.batch import (
+    FORMATS,
+    MODEL_TASK,
+    BatchOutcome,
+    BatchPlan,
+    default_code_gain,
+    plan_batch,
+    run_batch,
+)
 from ..engine.io import read_image
 from ..engine.notices import recorded_only
 from ..engine.rules import RULES
-from ._common import META_KEY, WeightsChooser, device_combo
+from ._common import META_KEY, WeightsChooser, code_gain_box, device_combo
 from ._running import PROGRESS_STEPS, RunState
 from ._state import MODELS, CancelToken
 from ._worker import CancelMode
@@ -119,6 +127,7 @@ class BatchFusionWidget(RunState, Container):
         self.base_rule = ComboBox(label="base rule", choices=list(RULES), value="saliency",
                                   tooltip="infrared + visible and medical: how the base codes "
                                           "are fused")
+        self.code_gain = code_gain_box(default_code_gain("ivf"))  # set for each task
         self.weights = WeightsChooser("ivf", folders=True)  # remade for each task
         self.device = device_combo()
         self.open_when_done = CheckBox(text="open the results as a stack when done", value=True)
@@ -136,7 +145,8 @@ class BatchFusionWidget(RunState, Container):
                             layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)
         self.extend([self.task, self.add_folder, self.output, self.format,
-                     self.overwrite, self.base_rule, *self.weights.widgets, self.device,
+                     self.overwrite, self.base_rule, self.code_gain, *self.weights.widgets,
+                     self.device,
                      self.open_when_done, buttons,
                      self.progress, self.status, self.failures])
         self.task.changed.connect(self._task_changed)
@@ -172,6 +182,10 @@ class BatchFusionWidget(RunState, Container):
                 edit.value = kept[i]
         self.add_folder.visible = task == "medical"
         self.base_rule.visible = task in ("ivf", "medical")
+        gain = default_code_gain(task)
+        self.code_gain.visible = gain is not None
+        if gain is not None:
+            self.code_gain.value = gain
         model_task = MODEL_TASK[task]
         if self.weights.task != model_task:  # the chooser names the network's packaged file
             at = self.index(self.weights.source)
@@ -223,7 +237,7 @@ class BatchFusionWidget(RunState, Container):
             return
         options = {"device": self.device.value}
         if plan.task in ("ivf", "medical"):
-            options["base_rule"] = self.base_rule.value
+            options.update(base_rule=self.base_rule.value, code_gain=self.code_gain.value)
         token = CancelToken()
         worker = create_worker(run_plan, plan, token, weights, bool(self.overwrite.value), options,
                                _start_thread=False, _ignore_errors=True)
