@@ -86,12 +86,8 @@ class FusionWidget(RunState, Container):
     def cancel(self, *_) -> None:
         """Stop the run: the worker stops at its next cancellation point (about one network
         layer) and its result, if any, is dropped. The widget is ready again at once."""
-        token = self._token
-        if token is None:
+        if not self._stop():
             return
-        token.cancel()
-        self._token = None
-        self._set_running(False)
         self.progress.value = 0
         self.status.value = "cancelled: no layer was added"
 

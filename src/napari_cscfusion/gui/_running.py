@@ -45,6 +45,17 @@ class RunState:
         if self._token is not None:
             self.progress.value = int(round(self._token.fraction * PROGRESS_STEPS))
 
+    def _stop(self) -> bool:
+        """Cancel the running worker's token and make the widget ready again; False when
+        nothing was running."""
+        token = self._token
+        if token is None:
+            return False
+        token.cancel()
+        self._token = None
+        self._set_running(False)
+        return True
+
     def _cancel_token_only(self, *_) -> None:
         if self._token is not None:
             self._token.cancel()

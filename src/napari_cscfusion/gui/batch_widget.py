@@ -255,12 +255,8 @@ class BatchFusionWidget(RunState, Container):
 
     def cancel(self, *_) -> None:
         """Stop after the current network step; results written so far stay."""
-        token = self._token
-        if token is None:
+        if not self._stop():
             return
-        token.cancel()
-        self._token = None
-        self._set_running(False)
         self.status.value = "cancelled: results written so far are kept"
         self.open_button.enabled = self._plan is not None
 
