@@ -44,7 +44,7 @@ TASKS = ("ivf", "mef", "mmf", "medical")
 MODEL_TASK = {"ivf": "ivf", "mef": "mef", "mmf": "mmf", "medical": "ivf"}  # medical: CSC-IVFN
 FOLDER_ROLES = {"ivf": ("infrared", "visible"), "mmf": ("low-res", "guide"),
                 "mef": ("brackets",)}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp") + TIFF_SUFFIXES
 FORMATS = ("tiff", "png", "jpeg")
 OUTPUT_SUFFIX = {"tiff": ".tif", **EIGHT_BIT_SUFFIXES}
 

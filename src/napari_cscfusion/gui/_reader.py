@@ -12,18 +12,10 @@ import numpy as np
 
 from ..engine.batch import IMAGE_SUFFIXES
 from ..engine.batch import image_files as _image_files
-from ..engine.io import TIFF_SUFFIXES
+from ..engine.io import TIFF_SUFFIXES, read_image
 from ._common import META_KEY
 
 WRITER_KEY = "napari_cscfusion"  # our entry in the TIFF description written by _writer
-
-
-def _read_image(path: Path) -> np.ndarray:
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
-        return tifffile.imread(path)
-    import imageio.v3 as iio
-    return np.asarray(iio.imread(path))
 
 
 def _tiff_kind(path: Path) -> str | None:
@@ -80,7 +72,7 @@ def _stack_layer(images: list[np.ndarray], names: list[str], layer_name: str, so
 
 def read_exposure_files(paths):
     paths = [Path(p) for p in paths]
-    images = [_read_image(p) for p in paths]
+    images = [read_image(p) for p in paths]
     return _stack_layer(images, [p.name for p in paths], f"{paths[0].stem} … ({len(paths)})",
                         f"{len(paths)} files")
 
@@ -88,7 +80,7 @@ def read_exposure_files(paths):
 def read_exposure_folder(path):
     folder = Path(path)
     files = _image_files(folder)
-    images = [_read_image(p) for p in files]
+    images = [read_image(p) for p in files]
     return _stack_layer(images, [p.name for p in files], folder.name or str(folder),
                         f"folder {str(folder)!r}")
 

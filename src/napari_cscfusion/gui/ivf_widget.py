@@ -5,10 +5,10 @@ from __future__ import annotations
 from magicgui.widgets import ComboBox
 
 from ..engine import fuse_infrared_visible
-from ..engine.fusion import IVF_ALPHA
 from ..engine.inputs import check_same_shape
+from ..engine.ivf import IVF_ALPHA
 from ..engine.planes import check_leading, luminance, recolour
-from ..engine.rules import RULES
+from ..engine.rules import RULE_HELP, RULES
 from ._base import FusionWidget
 from ._common import (
     code_gain_box,
@@ -22,10 +22,6 @@ from ._common import (
     transform_of,
 )
 from ._state import FusionJob, OutputSpec
-
-RULE_HELP = ("saliency: the authors' base-code rule (histogram saliency refined by a guided "
-             "filter; slow on a CPU); l1: L1 attention (the authors' detail rule; fast); "
-             "average")
 
 
 class InfraredVisibleWidget(FusionWidget):
