@@ -30,7 +30,7 @@ from .device import resolve_device
 from .inputs import check_min_size, map_values, normalise, value_mapping
 from .ivf import IVF_MIN_SIZE, check_code_gain, fuse_grey_sources
 from .registry import resolve_model
-from .result import FusionResult, base_metadata
+from .result import FusionResult, base_metadata, plane_progress
 from .rules import check_rules
 
 COLOUR_NAME = "functional"  # default name of a colour source given in a list
@@ -295,12 +295,9 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
                 chroma = ycc[..., 1:]
             else:
                 grey[s.name] = p
-        plane_progress = None
-        if progress is not None:
-            def plane_progress(done, total, k=k):
-                progress(k * total + done, n_planes * total)
         fused, cmaps, weights = fuse_grey_sources(grey, model, base_rule, detail_rule, dev,
-                                                  codes, plane_progress, code_gain=code_gain)
+                                                  codes, plane_progress(progress, k, n_planes),
+                                                  code_gain=code_gain)
         if chroma is not None:
             fused, n_desat = _recolour(torch.from_numpy(fused), chroma)
             desaturated += n_desat
