@@ -149,6 +149,60 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
     return path
 
 
+EIGHT_BIT_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+METADATA_KEY = "cscfusion"  # the PNG text chunk holding the run's metadata (JSON)
+
+
+def to_uint8(image) -> np.ndarray:
+    """A fused image (floats in [0, 1]) as 8-bit, rounded; values outside [0, 1] clipped."""
+    arr = np.asarray(image, dtype=np.float32)
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def write_image8(path: str | Path, image, metadata: dict | None = None) -> Path:
+    """Write a fused image (floats in [0, 1], grey (H, W) or RGB (H, W, 3)) as an 8-bit PNG or
+    JPEG (by ``path``'s suffix), with ``metadata`` as JSON: a PNG text chunk "cscfusion" or the
+    JPEG comment. Atomic like write_tiff (replaced_on_success)."""
+    from PIL import Image, PngImagePlugin
+
+    path = Path(path)
+    arr = to_uint8(image)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
+        raise ValueError(f"cannot write {str(path)!r} as an 8-bit image: expected a grey "
+                         f"(H, W) or RGB (H, W, 3) image, got shape {arr.shape} (use TIFF)")
+    text = json.dumps(jsonable(metadata or {}))
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(METADATA_KEY, text)
+        options = {"format": "PNG", "pnginfo": info}
+    elif suffix in (".jpg", ".jpeg"):
+        options = {"format": "JPEG", "quality": 95, "comment": text.encode()}
+    else:
+        raise ValueError(f"cannot write {str(path)!r} as an 8-bit image: use .png, .jpg or "
+                         f".jpeg")
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as fh:
+        Image.fromarray(arr).save(fh, **options)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def read_image_metadata(path: str | Path) -> dict:
+    """The JSON metadata written by write_tiff or write_image8 (empty dict if there is none)."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return read_tiff_metadata(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.info.get(METADATA_KEY, im.info.get("comment"))
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+
+
 def read_tiff_metadata(path: str | Path) -> dict:
     """The JSON metadata written by write_tiff (empty dict if there is none)."""
     import tifffile
