@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -235,33 +236,48 @@ def test_ivf_cancel_mid_run_adds_nothing_and_stops_quickly(make_napari_viewer, q
     qtbot.waitUntil(lambda: widget._token is not None and 0 < widget._token.fraction,
                     timeout=60_000)
     assert not widget.run_button.enabled and widget.cancel_button.enabled
-    t0 = time.perf_counter()
+    token = widget._token
     widget.cancel_button.native.click()
     assert widget.run_button.enabled and not widget.running  # ready again at once
-    qtbot.waitUntil(lambda: bool(finished), timeout=20_000)
-    # the worker thread itself stops at its next torch operation, mid engine step
-    print("cancel latency", finished[0] - t0)
-    assert finished[0] - t0 < 2.0
+    qtbot.waitUntil(lambda: bool(finished), timeout=20_000)  # the worker ends
+    # the worker thread itself stops at its next torch operation, mid engine step, not at the
+    # end of the job (the latency is measured in benchmarks/gui_bounds.py)
+    assert token.cancelled and token.fraction < 1.0
     qtbot.wait(100)
     assert len(viewer.layers) == n_layers
     assert "cancelled" in widget.status.value
 
 
-def test_ivf_event_loop_keeps_running_during_a_run(make_napari_viewer, qtbot, fusion_weights):
+def test_ivf_event_loop_keeps_running_during_a_run(make_napari_viewer, qtbot, fusion_weights,
+                                                  monkeypatch):
     from qtpy.QtCore import QTimer
+
+    from napari_cscfusion.gui._state import MODELS
 
     viewer, widget = _slow_job_viewer(make_napari_viewer, fusion_weights, planes=2, size=96)
     widget.base_rule.value = "l1"
+    # the worker waits, before it starts fusing, for a timer event that only the GUI thread's
+    # event loop can deliver while the run is on: a run that blocked the loop never gets it
+    ticked_while_running = threading.Event()
     ticks = []
     timer = QTimer()
     timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(widget.running))
+    timer.timeout.connect(lambda: ticks.append(widget.running)
+                          or (widget.running and ticked_while_running.set()))
+    get_model = MODELS.get
+
+    def get_after_a_tick(*args, **kwargs):
+        if not ticked_while_running.wait(timeout=30):
+            raise RuntimeError("the GUI event loop did not run while the worker was busy")
+        return get_model(*args, **kwargs)
+
+    monkeypatch.setattr(MODELS, "get", get_after_a_tick)
     timer.start()
     try:
         run_and_wait(qtbot, widget)
     finally:
         timer.stop()
-    # the GUI thread handled many timer events while the worker was busy
-    assert sum(ticks) >= 10
+    assert ticked_while_running.is_set() and any(ticks)
+    assert widget.status.value.startswith("done")  # not the RuntimeError above
     assert widget.progress.value == widget.progress.max
     assert "ir + vis (CSC-IVFN)" in viewer.layers

@@ -3,10 +3,6 @@ layer, volumes as NIfTI/DICOM reader plugins make them, alignment check and regi
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -18,10 +14,8 @@ from napari_cscfusion.engine.medical import fuse_multimodal  # noqa: E402
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path  # noqa: E402
 from napari_cscfusion.gui.medical_widget import MedicalFusionWidget  # noqa: E402
 
-SHARED = Path(os.environ.get("CSCFUSION_SHARED",
-                             Path(__file__).resolve().parents[1].parent / "shared"))
-MED = SHARED / "data" / "medical"
-CKPT = SHARED / "reference-checkpoints"
+from ._shared import CKPT, BrainWeb  # noqa: E402
+
 CROP = (slice(60, 124), slice(50, 114))  # 64x64 of the brain: short CPU runs
 
 
@@ -36,15 +30,7 @@ def weights():
 
 @pytest.fixture(scope="module")
 def brain():
-    if not MED.is_dir():
-        pytest.skip(f"no medical data at {MED}")
-
-    def grey(name):
-        a = np.asarray(iio.imread(MED / name))
-        return a[..., 0] if a.ndim == 3 else a
-
-    return {"t1": grey("BrainT1Slice.png"), "pd": grey("BrainProtonDensitySlice.png"),
-            "shifted": grey("BrainProtonDensitySliceShifted13x17y.png")}
+    return BrainWeb()
 
 
 PLUGIN = "napari-cscfusion"

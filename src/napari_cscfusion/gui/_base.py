@@ -13,16 +13,14 @@ import time
 
 from magicgui.widgets import CheckBox, Container, ProgressBar, PushButton
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import QTimer
 
 from ._common import WeightsChooser, codes_combo, device_combo, result_layers, status_label
+from ._running import PROGRESS_STEPS, RunState
 from ._state import CancelToken, FusionJob, OutputTracker, RunOutcome
 from ._worker import make_worker
 
-PROGRESS_STEPS = 1000
 
-
-class FusionWidget(Container):
+class FusionWidget(RunState, Container):
     task = "ivf"  # which network: load_model(task, ...)
     network = "CSC-IVFN"
     weight_folders = False  # offer a folder chooser for the weights (the authors' CSC-IVFN)
@@ -49,14 +47,9 @@ class FusionWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self._tracker = OutputTracker()
-        self._worker = None
-        self._token: CancelToken | None = None
+        self._init_run_state()
         self._started = 0.0
         self.last_outputs: list = []  # the layers the last run added
-        self._timer = QTimer(self.native)
-        self._timer.setInterval(100)
-        self._timer.timeout.connect(self._poll_progress)
-        self.native.destroyed.connect(self._cancel_token_only)
         self._job_key: tuple = ()  # the running job's key: holds its source layers' ids
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
 
@@ -66,29 +59,6 @@ class FusionWidget(Container):
 
     def build_job(self) -> FusionJob:
         raise NotImplementedError
-
-    # --- state --------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        """True from Run until the run's result is shown, it fails, or Cancel is pressed."""
-        return self._token is not None
-
-    @property
-    def worker(self):
-        """The current (or last) worker, for tests and scripts."""
-        return self._worker
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.enabled = not running
-        self.cancel_button.enabled = running
-        if running:
-            self._timer.start()
-        else:
-            self._timer.stop()
-
-    def _poll_progress(self) -> None:
-        if self._token is not None:
-            self.progress.value = int(round(self._token.fraction * PROGRESS_STEPS))
 
     # --- actions --------------------------------------------------------------------------------
     def run(self, *_) -> None:
@@ -116,12 +86,8 @@ class FusionWidget(Container):
     def cancel(self, *_) -> None:
         """Stop the run: the worker stops at its next cancellation point (about one network
         layer) and its result, if any, is dropped. The widget is ready again at once."""
-        token = self._token
-        if token is None:
+        if not self._stop():
             return
-        token.cancel()
-        self._token = None
-        self._set_running(False)
         self.progress.value = 0
         self.status.value = "cancelled: no layer was added"
 
@@ -133,10 +99,6 @@ class FusionWidget(Container):
         self.cancel()
         self.status.value = (f"cancelled: source layer {layer.name!r} was removed; no layer was "
                              f"added")
-
-    def _cancel_token_only(self, *_) -> None:
-        if self._token is not None:
-            self._token.cancel()
 
     def _fail(self, exc: BaseException) -> None:
         msg = str(exc) or type(exc).__name__
