@@ -23,16 +23,20 @@ EXPECT_DATA = {"ivf": "ivf/flir_train", "mef": "mef/hdr", "mmf": "ivf/flir_train
 # (`pytest tests/test_packaged_weights.py -s` prints every figure): each test fails when a
 # figure drops by more than its margin.
 IVF_RECORDED = {  # TNO sample pairs (shipped in sample_data), 192x256 centre crops
-    1: {"MI": 2.931, "SCD": 1.865, "VIF": 0.612, "Qabf": 0.468},
-    3: {"MI": 2.929, "SCD": 1.946, "VIF": 0.629, "Qabf": 0.528},
+    # second-generation ivf.pt (issue 17, sparse codes); the first generation's figures were
+    # TNO 1: MI 2.931, SCD 1.865, VIF 0.612, Qabf 0.468; TNO 3: 2.929, 1.946, 0.629, 0.528
+    1: {"MI": 2.741, "SCD": 1.875, "VIF": 0.600, "Qabf": 0.476},
+    3: {"MI": 2.976, "SCD": 1.950, "VIF": 0.641, "Qabf": 0.533},
 }
 IVF_MARGIN = {"MI": 0.10, "SCD": 0.05, "VIF": 0.02, "Qabf": 0.02}
-MEF_RECORDED = {"memorial-16": 0.9245, "memorial-every3rd": 0.9408}  # MEF-SSIM, Memorial
+# second-generation mef.pt (issue 17); the first generation: 0.9245 and 0.9408
+MEF_RECORDED = {"memorial-16": 0.9223, "memorial-every3rd": 0.9403}  # MEF-SSIM, Memorial
 MEF_MARGIN = 0.005
 # how far the packaged CSC-MEFN may stay below Mertens (OpenCV) on each bracket: on all 16
-# exposures it trails (0.9245 vs 0.9379, the known gap of weights/README.md); on every 3rd it
-# leads (0.9408 vs 0.9395)
-MEF_BELOW_MERTENS = {"memorial-16": 0.015, "memorial-every3rd": 0.0}
+# exposures it trails (0.9223 vs 0.9379, the known gap of weights/README.md, 0.0022 wider than
+# the first generation's 0.9245: the price of its sparse codes); on every 3rd it leads (0.9403
+# vs 0.9395)
+MEF_BELOW_MERTENS = {"memorial-16": 0.02, "memorial-every3rd": 0.0}
 MMF_PAIRS = (1, 2, 3, 4, 5)  # FLIR-test (held out from training)
 MMF_RECORDED_GAIN_DB = {2: 0.494, 4: 0.156}  # mean PSNR gain over bicubic on MMF_PAIRS
 MMF_MARGIN_DB = {2: 0.10, 4: 0.05}
