@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDGET = "Infrared + visible fusion (CSC-IVFN)"
+WIDGET = "Infrared + visible fusion"
 
 
 def default_weights() -> str | None:

@@ -14,7 +14,7 @@ from napari.utils.notifications import notification_manager  # noqa: E402
 from napari_cscfusion import fuse_infrared_visible, load_model  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-IVF = "Infrared + visible fusion (CSC-IVFN)"
+IVF = "Infrared + visible fusion"
 
 
 def dock(viewer, name):

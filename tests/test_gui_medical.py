@@ -48,7 +48,7 @@ def brain():
 
 
 PLUGIN = "napari-cscfusion"
-WIDGET = "Medical / multi-modal fusion (CSC)"
+WIDGET = "Medical fusion"
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from napari.utils.notifications import notification_manager  # noqa: E402
 from napari_cscfusion import fuse_exposures, load_model  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-MEF = "Multi-exposure fusion (CSC-MEFN)"
+MEF = "Exposure fusion"
 
 
 def dock(viewer):

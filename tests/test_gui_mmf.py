@@ -14,7 +14,7 @@ from napari_cscfusion.engine.planes import downsample_area  # noqa: E402
 from napari_cscfusion.engine.registry import packaged_weights_path  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-MMF = "Guided super-resolution (CSC-MMFN)"
+MMF = "Guided super-resolution"
 
 
 @pytest.fixture
