@@ -459,7 +459,7 @@ def test_quality_table_has_units_and_an_average_baseline(make_napari_viewer, qtb
     quality.compute_button.native.click()
     qtbot.waitUntil(lambda: not quality.running, timeout=120_000)
     headers = list(quality.table.column_headers)
-    assert "EN (bits)" in headers and "SSIM (0-1, mean over sources)" in headers
+    assert "EN (bits)" in headers and "SSIM (0-1 mean over sources)" in headers
     labels, names, rows = quality.rows
     assert labels == ["image", "average of the sources (baseline)"]
     expected = metrics.evaluate("ivf", [ir.data, vis.data], average_fusion([ir.data, vis.data]))

@@ -34,9 +34,9 @@ TASKS = [("infrared + visible", "ivf"), ("medical / multi-modal", "medical"),
 MAX_PLANES = 256
 # units of metrics.evaluate's values (its conventions: grey values in [0, 1], logs in base 2,
 # source-relative scores summed over the sources except SSIM)
-UNITS = {"EN": "bits", "MI": "bits, sum over sources", "SD": "grey 0-1", "SF": "grey 0-1",
-         "AG": "grey 0-1", "SCD": "sum over sources", "VIF": "sum over sources",
-         "Qabf": "0-1", "SSIM": "0-1, mean over sources", "MEF-SSIM": "0-1", "PSNR": "dB"}
+UNITS = {"EN": "bits", "MI": "bits summed over sources", "SD": "grey 0-1", "SF": "grey 0-1",
+         "AG": "grey 0-1", "SCD": "summed over sources", "VIF": "summed over sources",
+         "Qabf": "0-1", "SSIM": "0-1 mean over sources", "MEF-SSIM": "0-1", "PSNR": "dB"}
 BASELINE = {"mmf": "bicubic upsampling (baseline)"}
 AVERAGE = "average of the sources (baseline)"
 
