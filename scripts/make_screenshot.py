@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--weights", default=None, help="checkpoint file or folder")
     ap.add_argument("--base-rule", default=None, choices=("saliency", "l1", "average"),
                     help="default: the widget's first preset (Thermal surveillance)")
-    ap.add_argument("--size", type=int, nargs=2, default=(1500, 900), metavar=("W", "H"))
+    ap.add_argument("--size", type=int, nargs=2, default=(1500, 620), metavar=("W", "H"))
     args = ap.parse_args()
     weights = args.weights or default_weights()
 
