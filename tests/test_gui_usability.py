@@ -165,11 +165,13 @@ def test_every_channel_codes_slider_says_code_channel(make_napari_viewer, qtbot,
     ir, vis = pair(viewer)
     _d, widget = ivf_widget(viewer, fusion_weights, ir, vis)
     widget.codes.value = "all"
-    widget.weight_maps.value = True
     run_and_wait(qtbot, widget)
-    assert viewer.dims.ndim == 3
+    assert viewer.dims.ndim == 3  # the one slider selects a code channel, and says so
     assert viewer.dims.axis_labels[0] == "code channel"
     assert "source" not in viewer.dims.axis_labels
+    widget.weight_maps.value = True  # the weight maps add no axis
+    run_and_wait(qtbot, widget)
+    assert viewer.dims.ndim == 3 and viewer.dims.axis_labels[0] == "code channel"
 
 
 # --- 3. stack pickers -----------------------------------------------------------------------
