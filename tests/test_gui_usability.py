@@ -66,6 +66,15 @@ def pair(viewer, names=("ir", "vis"), shape=(40, 48), seed=0):
     return [viewer.add_image(rng.random(shape, np.float32), name=n) for n in names]
 
 
+@pytest.fixture
+def ivf_setup(make_napari_viewer, fusion_weights):
+    """A viewer with two random 40x48 layers 'ir', 'vis' and the infrared + visible widget."""
+    viewer = make_napari_viewer()
+    ir, vis = pair(viewer)
+    _d, widget = ivf_widget(viewer, fusion_weights, ir, vis)
+    return viewer, widget, ir, vis
+
+
 def ivf_widget(viewer, fusion_weights, ir, vis):
     dock_widget, widget = dock(viewer, IVF)
     widget.weights.set_path(fusion_weights("ivf"))
@@ -133,11 +142,8 @@ def test_dock_titles_are_not_cut(shown_viewer, qtbot):
 
 # --- 2. no stray slider ---------------------------------------------------------------------
 
-def test_default_2d_run_adds_no_slider_and_weight_maps_are_per_source(make_napari_viewer,
-                                                                      qtbot, fusion_weights):
-    viewer = make_napari_viewer()
-    ir, vis = pair(viewer)
-    _d, widget = ivf_widget(viewer, fusion_weights, ir, vis)
+def test_default_2d_run_adds_no_slider_and_weight_maps_are_per_source(ivf_setup, qtbot):
+    viewer, widget, ir, vis = ivf_setup
     run_and_wait(qtbot, widget)
     assert "ir + vis (CSC-IVFN)" in viewer.layers
     assert viewer.dims.ndim == 2  # no slider at all
@@ -159,11 +165,8 @@ def test_default_2d_run_adds_no_slider_and_weight_maps_are_per_source(make_napar
     assert shown(widget.legend) and "0" in widget.legend.value and "1" in widget.legend.value
 
 
-def test_every_channel_codes_slider_says_code_channel(make_napari_viewer, qtbot,
-                                                      fusion_weights):
-    viewer = make_napari_viewer()
-    ir, vis = pair(viewer)
-    _d, widget = ivf_widget(viewer, fusion_weights, ir, vis)
+def test_every_channel_codes_slider_says_code_channel(ivf_setup, qtbot):
+    viewer, widget, ir, vis = ivf_setup
     widget.codes.value = "all"
     run_and_wait(qtbot, widget)
     assert viewer.dims.ndim == 3  # the one slider selects a code channel, and says so
@@ -213,11 +216,8 @@ def test_launcher_opens_the_exposure_widget_without_an_error(monkeypatch, make_n
 
 # --- 4. pickers offer inputs; reruns keep the names -------------------------------------------
 
-def test_pickers_list_inputs_only_and_rerun_keeps_names(make_napari_viewer, qtbot,
-                                                        fusion_weights):
-    viewer = make_napari_viewer()
-    ir, vis = pair(viewer)
-    _d, widget = ivf_widget(viewer, fusion_weights, ir, vis)
+def test_pickers_list_inputs_only_and_rerun_keeps_names(ivf_setup, qtbot):
+    viewer, widget, ir, vis = ivf_setup
     widget.codes.value = "summary"
     widget.weight_maps.value = True
     run_and_wait(qtbot, widget)
@@ -243,10 +243,8 @@ def test_pickers_list_inputs_only_and_rerun_keeps_names(make_napari_viewer, qtbo
 
 # --- 5. plain words -------------------------------------------------------------------------
 
-def test_messages_and_names_in_plain_words(make_napari_viewer, qtbot, fusion_weights):
-    viewer = make_napari_viewer()
-    ir, vis = pair(viewer)
-    _d, widget = ivf_widget(viewer, fusion_weights, ir, vis)
+def test_messages_and_names_in_plain_words(ivf_setup, qtbot):
+    viewer, widget, ir, vis = ivf_setup
     # rules and options as a scientist reads them; the help says nothing wrong about speed
     labels = [widget.base_rule.native.itemText(i) for i in range(widget.base_rule.native.count())]
     assert labels == ["keep salient regions", "keep the stronger detail", "average the sources"]
@@ -381,11 +379,8 @@ def test_rgb_infrared_is_converted_with_a_visible_notice(make_napari_viewer, qtb
 
 # --- presets ----------------------------------------------------------------------------------
 
-def test_presets_set_the_expert_fields_and_a_run_uses_them(make_napari_viewer, qtbot,
-                                                           fusion_weights):
-    viewer = make_napari_viewer()
-    ir, vis = pair(viewer)
-    _d, widget = ivf_widget(viewer, fusion_weights, ir, vis)
+def test_presets_set_the_expert_fields_and_a_run_uses_them(ivf_setup, qtbot):
+    viewer, widget, ir, vis = ivf_setup
     assert not shown(widget.advanced)  # folded
     widget.show_advanced.value = True
     assert shown(widget.advanced)

@@ -153,6 +153,15 @@ def code_gain_box(value: float) -> FloatSpinBox:
                         tooltip=CODE_GAIN_HELP)
 
 
+def rules_preset(base_rule: str, detail_rule: str, code_gain: float) -> dict:
+    """The expert fields a preset of the CSC-IVFN widgets sets (attribute -> value)."""
+    return {"base_rule": base_rule, "detail_rule": detail_rule, "code_gain": code_gain}
+
+
+# the same in every CSC-IVFN widget: an image fused with itself comes back unchanged
+KEEP_INTENSITIES = "Keep intensities (quantitative)"
+
+
 def weight_maps_box() -> CheckBox:
     return CheckBox(text="show weight maps", value=False,
                     tooltip="add, for each source, a map of how much of it went into each pixel "

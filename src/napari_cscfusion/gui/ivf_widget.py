@@ -7,6 +7,7 @@ from ..engine.fusion import IVF_ALPHA
 from ..engine.planes import luminance, recolour
 from ._base import FusionWidget
 from ._common import (
+    KEEP_INTENSITIES,
     check_same_slices,
     code_gain_box,
     extra_shape,
@@ -16,6 +17,7 @@ from ._common import (
     pick_distinct,
     read_plane,
     rule_combo,
+    rules_preset,
     spatial_shape,
     transform_of,
 )
@@ -38,11 +40,9 @@ class InfraredVisibleWidget(FusionWidget):
     title = "infrared + visible fusion"
     weight_folders = True
     PRESETS = {
-        "Thermal surveillance": {"base_rule": "saliency", "detail_rule": "l1",
-                                 "code_gain": IVF_ALPHA},
-        "Night driving": {"base_rule": "l1", "detail_rule": "l1", "code_gain": IVF_ALPHA},
-        "Keep intensities (quantitative)": {"base_rule": "average", "detail_rule": "l1",
-                                            "code_gain": 1.0},
+        "Thermal surveillance": rules_preset("saliency", "l1", IVF_ALPHA),
+        "Night driving": rules_preset("l1", "l1", IVF_ALPHA),
+        KEEP_INTENSITIES: rules_preset("average", "l1", 1.0),
     }
     PRESET_HELP = ("Thermal surveillance: the authors' setting; warm targets are kept as salient "
                    "regions and the contrast is stretched (gain 2). Night driving: coarse and "

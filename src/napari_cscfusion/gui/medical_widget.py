@@ -19,9 +19,11 @@ from ..engine.alignment import (
     apply_rigid_planes,
     estimate_misalignment,
 )
+from ..engine.fusion import IVF_ALPHA
 from ..engine.medical import MEDICAL_CODE_GAIN, MultimodalSources, fuse_multimodal
 from ._base import FusionWidget
 from ._common import (
+    KEEP_INTENSITIES,
     META_KEY,
     FitLabel,
     code_gain_box,
@@ -32,6 +34,7 @@ from ._common import (
     layer_combo,
     layer_select,
     rule_combo,
+    rules_preset,
     transform_of,
 )
 from ._state import FusionJob, OutputSpec
@@ -63,13 +66,10 @@ class MedicalFusionWidget(FusionWidget):
     title = "medical fusion"
     weight_folders = True
     PRESETS = {
-        "MRI + PET/SPECT": {"base_rule": "saliency", "detail_rule": "l1",
-                            "code_gain": MEDICAL_CODE_GAIN},
-        "MRI + CT": {"base_rule": "l1", "detail_rule": "l1", "code_gain": MEDICAL_CODE_GAIN},
-        "Keep intensities (quantitative)": {"base_rule": "average", "detail_rule": "l1",
-                                            "code_gain": 1.0},
-        "Stretch contrast (as infrared + visible)": {"base_rule": "saliency",
-                                                     "detail_rule": "l1", "code_gain": 2.0},
+        "MRI + PET/SPECT": rules_preset("saliency", "l1", MEDICAL_CODE_GAIN),
+        "MRI + CT": rules_preset("l1", "l1", MEDICAL_CODE_GAIN),
+        KEEP_INTENSITIES: rules_preset("average", "l1", 1.0),
+        "Stretch contrast (as infrared + visible)": rules_preset("saliency", "l1", IVF_ALPHA),
     }
     PRESET_HELP = ("MRI + PET/SPECT: salient anatomy kept, the colour of the functional layer "
                    "kept, intensities on the sources' scale (gain 1). MRI + CT: coarse and fine "
