@@ -277,6 +277,27 @@ def test_messages_and_names_in_plain_words(ivf_setup, qtbot):
     assert not msg.startswith(("CSC-", "images:"))
 
 
+def test_rgb_low_res_with_grey_weights_says_what_to_do(make_napari_viewer, qtbot):
+    from napari_cscfusion.engine.registry import packaged_weights_path
+
+    if not packaged_weights_path("mmf").is_file():
+        pytest.skip("no packaged (grey) CSC-MMFN weights")
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    low = viewer.add_image(rng.random((20, 24, 3), np.float32), name="colour low-res", rgb=True)
+    guide = viewer.add_image(rng.random((80, 96), np.float32), name="guide")
+    _d, mmf = dock(viewer, MMF)
+    mmf.weights.set_path(None)
+    mmf.low_layer.value, mmf.guide_layer.value = low, guide
+    n, n_layers = len(notification_manager.records), len(viewer.layers)
+    run_and_wait(qtbot, mmf)
+    errors = notes_since(n, "error")
+    assert len(errors) == 1
+    assert "'colour low-res' is a colour (RGB) image" in errors[0][1]
+    assert "grey layer" in errors[0][1] and "leading" not in errors[0][1]
+    assert len(viewer.layers) == n_layers and mmf.progress.value == 0
+
+
 def test_medical_sources_message_without_argument_names(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)

@@ -105,6 +105,13 @@ class GuidedSRWidget(FusionWidget):
         device = self.device.value
 
         def run_plane(index, model, progress, want_codes):
+            bands = model.network.lr_channels
+            if low_rgb and bands != 3:  # the engine would read the 3 colours as 3 planes
+                raise ValueError(
+                    f"the low-res layer {low.name!r} is a colour (RGB) image, but these weights "
+                    f"super-resolve {bands} band{'s' if bands > 1 else ''} (a grey image for "
+                    f"the packaged ones): use a grey layer (e.g. the camera's grey export, or "
+                    f"one colour channel), or weights trained on colour images")
             lr = read_plane(low_data, index)
             if low_rgb:
                 lr = np.moveaxis(lr[..., :3], -1, 0)  # (3, h, w): channels first
