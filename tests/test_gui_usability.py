@@ -336,10 +336,19 @@ def test_medical_preselects_and_a_click_toggles_a_source(make_napari_viewer, qtb
         settle(qtbot, 10)
 
     rows = {q.item(i).text(): i for i in range(q.count())}
+
+    def ticked():
+        return {q.item(i).text() for i in range(q.count())
+                if q.item(i).data(Qt.ItemDataRole.CheckStateRole) == Qt.CheckState.Checked}
+
+    assert ticked() == {"BrainWeb T1", "BrainWeb PD"}  # tick boxes show what is chosen
     click(rows["mask"])  # a plain click adds a layer, no ctrl needed
     assert set(med.sources.value) == {t1, pd, extra}
     click(rows["BrainWeb PD"])  # and removes one
     assert set(med.sources.value) == {t1, extra}
+    assert ticked() == {"BrainWeb T1", "mask"}
+    med.sources.value = [pd]  # set in code: the boxes follow too
+    assert ticked() == {"BrainWeb PD"}
 
 
 def test_medical_size_error_first_cleared_by_registration(make_napari_viewer, qtbot,

@@ -94,9 +94,11 @@ def narrow_combo(combo: ComboBox, chars: int = 14) -> ComboBox:
     return combo
 
 
-def narrow_select(select: Select) -> Select:
-    """A Select where a click toggles a layer (no ctrl needed), that elides long names (whole
-    name in each item's tooltip) instead of widening the dock."""
+def narrow_select(select: Select, theme: str = "dark") -> Select:
+    """A Select where a click toggles a layer (no ctrl needed) and each layer shows a tick box
+    of its state, that elides long names (whole name in each item's tooltip) instead of
+    widening the dock. The boxes only show the selection (they are not user-checkable
+    themselves: a click on one toggles the selection like a click on the name)."""
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QAbstractItemView, QSizePolicy
 
@@ -107,13 +109,22 @@ def narrow_select(select: Select) -> Select:
     q.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     q.setMaximumHeight(110)
 
-    def tips(*_):
+    def ticks(*_):
         for i in range(q.count()):
             item = q.item(i)
             item.setToolTip(item.text())
+            state = Qt.CheckState.Checked if item.isSelected() else Qt.CheckState.Unchecked
+            if item.data(Qt.ItemDataRole.CheckStateRole) != state:
+                item.setData(Qt.ItemDataRole.CheckStateRole, state)
 
-    q.model().rowsInserted.connect(tips)
-    tips()
+    q.model().rowsInserted.connect(ticks)
+    q.itemSelectionChanged.connect(ticks)
+    select.changed.connect(ticks)  # a value set in code may select with signals blocked
+    ticks()
+    # napari's style sheet draws ticks for check boxes only: the same for these boxes
+    from napari.utils.theme import get_theme
+    check = f"theme_{get_theme(theme).id}:/check.svg"
+    q.setStyleSheet(f'QListWidget::indicator:checked {{ image: url("{check}"); }}')
     return select
 
 
@@ -133,7 +144,8 @@ def layer_select(viewer, label: str, tooltip: str = "") -> Select:
     """Several input layers: a click selects or deselects one."""
     return narrow_select(Select(label=label, tooltip=tooltip,
                                 choices=lambda _w: [(lay.name, lay)
-                                                    for lay in input_layers(viewer)]))
+                                                    for lay in input_layers(viewer)]),
+                         theme=getattr(viewer, "theme", "dark"))
 
 
 def rule_combo(label: str, value: str, what: str) -> ComboBox:
