@@ -124,16 +124,16 @@ def test_out_of_memory_on_the_gpu_runs_on_the_cpu_and_says_so(monkeypatch, capsy
     convolution runs out of memory (see test_reliability for the engine's side)."""
     import torch
 
-    from napari_cscfusion.engine import fusion
+    from napari_cscfusion.engine import mef
     from napari_cscfusion.engine.registry import FusionModel
 
     want_args = _mef_args(tmp_path, "--device", "cpu", "-q")
     assert main(want_args) == 0
     want = tifffile.imread(tmp_path / "fused.tif")
     capsys.readouterr()
-    fake, real_resolve, real_on = torch.device("meta"), fusion.resolve_device, \
+    fake, real_resolve, real_on = torch.device("meta"), mef.resolve_device, \
         FusionModel.network_on
-    monkeypatch.setattr(fusion, "resolve_device",
+    monkeypatch.setattr(mef, "resolve_device",
                         lambda d: fake if d == "cuda" else real_resolve(d))
     monkeypatch.setattr(FusionModel, "network_on",
                         lambda self, d: real_on(self, torch.device("cpu") if d == fake else d))

@@ -183,7 +183,7 @@ def test_cli_streams_big_tiffs_tile_by_tile(tmp_path, capsys):
     import tifffile
 
     from napari_cscfusion.cli import main
-    from napari_cscfusion.engine.lazy import read_tiff_lazy
+    from napari_cscfusion.engine.io import read_tiff_lazy
 
     ir, vis = tno_stack()
     tifffile.imwrite(tmp_path / "ir.tif", ir[0])
@@ -232,7 +232,7 @@ def packaged_mmf():
 def test_bicubic_window_is_the_whole_image_resize_from_a_crop():
     import torch
 
-    from napari_cscfusion.engine.lazy import bicubic_span, bicubic_window
+    from napari_cscfusion.engine.resample import bicubic_span, bicubic_window
 
     low = flir_guided()[0][0]
     for h, w, H, W in ((12, 16, 48, 64), (12, 13, 41, 50), (12, 16, 12, 16)):

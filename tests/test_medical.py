@@ -20,7 +20,7 @@ from napari_cscfusion.engine.alignment import (
     register_rigid,
     transform_matrix,
 )
-from napari_cscfusion.engine.fusion import fuse_grey_sources
+from napari_cscfusion.engine.ivf import fuse_grey_sources
 from napari_cscfusion.engine.medical import MultimodalSources, fuse_multimodal
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path
 from napari_cscfusion.models.color import rgb_to_ycbcr, ycbcr_to_rgb

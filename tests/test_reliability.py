@@ -544,10 +544,10 @@ def _oom_above(monkeypatch, pixels: int, device_type: str | None = None):
 
     The encoders run on whole crops, as on a GPU: on the CPU they work on cache-sized pieces
     (``INNER_TILE``), whose convolutions would never reach the simulated limit."""
-    from napari_cscfusion.engine import tiling
+    from napari_cscfusion.engine import ivf, mef
 
-    for task in ("ivf", "mef"):
-        monkeypatch.setitem(tiling.INNER_TILE, (task, "cpu"), None)
+    for module in (ivf, mef):
+        monkeypatch.setitem(module.INNER_TILE, "cpu", None)
     real = F.conv2d
     calls = {"oom": 0}
 
@@ -592,11 +592,11 @@ def test_out_of_memory_in_the_statistics_pass_is_measured_in_parts(monkeypatch, 
     import dask.array as da
 
     from napari_cscfusion import OutOfMemoryRetry
-    from napari_cscfusion.engine import tiling
+    from napari_cscfusion.engine import ivf
 
     ir, vis = RNG.random((128, 128)), RNG.random((128, 128))
     want = fuse_infrared_visible(ir, vis, model=model("ivf"), device="cpu", tile=64).image
-    real, too_big = tiling.IVFKernel.base_codes, []
+    real, too_big = ivf.IVFKernel.base_codes, []
 
     def base_codes(self, crop, core):  # only the statistics passes encode through here
         if crop.shape[-2] * crop.shape[-1] > 80 * 80:  # 64 px cores + 20 px halo: 84 px
@@ -604,7 +604,7 @@ def test_out_of_memory_in_the_statistics_pass_is_measured_in_parts(monkeypatch, 
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. (simulated)")
         return real(self, crop, core)
 
-    monkeypatch.setattr(tiling.IVFKernel, "base_codes", base_codes)
+    monkeypatch.setattr(ivf.IVFKernel, "base_codes", base_codes)
     if lazy:
         ir, vis = da.from_array(ir, chunks=64), da.from_array(vis, chunks=64)
     with warnings.catch_warnings(record=True) as record:
@@ -662,7 +662,7 @@ def test_out_of_memory_in_a_lazy_guided_tile_task_is_fused_in_parts(monkeypatch,
     import dask.array as da
 
     from napari_cscfusion import OutOfMemoryRetry
-    from napari_cscfusion.engine import tiling
+    from napari_cscfusion.engine import mmf
 
     if weights == "authors" and not CKPT.is_dir():
         pytest.skip(f"no reference checkpoints at {CKPT}")
@@ -672,7 +672,7 @@ def test_out_of_memory_in_a_lazy_guided_tile_task_is_fused_in_parts(monkeypatch,
     guide = RNG.random((128, 128) if m.network.guide_channels == 1 else (128, 128, 3))
     # the parts are the 32 px tiles of an in-memory run
     want = fuse_guided(low, guide, model=m, device="cpu", tile=32).image
-    real, too_big = tiling.MMFKernel.__call__, []
+    real, too_big = mmf.MMFKernel.__call__, []
 
     def call(self, crop, core, stats=None, tick=None):
         g = crop[1]
@@ -681,7 +681,7 @@ def test_out_of_memory_in_a_lazy_guided_tile_task_is_fused_in_parts(monkeypatch,
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. (simulated)")
         return real(self, crop, core, stats, tick)
 
-    monkeypatch.setattr(tiling.MMFKernel, "__call__", call)
+    monkeypatch.setattr(mmf.MMFKernel, "__call__", call)
     lazy = fuse_guided(da.from_array(low, chunks=(c, 16, 16)), da.from_array(guide, chunks=64),
                        model=m, device="cpu", tile=64)
     with warnings.catch_warnings(record=True) as record:
@@ -737,13 +737,14 @@ def test_out_of_memory_retry_notice_in_multimodal_fusion(monkeypatch):
 def _fake_gpu_without_memory(monkeypatch):
     """'cuda' resolves to PyTorch's meta device (tensors without data; the weights stay on
     the CPU) and every convolution on it runs out of memory."""
-    from napari_cscfusion.engine import fusion
+    from napari_cscfusion.engine import device, ivf, mef, mmf
     from napari_cscfusion.engine.registry import FusionModel
 
     fake = torch.device("meta")
-    real_resolve, real_network_on = fusion.resolve_device, FusionModel.network_on
-    monkeypatch.setattr(fusion, "resolve_device",
-                        lambda d: fake if d == "cuda" else real_resolve(d))
+    real_resolve, real_network_on = device.resolve_device, FusionModel.network_on
+    for module in (ivf, mef, mmf):
+        monkeypatch.setattr(module, "resolve_device",
+                            lambda d: fake if d == "cuda" else real_resolve(d))
     monkeypatch.setattr(FusionModel, "network_on", lambda self, d: real_network_on(
         self, torch.device("cpu") if d == fake else d))
     return _oom_above(monkeypatch, 0, device_type="meta")  # nothing fits on the "GPU"
@@ -820,7 +821,7 @@ def test_out_of_memory_on_a_gpu_in_lazy_tasks_falls_back_to_the_cpu(monkeypatch,
 
 def test_cpu_twin_of_a_kernel_is_made_once_with_the_same_weights():
     from napari_cscfusion.engine.lazy import _cpu_twin
-    from napari_cscfusion.engine.tiling import MEFKernel
+    from napari_cscfusion.engine.mef import MEFKernel
 
     kernel = MEFKernel(model("mef").network, 3, True, torch.device("cpu"))
     twin = _cpu_twin(kernel)

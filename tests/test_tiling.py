@@ -18,11 +18,14 @@ from napari_cscfusion.engine import (
     fuse_exposures,
     fuse_grey_sources,
     fuse_infrared_visible,
+    ivf,
     load_model,
+    mef,
     notices,
     rules,
     tiling,
 )
+from napari_cscfusion.models.folded import folded
 
 SHARED = Path(os.environ.get("CSCFUSION_SHARED",
                              Path(__file__).resolve().parents[1].parent / "shared"))
@@ -129,7 +132,7 @@ def test_automatic_tiles_whole_image_when_it_fits_else_within_the_cap(monkeypatc
 
 
 def test_tile_argument_is_checked():
-    k = tiling.MEFKernel(model("mef").network, 3, False, CPU) if CKPT.is_dir() else None
+    k = mef.MEFKernel(model("mef").network, 3, False, CPU) if CKPT.is_dir() else None
     if k is None:
         pytest.skip("no checkpoints")
     assert tiling.resolve_tile(0, (100, 100), k, CPU) is None
@@ -181,7 +184,7 @@ def test_ivf_code_gain_tiled_equals_whole_and_the_authors_gain_is_the_default():
     # the folded decoder with scale 0.5 is the reference decoder on the codes x 1
     x = torch.from_numpy(ir[:48, :56].astype(np.float32) / 255)[None, None]
     net = model("ivf").network
-    f = tiling.folded("ivf", net)
+    f = folded("ivf", net)
     with torch.inference_mode():
         zb, zd = net.encode(x)
         assert (f.decode(zb, zd, 0.5) - net.decode(zb, zd)).abs().max() < 1e-6
@@ -195,7 +198,7 @@ def test_ivf_saliency_tiles_use_whole_image_statistics():
     """Without the first pass (each tile's own min/max/histogram) the tiles would differ."""
     ir, vis = tno_pair(80, 96)
     x = np.stack([ir, vis]).astype(np.float32) / 255
-    k = tiling.IVFKernel(model("ivf").network, ["ir", "vis"], "saliency", "l1", CPU)
+    k = ivf.IVFKernel(model("ivf").network, ["ir", "vis"], "saliency", "l1", CPU)
     whole = tiling.run_tiled(k, x, None)["image"]
     t = tiling.tile_grid(x.shape[1:], 56, k.halo)[0]
     crop = x[:, t.crop_slices[0], t.crop_slices[1]]
@@ -232,7 +235,7 @@ def test_ivf_without_codes_fuses_piece_by_piece_to_the_same_values(monkeypatch, 
     """Without codes the local rules and the decoder run on the encoder's pieces (less held
     per crop pixel); with codes every stage holds its whole window. Same images and weights,
     whole or tiled, with pieces smaller than the crops."""
-    monkeypatch.setitem(tiling.INNER_TILE, ("ivf", "cpu"), 24)
+    monkeypatch.setitem(ivf.INNER_TILE, "cpu", 24)
     ir, vis = tno_pair(72, 88)
     imgs = {"ir": ir.astype(np.float32) / 255, "vis": vis.astype(np.float32) / 255}
     for tile in (0, 40):
@@ -243,8 +246,8 @@ def test_ivf_without_codes_fuses_piece_by_piece_to_the_same_values(monkeypatch, 
         for key in ("base", "detail"):
             np.testing.assert_allclose(pieces[2][key], staged[2][key], atol=1e-6, rtol=0)
         assert pieces[1] == {} and len(staged[1]) == 6
-    k = tiling.IVFKernel(model("ivf").network, ["ir", "vis"], base_rule, detail_rule, CPU)
-    kc = tiling.IVFKernel(model("ivf").network, ["ir", "vis"], base_rule, detail_rule, CPU,
+    k = ivf.IVFKernel(model("ivf").network, ["ir", "vis"], base_rule, detail_rule, CPU)
+    kc = ivf.IVFKernel(model("ivf").network, ["ir", "vis"], base_rule, detail_rule, CPU,
                           codes=True)
     assert k.bytes_per_pixel < kc.bytes_per_pixel
 
@@ -273,8 +276,8 @@ def test_encoders_run_in_cache_sized_pieces_with_the_same_values(monkeypatch):
     stack = memorial(40, 52)
 
     def run(pieces):
-        monkeypatch.setitem(tiling.INNER_TILE, ("ivf", "cpu"), pieces)
-        monkeypatch.setitem(tiling.INNER_TILE, ("mef", "cpu"), pieces)
+        monkeypatch.setitem(ivf.INNER_TILE, "cpu", pieces)
+        monkeypatch.setitem(mef.INNER_TILE, "cpu", pieces)
         a = fuse_infrared_visible(ir, vis, model("ivf"), "l1", "l1", device="cpu", tile=0,
                                   codes=True)
         b = fuse_exposures(stack, model("mef"), device="cpu", tile=0, codes=True)
@@ -295,7 +298,7 @@ def test_inference_network_is_bit_exact_with_the_reference_network():
     ir, _ = tno_pair(48, 56)
     x = torch.from_numpy(ir.astype(np.float32) / 255)[None, None]
     net = model("ivf").network
-    f = tiling.folded("ivf", net)
+    f = folded("ivf", net)
     with torch.inference_mode():
         zb, zd = net.encode(x)
         assert torch.equal(f.encode_base(x), zb)
@@ -371,7 +374,7 @@ def test_cancel_stops_at_the_next_tile():
 def test_out_of_memory_tile_is_split_and_result_unchanged(monkeypatch):
     stack = memorial(48, 64)
     ref = fuse_exposures(stack, model("mef"), device="cpu", tile=0).image
-    real_call = tiling.MEFKernel.__call__
+    real_call = mef.MEFKernel.__call__
     sizes = []
 
     def limited(self, crop, core, stats=None, tick=None):
@@ -380,7 +383,7 @@ def test_out_of_memory_tile_is_split_and_result_unchanged(monkeypatch):
             raise torch.OutOfMemoryError("fake: tile too large")
         return real_call(self, crop, core, stats, tick)
 
-    monkeypatch.setattr(tiling.MEFKernel, "__call__", limited)
+    monkeypatch.setattr(mef.MEFKernel, "__call__", limited)
     with pytest.warns(RuntimeWarning, match="out of memory on cpu with the whole 48x64 image"):
         got = fuse_exposures(stack, model("mef"), device="cpu", tile=0).image
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)

@@ -4,9 +4,9 @@
     from napari_cscfusion import fuse_multimodal, estimate_misalignment, register_rigid
 """
 
-__version__ = "0.1.0"
+import os
 
-import os  # noqa: E402
+from ._version import __version__
 
 # oneDNN caches compiled kernels per input shape (1024 by default: ~200 MiB in a long session of
 # differently sized images, benchmarks/README.md "soak.py"); 64 bounds that at no measured cost.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import _as_float01
+from .metrics import as_float01
 from .models.color import luma
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
 
 def _stack(sources) -> np.ndarray:
     """(K, H, W[, C]) float64 array from a sequence of equally shaped images or an array."""
-    srcs = [_as_float01(s) for s in sources]
+    srcs = [as_float01(s) for s in sources]
     if len(srcs) < 1:
         raise ValueError("need at least one source image")
     shape = srcs[0].shape
@@ -193,7 +193,7 @@ def bicubic_upsample(low, shape: tuple[int, int], clip: bool = True) -> np.ndarr
     import torch
     import torch.nn.functional as F
 
-    a = _as_float01(low)
+    a = as_float01(low)
     H, W = int(shape[0]), int(shape[1])
     if a.ndim == 2:
         t = torch.from_numpy(np.ascontiguousarray(a))[None, None]
@@ -212,10 +212,10 @@ def guided_filter(guide, src, r: int, eps: float) -> np.ndarray:
     channels (H, W, C); a colour ``guide`` is reduced to BT.601 luma."""
     from scipy.ndimage import uniform_filter
 
-    g = _as_float01(guide)
+    g = as_float01(guide)
     if g.ndim == 3:
         g = luma(g)
-    p = _as_float01(src)
+    p = as_float01(src)
     if p.shape[:2] != g.shape:
         raise ValueError(f"guide {g.shape} and input {p.shape[:2]} must have the same size")
     size = 2 * int(r) + 1
@@ -246,7 +246,7 @@ def guided_filter_upsample(
     Defaults r=2, eps=1e-4 are a generic choice (not tuned on any benchmark set). It only helps
     where the guide shares the target's edges: on thermal guided by visible (FLIR-train, x2/x4)
     every setting tried scored below plain bicubic in PSNR."""
-    g = _as_float01(guide)
+    g = as_float01(guide)
     if shape is None:
         shape = g.shape[:2]
     if tuple(g.shape[:2]) != tuple(shape):

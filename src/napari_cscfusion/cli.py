@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .engine import (
     Cancelled,
     OutOfMemoryRetry,
@@ -104,7 +104,7 @@ def cmd_fuse_stream(args: argparse.Namespace, model) -> int:
     import dask.array as da
     from tqdm import tqdm
 
-    from .engine.lazy import read_tiff_lazy, store_tiff
+    from .engine.io import read_tiff_lazy, store_tiff
 
     tile = args.tile if args.tile is not None else 1024
     inputs = [read_tiff_lazy(p, chunk=max(tile, 256)) for p in args.images]

@@ -167,8 +167,8 @@ def mef_ssim(stack, fused, **kwargs) -> float:
     floats in [0, 1] (uint8 is divided by 255). Returns a float <= 1 (1 iff fused matches the
     reference structure and luminance everywhere, e.g. for a stack of identical images).
     """
-    s = _as_float01(stack)
-    f = _as_float01(fused)
+    s = as_float01(stack)
+    f = as_float01(fused)
     if s.ndim == 3 and f.ndim == 2:
         s = s[:, None]  # [K,1,H,W]
         f = f[None]
@@ -190,7 +190,7 @@ def mef_ssim(stack, fused, **kwargs) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_float01(img) -> np.ndarray:
+def as_float01(img) -> np.ndarray:
     a = np.asarray(img)
     if a.dtype == np.uint8:
         return a.astype(np.float64) / 255.0
@@ -201,7 +201,7 @@ def _as_float01(img) -> np.ndarray:
 
 def _grey(img) -> np.ndarray:
     """float64 grey image in [0,1]-scale; (H,W,3|4) colour -> BT.601 luma."""
-    a = _as_float01(img)
+    a = as_float01(img)
     if a.ndim == 3 and a.shape[-1] in (3, 4):
         a = luma(a)
     if a.ndim != 2:
@@ -451,7 +451,7 @@ def psnr(reference, img, data_range: float = 1.0) -> float:
     from skimage.metrics import peak_signal_noise_ratio
 
     return float(
-        peak_signal_noise_ratio(_as_float01(reference), _as_float01(img), data_range=data_range)
+        peak_signal_noise_ratio(as_float01(reference), as_float01(img), data_range=data_range)
     )
 
 
@@ -485,8 +485,8 @@ def evaluate(task: str, sources, fused) -> dict[str, float]:
         out["SSIM"] = ssim_fusion(srcs, f)
         return out
     if task == "mef":
-        stack = np.stack([_as_float01(s) for s in sources])
-        f = _as_float01(fused)
+        stack = np.stack([as_float01(s) for s in sources])
+        f = as_float01(fused)
         return {
             "MEF-SSIM": mef_ssim(stack, f),
             "EN": entropy(f),

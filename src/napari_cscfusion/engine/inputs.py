@@ -35,17 +35,44 @@ class Normaliser:
 
     def __call__(self, index=()) -> np.ndarray:
         """The normalised float32 values of ``array[index]`` (a new array)."""
-        a = self.array[index]
-        if self.kind == "divide":
-            return (a / np.float64(self.span)).astype(np.float32)
-        if self.kind == "as is":
-            return np.array(a, dtype=np.float32, copy=True)
-        if self.kind == "zero":
-            return np.zeros(np.shape(a), np.float32)
-        a = a.astype(np.float64)
-        if self.halve:
-            a = a * 0.5
-        return ((a - self.lo) / self.span).astype(np.float32)
+        return map_values(self.array[index], self.kind, self.lo, self.span, self.halve)
+
+
+def value_mapping(dtype, lo, hi) -> tuple[str, float, float, bool]:
+    """The normalisation rule (module docstring) for an image of ``dtype`` whose values span
+    [lo, hi] (lo None: unsigned integers, which need no extremes): (kind, lo, span, halve)
+    for ``map_values``. The in-memory, lazy (dask) and volume paths all map values by it."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer) and (lo is None or lo >= 0):
+        return "divide", 0.0, float(np.iinfo(dtype).max), False
+    lo, hi = float(lo), float(hi)
+    if np.issubdtype(dtype, np.floating) and lo >= 0.0 and hi <= 1.0:
+        return "as is", 0.0, 1.0, False
+    # the extremes of the float64 values (exact: min/max do not round)
+    halve = not np.isfinite(hi - lo)
+    if halve:
+        # a span beyond the float64 range (values near +-1.8e308): halve first (exact), or
+        # (a - lo) / (hi - lo) would be inf / inf = NaN
+        lo, hi = lo * 0.5, hi * 0.5
+    if hi > lo:
+        return "minmax", lo, hi - lo, halve
+    return "zero", 0.0, 1.0, False
+
+
+def map_values(a, kind: str, lo: float = 0.0, span: float = 1.0,
+               halve: bool = False) -> np.ndarray:
+    """Values ``a`` (any part of an image) mapped to float32 [0, 1] as ``value_mapping``
+    said for the whole image (a new array)."""
+    if kind == "divide":
+        return (a / np.float64(span)).astype(np.float32)
+    if kind == "as is":
+        return np.array(a, dtype=np.float32, copy=True)
+    if kind == "zero":
+        return np.zeros(np.shape(a), np.float32)
+    a = np.asarray(a).astype(np.float64)
+    if halve:
+        a = a * 0.5
+    return ((a - lo) / span).astype(np.float32)
 
 
 def normaliser(array, name: str) -> Normaliser:
@@ -64,11 +91,10 @@ def normaliser(array, name: str) -> Normaliser:
     if a.size == 0:
         raise ValueError(f"{name}: the image is empty (shape {a.shape})")
     if np.issubdtype(a.dtype, np.integer):
-        info = np.iinfo(a.dtype)
         lo = int(a.min())
         if lo >= 0:
-            return Normaliser(a, f"divided by the {a.dtype} maximum {info.max}", "divide",
-                              span=float(info.max))
+            return Normaliser(a, f"divided by the {a.dtype} maximum {np.iinfo(a.dtype).max}",
+                              *value_mapping(a.dtype, lo, None))
         return _minmax(a, f"{a.dtype} with negative values")
     if not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).sum())
@@ -76,7 +102,7 @@ def normaliser(array, name: str) -> Normaliser:
                          f"before fusing")
     lo, hi = float(a.min()), float(a.max())
     if lo >= 0.0 and hi <= 1.0:
-        return Normaliser(a, "float in [0, 1], used as is", "as is")
+        return Normaliser(a, "float in [0, 1], used as is", *value_mapping(a.dtype, lo, hi))
     return _minmax(a, f"float range [{lo:.6g}, {hi:.6g}]")
 
 
@@ -87,16 +113,10 @@ def normalise(array, name: str) -> Normalised:
 
 
 def _minmax(a: np.ndarray, why: str) -> Normaliser:
-    # the extremes of the float64 values (exact: min/max do not round)
-    lo, hi = float(a.min()), float(a.max())
-    halve = not np.isfinite(hi - lo)
-    if halve:
-        # a span beyond the float64 range (values near +-1.8e308): halve first (exact), or
-        # (a - lo) / (hi - lo) would be inf / inf = NaN
-        lo, hi = lo * 0.5, hi * 0.5
-    if hi > lo:
-        return Normaliser(a, f"min-max scaled ({why})", "minmax", lo, hi - lo, halve)
-    return Normaliser(a, f"constant image set to 0 ({why})", "zero")
+    mapping = value_mapping(np.float64, a.min(), a.max())  # float64: never "as is"
+    if mapping[0] == "minmax":
+        return Normaliser(a, f"min-max scaled ({why})", *mapping)
+    return Normaliser(a, f"constant image set to 0 ({why})", *mapping)
 
 
 class NormalisedStack:

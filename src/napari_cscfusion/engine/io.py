@@ -1,4 +1,6 @@
-"""Reading source images and writing results (TIFF with the run's metadata as JSON)."""
+"""Reading source images (``read_image``: the one reader, also the napari reader's) and writing
+results: TIFF with the run's metadata as JSON (``write_tiff``; ``store_tiff`` streams a lazy
+result block by block), ``read_tiff_lazy`` for big inputs, and the one ``jsonable``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models.color import luma
+from .lazy import is_dask
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -49,16 +52,25 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """A copy of ``obj`` made of JSON types, for TIFF descriptions and layer metadata: dict
+    keys as strings, tuples and lists as lists (sets sorted), numpy scalars and arrays as
+    numbers and lists, paths as strings, anything else as its repr."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [jsonable(v) for v in sorted(obj)]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
-    return str(obj)
+    return repr(obj)
 
 
 def _umask() -> int:
@@ -99,7 +111,7 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
         raise OSError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"cannot write {str(path)!r}: it is a folder")
-    description = json.dumps(_jsonable(metadata or {}))
+    description = json.dumps(jsonable(metadata or {}))
     arr = np.asarray(image)
     photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
     try:
@@ -135,3 +147,83 @@ def read_tiff_metadata(path: str | Path) -> dict:
         return json.loads(desc)
     except (TypeError, ValueError):
         return {}
+
+
+# --- big TIFFs: lazy reading, streamed writing ---------------------------------------------
+
+def read_tiff_lazy(path, chunk: int = 1024):
+    """A TIFF as a dask array without reading it: via zarr when installed
+    (``tifffile.imread(aszarr=True)``), else a memory map (uncompressed, contiguous files —
+    what ``store_tiff`` writes), else read whole (compressed files without zarr)."""
+    import dask.array as da
+    import tifffile
+
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        zarr = None
+    if zarr is not None:
+        store = tifffile.imread(path, aszarr=True)
+        return da.from_zarr(store)
+    try:
+        arr = tifffile.memmap(path, mode="r")
+    except (ValueError, OSError):
+        arr = tifffile.imread(path)
+    spatial = 2 if arr.ndim == 2 or arr.shape[-1] not in (3, 4) else 3
+    chunks = tuple([1] * (arr.ndim - spatial) + [chunk, chunk] + [-1] * (spatial - 2))
+    return da.from_array(arr, chunks=chunks)
+
+
+def store_tiff(path, image, metadata: dict | None = None, progress=None) -> None:
+    """Compute the dask array ``image`` block by block into an uncompressed TIFF at ``path``
+    (BigTIFF when over 2 GB) with bounded memory: the blocks go into a memory map of the file
+    as they finish, and the graph is computed once (shared statistics tasks run once).
+    ``progress(done, total)`` after every block."""
+    import dask.array as da
+    import tifffile
+    from dask.callbacks import Callback
+
+
+    arr = image if is_dask(image) else da.from_array(np.asarray(image))
+    rgb = arr.ndim >= 3 and arr.shape[-1] == 3
+    mm = tifffile.memmap(path, shape=arr.shape, dtype=arr.dtype,
+                         bigtiff=arr.nbytes > 2 ** 31 - 2 ** 25,
+                         photometric="rgb" if rgb else "minisblack",
+                         description=json.dumps(jsonable(metadata or {})), metadata=None)
+
+    class _Ticks(Callback):
+        def _start_state(self, dsk, state):
+            self.total = len(state["ready"]) + len(state["waiting"])
+            self.done = 0
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            self.done += 1
+            if progress is not None:
+                progress(self.done, self.total)
+
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        client = None
+    try:
+        if client is None:
+            with _Ticks():
+                da.store(arr, mm, lock=True, scheduler="threads")
+        else:
+            # a cluster (results persisted there by the fuse_* call): gather row bands here
+            row = arr.ndim - (3 if rgb else 2)
+            edges = np.cumsum((0,) + arr.chunks[row])
+            lead = list(np.ndindex(*arr.shape[:row]))
+            total, done = len(lead) * (len(edges) - 1), 0
+            for idx in lead:
+                for y0, y1 in zip(edges[:-1], edges[1:], strict=True):
+                    sl = idx + (slice(int(y0), int(y1)),)
+                    mm[sl] = arr[sl].compute()
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+        mm.flush()
+    finally:
+        del mm

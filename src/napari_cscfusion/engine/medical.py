@@ -12,6 +12,8 @@ at most one pseudo-coloured functional image such as PET or SPECT), 2D images or
   the two last axes other than ``axis`` and every other axis (time, ...) is looped over too.
   Only one plane of each source is read at a time, so dask-backed (lazy) arrays work; the values
   are mapped to [0, 1] with statistics of the whole volume so that slices stay comparable.
+* ``MedicalVolume``: the same sources and slicing for a caller that drives the planes itself
+  (the napari widget: progress, cancelling, codes per plane) and the axis order of its result.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import numpy as np
 import torch
 
 from ..models.color import rgb_to_ycbcr, ycbcr_to_rgb
+from . import notices
 from .device import resolve_device
-from .fusion import IVF_MIN_SIZE, FusionResult, _base_metadata, fuse_grey_sources
-from .inputs import check_min_size, normalise
+from .inputs import check_min_size, map_values, normalise, value_mapping
+from .ivf import IVF_MIN_SIZE, check_code_gain, fuse_grey_sources
 from .registry import resolve_model
-from .rules import RULES
-from .tiling import check_code_gain
+from .result import FusionResult, base_metadata
+from .rules import check_rules
 
 COLOUR_NAME = "functional"  # default name of a colour source given in a list
 MEDICAL_CODE_GAIN = 1.0  # no contrast stretch: the fused image keeps the sources' intensity scale
@@ -91,9 +94,8 @@ class _Source:
         self._mapping()
 
     def _mapping(self) -> None:
-        """Pick inputs.normalise's rule for the whole array: plane-independent rules (integer
-        division by the dtype maximum, floats already in [0, 1]) call normalise() on each plane;
-        min-max scaling uses the whole array's minimum and maximum."""
+        """inputs.value_mapping for the whole array: planes are mapped with the whole array's
+        minimum and maximum (where the rule needs them), so slices stay comparable."""
         a = self.array
         dtype = np.dtype(a.dtype)
         label = f"images[{self.name!r}]"
@@ -105,12 +107,8 @@ class _Source:
         if np.issubdtype(dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError(f"{label}: contains NaN or infinite pixel(s); replace or mask them "
                              f"before fusing")
-        self.lo, self.hi = lo, hi
-        if np.issubdtype(dtype, np.integer):
-            self.per_plane = lo >= 0
-        else:
-            self.per_plane = lo >= 0.0 and hi <= 1.0
-        if self.per_plane:
+        self.mapping = value_mapping(dtype, lo, hi)
+        if self.mapping[0] in ("divide", "as is"):
             self.note = normalise(np.zeros((1, 1), dtype), label).note
         elif hi > lo:
             self.note = f"min-max scaled over the whole array ({dtype} range [{lo:.6g}, {hi:.6g}])"
@@ -122,13 +120,7 @@ class _Source:
         p = np.asarray(self.array[index])
         if self.colour:
             p = p[..., :3]
-        if self.per_plane:
-            return normalise(p, f"images[{self.name!r}]").data
-        if self.hi > self.lo:
-            s = 1.0 if np.isfinite(self.hi - self.lo) else 0.5  # span beyond float64: halve
-            lo, hi = self.lo * s, self.hi * s
-            return ((p.astype(np.float64) * s - lo) / (hi - lo)).astype(np.float32)
-        return np.zeros(p.shape, np.float32)
+        return map_values(p, *self.mapping)
 
 
 class MultimodalSources:
@@ -265,9 +257,8 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
     timings.
     """
     t0 = time.perf_counter()
-    for rule, arg in ((base_rule, "base_rule"), (detail_rule, "detail_rule")):
-        if rule not in RULES:
-            raise ValueError(f"{arg}: must be one of {RULES}, got {rule!r}")
+    notices.begin_run()
+    check_rules(base_rule, detail_rule)
     code_gain = check_code_gain(code_gain)
     sources = MultimodalSources(images, names=names, rgb=rgb)
     if codes not in (True, False):
@@ -318,7 +309,7 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
             w_base[(i,) + index_t] = weights["base"][i]
             w_detail[(i,) + index_t] = weights["detail"][i]
         code_maps = cmaps
-    meta = _base_metadata(model, dev, sources.notes)
+    meta = base_metadata(model, dev, sources.notes)
     meta.update(
         sources=names_order,
         colour_source=colour[0].name if colour else None,
@@ -332,3 +323,59 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
         timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1},
     )
     return FusionResult(image, code_maps, {"base": w_base, "detail": w_detail}, meta)
+
+
+class MedicalVolume:
+    """Sources fused plane by plane by a caller that drives the planes itself (the napari
+    widget: progress, cancelling, and codes per plane, which ``fuse_multimodal`` gives for 2D
+    inputs only). Validated once, values mapped to [0, 1] with whole-volume statistics, cut
+    into planes along ``axis`` (as in fuse_multimodal).
+
+    ``loop_shape``: the planes' index space; ``fuse_plane`` fuses one plane;
+    ``source_order`` puts a result assembled plane by plane (loop axes first, per-source and
+    code axes just before the plane axes) back in the sources' axis order."""
+
+    def __init__(self, images, names=None, rgb=None, axis=None):
+        self.sources = MultimodalSources(images, names=names, rgb=rgb)
+        layout = self.sources.layout(axis)
+        self.plane_axes, self.loop_axes = layout["plane_axes"], layout["loop_axes"]
+        self.loop_shape = layout["loop_shape"]
+        self.names, self.notes = self.sources.names, self.sources.notes
+        self.colour = bool(self.sources.colour)
+
+    def fuse_plane(self, index, model=None, progress=None, codes: bool = False, *,
+                   base_rule: str = "saliency", detail_rule: str = "l1", device="auto",
+                   code_gain: float = MEDICAL_CODE_GAIN) -> FusionResult:
+        """fuse_multimodal of plane ``index`` (of ``loop_shape``); metadata["normalisation"]
+        says how the whole volume was mapped."""
+        planes = self.sources.planes(self.sources.index(index, self.loop_axes))
+        res = fuse_multimodal(planes, model, base_rule=base_rule, detail_rule=detail_rule,
+                              device=device, codes=codes, progress=progress,
+                              rgb=self.sources.rgb, code_gain=code_gain)
+        res.metadata["normalisation"] = self.notes  # whole-volume statistics, not the plane's
+        return res
+
+    def source_order(self, result: FusionResult) -> FusionResult:
+        """``result`` (image (*loop, H, W[, 3]), weights (*loop, N, H, W), codes
+        (*loop, *inner, H, W)) with its axes in the sources' order (views, in place)."""
+        loop, plane = self.loop_axes, self.plane_axes
+        if list(plane) == [len(loop), len(loop) + 1]:
+            return result  # the planes are already the last axes
+        result.image = _source_axes(result.image, loop, plane, trailing=3 if self.colour else 0)
+        result.weights = {k: _source_axes(w, loop, plane, inner=1)
+                          for k, w in result.weights.items()}
+        result.codes = {k: _source_axes(c, loop, plane, inner=c.ndim - len(loop) - 2)
+                        for k, c in result.codes.items()}
+        return result
+
+
+def _source_axes(arr: np.ndarray, loop_axes, plane_axes, inner: int = 0, trailing: int = 0):
+    """From the plane-by-plane layout (loop axes, inner axes, plane axes, trailing axes) back to
+    the sources' axis order, with the inner axes (source or code channel) placed just before
+    the sources' last two axes."""
+    nsp = len(loop_axes) + 2
+    labels = ([("s", a) for a in loop_axes] + [("i", k) for k in range(inner)]
+              + [("s", a) for a in plane_axes] + [("t", k) for k in range(trailing)])
+    target = ([("s", a) for a in range(nsp - 2)] + [("i", k) for k in range(inner)]
+              + [("s", a) for a in range(nsp - 2, nsp)] + [("t", k) for k in range(trailing)])
+    return np.transpose(arr, [labels.index(t) for t in target])

@@ -6,7 +6,7 @@ and when even the smallest tiles do not fit on a GPU the fusion is rerun on the 
 
 * a ``warnings.warn`` of category ``OutOfMemoryRetry`` (a RuntimeWarning: shown by default, unlike
   ResourceWarning, which Python ignores unless asked), and
-* a line in the result's ``metadata["notices"]`` (``fusion._base_metadata`` takes the lines
+* a line in the result's ``metadata["notices"]`` (``result.base_metadata`` takes the lines
   recorded on this thread since the run began).
 
 State is per thread (a fusion run happens on one thread; the GUI runs several at once), started

@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..models.color import LUMA
-from .fusion import FusionResult
 from .inputs import normalise
+from .result import FusionResult
 
 CODE_MODES = ("none", "summary", "all")
 

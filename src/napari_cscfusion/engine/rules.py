@@ -12,12 +12,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.color import LUMA
-from ..models.mefn import exposure_prior
-
 RULES = ("saliency", "l1", "average")
 SALIENCY_RADIUS = 45  # guided-filter refinement of the saliency weights (authors' r1)
 SALIENCY_EPS = 0.01  # guided-filter regulariser (authors' eps1)
+# Each rule's halo: how far (px) a fused code reaches into the codes around it. Tiles add it to
+# the encoder's and decoder's context (ivf.IVFKernel). The saliency rule's guided filter is
+# applied twice (r = 45 each); l1 sums 3x3 windows; average is per pixel.
+RULE_RADIUS = {"saliency": 2 * SALIENCY_RADIUS, "l1": 1, "average": 0}
+# what the rules are, for a user choosing one (the widgets' tooltips)
+RULE_HELP = ("saliency: the authors' base-code rule (histogram saliency refined by a guided "
+             "filter; slow on a CPU); l1: L1 attention (the authors' detail rule; fast); "
+             "average")
+
+
+def check_rules(base_rule: str, detail_rule: str) -> None:
+    """ValueError naming the argument unless both rules are known."""
+    for rule, arg in ((base_rule, "base_rule"), (detail_rule, "detail_rule")):
+        if rule not in RULES:
+            raise ValueError(f"{arg}: must be one of {RULES}, got {rule!r}")
 
 
 def average_rule(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,20 +374,3 @@ def apply_rule(name: str, z: torch.Tensor, stats: SaliencyStats | None = None,
     if name == "average":
         return average_rule(z)
     raise ValueError(f"fusion rule must be one of {RULES}, got {name!r}")
-
-
-# --- CSC-MEFN: the global exposure prior of weights trained with it ------------------------
-
-def exposure_channel_sums(stack: np.ndarray) -> np.ndarray:
-    """Per exposure, the float64 sum of each channel of a normalised stack (K,H,W) or
-    (K,H,W,3) (or of one block of it) -> (K,) or (K,3); no full-size temporary."""
-    return np.stack([np.sum(x, axis=(0, 1), dtype=np.float64) for x in stack])
-
-
-def exposure_prior_logits(channel_sums: np.ndarray, pixels: int, sigma: float) -> np.ndarray:
-    """The logit ``models.mefn.exposure_prior`` adds to every pixel of each exposure, from
-    the exposures' channel sums over the whole image (``exposure_channel_sums``) -> (K,)."""
-    means = np.asarray(channel_sums, np.float64) / pixels
-    if means.ndim == 2:  # RGB: mean luminance from the channel means (Y is linear)
-        means = means @ np.array(LUMA)
-    return exposure_prior(torch.from_numpy(means), sigma).numpy().astype(np.float32)

@@ -7,7 +7,6 @@ Pure layer plumbing: every computation on pixel values lives in the engine
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from napari.layers import Image
 from napari.utils import Colormap
 
 from ..engine import FusionResult, available_devices
+from ..engine.io import jsonable
 from ..engine.planes import symmetric_limits, value_limits
 from ..engine.registry import TASK_NAMES, packaged_weights_path
 from ._state import OutputSpec
@@ -451,19 +451,6 @@ def join_names(names: Sequence[str], limit: int = 3) -> str:
     if len(names) <= limit:
         return " + ".join(names)
     return f"{names[0]} + … + {names[-1]} ({len(names)})"
-
-
-def jsonable(obj: Any) -> Any:
-    """A copy of ``obj`` made of JSON types (numpy scalars/arrays, tuples and paths converted)."""
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, (Path, set, frozenset)):
-            return str(o) if isinstance(o, Path) else sorted(o)
-        return repr(o)
-    return json.loads(json.dumps(obj, default=default))
 
 
 # --- results -> layers ------------------------------------------------------------------------

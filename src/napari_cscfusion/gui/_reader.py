@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.io import TIFF_SUFFIXES, read_image
 from ._common import META_KEY
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp") + TIFF_SUFFIXES
 WRITER_KEY = "napari_cscfusion"  # our entry in the TIFF description written by _writer
 
 
@@ -26,14 +26,6 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir()
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith(".")), key=_natural_key)
-
-
-def _read_image(path: Path) -> np.ndarray:
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
-        return tifffile.imread(path)
-    import imageio.v3 as iio
-    return np.asarray(iio.imread(path))
 
 
 def _tiff_kind(path: Path) -> str | None:
@@ -90,7 +82,7 @@ def _stack_layer(images: list[np.ndarray], names: list[str], layer_name: str, so
 
 def read_exposure_files(paths):
     paths = [Path(p) for p in paths]
-    images = [_read_image(p) for p in paths]
+    images = [read_image(p) for p in paths]
     return _stack_layer(images, [p.name for p in paths], f"{paths[0].stem} … ({len(paths)})",
                         f"{len(paths)} files")
 
@@ -98,7 +90,7 @@ def read_exposure_files(paths):
 def read_exposure_folder(path):
     folder = Path(path)
     files = _image_files(folder)
-    images = [_read_image(p) for p in files]
+    images = [read_image(p) for p in files]
     return _stack_layer(images, [p.name for p in files], folder.name or str(folder),
                         f"folder {str(folder)!r}")
 

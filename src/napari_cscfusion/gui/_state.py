@@ -62,6 +62,8 @@ class FusionJob:
     run_plane: Callable[..., FusionResult]
     output: OutputSpec
     key: tuple = ()  # identifies the inputs: a rerun with the same key replaces the outputs
+    # applied to the assembled result (in the worker), e.g. the engine's axis reordering
+    finish: Callable[[FusionResult], FusionResult] | None = None
 
 
 @dataclass

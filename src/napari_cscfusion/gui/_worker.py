@@ -64,6 +64,8 @@ def run_job(job: FusionJob, token: CancelToken):
             token.fraction = (k + 1) / total
             yield (k + 1, total)
         result = assembler.result()
+        if job.finish is not None:
+            result = job.finish(result)
         elapsed = time.perf_counter() - t0
         result.metadata["elapsed_s"] = elapsed
         return RunOutcome(result=result, elapsed_s=elapsed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..engine import fuse_infrared_visible
-from ..engine.fusion import IVF_ALPHA
+from ..engine.ivf import IVF_ALPHA
 from ..engine.planes import luminance, recolour
 from ._base import FusionWidget
 from ._common import (

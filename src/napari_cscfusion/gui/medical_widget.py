@@ -8,6 +8,8 @@ and the registration are ``engine.alignment``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton
 from napari.qt.threading import create_worker
@@ -19,8 +21,8 @@ from ..engine.alignment import (
     apply_rigid_planes,
     estimate_misalignment,
 )
-from ..engine.fusion import IVF_ALPHA
-from ..engine.medical import MEDICAL_CODE_GAIN, MultimodalSources, fuse_multimodal
+from ..engine.ivf import IVF_ALPHA
+from ..engine.medical import MEDICAL_CODE_GAIN, MedicalVolume
 from ._base import FusionWidget
 from ._common import (
     KEEP_INTENSITIES,
@@ -44,18 +46,6 @@ NO_AXIS = -1  # slice-axis choice for 2D layers
 
 def _spatial_ndim(layer) -> int:
     return layer.data.ndim - (1 if layer.rgb else 0)
-
-
-def _reorder(arr: np.ndarray, loop_axes, plane_axes, inner: int = 0, trailing: int = 0):
-    """From the plane-by-plane layout (loop axes, inner axes, plane axes, trailing axes) back to
-    the sources' axis order, with the inner axes (source or code channel) placed just before
-    the sources' last two axes."""
-    nsp = len(loop_axes) + 2
-    labels = ([("s", a) for a in loop_axes] + [("i", k) for k in range(inner)]
-              + [("s", a) for a in plane_axes] + [("t", k) for k in range(trailing)])
-    target = ([("s", a) for a in range(nsp - 2)] + [("i", k) for k in range(inner)]
-              + [("s", a) for a in range(nsp - 2, nsp)] + [("t", k) for k in range(trailing)])
-    return np.transpose(arr, [labels.index(t) for t in target])
 
 
 class MedicalFusionWidget(FusionWidget):
@@ -199,23 +189,15 @@ class MedicalFusionWidget(FusionWidget):
                              + ", ".join(f"{n!r} {s}" for n, s in scales.items())
                              + "; resample them onto one grid first")
         data = {lay.name: layer_array(lay, "source") for lay in layers}
-        sources = MultimodalSources(data, rgb=[bool(lay.rgb) for lay in layers])
         axis = self._axis(layers)
-        layout = sources.layout(axis)
-        loop_axes, plane_axes = layout["loop_axes"], layout["plane_axes"]
-        base, detail, device = self.base_rule.value, self.detail_rule.value, self.device.value
-        gain = float(self.code_gain.value)
-        rgb_flags, notes = sources.rgb, sources.notes
+        volume = MedicalVolume(data, rgb=[bool(lay.rgb) for lay in layers], axis=axis)
+        plane_axes = volume.plane_axes
+        device = self.device.value
+        run_plane = partial(volume.fuse_plane, base_rule=self.base_rule.value,
+                            detail_rule=self.detail_rule.value, device=device,
+                            code_gain=float(self.code_gain.value))
 
-        def run_plane(index, model, progress, want_codes):
-            planes = sources.planes(sources.index(index, loop_axes))
-            res = fuse_multimodal(planes, model, base_rule=base, detail_rule=detail,
-                                  device=device, codes=want_codes, progress=progress,
-                                  rgb=rgb_flags, code_gain=gain)
-            res.metadata["normalisation"] = notes  # whole-volume statistics, not per plane
-            return res
-
-        names = sources.names
+        names = volume.names
         colour = [lay.name for lay in layers if lay.rgb]
         ref = layers[0]
         spec = OutputSpec(
@@ -223,26 +205,13 @@ class MedicalFusionWidget(FusionWidget):
             rgb=bool(colour), **transform_of(ref), source_names=names,
             metadata={"source_layers": names, "widget": "medical", "quality_task": "medical",
                       "slice_axis": axis, "plane_axes": list(plane_axes)
-                      if len(sources.spatial) > 2 else None, "colour_layer":
+                      if volume.loop_axes else None, "colour_layer":
                       colour[0] if colour else None})
         job = FusionJob(task=self.task, weights=self.weights.weights, device=device,
-                        codes=self.codes.value, leading_shape=layout["loop_shape"],
-                        run_plane=run_plane, output=spec,
+                        codes=self.codes.value, leading_shape=volume.loop_shape,
+                        run_plane=run_plane, output=spec, finish=volume.source_order,
                         key=("medical", axis) + tuple(id(lay) for lay in layers))
-        job.layout = layout  # used to put the axes back in the sources' order
         return job
-
-    def _show_result(self, job, outcome) -> None:
-        layout = getattr(job, "layout", None)
-        if layout is not None and list(layout["plane_axes"]) != [len(layout["loop_axes"]),
-                                                                len(layout["loop_axes"]) + 1]:
-            loop, plane = layout["loop_axes"], layout["plane_axes"]
-            res = outcome.result
-            res.image = _reorder(res.image, loop, plane, trailing=3 if job.output.rgb else 0)
-            res.weights = {k: _reorder(w, loop, plane, inner=1) for k, w in res.weights.items()}
-            res.codes = {k: _reorder(c, loop, plane, inner=c.ndim - len(loop) - 2)
-                         for k, c in res.codes.items()}
-        super()._show_result(job, outcome)
 
     def run(self, *_) -> None:
         """Run the fusion; with "check alignment before fusing", check first (in the

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._version import __version__
 from .ivfn import CSCIVFN
 from .mefn import CSCMEFN
 from .mmfn import CSCMMFN
@@ -310,7 +311,7 @@ def save_checkpoint(net: nn.Module, path: str | Path, task: str, training: Mappi
     """Write our format: {'format', 'format_version', 'task', 'hparams', 'training',
     'package_version', 'state_dict'} (plain types and tensors only)."""
     if version is None:
-        from .. import __version__ as version
+        version = __version__
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {

@@ -10,6 +10,7 @@ from torch import nn
 from .csc import CSCEncoder, reflect_pad
 
 BLUR_SIZE = 11  # the authors' low-pass: an 11x11 box mean with reflection border
+IVF_ALPHA = 2.0  # the authors scale both fused codes by 2 before decoding
 
 
 def box_blur(x: torch.Tensor, size: int = BLUR_SIZE) -> torch.Tensor:

@@ -74,7 +74,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import train
+    from .train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,8 +95,8 @@ def run_train(args: argparse.Namespace) -> int:
             if args.task != "mef":
                 raise SystemExit(f"--{opt.replace('_', '-')} is only for mef")
             source[key] = tuple(v) if isinstance(v := getattr(args, opt), list) else v
-    path = train(
-        args.task, args.out, data_root=args.data_root,
+    path = train(TrainConfig(
+        task=args.task, out=args.out, data_root=args.data_root,
         epochs=args.epochs or d["epochs"], batch_size=args.batch_size or d["batch_size"],
         lr=args.lr or d["lr"], crop=args.crop or d["crop"], seed=args.seed, device=args.device,
         init_weights=args.init, resume=args.resume, max_minutes=args.max_minutes,
@@ -106,7 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
         freeze_bn=args.freeze_bn, recalibrate_batches=args.recalibrate_bn,
         source_options=source or None, exposure_prior_sigma=args.exposure_prior,
         max_grad_norm=args.max_grad_norm,
-    )
+    ))
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")
     print(json.dumps(raw["training"], indent=1, default=str))

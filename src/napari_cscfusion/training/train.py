@@ -1,6 +1,7 @@
 """Training loop for the three CSC networks (engine layer: torch, no napari).
 
-``train(task, out, ...)`` writes, next to ``out``:
+``train(TrainConfig(task=..., out=..., ...))`` (or ``train(task, out, ...)``) writes, next to
+``out``:
 - ``out``: the latest weights in the package format (``save_checkpoint``), rewritten every epoch
   (and when a time limit or Ctrl-C stops the run);
 - ``<out>.best.pt``: the weights of the epoch with the best validation score (validation split of
@@ -18,12 +19,14 @@ from __future__ import annotations
 import csv
 import math
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..engine.device import resolve_device
 from ..models import CSCIVFN, CSCMEFN, CSCMMFN, load_network, save_checkpoint
 from ..models.checkpoints import sha256_of
 from . import data as D
@@ -55,14 +58,6 @@ def _paths(out: Path) -> dict[str, Path]:
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     return {"best": out.with_name(stem + ".best.pt"), "state": out.with_name(stem + ".state.pt"),
             "log": out.with_name(stem + ".log.csv")}
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
-    return torch.device(device)
 
 
 def build(task: str, hparams: dict | None = None) -> nn.Module:
@@ -199,7 +194,49 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train(
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run takes (``train``'s arguments; the CLI fills one). Run-time
+    options are documented at ``train``."""
+
+    task: str
+    out: str | Path
+    data_root: str | Path | None = None
+    epochs: int
+    batch_size: int
+    lr: float
+    crop: int
+    seed: int = 0
+    device: str = "auto"
+    init_weights: str | Path | None = None
+    resume: bool = False
+    max_minutes: float | None = None
+    progress: bool = True
+    hparams: dict | None = None
+    steps_per_epoch: int | None = None
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    halo_weight: float = 0.0
+    validate: bool = True
+    val_items: int | None = None
+    freeze_bn: bool = False
+    recalibrate_batches: int = 0
+    source_options: dict | None = None
+    exposure_prior_sigma: float | None = None
+    max_grad_norm: float | None = None
+
+
+def train(config: TrainConfig | str, out: str | Path | None = None, **options) -> Path:
+    """Train as ``config`` says: a TrainConfig, or (the same fields as arguments)
+    ``train(task, out, epochs=..., ...)``. See ``_train`` for what the run does."""
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig(task=config, out=out, **options)
+    elif out is not None or options:
+        raise TypeError("train: give a TrainConfig alone, or the task, out and options")
+    return _train(**{f.name: getattr(config, f.name) for f in fields(config)})
+
+
+def _train(
     task: str,
     out: str | Path,
     *,
@@ -256,7 +293,7 @@ def train(
         raise ValueError(f"max_grad_norm: a number > 0 or None, got {max_grad_norm!r}")
     out = Path(out)
     side = _paths(out)
-    dev = pick_device(device)
+    dev = resolve_device(device)  # the engine's choice: CUDA, then MPS, then the CPU
     root = D.resolve_data_root(data_root)
     t_start = time.monotonic()
 

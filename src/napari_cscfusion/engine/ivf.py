@@ -1,0 +1,485 @@
+"""Infrared + visible (and any N registered grey sources) with CSC-IVFN: the public
+``fuse_infrared_visible``, the grey-sources core that medical.py also uses, the per-crop kernel
+``IVFKernel`` that tiling.py and lazy.py run, and its dask graph builder ``fuse_grey_lazy``."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..models.folded import folded
+from ..models.ivfn import IVF_ALPHA
+from . import notices
+from .device import resolve_device
+from .inputs import NormalisedStack, check_min_size, check_same_shape, normaliser
+from .lazy import (
+    LazyOutcome,
+    as_dask,
+    is_dask,
+    lazy_requested,
+    norm_spec,
+    normalised_crops,
+    outcome,
+    planes_graph,
+    split_outputs,
+)
+from .planes import plane_indices
+from .registry import FusionModel, resolve_model
+from .result import FusionResult, base_metadata, plane_progress
+from .rules import RULE_RADIUS, SaliencyStats, apply_rule, check_rules
+from .tiling import (
+    Box,
+    Tile,
+    cut,
+    expand,
+    inner_tile,
+    map_in_pieces,
+    precision_dtype,
+    resolve_tile,
+    result_bytes,
+    run_tiled,
+    sub_tiles,
+    tile_grid,
+    to_device,
+    to_numpy,
+    within,
+)
+
+IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per side
+# Inner tiles on the CPU: the element-wise passes between convolutions (batch norm, padding,
+# soft threshold, residual) stream q maps per pixel and are memory-bound there, so the
+# encoders run on cache-sized pieces of each crop. Measured (benchmarks/README.md, 1 thread,
+# bit-identical output): IVF 768x576 pair 32.9 s with 512 px, 14.2 s with 192 px; MEF 3 x 4
+# Mpx 16.8 s with 256 px, 10.2 s with 128 px (mef.py). On a GPU big pieces are faster.
+INNER_TILE = {"cpu": 192, "gpu": 512}
+
+
+def check_code_gain(code_gain) -> float:
+    """``code_gain`` (the factor on the fused base and detail codes before decoding) as a
+    float; ValueError naming it unless it is a finite number > 0."""
+    ok = isinstance(code_gain, (int, float, np.integer, np.floating)) \
+        and not isinstance(code_gain, (bool, np.bool_))
+    if ok:
+        value = float(code_gain)
+        if math.isfinite(value) and value > 0.0:
+            return value
+    raise ValueError(f"code_gain: expected a finite number > 0 (the factor on the fused codes "
+                     f"before decoding: 2 as the authors for infrared/visible, 1 keeps the "
+                     f"sources' intensity scale), got {code_gain!r}")
+
+
+class IVFKernel:
+    """CSC-IVFN fusion of S grey sources on one crop [S, h, w].
+
+    Inside a crop the work is staged, each stage with only the context it needs: base codes
+    on the core + decoder + base-rule margin (inner tiles of ``inner`` px with the encoder's
+    20 px halo, one progress tick each), the base rule, detail codes on the core + decoder +
+    detail-rule margin, the detail rule, and one decoder pass on the summed fused codes.
+    Outputs (channel-first, core only): image [1], base/detail weights [S] (channel mean for
+    the saliency rule), and with ``codes`` every source's base/detail codes and the fused ones
+    (before ``code_gain``).
+
+    ``code_gain``: the factor on the fused base and detail codes before decoding. The folded
+    decoder carries the authors' IVF_ALPHA = 2 (their infrared/visible heuristic); any other
+    gain multiplies the summed fused codes by code_gain / IVF_ALPHA first (none for 2, so the
+    default results are unchanged; 1 keeps a source fused with itself at its own scale).
+    """
+
+    task = "ivf"
+    INNER_TILE = INNER_TILE
+
+    def __init__(self, net, names: list[str], base_rule: str, detail_rule: str,
+                 device: torch.device, codes: bool = False, weights: bool = True,
+                 precision: str | None = None, compile: bool = False,
+                 inner: int | None = None, exact_rules: bool = False,
+                 code_gain: float = IVF_ALPHA):
+        self.dtype = precision_dtype(precision)
+        self.code_gain = check_code_gain(code_gain)
+        # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
+        self.code_scale = None if self.code_gain == IVF_ALPHA else self.code_gain / IVF_ALPHA
+        self.net = folded("ivf", net, self.dtype, compile)
+        self.names, self.S = list(names), len(names)
+        self.q = net.hparams["code_channels"]
+        self.base_rule, self.detail_rule = base_rule, detail_rule
+        self.device, self.codes, self.weights = device, codes, weights
+        # encoder pieces: cache-sized on the CPU (see INNER_TILE); None picks by device
+        self.inner = inner_tile(INNER_TILE, device) if inner is None else inner
+        self.exact_rules = exact_rules
+        self.enc_radius = self.net.encoder_radius
+        self.dec_radius = 3
+        self.halo = (self.enc_radius + self.dec_radius
+                     + max(RULE_RADIUS[base_rule], RULE_RADIUS[detail_rule]))
+        self.needs_stats = base_rule == "saliency"
+        # per crop pixel, what a crop holds at once (+ small maps; the encoders' transients
+        # are bounded by the inner tile): with codes, one encoder's codes of all sources +
+        # fused base and detail codes; else the saliency rule's base codes of all sources +
+        # their fusion, or (local base rules) the two fused code maps: detail codes, local
+        # rules and the decoder run piece by piece
+        held = self.S + 2 if codes else (self.S + 1 if base_rule == "saliency" else 2)
+        self.bytes_per_pixel = 4 * self.q * held + 16 * self.S + 64
+        if self.inner:
+            side = self.inner + 2 * self.enc_radius
+            self.fixed_bytes = 4 * 4 * self.q * self.S * side * side
+        else:  # the encoders' transients span the whole crop
+            self.fixed_bytes = 0
+            self.bytes_per_pixel += 4 * 4 * self.q * self.S
+
+    def crop(self, x, t: Tile):
+        return x[:, t.crop_slices[0], t.crop_slices[1]], t.inner
+
+    def plane_shape(self, x) -> tuple[int, int]:
+        return tuple(x.shape[1:3])
+
+    def preferred_tile(self, device: torch.device) -> int | None:
+        return None  # big tiles: the 113 px saliency halo is costly, and inner tiles keep cache
+
+    def outputs(self) -> dict[str, int]:
+        out = {"image": 1}
+        if self.weights:
+            out["weights_base"] = self.S
+            out["weights_detail"] = self.S
+        if self.codes:
+            for n in self.names:
+                out[f"{n}_base"] = self.q
+                out[f"{n}_detail"] = self.q
+            out["fused_base"] = self.q
+            out["fused_detail"] = self.q
+        return out
+
+    def _windows(self, shape: tuple[int, int], core: Box) -> tuple[Box, Box, Box]:
+        bounds = (0, shape[0], 0, shape[1])
+        dec = expand(core, self.dec_radius, bounds)
+        wb = expand(dec, RULE_RADIUS[self.base_rule], bounds)
+        wd = expand(dec, RULE_RADIUS[self.detail_rule], bounds)
+        return dec, wb, wd
+
+    def steps(self, shape: tuple[int, int], core: Box) -> int:
+        """Progress ticks one crop of ``shape`` takes."""
+        bounds = (0, shape[0], 0, shape[1])
+        _, wb, wd = self._windows(shape, core)
+        n = len(sub_tiles(wb, bounds, self.inner, self.enc_radius))
+        n += len(sub_tiles(wd, bounds, self.inner, self.enc_radius))
+        return n + 1
+
+    def encode(self, which: str, x: torch.Tensor, window: Box, tick=None) -> torch.Tensor:
+        """Codes [S, q, window] of the crop x [S, 1, h, w], inner tile by inner tile."""
+        return map_in_pieces(self._encoder(which), x, window, self.inner, self.enc_radius,
+                             tick)
+
+    def _encoder(self, which: str):
+        return self.net.encode_base if which == "base" else self.net.encode_detail
+
+    def fuse_in_pieces(self, which: str, rule: str, x: torch.Tensor, window: Box, tick=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused codes [q, window], weights [S, 1, window]) of a local rule (l1, average),
+        encoder and rule together inner tile by inner tile (their context: the encoder's
+        radius + the rule's), so the [S, q] codes never exist for the whole window."""
+        enc = self._encoder(which)
+
+        def fn(piece: torch.Tensor) -> torch.Tensor:
+            fused, w = apply_rule(rule, enc(piece).float())
+            return torch.cat((fused, w[:, 0]))[None]
+
+        out = map_in_pieces(fn, x, window, self.inner, self.enc_radius + RULE_RADIUS[rule],
+                            tick)[0]
+        return out[:self.q], out[self.q:, None]
+
+    def decode(self, z: torch.Tensor, window: Box) -> torch.Tensor:
+        """The image [1, window] of the summed fused codes z [q, h, w] (z is scaled in place,
+        once: the pieces overlap), decoder piece by piece (context 3 px): no decoder
+        transients of the whole crop."""
+        if self.code_scale is not None:
+            z.mul_(self.code_scale)
+        return map_in_pieces(self.net.decode_sum, z[None], window, self.inner,
+                             self.dec_radius)[0]
+
+    def __call__(self, crop: np.ndarray, core: Box, stats: SaliencyStats | None = None,
+                 tick=None) -> dict[str, np.ndarray]:
+        shape = crop.shape[-2:]
+        if self.needs_stats and stats is None and core != (0, shape[0], 0, shape[1]):
+            raise ValueError("the saliency rule on a tile needs the whole image's statistics")
+        x = to_device(crop, self.device, self.dtype)[:, None]
+        dec, wb, wd = self._windows(shape, core)
+
+        if not self.codes:
+            return self._fuse(x, core, dec, wb, wd, stats, tick)
+        # with codes: every source's base and detail codes of the core are results anyway
+        res: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            z_b = self.encode("base", x, wb, tick).float()
+            st = None if stats is None else stats.to(self.device)
+            f_b, w_b = apply_rule(self.base_rule, z_b, stats=st, exact=self.exact_rules,
+                                  mean_weights=True)
+            if self.base_rule != "saliency":
+                w_b = w_b.mean(1, keepdim=True)
+            if self.weights:
+                res["weights_base"] = to_numpy(cut(w_b, core, wb)[:, 0])
+            z_core = cut(z_b, core, wb)
+            for i, n in enumerate(self.names):
+                res[f"{n}_base"] = to_numpy(z_core[i])
+            res["fused_base"] = to_numpy(cut(f_b, core, wb))
+            f_b = cut(f_b, dec, wb).clone()
+            del z_b, z_core, w_b
+            z_d = self.encode("detail", x, wd, tick).float()
+            f_d, w_d = apply_rule(self.detail_rule, z_d)
+            if self.weights:
+                res["weights_detail"] = to_numpy(cut(w_d.mean(1), core, wd))
+            z_core = cut(z_d, core, wd)
+            for i, n in enumerate(self.names):
+                res[f"{n}_detail"] = to_numpy(z_core[i])
+            res["fused_detail"] = to_numpy(cut(f_d, core, wd))
+            f_d = cut(f_d, dec, wd)
+            del z_d, z_core, w_d
+            out = self.net.decode(f_b[None].to(x.dtype), f_d[None].to(x.dtype),
+                                  self.code_scale)
+            res["image"] = to_numpy(cut(out[0], core, dec))
+        if tick is not None:
+            tick()
+        return res
+
+    def _fuse(self, x: torch.Tensor, core: Box, dec: Box, wb: Box, wd: Box,
+              stats: SaliencyStats | None, tick) -> dict[str, np.ndarray]:
+        """__call__ without codes, holding less: the saliency rule needs the base codes of the
+        whole window (its guided filter reaches 90 px), the local rules and the decoder work
+        piece by piece. The same values as the staged path (the same operations per pixel)."""
+        res: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            if self.base_rule == "saliency":
+                z_b = self.encode("base", x, wb, tick).float()
+                st = None if stats is None else stats.to(self.device)
+                f_b, w_b = apply_rule("saliency", z_b, stats=st, exact=self.exact_rules,
+                                      mean_weights=True)
+                del z_b
+            else:
+                f_b, w_b = self.fuse_in_pieces("base", self.base_rule, x, wb, tick)
+            if self.weights:
+                res["weights_base"] = to_numpy(cut(w_b, core, wb)[:, 0])
+            # the sum of the fused codes goes here, in the networks' precision
+            f_b = cut(f_b, dec, wb).to(x.dtype, copy=True)
+            del w_b
+            f_d, w_d = self.fuse_in_pieces("detail", self.detail_rule, x, wd, tick)
+            if self.weights:
+                res["weights_detail"] = to_numpy(cut(w_d, core, wd)[:, 0])
+            f_b.add_(cut(f_d, dec, wd).to(x.dtype))
+            del f_d, w_d
+            res["image"] = to_numpy(self.decode(f_b, within(core, dec)))
+        if tick is not None:
+            tick()
+        return res
+
+    # whole-image statistics of the base codes (saliency rule), by passes over tiles
+    def stats_tiles(self, shape: tuple[int, int], tile: int | None) -> list[Tile]:
+        return tile_grid(shape, tile, self.enc_radius)
+
+    def base_codes(self, crop: np.ndarray, core: Box) -> torch.Tensor:
+        x = to_device(crop, self.device, self.dtype)[:, None]
+        with torch.inference_mode():
+            return self.encode("base", x, core).float()
+
+    def extremes(self, crop: np.ndarray, core: Box) -> tuple[torch.Tensor, torch.Tensor]:
+        return SaliencyStats.extremes(self.base_codes(crop, core))
+
+    def counts(self, crop: np.ndarray, core: Box, stats: SaliencyStats) -> torch.Tensor:
+        return stats.to(self.device).counts(self.base_codes(crop, core))
+
+
+
+# --- infrared + visible (and any N grey sources) with CSC-IVFN ----------------------------
+
+def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_rule: str,
+                      detail_rule: str, device: torch.device, codes: bool, progress=None, *,
+                      tile=None, weights: bool = True, precision: str | None = None,
+                      compile: bool = False, exact_rules: bool = False,
+                      code_gain: float = IVF_ALPHA) -> tuple[np.ndarray, dict, dict]:
+    """Fuse S >= 2 registered grey float32 images in [0,1] (name -> (H,W)) with CSC-IVFN.
+
+    All sources go through each encoder as one batch, tile by tile (see ``tile`` in
+    fuse_infrared_visible). ``code_gain``: the factor on the fused codes before decoding
+    (default 2, the authors'; see fuse_infrared_visible). Returns (image (H,W), codes
+    name -> (q,H,W) if ``codes``, weights {"base": (S,H,W) channel-mean saliency/l1 weights,
+    "detail": (S,H,W)}, empty when ``weights=False``).
+    """
+    check_rules(base_rule, detail_rule)
+    names = list(images)
+    x = np.stack([np.asarray(images[n], dtype=np.float32) for n in names])
+    return _fuse_grey_stack(x, names, model, base_rule, detail_rule, device, codes, progress,
+                            tile=tile, weights=weights, precision=precision, compile=compile,
+                            exact_rules=exact_rules, code_gain=code_gain)
+
+
+def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: FusionModel,
+                     base_rule: str, detail_rule: str, device: torch.device, codes: bool,
+                     progress=None, *, tile=None, weights: bool = True,
+                     precision: str | None = None, compile: bool = False,
+                     exact_rules: bool = False, code_gain: float = IVF_ALPHA
+                     ) -> tuple[np.ndarray, dict, dict]:
+    """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1] (an array or
+    a NormalisedStack, which converts the crops the tiles read)."""
+    code_gain = check_code_gain(code_gain)
+
+    def attempt(dev: torch.device) -> dict:
+        net = model.network_on(dev)
+        kernel = IVFKernel(net, names, base_rule, detail_rule, dev, codes=codes,
+                           weights=weights, precision=precision, compile=compile,
+                           exact_rules=exact_rules, code_gain=code_gain)
+        side = resolve_tile(tile, x.shape[-2:], kernel, dev,
+                            held=result_bytes(kernel, x.shape[-2:]))
+        return run_tiled(kernel, x, side, progress)
+
+    outs = notices.on_device_or_cpu(attempt, device)
+    code_maps = {k: v for k, v in outs.items() if k not in ("image", "weights_base",
+                                                            "weights_detail")}
+    w = {"base": outs["weights_base"], "detail": outs["weights_detail"]} if weights else {}
+    return outs["image"][0], code_maps, w
+
+
+def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
+                          detail_rule: str = "l1", device="auto", codes: bool = False,
+                          progress=None, *, tile=None, weights: bool = True,
+                          precision: str | None = None, compile: bool = False,
+                          client=None, scheduler: str | None = None,
+                          code_gain: float = IVF_ALPHA) -> FusionResult:
+    """Fuse a registered infrared/visible pair of grey images with CSC-IVFN.
+
+    ir, vis: (H,W), or nD stacks (..., H, W) of equal shape (time, z, ...): every plane is
+    fused independently (and the result is the same as a Python loop over the planes; the
+    normalisation to [0,1] is done once for the whole stack). numpy or dask arrays.
+    base_rule / detail_rule: 'saliency' (authors' base default), 'l1' (authors' detail
+    default) or 'average'. codes=True also returns the sparse codes after the last DCU
+    (q maps per source: memory-hungry; 2-D numpy inputs only).
+    code_gain: the factor applied to the fused base and detail codes before decoding (a
+    finite number > 0). The default 2 is the authors' test-time heuristic for infrared/visible
+    (it stretches the contrast); 1 keeps the sources' intensity scale (an image fused with
+    itself comes back as it was), as fuse_multimodal does for medical images.
+    progress(done, total) is called after every tile step and may raise Cancelled.
+
+    Scale: ``tile`` is the tile side in pixels (None: the whole image when its working set
+    fits the available memory, else tiles chosen from it, GPU memory on CUDA; on the CPU the
+    tile and the results then share 2 GiB; 0 or False: the whole image at once). Tiles carry
+    a halo as wide as the network's and the rules' context (113 px with the saliency rule,
+    whose whole-image statistics are computed first in a separate pass), so tiled and
+    whole-image results agree to float rounding. A tile that runs out of memory is split and
+    retried (down to 32 px), and when even that fails on a GPU the run goes on on the CPU;
+    either way with an OutOfMemoryRetry warning and a line in ``metadata["notices"]``
+    (``metadata["device"]`` is then "cpu").
+    ``precision``: None/'fp32' (default), or 'fp16'/'bf16' for the networks on a GPU (the
+    rules stay float32; error against fp32 in benchmarks/README.md). ``compile``: run the
+    encoders through torch.compile (pays off on large images; the first call compiles).
+    ``weights=False`` skips the weight maps (two (S,H,W) arrays: memory on huge images).
+
+    Dask: with dask inputs the result's image and weights are lazy dask arrays (chunked by
+    tile and by plane) that compute the same values; napari displays them directly. With
+    ``client`` (a dask.distributed Client) or ``scheduler`` (its address) the work runs on
+    that cluster: numpy inputs give numpy results, dask inputs a dask array persisted there.
+
+    Returns a FusionResult: image (H,W) or (..., H, W) float32; weights {"base", "detail"}
+    as (S, ..., H, W) with S = 2 (infrared, visible).
+    """
+    t0 = time.perf_counter()
+    notices.begin_run()
+    for a, n in ((ir, "ir"), (vis, "vis")):
+        shp = tuple(np.shape(a))
+        if len(shp) < 2 or (len(shp) >= 3 and shp[-1] in (3, 4)):
+            raise ValueError(f"{n}: expected a grey image (H, W) or a stack of grey planes "
+                             f"(..., H, W), got an array of shape {shp} (convert colour "
+                             f"images to grey first)")
+        if np.ndim(a) == 3 and np.shape(a)[-1] in (3, 4):
+            # an RGB(A) photo, not a stack of 3-pixel-wide planes: say so
+            raise ValueError(f"{n}: expected a grey image (H, W); got shape "
+                             f"{tuple(np.shape(a))}, which looks like RGB (ir is "
+                             f"{tuple(np.shape(ir))}, vis {tuple(np.shape(vis))}) — convert "
+                             f"it to grey (e.g. its luminance) first")
+    check_same_shape({"ir": np.shape(ir), "vis": np.shape(vis)})
+    check_min_size(np.shape(ir), "ir", IVF_MIN_SIZE, "CSC-IVFN's 11x11 blur")
+    check_rules(base_rule, detail_rule)
+    code_gain = check_code_gain(code_gain)
+    model = resolve_model(model, "ivf")
+    dev = resolve_device(device)
+    names = ["infrared", "visible"]
+    if lazy_requested(client, scheduler, ir, vis):
+        if codes:
+            raise ValueError("codes: not available for dask inputs or cluster runs; fuse a "
+                             "numpy plane to look at its codes")
+        lazy = fuse_grey_lazy({"infrared": ir, "visible": vis}, model, base_rule, detail_rule,
+                              dev, tile=tile, weights=weights, precision=precision,
+                              client=client, scheduler=scheduler, code_gain=code_gain)
+        meta = base_metadata(model, dev, lazy.notes)
+        meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
+                    code_gain=code_gain, lazy=lazy.is_lazy, tile=lazy.tile,
+                    timings={"prepare_s": time.perf_counter() - t0})
+        return FusionResult(lazy.image, {}, lazy.weights, meta)
+    shape = tuple(np.shape(ir))
+    # normalised crop by crop as the tiles need them: no float32 copy of the sources
+    parts = [normaliser(ir, "ir"), normaliser(vis, "vis")]
+    x = NormalisedStack(parts)
+    notes = {"ir": parts[0].note, "vis": parts[1].note}
+    t1 = time.perf_counter()
+    planes = plane_indices(shape[:-2])
+    if codes and len(planes) > 1:
+        raise ValueError("codes: only for a single (H, W) plane; fuse planes one at a time to "
+                         "look at their codes")
+    if len(planes) == 1:
+        image, code_maps, w_out = _fuse_grey_stack(
+            x, names, model, base_rule, detail_rule, dev, codes, progress, tile=tile,
+            weights=weights, precision=precision, compile=compile, code_gain=code_gain)
+    else:
+        image = np.empty(shape, np.float32)
+        w_out = {k: np.empty((2, *shape), np.float32) for k in ("base", "detail")} \
+            if weights else {}
+        code_maps = {}
+        for k, idx in enumerate(planes):
+            img, code_maps, w = _fuse_grey_stack(
+                x.plane(idx), names, model, base_rule, detail_rule, dev, codes,
+                plane_progress(progress, k, len(planes)), tile=tile, weights=weights,
+                precision=precision, compile=compile, code_gain=code_gain)
+            image[idx] = img
+            for key, a in w.items():
+                w_out[key][(slice(None), *idx)] = a
+    del x
+    meta = base_metadata(model, dev, notes)
+    meta.update(sources=names, base_rule=base_rule, detail_rule=detail_rule,
+                code_gain=code_gain, planes=len(planes), tile=tile, precision=precision,
+                timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
+    return FusionResult(image, code_maps, w_out, meta)
+
+
+
+def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device, *,
+                   tile=None, weights: bool = True, precision: str | None = None,
+                   client=None, scheduler: str | None = None,
+                   code_gain: float = IVF_ALPHA) -> LazyOutcome:
+    """CSC-IVFN fusion of S grey sources (name -> (..., H, W), numpy or dask) as a dask graph:
+    image (..., H, W) and weights {"base", "detail"} (S, ..., H, W); ``code_gain`` as in
+    fuse_infrared_visible."""
+    import dask
+    import dask.array as da
+
+    from_numpy = not any(is_dask(a) for a in images.values())
+    names = list(images)
+    arrays = [as_dask(images[n]) for n in names]
+    shape = tuple(arrays[0].shape)
+    lead, (H, W) = shape[:-2], shape[-2:]
+    specs, notes = [], {}
+    for n, a in zip(names, arrays, strict=True):
+        note, lo, hi = norm_spec(a, n)
+        specs.append((lo, hi))
+        notes[n] = note
+    net = model.network_on(device)
+    kernel = IVFKernel(net, names, base_rule, detail_rule, device, weights=weights,
+                       precision=precision, code_gain=code_gain)
+
+    def crop_of(idx, t):
+        blocks = [a[idx + t.crop_slices] for a in arrays]
+        return dask.delayed(normalised_crops)(blocks, specs, names)
+
+    out, side = planes_graph(kernel, device, tile, lead, (H, W), crop_of, client=client,
+                             scheduler=scheduler)
+    parts = split_outputs(kernel, out, len(lead))
+    result = {"image": parts["image"][(slice(None),) * len(lead) + (0,)]}
+    if weights:
+        for key in ("base", "detail"):
+            result[key] = da.moveaxis(parts[f"weights_{key}"], len(lead), 0)
+    return outcome(result, notes, side, client, scheduler, from_numpy)

@@ -1,0 +1,449 @@
+"""Guided super-resolution with CSC-MMFN: the public ``fuse_guided``, the per-tile kernel
+``MMFKernel`` that tiling.py and lazy.py run (with its own split of a lazy tile task that runs
+out of memory, ``guided_in_parts``), and its dask graph builder ``fuse_guided_lazy``."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.color import luma
+from ..models.folded import folded
+from . import notices
+from .device import resolve_device
+from .inputs import check_frames, check_min_size, check_ndim, normalise
+from .lazy import (
+    LazyOutcome,
+    as_dask,
+    halved_tile_task,
+    is_dask,
+    lazy_requested,
+    norm_spec,
+    normalise_block,
+    outcome,
+    planes_graph,
+)
+from .planes import plane_indices
+from .registry import FusionModel, resolve_model
+from .resample import (
+    align_corners_positions,
+    align_corners_span,
+    bicubic_resize,
+    bicubic_span,
+    bicubic_window,
+    interp_axis,
+)
+from .result import FusionResult, base_metadata, plane_progress, report
+from .tiling import (
+    Box,
+    Tile,
+    precision_dtype,
+    resolve_tile,
+    result_bytes,
+    run_tiled,
+    splittable_oom,
+    sub_tiles,
+    to_device,
+    to_numpy,
+)
+
+MMF_MIN_LOW_SIZE = 4  # the fast guided filter (r=1) needs more than 3 px per side
+
+
+class MMFKernel:
+    """CSC-MMFN guided super-resolution on one high-resolution tile.
+
+    Tiles are cut in the guide's (output) coordinates. For a core C the kernel derives, per
+    axis: the decoder's context D = C +- 1; the low-resolution rows the upsampled guided-filter
+    coefficients read on D, grown by the box radius; the guide rows the downsampled guide codes
+    read there; and each encoder's 7 px context — so every crop is just large enough, and all
+    resampling is done at the whole image's coordinates (align_corners=True), so tiles agree
+    with the whole image."""
+
+    task = "mmf"
+    needs_stats = False
+
+    def __init__(self, net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
+                 device: torch.device, precision: str | None = None, compile: bool = False):
+        self.dtype = precision_dtype(precision)
+        self.net = folded("mmf", net, self.dtype, compile)
+        self.c = net.lr_channels
+        self.q = net.hparams["code_channels"]
+        self.lr_shape, self.hr_shape, self.device = tuple(lr_shape), tuple(hr_shape), device
+        self.r_lr = self.net.lr_encoder.radius
+        self.r_g = self.net.guide_encoder.radius
+        self.box = self.net.radius_
+        scale = max(hr_shape[0] / lr_shape[0], hr_shape[1] / lr_shape[1])
+        # context in output pixels (for the tile-size estimate only; crops are exact)
+        self.halo = int(math.ceil((self.r_lr + self.box + 2) * scale)) + self.r_g + 2
+        g_c = net.guide_channels
+        self.bytes_per_pixel = 4 * (self.q * 5 + g_c + 2 * self.c) \
+            + 4 * (self.q * 4 + self.c) / (scale * scale)
+
+    def preferred_tile(self, device: torch.device) -> int | None:
+        return None
+
+    def outputs(self) -> dict[str, int]:
+        return {"image": self.c}
+
+    def steps(self, shape, core) -> int:
+        return 1
+
+    def windows(self, core: Box) -> dict[str, tuple[int, int, int, int]]:
+        """Per axis (y then x): D, low-res box window, low-res crop, guide crop (global)."""
+        out = {}
+        for ax, (lo, hi) in enumerate(((core[0], core[1]), (core[2], core[3]))):
+            n_lr, n_hr = self.lr_shape[ax], self.hr_shape[ax]
+            d = (max(0, lo - 1), min(n_hr, hi + 1))
+            la = align_corners_span(d[0], d[1], n_lr, n_hr)
+            lbox = (max(0, la[0] - self.box), min(n_lr, la[1] + self.box))
+            lcrop = (max(0, lbox[0] - self.r_lr), min(n_lr, lbox[1] + self.r_lr))
+            gneed = align_corners_span(lbox[0], lbox[1], n_hr, n_lr)
+            gall = (min(gneed[0], d[0]), max(gneed[1], d[1]))
+            gcrop = (max(0, gall[0] - self.r_g), min(n_hr, gall[1] + self.r_g))
+            out[ax] = (d, lbox, lcrop, gcrop)
+        return out
+
+    def crop(self, x, t: Tile):
+        lr, guide = x
+        win = self.windows(t.core)
+        (_, _, ly, gy), (_, _, lx, gx) = win[0], win[1]
+        return ((lr[:, ly[0]:ly[1], lx[0]:lx[1]], guide[:, gy[0]:gy[1], gx[0]:gx[1]], t.core),
+                t.core)
+
+    def __call__(self, crop, core: Box, stats=None, tick=None) -> dict[str, np.ndarray]:
+        lr_np, g_np, core = crop
+        win = self.windows(core)
+        dev, dt = self.device, self.dtype
+        with torch.inference_mode():
+            # half precision for the networks only; the guided filter in float32 (or fp64)
+            work = torch.float64 if dt == torch.float64 else torch.float32
+            lr = to_device(lr_np, dev, work)[None]
+            g = to_device(g_np, dev, dt)[None]
+            z_gc = self.net.guide_encoder(g).to(work)  # guide crop codes
+            z_lc = self.net.lr_encoder(lr.to(dt) if dt else lr).to(work)
+            # low-res box window: z_L there, and z_G resampled to low-res positions
+            (dy, lby, lcy, gcy), (dx, lbx, lcx, gcx) = win[0], win[1]
+            z_l = z_lc[..., lby[0] - lcy[0]:lby[1] - lcy[0], lbx[0] - lcx[0]:lbx[1] - lcx[0]]
+            (h, w), (H, W) = self.lr_shape, self.hr_shape
+            py = align_corners_positions(range(*lby), H, h, dev)
+            px = align_corners_positions(range(*lbx), W, w, dev)
+            z_g = interp_axis(interp_axis(z_gc, 3, px, gcx[0], W), 2, py, gcy[0], H)
+            # box means with exact border counts, summed window by window (not by cumulative
+            # sums as the model does: those round differently in every crop, and eps = 1e-4
+            # on code variances amplifies rounding to ~1e-3 in the output)
+            def mean(t):
+                k = 2 * self.box + 1
+                return F.avg_pool2d(t, k, stride=1, padding=self.box, count_include_pad=False)
+
+            mean_x, mean_y = mean(z_g), mean(z_l)
+            cov = mean(z_g * z_l) - mean_x * mean_y
+            var = mean(z_g * z_g) - mean_x * mean_x
+            a = cov / (var + self.net.eps)
+            b = mean_y - a * mean_x
+            qy = align_corners_positions(range(*dy), h, H, dev)
+            qx = align_corners_positions(range(*dx), w, W, dev)
+
+            def up(t, oy, ox):
+                return interp_axis(interp_axis(t, 3, qx, ox, w), 2, qy, oy, h)
+
+            z_G = z_gc[..., dy[0] - gcy[0]:dy[1] - gcy[0], dx[0] - gcx[0]:dx[1] - gcx[0]]
+            z_f = up(a, lby[0], lbx[0]) * z_G + up(b, lby[0], lbx[0])
+            dec = self.net.decode_codes(z_f.to(dt) if dt else z_f).to(work)
+            cy = slice(core[0] - dy[0], core[1] - dy[0])
+            cx = slice(core[2] - dx[0], core[3] - dx[0])
+            out = dec[..., cy, cx] + up(lr, lcy[0], lcx[0])[..., cy, cx]
+            image = to_numpy(out[0].clamp(0.0, 1.0))
+        if tick is not None:
+            tick()
+        return {"image": image}
+
+    def plane_shape(self, x) -> tuple[int, int]:
+        return self.hr_shape
+
+    def in_parts(self, crop, core: Box) -> dict[str, np.ndarray]:
+        """A lazy tile task's outputs, split further if it runs out of memory (its crop is a
+        low-res and a guide crop, not one array: see ``guided_in_parts``)."""
+        return {"image": guided_in_parts(self, crop)}
+
+
+
+def guided_in_parts(kernel: MMFKernel, crop) -> np.ndarray:
+    """The MMF image of a crop (low-res crop, guide crop, core in output coordinates). If it
+    runs out of memory the core is fused in quarters (then smaller, down to ``MIN_TILE``),
+    each from the part of both crops that its windows need (inside the crop's: windows grow
+    with the core). The kernel resamples at whole-image coordinates, so the parts are the
+    tiles an in-memory run would make."""
+    lr, g, core = crop
+    try:
+        return kernel(crop, core)["image"]
+    except Exception as exc:
+        if not splittable_oom(exc, core):
+            raise
+        del exc
+    half = halved_tile_task(kernel, core)
+    (_, _, ly, gy), (_, _, lx, gx) = (kernel.windows(core)[ax] for ax in (0, 1))
+    out = np.empty((kernel.c, core[1] - core[0], core[3] - core[2]), np.float32)
+    for t in sub_tiles(core, core, half, 0):
+        (_, _, sly, sgy), (_, _, slx, sgx) = (kernel.windows(t.core)[ax] for ax in (0, 1))
+        sub = (lr[:, sly[0] - ly[0]:sly[1] - ly[0], slx[0] - lx[0]:slx[1] - lx[0]],
+               g[:, sgy[0] - gy[0]:sgy[1] - gy[0], sgx[0] - gx[0]:sgx[1] - gx[0]], t.core)
+        out[:, t.core[0] - core[0]:t.core[1] - core[0], t.core[2] - core[2]:t.core[3] - core[2]] \
+            = guided_in_parts(kernel, sub)
+    return out
+
+
+
+# --- guided super-resolution with CSC-MMFN ------------------------------------------------
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return luma(rgb).astype(np.float32)
+
+
+def _guide_for_network(g: np.ndarray, net_g: int, network: str) -> np.ndarray:
+    """A normalised guide (H,W) or (H,W,3) (or a crop of one) -> the network's (net_g, H, W):
+    luminance for grey-guide networks, a grey guide repeated for RGB-guide ones."""
+    if g.ndim == 3 and net_g == 1:
+        return _luminance(g)[None]
+    if g.ndim == 3 and net_g == 3:
+        return np.moveaxis(g, -1, 0)
+    if g.ndim == 2 and net_g == 3:
+        return np.repeat(g[None], 3, 0)
+    if g.ndim == 2 and net_g == 1:
+        return g[None]
+    raise ValueError(f"guide: this {network} model expects {net_g}-channel guides")
+
+
+def _as_array(a, name: str):
+    check_frames(a, name)
+    return a if hasattr(a, "ndim") and hasattr(a, "shape") else np.asarray(a)
+
+
+def _guided_layout(lr_shape: tuple, g_shape: tuple, net_c: int | None) -> tuple[int, bool]:
+    """(number of leading plane axes, whether low_res has a channel axis) for fuse_guided,
+    with a clear error when guide's planes do not line up with low_res's. ``net_c`` None: a
+    2-D low_res (no model needed to tell)."""
+    if net_c is None or (net_c == 1 and len(lr_shape) == 3 and lr_shape[0] == 1
+                         and len(g_shape) in (2, 3)
+                         and not (len(g_shape) == 3 and g_shape[0] == 1)):
+        # a single plane: (h, w), or (1, h, w) channels first for a 1-channel model
+        nl, chan = 0, net_c is not None
+    else:
+        chan = net_c > 1
+        nl = max(len(lr_shape) - (3 if chan else 2), 0)
+    if nl == 0:
+        if len(g_shape) not in (2, 3):
+            raise ValueError(f"guide: expected (H, W) grey or (H, W, 3) RGB, got an array of "
+                             f"shape {g_shape}")
+        if len(g_shape) == 3 and g_shape[-1] != 3:
+            raise ValueError(f"guide: an RGB guide needs 3 channels last, (H, W, 3); got shape "
+                             f"{g_shape}")
+        return 0, chan
+    lead = lr_shape[:nl]
+    if g_shape[:nl] == lead and len(g_shape) == nl + 3 and g_shape[-1] != 3:
+        raise ValueError(f"guide: an RGB guide needs 3 channels last, (..., H, W, 3); got "
+                         f"shape {g_shape}")
+    if g_shape[:nl] != lead or len(g_shape) not in (nl + 2, nl + 3):
+        planes = "(C, h, w)" if chan else "(h, w)"
+        raise ValueError(f"low_res and guide: the leading (time, z, ...) axes must be the same, "
+                         f"one guide plane per low-res plane; low_res has shape {lr_shape} "
+                         f"(leading {lead}, then {planes}), guide has shape {g_shape} "
+                         f"(expected {lead} followed by (H, W) or (H, W, 3))")
+    return nl, chan
+
+
+def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
+                progress=None, *, tile=None, precision: str | None = None,
+                compile: bool = False, client=None, scheduler: str | None = None
+                ) -> FusionResult:
+    """Super-resolve ``low_res`` (h,w) or (C,h,w) to the guide's size (H,W) with CSC-MMFN.
+
+    guide: (H,W) grey or (H,W,3) RGB; a grey guide is repeated to RGB for a network trained
+    on RGB guides, an RGB guide is reduced to luminance for a network trained on grey ones.
+    Returns (H,W) or (C,H,W) float32 in [0,1].
+
+    nD stacks (time, z, ...): for a 1-channel model (the packaged one) low_res (..., h, w)
+    with guide (..., H, W) or (..., H, W, 3); for a multi-band model low_res (..., C, h, w).
+    The leading axes must be the same; every plane is fused independently (as a loop over
+    the planes would; one normalisation for the whole stack) into (..., [C,] H, W).
+
+    ``tile``: output tile side (None: from free memory; 0/False: whole image). Tiles are cut
+    in the guide's coordinates; each crops both inputs with the context its pixels need and
+    resamples at whole-image coordinates, so tiled and whole-image results agree (1e-5).
+    ``precision``/``compile`` as in fuse_infrared_visible. ``codes=True`` returns the guide,
+    low-resolution and fused codes and needs one plane, whole (no tiling).
+    progress(done, total) is called after every tile and may raise Cancelled.
+
+    Dask: dask inputs (or ``client``/``scheduler``, as in fuse_infrared_visible) give a lazy
+    image (..., [C,] H, W), chunked by plane and tile, each task reading only its crops of
+    both inputs; the values are those of the in-memory run with the same tile (the whole
+    image at once, tile=0, runs the network's own forward instead: up to ~1e-4 apart in fp32).
+    """
+    t0 = time.perf_counter()
+    notices.begin_run()
+    lr_arr, g_arr = _as_array(low_res, "low_res"), _as_array(guide, "guide")
+    lr_shape, g_shape = tuple(lr_arr.shape), tuple(g_arr.shape)
+    if len(lr_shape) < 2:
+        check_ndim(lr_arr, "low_res", {2: "(h, w)", 3: "(C, h, w) channels first"})
+    if len(g_shape) < 2:
+        check_ndim(g_arr, "guide", {2: "(H, W) grey", 3: "(H, W, 3) RGB"})
+    if len(lr_shape) > 2:  # the model's channels tell planes from bands
+        model = resolve_model(model, "mmf")
+    nl, chan = _guided_layout(lr_shape, g_shape,
+                              model.network.lr_channels if len(lr_shape) > 2 else None)
+    h, w = lr_shape[-2:]
+    H, W = g_shape[nl:nl + 2]
+    check_min_size(lr_shape, "low_res", MMF_MIN_LOW_SIZE, "the fast guided filter window")
+    if H < h or W < w:
+        raise ValueError(f"guide: must be at least as large as low_res; guide is {H}x{W}, "
+                         f"low_res {h}x{w}")
+    model = resolve_model(model, "mmf")
+    net_c, net_g = model.network.lr_channels, model.network.guide_channels
+    c = lr_shape[nl] if chan else 1
+    if c != net_c:
+        raise ValueError(f"low_res: this {model.name} model expects {net_c} channel(s), got {c} "
+                         f"(shape {lr_shape})")
+    lr_input = model.info.get("header", {}).get("training", {}).get("lr_input")
+    if lr_input not in (None, "native", "bicubic"):
+        raise ValueError(f"model: low-res input preparation {lr_input!r} (recorded in "
+                         f"{model.weights_label}) is not supported for inference; train with "
+                         f"the default 'bicubic'")
+    prepare_guide = partial(_guide_for_network, net_g=net_g, network=model.name)
+    dev = resolve_device(device)
+    if not chan:  # one channel axis for every layout: (..., C, h, w)
+        lr_arr = lr_arr[..., None, :, :]
+    if lazy_requested(client, scheduler, low_res, guide):
+        if codes:
+            raise ValueError("codes: not available for dask inputs or cluster runs; fuse a "
+                             "numpy plane to look at its codes")
+        lazy = fuse_guided_lazy(lr_arr, g_arr, model, dev, prepare_guide,
+                                bicubic=lr_input == "bicubic", squeeze=not chan, tile=tile,
+                                precision=precision, client=client, scheduler=scheduler)
+        meta = base_metadata(model, dev, lazy.notes)
+        meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), lazy=lazy.is_lazy,
+                    tile=lazy.tile, precision=precision,
+                    timings={"prepare_s": time.perf_counter() - t0})
+        return FusionResult(lazy.image, {}, {}, meta)
+    n_lr, n_g = normalise(lr_arr, "low_res"), normalise(g_arr, "guide")
+    planes = plane_indices(lr_shape[:nl])
+    if codes and len(planes) > 1:
+        raise ValueError("codes: only for a single plane; fuse planes one at a time to look at "
+                         "their codes")
+    t1 = time.perf_counter()
+    image = np.empty((*lr_shape[:nl], net_c, H, W), np.float32)
+    code_maps = {}
+    for k, idx in enumerate(planes):
+        lr = n_lr.data[idx]
+        if lr_input == "bicubic":
+            # Our weights were trained on the low-res input bicubically upsampled to the
+            # guide's size (a guided residual over bicubic; the network's own upsampling is
+            # then the identity): prepare it exactly so (Keys a=-0.75, half-pixel centres, as
+            # cv2 INTER_CUBIC).
+            lr = np.clip(bicubic_resize(lr, (H, W)), 0.0, 1.0)
+        image[idx], code_maps = _guided_plane(
+            model, lr, prepare_guide(n_g.data[idx]), dev, codes,
+            plane_progress(progress, k, len(planes)), tile=tile, precision=precision,
+            compile=compile)
+    if not chan:
+        image = image[..., 0, :, :]
+    meta = base_metadata(model, dev, {"low_res": n_lr.note, "guide": n_g.note})
+    meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), planes=len(planes),
+                tile=tile, precision=precision,
+                timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
+    return FusionResult(image, code_maps, {}, meta)
+
+
+def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.device,
+                  codes: bool, progress=None, *, tile=None, precision: str | None = None,
+                  compile: bool = False) -> tuple[np.ndarray, dict]:
+    """One plane of fuse_guided: lr (C, h_in, w_in) and g (G, H, W) float32 in [0,1], as the
+    network takes them -> (image (C, H, W), codes)."""
+    h_in, w_in = lr.shape[-2:]
+    H, W = g.shape[-2:]
+
+    def attempt(d: torch.device) -> tuple[np.ndarray, dict]:
+        net = model.network_on(d)
+        kernel = MMFKernel(net, (h_in, w_in), (H, W), d, precision=precision,
+                           compile=compile)
+        side = resolve_tile(tile, (H, W), kernel, d, held=result_bytes(kernel, (H, W)))
+        if codes or (side is None and precision in (None, "fp32")):
+            # One pass through the network's own forward: the authors' arithmetic exactly (the
+            # fast guided filter's E[xy] - E[x]E[y] cancels, so summation order shows in fp32).
+            try:
+                with torch.inference_mode():
+                    lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(d)
+                    g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(d)
+                    report(progress, 0, 1)
+                    z = net.encode(lr_t, g_t)
+                    out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
+                    code_maps = {k: to_numpy(v[0]) for k, v in z.items()} if codes else {}
+                report(progress, 1, 1)
+                return to_numpy(out), code_maps
+            except Exception as exc:
+                if codes or not splittable_oom(exc, (0, H, 0, W)):
+                    raise
+            # out of memory on the whole image: tiles (whose results agree to 1e-5)
+            notices.free_cached(d)
+            side = (max(H, W) + 1) // 2
+            notices.notify(f"out of memory on {d} with the whole {H}x{W} image; retried "
+                           f"with tiles of {side} px")
+        x = (np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(g, np.float32))
+        return run_tiled(kernel, x, side, progress)["image"], {}
+
+    return notices.on_device_or_cpu(attempt, dev)
+
+def _guided_crop(lr_blk, g_blk, lr_spec, g_spec, resize, prepare_guide, core):
+    """One tile's inputs for MMFKernel: the low-res crop normalised (and, for weights trained
+    on bicubic input, resized to its window of the guide-sized image), the guide crop
+    normalised and converted to the network's guide channels."""
+    lr = normalise_block(lr_blk, *lr_spec, "low_res")
+    if resize is not None:
+        lr = np.clip(bicubic_window(lr, *resize), 0.0, 1.0)
+    g = prepare_guide(normalise_block(g_blk, *g_spec, "guide"))
+    return np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(g, np.float32), core
+
+
+def fuse_guided_lazy(low_res, guide, model, device, prepare_guide, *, bicubic: bool,
+                     squeeze: bool, tile=None, precision: str | None = None, client=None,
+                     scheduler: str | None = None) -> LazyOutcome:
+    """CSC-MMFN guided super-resolution as a dask graph: low_res (..., C, h, w) and guide
+    (..., H, W) or (..., H, W, 3) (numpy or dask, same leading shape) -> image
+    (..., C, H, W), or (..., H, W) with ``squeeze``. Tiles are cut in the guide's
+    coordinates; each task reads the MMFKernel's crops of both inputs (with ``bicubic``, the
+    low-res rows and columns the bicubic pre-upsampling of the kernel's crop reads) and
+    ``prepare_guide`` maps a normalised guide crop to (G, h', w')."""
+    import dask
+
+    from_numpy = not (is_dask(low_res) or is_dask(guide))
+    lr, g = as_dask(low_res), as_dask(guide)
+    nl = lr.ndim - 3
+    lead, (h, w), (H, W) = tuple(lr.shape[:nl]), tuple(lr.shape[-2:]), tuple(g.shape[nl:nl + 2])
+    note_l, *spec_l = norm_spec(lr, "low_res")
+    note_g, *spec_g = norm_spec(g, "guide")
+    net = model.network_on(device)
+    kernel = MMFKernel(net, (H, W) if bicubic else (h, w), (H, W), device, precision=precision)
+
+    def crop_of(idx, t):
+        win = kernel.windows(t.core)
+        (_, _, ly, gy), (_, _, lx, gx) = win[0], win[1]
+        resize = None
+        if bicubic:  # the kernel's crop of the guide-sized bicubic image, made here
+            sy, sx = bicubic_span(*ly, h, H), bicubic_span(*lx, w, W)
+            resize = ((sy[0], sx[0]), (h, w), (H, W), (*ly, *lx))
+            ly, lx = sy, sx
+        lr_blk = lr[idx + (slice(None), slice(*ly), slice(*lx))]
+        g_blk = g[idx + (slice(*gy), slice(*gx))]
+        return dask.delayed(_guided_crop)(lr_blk, g_blk, spec_l, spec_g, resize,
+                                          prepare_guide, t.core)
+
+    out, side = planes_graph(kernel, device, tile, lead, (H, W), crop_of, client=client,
+                             scheduler=scheduler)
+    if squeeze:
+        out = out[(slice(None),) * nl + (0,)]
+    return outcome({"image": out}, {"low_res": note_l, "guide": note_g}, side, client,
+                   scheduler, from_numpy)
