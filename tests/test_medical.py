@@ -21,7 +21,8 @@ from napari_cscfusion.engine.alignment import (
     transform_matrix,
 )
 from napari_cscfusion.engine.ivf import fuse_grey_sources
-from napari_cscfusion.engine.medical import MultimodalSources, fuse_multimodal
+from napari_cscfusion.engine.medical import MedicalVolume, MultimodalSources, fuse_multimodal
+from napari_cscfusion.engine.planes import PlaneAssembler, plane_indices
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path
 from napari_cscfusion.models.color import rgb_to_ycbcr, ycbcr_to_rgb
 
@@ -294,6 +295,24 @@ def test_rgb_flags_override_the_guess(model, brain):
                           base_rule="l1", axis=2)
     assert res.image.shape == a3.shape and res.metadata["colour_source"] is None
 
+
+
+def test_medical_volume_colour_along_another_axis_matches_fuse_multimodal(model, brain):
+    # the widget's path (MedicalVolume plane by plane, then source_order) on a colour volume
+    # whose planes are not its last axes gives fuse_multimodal's result in the sources' order
+    v1, v2 = _small_volumes(brain, n=6, size=24)
+    pet = np.stack([v2, v2 // 2, 255 - v2], -1)  # (Z, Y, X, 3)
+    volume = MedicalVolume([v1, pet], rgb=[False, True], axis=2)
+    assembler = PlaneAssembler(volume.loop_shape)
+    for index in plane_indices(volume.loop_shape):
+        assembler.add(index, volume.fuse_plane(index, model, device="cpu", base_rule="l1"))
+    res = volume.source_order(assembler.result())
+    direct = fuse_multimodal([v1, pet], model=model, device="cpu", rgb=[False, True], axis=2,
+                             base_rule="l1")
+    assert res.image.shape == direct.image.shape == pet.shape
+    np.testing.assert_allclose(res.image, direct.image, atol=1e-6)
+    np.testing.assert_allclose(res.weights["detail"], np.moveaxis(direct.weights["detail"], 0, 1),
+                               atol=1e-6)
 
 # --- alignment ------------------------------------------------------------------------------
 

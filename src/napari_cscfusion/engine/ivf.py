@@ -286,7 +286,6 @@ class IVFKernel:
         return stats.to(self.device).counts(self.base_codes(crop, core))
 
 
-
 # --- infrared + visible (and any N grey sources) with CSC-IVFN ----------------------------
 
 def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_rule: str,
@@ -444,7 +443,6 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
                 code_gain=code_gain, planes=len(planes), tile=tile, precision=precision,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, w_out, meta)
-
 
 
 def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device, *,

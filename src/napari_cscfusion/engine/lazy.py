@@ -6,7 +6,7 @@ mef.fuse_exposures_lazy, mmf.fuse_guided_lazy) give it a kernel (tiling.py's pro
 The graph is built from the same pieces as the in-memory engine (``tiling.py``): the image is
 cut into the kernel's tiles (cores partition each plane; crops carry the kernel's halo), one
 task per tile crops every source (a dask slice, so only that window is ever read), normalises
-it and runs the kernel; the cores are assembled with ``da.block`` (``plane_graph``) and planes
+it and runs the kernel; the cores are assembled with ``da.block`` (``_plane_graph``) and planes
 with ``da.stack``. This is ``map_overlap`` written out: explicit crops allow halos wider than a
 chunk (113 px for the saliency rule) and leave the image border unpadded (the networks pad it
 themselves). Rules that need whole-image statistics (the saliency rule's per-channel extremes

@@ -161,7 +161,6 @@ class MEFKernel:
         return res
 
 
-
 # --- multi-exposure with CSC-MEFN ---------------------------------------------------------
 
 def exposure_prior_sigma(model: FusionModel) -> float | None:
@@ -287,7 +286,6 @@ def stretch_percentiles(image: np.ndarray, low: float = 0.5, high: float = 99.5)
     if hi <= lo:
         return image.copy()
     return np.clip((image - lo) / (hi - lo), 0, 1).astype(np.float32)
-
 
 
 def _crop_stack(block, lo, hi):

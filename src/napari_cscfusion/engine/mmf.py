@@ -172,7 +172,6 @@ class MMFKernel:
         return {"image": guided_in_parts(self, crop)}
 
 
-
 def guided_in_parts(kernel: MMFKernel, crop) -> np.ndarray:
     """The MMF image of a crop (low-res crop, guide crop, core in output coordinates). If it
     runs out of memory the core is fused in quarters (then smaller, down to ``MIN_TILE``),
@@ -196,7 +195,6 @@ def guided_in_parts(kernel: MMFKernel, crop) -> np.ndarray:
         out[:, t.core[0] - core[0]:t.core[1] - core[0], t.core[2] - core[2]:t.core[3] - core[2]] \
             = guided_in_parts(kernel, sub)
     return out
-
 
 
 # --- guided super-resolution with CSC-MMFN ------------------------------------------------
@@ -396,6 +394,7 @@ def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.
         return run_tiled(kernel, x, side, progress)["image"], {}
 
     return notices.on_device_or_cpu(attempt, dev)
+
 
 def _guided_crop(lr_blk, g_blk, lr_spec, g_spec, resize, prepare_guide, core):
     """One tile's inputs for MMFKernel: the low-res crop normalised (and, for weights trained

@@ -50,7 +50,6 @@ def align_corners_span(lo: int, hi: int, n_in: int, n_out: int) -> tuple[int, in
     return int(i0.min()), min(n_in, int(i0.max()) + 2)
 
 
-
 _KEYS_A = np.float32(-0.75)  # PyTorch's (and OpenCV's INTER_CUBIC) Keys parameter
 
 
@@ -101,8 +100,6 @@ def bicubic_window(x: np.ndarray, origin: tuple[int, int], full: tuple[int, int]
     for k in range(1, 4):
         out = out + rows[..., iy[:, k], :] * wy[:, k, None]
     return out.astype(np.float32, copy=False)
-
-
 
 
 def bicubic_resize(x: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:

@@ -196,8 +196,8 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Everything a training run takes (``train``'s arguments; the CLI fills one). Run-time
-    options are documented at ``train``."""
+    """Everything a training run takes (``train``'s arguments; the CLI fills one), and the one
+    place of their defaults. What each option does: ``_train``'s docstring."""
 
     task: str
     out: str | Path
@@ -236,33 +236,33 @@ def train(config: TrainConfig | str, out: str | Path | None = None, **options) -
     return _train(**{f.name: getattr(config, f.name) for f in fields(config)})
 
 
-def _train(
+def _train(  # the fields of a TrainConfig, all given (the defaults are TrainConfig's)
     task: str,
     out: str | Path,
     *,
-    data_root: str | Path | None = None,
+    data_root: str | Path | None,
     epochs: int,
     batch_size: int,
     lr: float,
     crop: int,
-    seed: int = 0,
-    device: str = "auto",
-    init_weights: str | Path | None = None,
-    resume: bool = False,
-    max_minutes: float | None = None,
-    progress: bool = True,
-    hparams: dict | None = None,
-    steps_per_epoch: int | None = None,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    halo_weight: float = 0.0,
-    validate: bool = True,
-    val_items: int | None = None,
-    freeze_bn: bool = False,
-    recalibrate_batches: int = 0,
-    source_options: dict | None = None,
-    exposure_prior_sigma: float | None = None,
-    max_grad_norm: float | None = None,
+    seed: int,
+    device: str,
+    init_weights: str | Path | None,
+    resume: bool,
+    max_minutes: float | None,
+    progress: bool,
+    hparams: dict | None,
+    steps_per_epoch: int | None,
+    schedule: str,
+    warmup_steps: int,
+    halo_weight: float,
+    validate: bool,
+    val_items: int | None,
+    freeze_bn: bool,
+    recalibrate_batches: int,
+    source_options: dict | None,
+    exposure_prior_sigma: float | None,
+    max_grad_norm: float | None,
 ) -> Path:
     """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
 
