@@ -163,8 +163,8 @@ def test_manifest_is_valid_and_lists_the_widgets():
     pm = PluginManager.instance()
     pm.discover()
     widgets = {w.display_name for w in pm.get_manifest(PLUGIN).contributions.widgets}
-    assert {"Infrared + visible fusion (CSC-IVFN)", "Multi-exposure fusion (CSC-MEFN)",
-            "Guided super-resolution (CSC-MMFN)", "Fusion quality"} <= widgets
+    assert {"Infrared + visible fusion", "Exposure fusion",
+            "Guided super-resolution", "Fusion quality"} <= widgets
     root = ROOT / "napari.yaml"
     assert root.is_symlink()
     assert root.resolve() == (ROOT / "src" / "napari_cscfusion" / "napari.yaml").resolve()

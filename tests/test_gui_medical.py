@@ -34,7 +34,7 @@ def brain():
 
 
 PLUGIN = "napari-cscfusion"
-WIDGET = "Medical / multi-modal fusion (CSC)"
+WIDGET = "Medical fusion"
 
 
 @pytest.fixture
@@ -75,6 +75,7 @@ def test_three_layers_fused_with_the_first_layers_placement(widget_viewer, brain
               for a, n in ((t1, "T1"), (pd, "PD"), (t2, "T2"))]
     widget.reset_choices()
     widget.sources.value = layers
+    widget.weight_maps.value = True
     run_and_wait(qtbot, widget)
     fused = viewer.layers["T1 + PD + T2 (CSC-IVFN)"]
     assert fused.data.shape == t1.shape
@@ -87,9 +88,10 @@ def test_three_layers_fused_with_the_first_layers_placement(widget_viewer, brain
     np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
     weights_layers = [lay for lay in viewer.layers
                       if lay.metadata.get("cscfusion", {}).get("role") == "weights"]
-    assert sorted(lay.metadata["cscfusion"]["weights"] for lay in weights_layers) == [
-        "base", "detail"]
-    assert all(lay.data.shape == (3,) + t1.shape for lay in weights_layers)
+    assert sorted((lay.metadata["cscfusion"]["weights"], lay.metadata["cscfusion"]["source"])
+                  for lay in weights_layers) == sorted(
+        (k, n) for k in ("base", "detail") for n in ("T1", "PD", "T2"))
+    assert all(lay.data.shape == t1.shape for lay in weights_layers)  # one 2-D map per source
     np.testing.assert_array_equal(layers[0].data, t1)  # inputs untouched
 
 
@@ -163,6 +165,7 @@ def test_reader_like_volume_slice_by_slice(widget_viewer, brain, qtbot, weights,
     widget.reset_choices()
     widget.sources.value = [a, b]
     widget.slice_axis.value = axis
+    widget.weight_maps.value = True
     run_and_wait(qtbot, widget)
     fused = viewer.layers["T1w + PDw (CSC-IVFN)"]
     assert fused.data.shape == v1.shape
@@ -171,10 +174,11 @@ def test_reader_like_volume_slice_by_slice(widget_viewer, brain, qtbot, weights,
     direct = fuse_multimodal({"T1w": v1, "PDw": v2}, _model(weights), base_rule="l1",
                              device="cpu", axis=axis)
     np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
-    w = [lay for lay in viewer.layers
-         if lay.metadata.get("cscfusion", {}).get("weights") == "detail"][0]
-    # (z, source, y, x): the source axis sits before the two displayed axes
-    np.testing.assert_allclose(w.data, np.moveaxis(direct.weights["detail"], 0, 1), atol=1e-6)
+    maps = {lay.metadata["cscfusion"]["source"]: lay for lay in viewer.layers
+            if lay.metadata.get("cscfusion", {}).get("weights") == "detail"}
+    # one map per source, on the sources' axes
+    for s, name in enumerate(("T1w", "PDw")):
+        np.testing.assert_allclose(maps[name].data, direct.weights["detail"][s], atol=1e-6)
 
 
 def test_alignment_check_warns_and_registration_fixes_it(widget_viewer, brain, qtbot):
@@ -267,5 +271,5 @@ def test_input_errors_are_reported(widget_viewer, brain):
     assert "pixel sizes" in widget.status.value
     widget.sources.value = [a, c]
     widget.run_button.native.click()
-    assert "same spatial shape" in widget.status.value
+    assert "differ in size" in widget.status.value
     assert len(viewer.layers) == n_layers and not widget.running

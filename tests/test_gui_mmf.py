@@ -16,7 +16,7 @@ from napari_cscfusion.engine.registry import packaged_weights_path  # noqa: E402
 from ._shared import missing  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-MMF = "Guided super-resolution (CSC-MMFN)"
+MMF = "Guided super-resolution"
 
 
 @pytest.fixture

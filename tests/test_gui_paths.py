@@ -36,7 +36,7 @@ def test_quality_of_a_guided_super_resolution_run(make_napari_viewer, qtbot):
 
     viewer = make_napari_viewer()
     guide, low, ref = _sample_crop(viewer)
-    mmf = dock(viewer, "Guided super-resolution (CSC-MMFN)")
+    mmf = dock(viewer, "Guided super-resolution")
     mmf.low_layer.value, mmf.guide_layer.value = low, guide
     mmf.run_button.native.click()
     wait_idle(qtbot, mmf)
@@ -49,7 +49,9 @@ def test_quality_of_a_guided_super_resolution_run(make_napari_viewer, qtbot):
     widget.compute_button.native.click()
     wait_idle(qtbot, widget)
     labels, names, rows = widget.rows
-    assert labels == ["image"] and names == ["PSNR", "SSIM"]
+    # the result's row, then its baseline row (bicubic upsampling of the low-res layer)
+    assert labels[0] == "image" and len(labels) == 2 and "baseline" in labels[1]
+    assert names == ["PSNR", "SSIM"]
     target = ref.data / 255.0
     mse = np.mean((target - fused.data.astype(np.float64)) ** 2)
     np.testing.assert_allclose(rows[0][0], 10 * np.log10(1 / mse), rtol=1e-6)
@@ -92,9 +94,10 @@ def test_ivf_widget_run_with_the_saliency_rule_gives_the_engine_s_values(make_na
     ir, vis = viewer.layers["TNO infrared"], viewer.layers["TNO visible"]
     ir.data = np.ascontiguousarray(ir.data[300:348, 200:264])
     vis.data = np.ascontiguousarray(vis.data[300:348, 200:264])
-    widget = dock(viewer, "Infrared + visible fusion (CSC-IVFN)")
+    widget = dock(viewer, "Infrared + visible fusion")
     widget.ir_layer.value, widget.vis_layer.value = ir, vis
     widget.base_rule.value = "saliency"
+    widget.weight_maps.value = True  # off by default; one layer per source when on
     widget.run_button.native.click()
     wait_idle(qtbot, widget)
     fused = widget.last_outputs[0]
@@ -102,9 +105,12 @@ def test_ivf_widget_run_with_the_saliency_rule_gives_the_engine_s_values(make_na
     model = load_model("ivf")
     want = fuse_infrared_visible(ir.data, vis.data, model, base_rule="saliency")
     np.testing.assert_allclose(fused.data, want.image, atol=1e-5, rtol=0)
-    base = next(lay for lay in viewer.layers
-                if lay.metadata.get("cscfusion", {}).get("weights") == "base")
-    np.testing.assert_allclose(base.data, want.weights["base"], atol=1e-5, rtol=0)
+    base = sorted((lay for lay in viewer.layers
+                   if lay.metadata.get("cscfusion", {}).get("weights") == "base"),
+                  key=lambda lay: lay.metadata["cscfusion"]["source_index"])
+    assert len(base) == want.weights["base"].shape[0] == 2
+    np.testing.assert_allclose(np.stack([lay.data for lay in base]), want.weights["base"],
+                               atol=1e-5, rtol=0)
     # the rule matters here: the l1 rule's image is another one
     l1 = fuse_infrared_visible(ir.data, vis.data, model, base_rule="l1").image
     assert np.abs(l1 - want.image).max() > 0.01

@@ -21,8 +21,8 @@ from napari.utils.notifications import notification_manager  # noqa: E402
 from napari_cscfusion import fuse_exposures, fuse_infrared_visible, load_model  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-IVF = "Infrared + visible fusion (CSC-IVFN)"
-MEF = "Multi-exposure fusion (CSC-MEFN)"
+IVF = "Infrared + visible fusion"
+MEF = "Exposure fusion"
 
 pytestmark = pytest.mark.gui
 
