@@ -14,7 +14,7 @@ from napari_cscfusion.engine.io import read_tiff_metadata  # noqa: E402
 from napari_cscfusion.gui.batch_widget import BatchFusionWidget  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-WIDGET = "Batch fusion of folders (CSC)"
+WIDGET = "Batch fusion of folders"
 
 
 def noise(shape, seed):
