@@ -25,6 +25,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+import torch
 from scipy import ndimage as ndi
 
 from napari_cscfusion import baselines, metrics
@@ -33,8 +34,9 @@ from napari_cscfusion.engine.alignment import (
     register_rigid,
     transform_matrix,
 )
-from napari_cscfusion.engine.medical import fuse_multimodal
+from napari_cscfusion.engine.medical import _recolour, fuse_multimodal
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path
+from napari_cscfusion.models.color import rgb_to_ycbcr
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("MI", "Qabf", "VIF", "SSIM")
@@ -85,6 +87,100 @@ def fusion_table(data: Path, checkpoints: Path, device: str) -> str:
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
+HARVARD_SETS = {"mri_ct": "CT", "mri_pet": "PET"}  # mri_spect is held out: never read here
+
+
+def harvard_pairs(data: Path, name: str, limit: int | None = None) -> list[tuple[Path, Path]]:
+    """(MRI, other) files of one Harvard set (``HARVARD_SETS``; never mri_spect), by number."""
+    if name not in HARVARD_SETS:
+        raise ValueError(f"Harvard set must be one of {sorted(HARVARD_SETS)}, got {name!r}")
+    folder = data / "harvard" / name
+    mris = sorted((folder / "MRI").glob("*.png"), key=lambda p: int(p.stem))
+    pairs = [(m, folder / HARVARD_SETS[name] / m.name) for m in mris]
+    return [pr for pr in pairs if pr[1].is_file()][:limit]
+
+
+def harvard_background(mri: np.ndarray, other_y: np.ndarray, margin: int = 8) -> np.ndarray:
+    """The scans' black background: pixels black in both sources and more than ``margin`` px
+    from any pixel that is not (so a network's receptive field does not reach tissue)."""
+    tissue = (mri > 0) | (other_y > 1.0 / 255)
+    return ~ndi.binary_dilation(tissue, iterations=margin)
+
+
+def harvard_scores(mri: np.ndarray, other: np.ndarray, fused: np.ndarray) -> dict[str, float]:
+    """MI, Qabf, VIF, SSIM of a fused image (grey, or RGB: its BT.601 luma) against the MRI and
+    the other scan's luma (metrics.evaluate 'medical')."""
+    return metrics.evaluate("medical", [mri, other], fused)
+
+
+def harvard_methods(mri_u8: np.ndarray, other_u8: np.ndarray, models: dict) -> dict:
+    """Fused images of one pair: CSC-IVFN with fuse_multimodal's defaults per model, pixel
+    average and max of the luminances (the colour source's chroma kept for all, as ours)."""
+    mri = mri_u8 / 255.0
+    colour = other_u8.ndim == 3
+    other = other_u8[..., :3] / 255.0
+    if colour:
+        ycc = rgb_to_ycbcr(torch.from_numpy(other), dim=-1)
+        other_y, chroma = ycc[..., 0].numpy(), ycc[..., 1:]
+    else:
+        other_y, chroma = other, None
+    out = {}
+    for label, model in models.items():
+        out[f"CSC-IVFN, {label} (fuse_multimodal defaults)"] = fuse_multimodal(
+            {"MRI": mri_u8, "other": other_u8}, model=model, device="cpu").image
+    for label, y in (("average (pixel mean of the luminances)", (mri + other_y) / 2),
+                     ("max of the luminances", np.maximum(mri, other_y))):
+        y = torch.from_numpy(np.asarray(y, np.float32))
+        out[label] = y.numpy() if chroma is None else _recolour(y, chroma)[0]
+    return out, mri, other_y
+
+
+def harvard_table(data: Path, checkpoints: Path, limit: int | None = None) -> str:
+    """Mean MI, Qabf, VIF, SSIM over the Harvard MRI/CT and MRI/PET pairs (for choosing the
+    medical defaults; the held-out mri_spect is never read)."""
+    models = {}
+    if packaged_weights_path("ivf").is_file():
+        models["packaged ivf.pt"] = load_model("ivf")
+    if checkpoints.is_dir():
+        models["authors' weights"] = load_model("ivf", checkpoints)
+    lines = []
+    for name in HARVARD_SETS:
+        pairs = harvard_pairs(data, name, limit)
+        if not pairs:
+            lines.append(f"- {name}: no pairs found under {data / 'harvard' / name}")
+            continue
+        sums: dict[str, dict[str, float]] = {}
+        black: dict[str, float] = {}
+        black_mean: dict[str, float] = {}
+        t = time.perf_counter()
+        for mri_path, other_path in pairs:
+            mri_u8 = _read(mri_path)
+            other_u8 = np.asarray(iio.imread(other_path))
+            fused, mri, other_y = harvard_methods(mri_u8, other_u8, models)
+            background = harvard_background(mri, other_y)
+            for label, img in fused.items():
+                sc = harvard_scores(mri, other_y, np.clip(img, 0, 1))
+                acc = sums.setdefault(label, dict.fromkeys(METRICS, 0.0))
+                for m in METRICS:
+                    acc[m] += sc[m] / len(pairs)
+                if background.any():
+                    black[label] = max(black.get(label, 0.0),
+                                       float(np.max(np.asarray(img)[background])) * 255)
+                    black_mean[label] = black_mean.get(label, 0.0) + float(
+                        np.mean(np.asarray(img)[background])) * 255 / len(pairs)
+        _log(f"Harvard {name}: {len(pairs)} pairs, {time.perf_counter() - t:.1f} s")
+        lines += [f"**{name}** ({len(pairs)} pairs, 256x256; mean over pairs; fused luma vs "
+                  f"the MRI and the {HARVARD_SETS[name]}'s luma)", "",
+                  "| method | " + " | ".join(METRICS) + " | background mean / max (grey "
+                  "levels) |", "| --- |" + " ---: |" * (len(METRICS) + 1)]
+        for label, acc in sums.items():
+            lines.append(f"| {label} | " + " | ".join(f"{acc[m]:.4f}" for m in METRICS)
+                         + f" | {black_mean.get(label, float('nan')):.2f} / "
+                         f"{black.get(label, float('nan')):.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def alignment_table(data: Path) -> str:
     pd = _read(data / "BrainProtonDensitySlice.png")
     t1 = _read(data / "BrainT1Slice.png")
@@ -127,9 +223,18 @@ def main(argv=None) -> None:
                    default=ROOT.parent / "shared" / "reference-checkpoints")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-alignment", action="store_true")
+    p.add_argument("--harvard-only", action="store_true",
+                   help="only the Harvard MRI/CT and MRI/PET table")
+    p.add_argument("--harvard-pairs", type=int, default=None,
+                   help="first N pairs of each Harvard set (default: all)")
     a = p.parse_args(argv)
     if not a.data.is_dir():
         sys.exit(f"no medical data at {a.data}")
+    if (a.data / "harvard").is_dir():
+        print("### Harvard MRI/CT and MRI/PET (real clinical pairs; for choosing settings)\n")
+        print(harvard_table(a.data, a.checkpoints, a.harvard_pairs))
+    if a.harvard_only:
+        return
     print("### BrainWeb T1/PD, 217x181 (fused image vs the two sources)\n")
     print(fusion_table(a.data, a.checkpoints, a.device))
     if not a.no_alignment:

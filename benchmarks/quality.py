@@ -10,7 +10,8 @@ Tasks
 ivf  TNO (40 pairs) and FLIR-test (40 pairs): EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM
      (napari_cscfusion.metrics conventions: [0,1] floats, so SD/SF/AG are 1/255 of the 0..255
      values of most papers) for ours, the authors' (reference-checkpoints folder) and the
-     average / choose-max (two-scale detail) / Laplacian-pyramid (4 levels) baselines.
+     average / max (pixel maximum) / choose-max (two-scale detail) / Laplacian-pyramid (4
+     levels) baselines.
 mef  The Memorial bracket (16 exposures) and, when napari_cscfusion.training.data provides
      simulate_bracket/read_hdr, a 4-exposure bracket (EV -4, -2, 0, +2, seed 0) simulated from
      the held-out HDR scene: MEF-SSIM (+ EN, SD, SF, AG) for ours, the authors', Mertens and the
@@ -185,6 +186,8 @@ def bench_ivf(args, notes: list[str]) -> list[Table]:
             )
     methods += [
         ("average", lambda ir, vis: B.average_fusion([ir, vis])),
+        # the papers' "max" rule: it beats most deep methods on MI/VIF/Qabf, tables must show it
+        ("max (pixel maximum)", lambda ir, vis: B.max_abs_fusion([ir, vis], mode="intensity")),
         ("choose-max (detail)", lambda ir, vis: B.max_abs_fusion([ir, vis])),
         ("Laplacian pyramid", lambda ir, vis: B.laplacian_pyramid_fusion([ir, vis], levels=4)),
     ]

@@ -5,7 +5,8 @@ README. Needs a display; on a headless machine:
 
 Loads the TNO sample, runs CSC-IVFN with the packaged weights (or --weights, by default the
 authors' checkpoints in ../shared/reference-checkpoints when the packaged ones are missing),
-shows infrared, visible and fused side by side (grid mode) and saves docs/screenshot.png.
+shows infrared, visible and fused side by side with the widget's "Compare side by side" button
+and saves docs/screenshot.png.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDGET = "Infrared + visible fusion (CSC-IVFN)"
+WIDGET = "Infrared + visible fusion"
 
 
 def default_weights() -> str | None:
@@ -33,9 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", type=Path, default=ROOT / "docs" / "screenshot.png")
     ap.add_argument("--weights", default=None, help="checkpoint file or folder")
-    ap.add_argument("--base-rule", default="l1", choices=("saliency", "l1", "average"),
-                    help="l1 by default: the saliency rule takes minutes on a small CPU")
-    ap.add_argument("--size", type=int, nargs=2, default=(1500, 900), metavar=("W", "H"))
+    ap.add_argument("--base-rule", default=None, choices=("saliency", "l1", "average"),
+                    help="default: the widget's first preset (Thermal surveillance)")
+    ap.add_argument("--size", type=int, nargs=2, default=(1500, 620), metavar=("W", "H"))
     args = ap.parse_args()
     weights = args.weights or default_weights()
 
@@ -47,8 +48,8 @@ def main() -> None:
     viewer.open_sample("napari-cscfusion", "infrared_visible")
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-cscfusion", WIDGET)
     widget.weights.set_path(weights)
-    widget.base_rule.value = args.base_rule
-    widget.codes.value = "summary"
+    if args.base_rule:
+        widget.base_rule.value = args.base_rule
     app = QApplication.instance()
     t0 = time.perf_counter()
     widget.run()
@@ -60,8 +61,7 @@ def main() -> None:
     if not fused:
         sys.exit(f"the run failed: {widget.status.value}")
     print(f"fused in {time.perf_counter() - t0:.1f} s: {fused[0].name}")
-    viewer.grid.enabled = True
-    viewer.grid.shape = (2, 2)
+    widget.compare_button.native.click()  # sources and result side by side
     viewer.layers.selection.active = fused[0]
     for _ in range(5):
         app.processEvents()

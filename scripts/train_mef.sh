@@ -11,6 +11,12 @@
 #      (--exposure-prior 0.2, models.mefn.exposure_prior) -> runs/prior/mef_p.best.pt; INIT= the
 #      stage-2 file (sha256 a4a909ff..., shipped until 2026-12-03: git show
 #      0c3bc6a:src/napari_cscfusion/weights/mef.pt)
+#   4. (2026-12-06, issue 17) second generation, sparse by construction: fine-tuning of the
+#      stage-3 file (INIT=, default the packaged weights as of 6b8ce0b, sha256 e7b31e13...)
+#      with every soft threshold clamped at >= 0 (after each step), the last unit's thresholds
+#      warm-started so that ~80 % of the codes are zero, and an L1 term on the codes
+#      (SPARSITY=, default 0.003); only epochs with >= 75 % zeros on validation are eligible
+#      -> runs/g2/mef_w80_s<SPARSITY>.best.pt
 # PRIOR=1 runs stages 1 and 2 from scratch with the prior instead (-> runs/prior/mef_s1*,
 # runs/prior/mef_s2*). The shipped file is the .best.pt with the highest validation score.
 # Resume an interrupted stage with: [STAGE=n] [PRIOR=1] scripts/train_mef.sh --resume
@@ -39,6 +45,14 @@ case "${STAGE:-1}" in
   exec nice -n 5 $PY --out runs/prior/mef_p.pt --init "${INIT:-runs/mef_ft.best.pt}" \
     --freeze-bn --exposure-prior 0.2 $DATA --epochs 12 --steps-per-epoch 25 --lr 1e-3 \
     --schedule cosine --warmup-steps 10 --seed 0 $RUN --max-minutes "${MAX_MINUTES:-25}" "$@" ;;
+4)
+  mkdir -p runs/g2
+  SW="${SPARSITY:-0.003}"
+  exec nice -n 5 $PY --out "runs/g2/mef_w80_s$SW.pt" \
+    --init "${INIT:-src/napari_cscfusion/weights/mef.pt}" --threshold-warm-start 0.8 \
+    --freeze-bn --nonnegative-thresholds --sparsity-weight "$SW" --min-val-sparsity 0.75 \
+    $DATA --epochs "${EPOCHS:-12}" --steps-per-epoch 25 --lr 1e-3 --schedule cosine \
+    --warmup-steps 10 --seed 17 $RUN "$@" ;;
 *)
-  echo "STAGE must be 1, 2 or 3" >&2; exit 2 ;;
+  echo "STAGE must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac

@@ -1,5 +1,11 @@
-"""Where the shared data and the authors' checkpoints live (../shared beside the repo), and
-skip markers for when they are absent."""
+"""The one place the tests find the shared data and the authors' checkpoints.
+
+The data root is ``$CSCFUSION_SHARED`` when set, else ``../shared`` beside the repository.
+A test that needs a part of it skips with a reason starting with ``NEEDS_SHARED`` (naming
+the part and the root) when that part is absent; under ``CI=true`` conftest.py turns such a
+skip into a failure. The BrainWeb T1/PD slices also ship in the package (``SAMPLES``), so
+the tests that need only those never skip.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,60 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(os.environ.get("CSCFUSION_SHARED",
-                             Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED = Path(os.environ.get("CSCFUSION_SHARED") or
+              Path(__file__).resolve().parents[1].parent / "shared")
 DATA = SHARED / "data"
 CKPT = SHARED / "reference-checkpoints"
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "napari_cscfusion" / "sample_data"
+AUTHORS_WEIGHTS = {"ivf": "reference-checkpoints",
+                   "mef": "reference-checkpoints/csc_mefn_authors.pth",
+                   "mmf": "reference-checkpoints/csc_mmfn_authors.pth"}
+BRAINWEB_SAMPLES = {"BrainT1Slice.png": "brainweb_t1.png",
+                    "BrainProtonDensitySlice.png": "brainweb_pd.png"}
+
+NEEDS_SHARED = "needs the shared data"
+
+
+def missing(*parts: str) -> str:
+    """The skip reason for absent shared ``parts`` (paths relative to the data root)."""
+    return (f"{NEEDS_SHARED} {', '.join(parts)} under {SHARED} (set CSCFUSION_SHARED or "
+            f"place the data at ../shared)")
+
+
+def shared_path(relative: str) -> Path:
+    """``SHARED / relative``; the test skips (naming it) when it does not exist."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(missing(relative))
+    return path
+
 
 needs_shared = pytest.mark.skipif(not (DATA.is_dir() and CKPT.is_dir()),
-                                  reason=f"shared data/checkpoints not found at {SHARED}")
+                                  reason=missing("data/", "reference-checkpoints/"))
+
+
+def medical_image(name: str) -> Path:
+    """A BrainWeb slice (``BrainT1Slice.png``, ...): the packaged copy where one ships, else
+    from the shared data (skipping when absent)."""
+    if name in BRAINWEB_SAMPLES:
+        return SAMPLES / BRAINWEB_SAMPLES[name]
+    return shared_path(f"data/medical/{name}")
+
+
+BRAINWEB_FILES = {"t1": "BrainT1Slice.png", "pd": "BrainProtonDensitySlice.png",
+                  "shifted": "BrainProtonDensitySliceShifted13x17y.png",
+                  "rotated": "BrainProtonDensitySliceR10X13Y17.png"}
+
+
+class BrainWeb(dict):
+    """The BrainWeb slices by short name (``BRAINWEB_FILES``), grey, read on first use: T1
+    and PD from the package's sample data, the shifted and rotated PD from the shared data
+    (the test using them skips when those are absent)."""
+
+    def __missing__(self, key: str) -> np.ndarray:
+        image = grey(read(medical_image(BRAINWEB_FILES[key])))
+        self[key] = image
+        return image
 
 
 def read(path) -> np.ndarray:
@@ -29,9 +82,7 @@ def read(path) -> np.ndarray:
 def authors_model(task: str):
     from napari_cscfusion import load_model
 
-    path = {"ivf": CKPT, "mef": CKPT / "csc_mefn_authors.pth",
-            "mmf": CKPT / "csc_mmfn_authors.pth"}[task]
-    return load_model(task, path)
+    return load_model(task, SHARED / AUTHORS_WEIGHTS[task])
 
 
 def grey(img: np.ndarray) -> np.ndarray:

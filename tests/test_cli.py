@@ -149,15 +149,12 @@ def test_out_of_memory_on_the_gpu_runs_on_the_cpu_and_says_so(monkeypatch, capsy
 
 def test_fuse_ivf_code_gain(tmp_path, capsys):
     """--code-gain reaches the engine (metadata), is checked by it, and is ivf only."""
-    from ._shared import grey
-
-    med = DATA / "medical"
-    if not med.is_dir():
-        pytest.skip(f"no medical data at {med}")
     import imageio.v3 as iio
 
+    from ._shared import grey, medical_image
+
     src = tmp_path / "t1.png"
-    t1 = grey(read(med / "BrainT1Slice.png"))[60:124, 50:114]
+    t1 = grey(read(medical_image("BrainT1Slice.png")))[60:124, 50:114]
     iio.imwrite(src, t1)
     out = tmp_path / "fused.tif"
     base = ["fuse", "ivf", str(src), str(src), "-o", str(out), "--device", "cpu",
@@ -171,7 +168,7 @@ def test_fuse_ivf_code_gain(tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--code-gain", "0"]) == 2
     assert "code_gain" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--code-gain is for ivf only"):
+    with pytest.raises(SystemExit, match="--code-gain is for ivf and medical only"):
         main(["fuse", "mef", str(src), str(src), "-o", str(out), "--code-gain", "1"])
 
 
@@ -183,7 +180,7 @@ def test_fuse_asks_the_engine_for_no_weight_maps_and_writes_the_same_image(
     import imageio.v3 as iio
 
     from napari_cscfusion import cli
-    from napari_cscfusion.engine import fuse_exposures, fuse_infrared_visible
+    from napari_cscfusion.engine import batch, fuse_exposures, fuse_infrared_visible
 
     from ._shared import grey
 
@@ -195,8 +192,8 @@ def test_fuse_asks_the_engine_for_no_weight_maps_and_writes_the_same_image(
             return fuse(*a, **kw)
         return wrapper
 
-    monkeypatch.setattr(cli, "fuse_infrared_visible", recording(fuse_infrared_visible))
-    monkeypatch.setattr(cli, "fuse_exposures", recording(fuse_exposures))
+    monkeypatch.setattr(batch, "fuse_infrared_visible", recording(fuse_infrared_visible))
+    monkeypatch.setattr(batch, "fuse_exposures", recording(fuse_exposures))
     ir = grey(read(DATA / "ivf" / "tno" / "IR1.png"))[100:164, 200:264]
     vis = grey(read(DATA / "ivf" / "tno" / "VIS1.png"))[100:164, 200:264]
     frames = [read(DATA / "mef" / "memorial" / f"memorial_{i:02d}.png")[:48, :40, :3]

@@ -14,9 +14,11 @@ from napari_cscfusion.engine.registry import packaged_weights_path
 def test_demo_writes_a_fused_image_per_task(tmp_path):
     written = run_demo(tmp_path, device="cpu", base_rule="average")
     stems = {p.stem for p in written}
-    assert stems == {"ivf_tno01", "mef_courtyard", "mmf_tno03_x4", "medical_t1_pd"}
+    assert stems == {"ivf_tno01", "mef_courtyard", "mmf_tno03_x4", "medical_t1_pd",
+                     "medical_mri_pet"}
     shapes = {"ivf_tno01": (576, 768), "mef_courtyard": (256, 512, 3),
-              "mmf_tno03_x4": (576, 768), "medical_t1_pd": (217, 181)}
+              "mmf_tno03_x4": (576, 768), "medical_t1_pd": (217, 181),
+              "medical_mri_pet": (233, 197, 3)}
     for stem, shape in shapes.items():
         img = tifffile.imread(tmp_path / f"{stem}.tif")
         assert img.shape == shape and np.isfinite(img).all()

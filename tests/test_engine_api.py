@@ -9,7 +9,7 @@ from napari_cscfusion.engine import available_devices, resolve_device
 from napari_cscfusion.engine.inputs import normalise
 from napari_cscfusion.models.checkpoints import CheckpointError
 
-from ._shared import CKPT, DATA, authors_model, grey, needs_shared, read
+from ._shared import CKPT, DATA, authors_model, grey, missing, needs_shared, read
 
 # --- normalisation (no weights needed) ----------------------------------------------------
 
@@ -67,7 +67,7 @@ def test_device_choice():
 @pytest.fixture(scope="module")
 def pair():
     if not DATA.is_dir():
-        pytest.skip("shared data absent")
+        pytest.skip(missing("data/"))
     ir = grey(read(DATA / "ivf" / "tno" / "IR3.png"))[100:164, 200:280]
     vis = grey(read(DATA / "ivf" / "tno" / "VIS3.png"))[100:164, 200:280]
     return ir, vis
@@ -122,7 +122,7 @@ def test_ivf_fusion_keeps_structure_of_both_sources(pair):
 def test_ivf_bad_input(pair, change, words):
     args, kwargs = change(*pair)
     if "device" in kwargs and torch.cuda.device_count() > 7:
-        pytest.skip("a machine with 8 GPUs")
+        pytest.skip("needs CUDA device 7 to be absent (this machine has 8 GPUs)")
     with pytest.raises(ValueError, match=words):
         fuse_infrared_visible(*args, model=authors_model("ivf"), **kwargs)
 
@@ -207,16 +207,21 @@ def test_checkpoint_shape_mismatch_is_named(tmp_path):
 
 
 def test_pickled_code_is_never_executed(tmp_path):
+    """Unpickling the payload would create the marker file: the proof that code ran (the
+    error alone cannot tell, load_model raises it either way)."""
     import pickle
+
+    marker = tmp_path / "code_ran"
 
     class Evil:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (open, (str(marker), "w"))
 
     p = tmp_path / "evil.pth"
     p.write_bytes(pickle.dumps({"x": Evil()}))
     with pytest.raises(CheckpointError, match="evil.pth"):
         load_model("mef", p)
+    assert not marker.exists()
 
 
 @needs_shared

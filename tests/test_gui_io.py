@@ -125,6 +125,8 @@ def test_writer_leaves_no_partial_file_on_failure(tmp_path):
     ("infrared_visible", ["TNO infrared", "TNO visible"], [(576, 768), (576, 768)]),
     ("exposure_bracket", ["courtyard exposures"], [(4, 256, 512, 3)]),
     ("mri_t1_pd", ["BrainWeb T1", "BrainWeb PD"], [(217, 181), (217, 181)]),
+    ("mri_pet", ["MNI152 T1 (anatomy)", "simulated PET (hot colours)"],
+     [(233, 197), (233, 197, 3)]),
     ("guided_sr", ["TNO visible guide", "TNO infrared low-res x4", "TNO infrared reference"],
      [(576, 768), (144, 192), (576, 768)]),
 ])
@@ -140,13 +142,14 @@ def test_sample_data_loads(make_napari_viewer, key, names, shapes):
 def test_sample_files_are_small_and_attributed():
     folder = _sample_data.sample_path("")
     files = [p for p in folder.iterdir() if p.suffix == ".png"]
-    assert len(files) == 10
+    assert len(files) == 12
     attribution = (folder / "ATTRIBUTION.md").read_text()
     for p in files:
         assert p.stat().st_size < 1_000_000, p
         assert p.name in attribution
     for credit in ("TNO Image Fusion Dataset, A. Toet", "CC BY 4.0",
-                   "BrainWeb, via the ITK examples", "Apache-2.0", "CC0"):
+                   "BrainWeb, via the ITK examples", "Apache-2.0", "CC0",
+                   "Copyright (C) 1993-2004 Louis Collins", "SIMULATED"):
         assert credit in attribution
 
 
@@ -160,8 +163,8 @@ def test_manifest_is_valid_and_lists_the_widgets():
     pm = PluginManager.instance()
     pm.discover()
     widgets = {w.display_name for w in pm.get_manifest(PLUGIN).contributions.widgets}
-    assert {"Infrared + visible fusion (CSC-IVFN)", "Multi-exposure fusion (CSC-MEFN)",
-            "Guided super-resolution (CSC-MMFN)", "Fusion quality"} <= widgets
+    assert {"Infrared + visible fusion", "Exposure fusion",
+            "Guided super-resolution", "Fusion quality"} <= widgets
     root = ROOT / "napari.yaml"
     assert root.is_symlink()
     assert root.resolve() == (ROOT / "src" / "napari_cscfusion" / "napari.yaml").resolve()

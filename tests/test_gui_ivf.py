@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -14,7 +15,7 @@ from napari.utils.notifications import notification_manager  # noqa: E402
 from napari_cscfusion import fuse_infrared_visible, load_model  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-IVF = "Infrared + visible fusion (CSC-IVFN)"
+IVF = "Infrared + visible fusion"
 
 
 def dock(viewer, name):
@@ -52,6 +53,7 @@ def test_ivf_widget_adds_fused_codes_and_weights(ivf_viewer, qtbot):
     ir_before, vis_before = ir.data.copy(), vis.data.copy()
     ir.scale, ir.translate = (0.5, 0.25), (10.0, -3.0)
     widget.codes.value = "summary"
+    widget.weight_maps.value = True
     n_layers = len(viewer.layers)
     run_and_wait(qtbot, widget)
 
@@ -81,7 +83,13 @@ def test_ivf_widget_adds_fused_codes_and_weights(ivf_viewer, qtbot):
         cm = lay.metadata["cscfusion"]
         assert lay.data.shape == (48, 64)  # summary map: L1 over the 64 code channels
         assert 0.0 <= cm["sparsity"] <= 1.0
-        assert f"{100 * cm['sparsity']:.0f}% zeros" in lay.name
+        # the share of exact zeros is named where there are any (the sparse detail codes)
+        assert (f"{100 * cm['sparsity']:.0f}% zero" in lay.name) == (cm["sparsity"] >= 0.005)
+        assert "_" not in lay.name
+        # the base encoder is a PReLU by design: named so, never advertised as sparse
+        if cm["code"].endswith("_base"):
+            assert cm["activation"] == "PReLU" and "PReLU" in lay.name
+            assert "sparse" not in lay.name
         assert (lay.data >= 0).all()
         np.testing.assert_allclose(lay.scale, (0.5, 0.25))
     # the detail encoder ends in a soft threshold: its codes have exact zeros
@@ -89,14 +97,18 @@ def test_ivf_widget_adds_fused_codes_and_weights(ivf_viewer, qtbot):
                 == "infrared_detail").metadata["cscfusion"]["sparsity"] > 0
     weights_layers = [lay for lay in viewer.layers
                       if lay.metadata.get("cscfusion", {}).get("role") == "weights"]
-    assert {lay.metadata["cscfusion"]["weights"] for lay in weights_layers} == {"base", "detail"}
-    for lay in weights_layers:
-        assert lay.data.shape == (2, 48, 64)
-        np.testing.assert_allclose(lay.data.sum(0), 1.0, atol=1e-5)
-        # the slider of the source axis says what it selects; y, x as on the inputs
-        assert tuple(lay.axis_labels) == ("source", *ir.axis_labels)
-    assert viewer.dims.axis_labels[0] == "source"
-    assert len(viewer.layers) == n_layers + 1 + 6 + 2
+    # one 2-D map per source and code: no slider
+    assert sorted((lay.metadata["cscfusion"]["weights"], lay.metadata["cscfusion"]["source"])
+                  for lay in weights_layers) == [("base", "TNO infrared"), ("base", "TNO visible"),
+                                                 ("detail", "TNO infrared"),
+                                                 ("detail", "TNO visible")]
+    for key in ("base", "detail"):
+        maps = [lay for lay in weights_layers if lay.metadata["cscfusion"]["weights"] == key]
+        assert all(lay.data.shape == (48, 64) for lay in maps)
+        np.testing.assert_allclose(maps[0].data + maps[1].data, 1.0, atol=1e-5)
+        assert all(tuple(lay.axis_labels) == tuple(ir.axis_labels) for lay in maps)
+    assert viewer.dims.ndim == 2
+    assert len(viewer.layers) == n_layers + 1 + 6 + 4
     np.testing.assert_array_equal(ir.data, ir_before)
     np.testing.assert_array_equal(vis.data, vis_before)
     assert widget.run_button.enabled and not widget.cancel_button.enabled
@@ -122,7 +134,7 @@ def test_ivf_every_channel_codes_and_rerun_replaces(ivf_viewer, qtbot):
     n0 = len(viewer.layers)
     run_and_wait(qtbot, widget)
     added = len(viewer.layers) - n0
-    assert added == 1 + 6 + 2
+    assert added == 1 + 6  # weight maps are off by default
     code = next(lay for lay in viewer.layers
                 if lay.metadata.get("cscfusion", {}).get("code") == "visible_detail")
     assert code.data.shape == (64, 48, 64)  # the code channel is the slider axis
@@ -139,8 +151,8 @@ def test_ivf_every_channel_codes_and_rerun_replaces(ivf_viewer, qtbot):
 
     widget.codes.value = "none"
     widget.keep_previous.value = True
-    run_and_wait(qtbot, widget)  # kept: adds the fused image and the 2 weight maps
-    assert len(viewer.layers) == n0 + added + 3
+    run_and_wait(qtbot, widget)  # kept: adds the fused image
+    assert len(viewer.layers) == n0 + added + 1
 
 
 def test_ivf_nd_layers_fused_slice_by_slice_with_colour_visible(make_napari_viewer, qtbot,
@@ -156,15 +168,17 @@ def test_ivf_nd_layers_fused_slice_by_slice_with_colour_visible(make_napari_view
     widget.weights.set_path(weights)
     widget.ir_layer.value, widget.vis_layer.value = lir, lvis
     widget.base_rule.value = widget.detail_rule.value = "average"
+    widget.weight_maps.value = True
     run_and_wait(qtbot, widget)
     fused = viewer.layers["ir + vis (CSC-IVFN)"]
     assert fused.rgb and fused.data.shape == (3, 40, 44, 3)
     np.testing.assert_allclose(fused.scale, (2.0, 1.0, 1.0))
     assert fused.metadata["cscfusion"]["planes"] == 3
-    weights_layer = viewer.layers["detail weights · ir + vis (CSC-IVFN)"]
-    assert weights_layer.data.shape == (3, 2, 40, 44)
-    assert tuple(weights_layer.axis_labels) == (lir.axis_labels[0], "source",
-                                                *lir.axis_labels[1:])
+    weights_layer = viewer.layers["detail weight of ir · ir + vis (CSC-IVFN)"]
+    assert weights_layer.data.shape == (3, 40, 44)  # one per source, the source's own axes
+    assert tuple(weights_layer.axis_labels) == tuple(lir.axis_labels)
+    np.testing.assert_allclose(viewer.layers["detail weight of vis · ir + vis (CSC-IVFN)"].data
+                               + weights_layer.data, 1.0, atol=1e-5)
     # plane 1 equals the engine on that plane (luma fused; the visible chroma is kept)
     model = load_model("ivf", weights)
     y = vis[1].astype(np.float32) / 255 @ np.array([0.299, 0.587, 0.114], np.float32)
@@ -187,8 +201,8 @@ def test_ivf_mismatched_shapes_notify_and_add_nothing(make_napari_viewer, qtbot,
     qtbot.wait(50)
     errs = errors_since(n_notes)
     assert len(errs) == 1
-    assert "same shape" in errs[0].message and "'ir'" in errs[0].message
-    assert "(40, 52)" in errs[0].message
+    assert "same size" in errs[0].message and "'ir'" in errs[0].message
+    assert "40x52" in errs[0].message
     assert len(viewer.layers) == n_layers and not widget.running
     assert widget.run_button.enabled
 
@@ -231,33 +245,48 @@ def test_ivf_cancel_mid_run_adds_nothing_and_stops_quickly(make_napari_viewer, q
     qtbot.waitUntil(lambda: widget._token is not None and 0 < widget._token.fraction,
                     timeout=60_000)
     assert not widget.run_button.enabled and widget.cancel_button.enabled
-    t0 = time.perf_counter()
+    token = widget._token
     widget.cancel_button.native.click()
     assert widget.run_button.enabled and not widget.running  # ready again at once
-    qtbot.waitUntil(lambda: bool(finished), timeout=20_000)
-    # the worker thread itself stops at its next torch operation, mid engine step
-    print("cancel latency", finished[0] - t0)
-    assert finished[0] - t0 < 2.0
+    qtbot.waitUntil(lambda: bool(finished), timeout=20_000)  # the worker ends
+    # the worker thread itself stops at its next torch operation, mid engine step, not at the
+    # end of the job (the latency is measured in benchmarks/gui_bounds.py)
+    assert token.cancelled and token.fraction < 1.0
     qtbot.wait(100)
     assert len(viewer.layers) == n_layers
     assert "cancelled" in widget.status.value
 
 
-def test_ivf_event_loop_keeps_running_during_a_run(make_napari_viewer, qtbot, fusion_weights):
+def test_ivf_event_loop_keeps_running_during_a_run(make_napari_viewer, qtbot, fusion_weights,
+                                                  monkeypatch):
     from qtpy.QtCore import QTimer
+
+    from napari_cscfusion.gui._state import MODELS
 
     viewer, widget = _slow_job_viewer(make_napari_viewer, fusion_weights, planes=2, size=96)
     widget.base_rule.value = "l1"
+    # the worker waits, before it starts fusing, for a timer event that only the GUI thread's
+    # event loop can deliver while the run is on: a run that blocked the loop never gets it
+    ticked_while_running = threading.Event()
     ticks = []
     timer = QTimer()
     timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(widget.running))
+    timer.timeout.connect(lambda: ticks.append(widget.running)
+                          or (widget.running and ticked_while_running.set()))
+    get_model = MODELS.get
+
+    def get_after_a_tick(*args, **kwargs):
+        if not ticked_while_running.wait(timeout=30):
+            raise RuntimeError("the GUI event loop did not run while the worker was busy")
+        return get_model(*args, **kwargs)
+
+    monkeypatch.setattr(MODELS, "get", get_after_a_tick)
     timer.start()
     try:
         run_and_wait(qtbot, widget)
     finally:
         timer.stop()
-    # the GUI thread handled many timer events while the worker was busy
-    assert sum(ticks) >= 10
+    assert ticked_while_running.is_set() and any(ticks)
+    assert widget.status.value.startswith("done")  # not the RuntimeError above
     assert widget.progress.value == widget.progress.max
     assert "ir + vis (CSC-IVFN)" in viewer.layers

@@ -17,5 +17,6 @@ def test_launcher_docks_widgets_and_loads_samples(monkeypatch, make_napari_viewe
     assert ran == [True]
     names = [layer.name for layer in viewer.layers]
     assert "TNO infrared" in names and "TNO visible" in names
-    docks = viewer.window._dock_widgets
-    assert any("CSC-IVFN" in k for k in docks) and any("CSC-MEFN" in k for k in docks)
+    docks = viewer.window.dock_widgets
+    assert any("Infrared + visible fusion" in k for k in docks)
+    assert any("Exposure fusion" in k for k in docks)

@@ -3,10 +3,6 @@ layer, volumes as NIfTI/DICOM reader plugins make them, alignment check and regi
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -18,10 +14,8 @@ from napari_cscfusion.engine.medical import fuse_multimodal  # noqa: E402
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path  # noqa: E402
 from napari_cscfusion.gui.medical_widget import MedicalFusionWidget  # noqa: E402
 
-SHARED = Path(os.environ.get("CSCFUSION_SHARED",
-                             Path(__file__).resolve().parents[1].parent / "shared"))
-MED = SHARED / "data" / "medical"
-CKPT = SHARED / "reference-checkpoints"
+from ._shared import CKPT, BrainWeb  # noqa: E402
+
 CROP = (slice(60, 124), slice(50, 114))  # 64x64 of the brain: short CPU runs
 
 
@@ -36,19 +30,11 @@ def weights():
 
 @pytest.fixture(scope="module")
 def brain():
-    if not MED.is_dir():
-        pytest.skip(f"no medical data at {MED}")
-
-    def grey(name):
-        a = np.asarray(iio.imread(MED / name))
-        return a[..., 0] if a.ndim == 3 else a
-
-    return {"t1": grey("BrainT1Slice.png"), "pd": grey("BrainProtonDensitySlice.png"),
-            "shifted": grey("BrainProtonDensitySliceShifted13x17y.png")}
+    return BrainWeb()
 
 
 PLUGIN = "napari-cscfusion"
-WIDGET = "Medical / multi-modal fusion (CSC)"
+WIDGET = "Medical fusion"
 
 
 @pytest.fixture
@@ -89,6 +75,7 @@ def test_three_layers_fused_with_the_first_layers_placement(widget_viewer, brain
               for a, n in ((t1, "T1"), (pd, "PD"), (t2, "T2"))]
     widget.reset_choices()
     widget.sources.value = layers
+    widget.weight_maps.value = True
     run_and_wait(qtbot, widget)
     fused = viewer.layers["T1 + PD + T2 (CSC-IVFN)"]
     assert fused.data.shape == t1.shape
@@ -101,9 +88,10 @@ def test_three_layers_fused_with_the_first_layers_placement(widget_viewer, brain
     np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
     weights_layers = [lay for lay in viewer.layers
                       if lay.metadata.get("cscfusion", {}).get("role") == "weights"]
-    assert sorted(lay.metadata["cscfusion"]["weights"] for lay in weights_layers) == [
-        "base", "detail"]
-    assert all(lay.data.shape == (3,) + t1.shape for lay in weights_layers)
+    assert sorted((lay.metadata["cscfusion"]["weights"], lay.metadata["cscfusion"]["source"])
+                  for lay in weights_layers) == sorted(
+        (k, n) for k in ("base", "detail") for n in ("T1", "PD", "T2"))
+    assert all(lay.data.shape == t1.shape for lay in weights_layers)  # one 2-D map per source
     np.testing.assert_array_equal(layers[0].data, t1)  # inputs untouched
 
 
@@ -177,6 +165,7 @@ def test_reader_like_volume_slice_by_slice(widget_viewer, brain, qtbot, weights,
     widget.reset_choices()
     widget.sources.value = [a, b]
     widget.slice_axis.value = axis
+    widget.weight_maps.value = True
     run_and_wait(qtbot, widget)
     fused = viewer.layers["T1w + PDw (CSC-IVFN)"]
     assert fused.data.shape == v1.shape
@@ -185,10 +174,11 @@ def test_reader_like_volume_slice_by_slice(widget_viewer, brain, qtbot, weights,
     direct = fuse_multimodal({"T1w": v1, "PDw": v2}, _model(weights), base_rule="l1",
                              device="cpu", axis=axis)
     np.testing.assert_allclose(fused.data, direct.image, atol=1e-6)
-    w = [lay for lay in viewer.layers
-         if lay.metadata.get("cscfusion", {}).get("weights") == "detail"][0]
-    # (z, source, y, x): the source axis sits before the two displayed axes
-    np.testing.assert_allclose(w.data, np.moveaxis(direct.weights["detail"], 0, 1), atol=1e-6)
+    maps = {lay.metadata["cscfusion"]["source"]: lay for lay in viewer.layers
+            if lay.metadata.get("cscfusion", {}).get("weights") == "detail"}
+    # one map per source, on the sources' axes
+    for s, name in enumerate(("T1w", "PDw")):
+        np.testing.assert_allclose(maps[name].data, direct.weights["detail"][s], atol=1e-6)
 
 
 def test_alignment_check_warns_and_registration_fixes_it(widget_viewer, brain, qtbot):
@@ -281,5 +271,5 @@ def test_input_errors_are_reported(widget_viewer, brain):
     assert "pixel sizes" in widget.status.value
     widget.sources.value = [a, c]
     widget.run_button.native.click()
-    assert "same spatial shape" in widget.status.value
+    assert "differ in size" in widget.status.value
     assert len(viewer.layers) == n_layers and not widget.running

@@ -12,7 +12,7 @@ from napari.utils.notifications import notification_manager  # noqa: E402
 from napari_cscfusion import fuse_exposures, load_model  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-MEF = "Multi-exposure fusion (CSC-MEFN)"
+MEF = "Exposure fusion"
 
 
 def dock(viewer):
@@ -39,6 +39,7 @@ def test_mef_stack_layer_from_sample(make_napari_viewer, qtbot, fusion_weights):
     assert widget.exposure_axis.value == 0  # from the layer's metadata
     assert widget.exposure_axis.choices == (0,)  # RGB: only the leading axis can be exposures
     widget.codes.value = "all"
+    widget.weight_maps.value = True
     n_layers = len(viewer.layers)
     run_and_wait(qtbot, widget)
 
@@ -59,13 +60,16 @@ def test_mef_stack_layer_from_sample(make_napari_viewer, qtbot, fusion_weights):
         assert lay.data.shape == (q, 48, 64)
         lo, hi = lay.contrast_limits
         assert lo == pytest.approx(-hi)
-        assert "% zeros" in lay.name
-    w = viewer.layers["exposures weights · courtyard exposures fused (CSC-MEFN)"]
-    assert w.data.shape == (4, 48, 64)
-    assert w.axis_labels[0] == "exposure" and codes[0].axis_labels[0] == "code channel"
-    np.testing.assert_allclose(w.data.sum(0), 1.0, atol=1e-5)
-    assert w.metadata["cscfusion"]["sources"] == [f"courtyard exposures[{i}]" for i in range(4)]
-    assert len(viewer.layers) == n_layers + 1 + 4 + 1
+        assert "_" not in lay.name
+    maps = [viewer.layers[f"weight of courtyard exposures[{i}] · courtyard exposures fused "
+                          f"(CSC-MEFN)"] for i in range(4)]
+    assert all(w.data.shape == (48, 64) for w in maps)  # one per exposure: no slider for them
+    assert codes[0].axis_labels[0] == "code channel"
+    assert viewer.dims.axis_labels[0] == "code channel"
+    np.testing.assert_allclose(sum(w.data for w in maps), 1.0, atol=1e-5)
+    assert maps[0].metadata["cscfusion"]["sources"] == [f"courtyard exposures[{i}]"
+                                                        for i in range(4)]
+    assert len(viewer.layers) == n_layers + 1 + 4 + 4
     np.testing.assert_array_equal(stack.data, before)
 
 
@@ -118,5 +122,6 @@ def test_mef_errors_notify_and_add_nothing(make_napari_viewer, qtbot, fusion_wei
         widget.run_button.native.click()
         qtbot.wait(20)
         msgs = [r.message for r in notification_manager.records[n_notes:]]
-        assert len(msgs) == 1 and expected in msgs[0] and "CSC-MEFN" in msgs[0]
+        assert len(msgs) == 1 and expected in msgs[0]
+        assert not msgs[0].startswith("CSC-")  # plain words, no network prefix
     assert len(viewer.layers) == n_layers and not widget.running

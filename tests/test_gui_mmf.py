@@ -13,8 +13,10 @@ from napari_cscfusion import fuse_guided, load_model  # noqa: E402
 from napari_cscfusion.engine.planes import downsample_area  # noqa: E402
 from napari_cscfusion.engine.registry import packaged_weights_path  # noqa: E402
 
+from ._shared import missing  # noqa: E402
+
 PLUGIN = "napari-cscfusion"
-MMF = "Guided super-resolution (CSC-MMFN)"
+MMF = "Guided super-resolution"
 
 
 @pytest.fixture
@@ -115,7 +117,7 @@ def test_mmf_band_axis_with_the_authors_hyperspectral_model(make_napari_viewer, 
                                                             fusion_weights):
     weights = fusion_weights("mmf")
     if weights is None:
-        pytest.skip("needs the authors' 31-band CSC-MMFN checkpoint")
+        pytest.skip(missing("reference-checkpoints/csc_mmfn_authors.pth (31-band)"))
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     bands = viewer.add_image(rng.random((31, 12, 16), np.float32), name="hsi")

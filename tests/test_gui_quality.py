@@ -12,6 +12,7 @@ pytest.importorskip("napari")
 from napari.utils.notifications import notification_manager  # noqa: E402
 
 from napari_cscfusion import metrics  # noqa: E402
+from napari_cscfusion.gui.quality_widget import with_unit  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
 QUALITY = "Fusion quality"
@@ -49,20 +50,21 @@ def test_quality_ivf_table_copy_and_export(make_napari_viewer, qtbot, tmp_path):
     compute_and_wait(qtbot, widget)
 
     expected = metrics.evaluate("ivf", [ir.data, vis.data], fused_data)
-    assert list(widget.table.column_headers) == list(expected)
-    assert widget.table.shape == (1, len(expected))
+    headers = [with_unit(n) for n in expected]  # e.g. "EN (bits)"
+    assert list(widget.table.column_headers) == headers
+    assert widget.table.shape == (2, len(expected))  # the result, then the baseline
     labels, names, rows = widget.rows
-    assert labels == ["image"]
+    assert labels == ["image", "average of the sources (baseline)"]
     np.testing.assert_allclose(rows[0], [expected[n] for n in names], rtol=1e-12)
 
     widget.copy_button.native.click()
     from qtpy.QtWidgets import QApplication
     text = QApplication.clipboard().text()
-    assert text.splitlines()[0] == ",".join(["plane", *expected])
+    assert text.splitlines()[0] == ",".join(["plane", *headers])
     out = widget.export_csv(tmp_path / "metrics.csv")
     with open(out, newline="") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["plane", *expected]
+    assert table[0] == ["plane", *headers]
     assert table[1][0] == "image"
     np.testing.assert_allclose([float(v) for v in table[1][1:]], list(expected.values()),
                                rtol=1e-12)
@@ -82,11 +84,14 @@ def test_quality_mef_stack_per_plane_rows(make_napari_viewer, qtbot):
     assert widget.task.value == "mef"
     compute_and_wait(qtbot, widget)
     labels, names, rows = widget.rows
-    assert labels == ["plane 0", "plane 1"]
+    baseline = "average of the sources (baseline)"
+    assert labels == ["plane 0", f"plane 0: {baseline}", "plane 1", f"plane 1: {baseline}"]
     assert names[0] == "MEF-SSIM"
     for z in range(2):
         expected = metrics.evaluate("mef", list(stack[z]), fused[z])
-        np.testing.assert_allclose(rows[z], [expected[n] for n in names], rtol=1e-12)
+        np.testing.assert_allclose(rows[2 * z], [expected[n] for n in names], rtol=1e-12)
+        # the stand-in result is the average: the baseline row measures the same image
+        np.testing.assert_allclose(rows[2 * z + 1], rows[2 * z], rtol=1e-6)
 
 
 def test_quality_errors_notify(make_napari_viewer, qtbot):

@@ -21,8 +21,8 @@ from napari.utils.notifications import notification_manager  # noqa: E402
 from napari_cscfusion import fuse_exposures, fuse_infrared_visible, load_model  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-IVF = "Infrared + visible fusion (CSC-IVFN)"
-MEF = "Multi-exposure fusion (CSC-MEFN)"
+IVF = "Infrared + visible fusion"
+MEF = "Exposure fusion"
 
 pytestmark = pytest.mark.gui
 
@@ -78,11 +78,12 @@ def test_deleting_a_source_layer_mid_run_stops_it_and_adds_nothing(make_napari_v
     n_notes = len(notification_manager.records)
     with qtbot.capture_exceptions() as qt_exceptions:
         worker, finished = start_and_wait_for_progress(qtbot, widget)
-        t0 = time.perf_counter()
+        token = widget._token
         viewer.layers.remove(ir)
-        qtbot.waitUntil(lambda: bool(finished), timeout=30_000)
+        qtbot.waitUntil(lambda: bool(finished), timeout=30_000)  # the worker ends
         qtbot.wait(200)
-    assert finished[0] - t0 < 5.0  # stopped, not run to the end
+    # stopped, not run to the end (how fast: benchmarks/gui_bounds.py)
+    assert token.cancelled and token.fraction < 1.0
     assert fusion_layers(viewer) == []  # nothing half-made
     assert [lay.name for lay in viewer.layers] == ["vis"]
     assert not widget.running and widget.run_button.enabled
@@ -112,20 +113,25 @@ def test_closing_the_viewer_mid_run_stops_the_run_quietly(qtbot, fusion_weights,
 
     viewer = napari.Viewer(show=False)
     widget, _ir, _vis = slow_ivf(viewer, fusion_weights("ivf"))
-    outcomes = []
+    outcomes, shown = [], []
+    show_result = widget._show_result
+    widget._show_result = lambda *args: shown.append(args) or show_result(*args)
     n_notes = len(notification_manager.records)
     with qtbot.capture_exceptions() as qt_exceptions:
         worker, finished = start_and_wait_for_progress(qtbot, widget)
+        token = widget._token
         worker.returned.connect(outcomes.append)
         worker.aborted.connect(lambda: outcomes.append("aborted"))  # napari quits workers
-        t0 = time.perf_counter()
         viewer.close()
-        qtbot.waitUntil(lambda: bool(finished), timeout=30_000)
+        qtbot.waitUntil(lambda: bool(finished), timeout=30_000)  # the worker ends
         qtbot.wait(200)
-    assert finished[0] - t0 < 5.0
+    # stopped, not run to the end (how fast: benchmarks/gui_bounds.py)
+    assert token.cancelled and token.fraction < 1.0
     # closing removes the layers (the run is cancelled at its next torch operation) and napari
-    # quits its workers (then the worker emits 'aborted' or nothing): never a result
+    # quits its workers (then the worker emits 'aborted' or nothing): never a result, and
+    # nothing reaches the step that adds layers (outcomes may be empty, shown may not be)
     assert all(o == "aborted" or (o.cancelled and o.result is None) for o in outcomes)
+    assert shown == []
     assert widget._token is None or widget._token.cancelled
     assert errors_since(n_notes) == []
     assert qt_exceptions == [] and escaped == []

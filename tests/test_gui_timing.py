@@ -39,8 +39,8 @@ def test_a_long_run_shows_elapsed_and_time_left(make_napari_viewer, qtbot, fusio
 
     qtbot.waitUntil(shows_timing, timeout=120_000)
     text = widget.status.value
-    assert text.startswith("running CSC-IVFN")
-    elapsed = text.split(": ")[-1].split(" elapsed")[0]
+    assert text.startswith("running")
+    elapsed = text.split("(")[-1].split(" elapsed")[0]
     assert elapsed.endswith(" s") and (" min " in elapsed or float(elapsed[:-2]) >= ETA_AFTER_S)
     widget.cancel()
     assert not widget.running

@@ -3,7 +3,6 @@ graphs run on a dask.distributed LocalCluster."""
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from pathlib import Path
 
@@ -16,11 +15,7 @@ from napari_cscfusion.engine.lazy import close_clients, is_dask, normalise_block
 
 da = pytest.importorskip("dask.array")
 
-SHARED = Path(os.environ.get("CSCFUSION_SHARED",
-                             Path(__file__).resolve().parents[1].parent / "shared"))
-DATA, CKPT = SHARED / "data", SHARED / "reference-checkpoints"
-needs_shared = pytest.mark.skipif(not (DATA.is_dir() and CKPT.is_dir()),
-                                  reason=f"shared data/checkpoints not found at {SHARED}")
+from ._shared import CKPT, DATA, needs_shared  # noqa: E402
 
 
 def _read(path) -> np.ndarray:

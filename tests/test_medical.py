@@ -1,12 +1,9 @@
 """Medical / multi-modal fusion (engine.medical) and the alignment check / rigid registration
-(engine.alignment) on the BrainWeb T1/PD slices of ../shared/data/medical (ITK examples)."""
+(engine.alignment) on the BrainWeb T1/PD slices (ITK examples) that ship as sample data, and the
+shifted/rotated PD slices of the shared data."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -21,14 +18,12 @@ from napari_cscfusion.engine.alignment import (
     transform_matrix,
 )
 from napari_cscfusion.engine.ivf import fuse_grey_sources
-from napari_cscfusion.engine.medical import MultimodalSources, fuse_multimodal
+from napari_cscfusion.engine.medical import MedicalVolume, MultimodalSources, fuse_multimodal
+from napari_cscfusion.engine.planes import PlaneAssembler, plane_indices
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path
 from napari_cscfusion.models.color import rgb_to_ycbcr, ycbcr_to_rgb
 
-SHARED = Path(os.environ.get("CSCFUSION_SHARED",
-                             Path(__file__).resolve().parents[1].parent / "shared"))
-MED = SHARED / "data" / "medical"
-CKPT = SHARED / "reference-checkpoints"
+from ._shared import CKPT, BrainWeb
 
 # The rotated ITK image is the PD slice padded by 20 px ("BrainProtonDensitySliceBorder20"),
 # turned 10 deg clockwise about (row, col) = (128.5, 110.5) and moved by (16, 13) px: fitting that
@@ -50,21 +45,9 @@ def model():
     pytest.skip("no packaged IVFN weights and no reference checkpoints")
 
 
-def _grey(name: str) -> np.ndarray:
-    img = np.asarray(iio.imread(MED / name))
-    return img[..., 0] if img.ndim == 3 else img
-
-
 @pytest.fixture(scope="module")
 def brain():
-    if not MED.is_dir():
-        pytest.skip(f"no medical data at {MED}")
-    return {
-        "t1": _grey("BrainT1Slice.png"),
-        "pd": _grey("BrainProtonDensitySlice.png"),
-        "shifted": _grey("BrainProtonDensitySliceShifted13x17y.png"),
-        "rotated": _grey("BrainProtonDensitySliceR10X13Y17.png"),
-    }
+    return BrainWeb()
 
 
 def _brain_mask(pd: np.ndarray) -> np.ndarray:
@@ -294,6 +277,24 @@ def test_rgb_flags_override_the_guess(model, brain):
                           base_rule="l1", axis=2)
     assert res.image.shape == a3.shape and res.metadata["colour_source"] is None
 
+
+
+def test_medical_volume_colour_along_another_axis_matches_fuse_multimodal(model, brain):
+    # the widget's path (MedicalVolume plane by plane, then source_order) on a colour volume
+    # whose planes are not its last axes gives fuse_multimodal's result in the sources' order
+    v1, v2 = _small_volumes(brain, n=6, size=24)
+    pet = np.stack([v2, v2 // 2, 255 - v2], -1)  # (Z, Y, X, 3)
+    volume = MedicalVolume([v1, pet], rgb=[False, True], axis=2)
+    assembler = PlaneAssembler(volume.loop_shape)
+    for index in plane_indices(volume.loop_shape):
+        assembler.add(index, volume.fuse_plane(index, model, device="cpu", base_rule="l1"))
+    res = volume.source_order(assembler.result())
+    direct = fuse_multimodal([v1, pet], model=model, device="cpu", rgb=[False, True], axis=2,
+                             base_rule="l1")
+    assert res.image.shape == direct.image.shape == pet.shape
+    np.testing.assert_allclose(res.image, direct.image, atol=1e-6)
+    np.testing.assert_allclose(res.weights["detail"], np.moveaxis(direct.weights["detail"], 0, 1),
+                               atol=1e-6)
 
 # --- alignment ------------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from napari_cscfusion import metrics as M
 
+from ._shared import SAMPLES, shared_path
+
 # ------------------------------------------------------------------------------------------
 # MEF-SSIM
 # ------------------------------------------------------------------------------------------
@@ -293,10 +295,9 @@ def test_metrics_module_is_engine_layer():
 
 
 # ------------------------------------------------------------------------------------------
-# real data (skipped when ../shared is absent)
+# real data (skipped when the shared data is absent; tests/_shared.py finds it)
 # ------------------------------------------------------------------------------------------
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _load_grey(path: Path) -> np.ndarray:
@@ -308,12 +309,13 @@ def _load_grey(path: Path) -> np.ndarray:
     return a.astype(np.float64) / 255.0
 
 
-@pytest.fixture(scope="module")
-def tno_pair():
-    d = SHARED / "ivf" / "tno"
-    if not (d / "IR5.png").exists():
-        pytest.skip("shared TNO data not available")
-    return _load_grey(d / "IR5.png"), _load_grey(d / "VIS5.png")
+@pytest.fixture(scope="module", params=["sample 1", "shared 5"])
+def tno_pair(request):
+    """TNO pair 1 (ships as sample data) and pair 5 (shared data)."""
+    if request.param == "sample 1":
+        return _load_grey(SAMPLES / "tno_01_ir.png"), _load_grey(SAMPLES / "tno_01_vis.png")
+    return (_load_grey(shared_path("data/ivf/tno/IR5.png")),
+            _load_grey(shared_path("data/ivf/tno/VIS5.png")))
 
 
 def test_real_tno_pair_metric_orderings(tno_pair):
@@ -338,10 +340,8 @@ def test_real_tno_pair_metric_orderings(tno_pair):
 
 @pytest.mark.slow
 def test_real_memorial_mef_ssim_orderings():
-    d = SHARED / "mef" / "memorial"
-    files = sorted(d.glob("memorial_*.png"))
-    if len(files) < 16:
-        pytest.skip("shared Memorial bracket not available")
+    files = sorted(shared_path("data/mef/memorial").glob("memorial_*.png"))
+    assert len(files) == 16, files
     from skimage.io import imread
 
     from napari_cscfusion.baselines import mertens_fusion

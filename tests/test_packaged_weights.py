@@ -11,8 +11,35 @@ import torch
 import napari_cscfusion
 from napari_cscfusion.models import load_network
 
+from ._shared import SAMPLES, grey, read, shared_path
+
 WEIGHTS = Path(napari_cscfusion.__file__).parent / "weights"
 EXPECT_DATA = {"ivf": "ivf/flir_train", "mef": "mef/hdr", "mmf": "ivf/flir_train"}
+
+# --- Recorded quality of the packaged weights: the regression guards ------------------------
+# Measured with the code of the tests below (CPU, float32) on the weights shipped on
+# 2026-12-06 (weights/README.md: how they were trained; benchmarks/quality.py: full tables).
+# Whoever ships retrained weights re-measures these and updates them in the same commit
+# (`pytest tests/test_packaged_weights.py -s` prints every figure): each test fails when a
+# figure drops by more than its margin.
+IVF_RECORDED = {  # TNO sample pairs (shipped in sample_data), 192x256 centre crops
+    # second-generation ivf.pt (issue 17, sparse codes); the first generation's figures were
+    # TNO 1: MI 2.931, SCD 1.865, VIF 0.612, Qabf 0.468; TNO 3: 2.929, 1.946, 0.629, 0.528
+    1: {"MI": 2.741, "SCD": 1.875, "VIF": 0.600, "Qabf": 0.476},
+    3: {"MI": 2.976, "SCD": 1.950, "VIF": 0.641, "Qabf": 0.533},
+}
+IVF_MARGIN = {"MI": 0.10, "SCD": 0.05, "VIF": 0.02, "Qabf": 0.02}
+# second-generation mef.pt (issue 17); the first generation: 0.9245 and 0.9408
+MEF_RECORDED = {"memorial-16": 0.9223, "memorial-every3rd": 0.9403}  # MEF-SSIM, Memorial
+MEF_MARGIN = 0.005
+# how far the packaged CSC-MEFN may stay below Mertens (OpenCV) on each bracket: on all 16
+# exposures it trails (0.9223 vs 0.9379, the known gap of weights/README.md, 0.0022 wider than
+# the first generation's 0.9245: the price of its sparse codes); on every 3rd it leads (0.9403
+# vs 0.9395)
+MEF_BELOW_MERTENS = {"memorial-16": 0.02, "memorial-every3rd": 0.0}
+MMF_PAIRS = (1, 2, 3, 4, 5)  # FLIR-test (held out from training)
+MMF_RECORDED_GAIN_DB = {2: 0.494, 4: 0.156}  # mean PSNR gain over bicubic on MMF_PAIRS
+MMF_MARGIN_DB = {2: 0.10, 4: 0.05}
 
 
 @pytest.mark.parametrize("task", ["ivf", "mef", "mmf"])
@@ -57,66 +84,98 @@ def test_packaged_weights_run():
         assert y.shape == x.shape and torch.isfinite(y).all()
 
 
-def test_packaged_mef_beats_the_naive_mean_on_a_real_held_out_bracket():
-    """Memorial (16 real exposures, never used for training or choosing the epoch): the
-    shipped CSC-MEFN must fuse it far better than averaging the exposures."""
+def _memorial() -> np.ndarray:
+    files = sorted(shared_path("data/mef/memorial").glob("memorial_*.png"))
+    assert len(files) == 16, files
+    return np.stack([read(f)[..., :3] for f in files]).astype(np.float32) / 255
+
+
+def test_packaged_mef_beats_the_naive_mean_and_holds_its_place_against_mertens():
+    """Memorial (16 real exposures, never used for training or choosing the epoch), all 16
+    and every 3rd: the shipped CSC-MEFN (through fuse_exposures, exposure prior included)
+    fuses far better than averaging the exposures, keeps its recorded MEF-SSIM, and stays
+    within its recorded distance of Mertens' fusion."""
+    from napari_cscfusion import fuse_exposures
+    from napari_cscfusion.baselines import mertens_fusion
     from napari_cscfusion.metrics import mef_ssim
-    from napari_cscfusion.training.data import default_data_root
 
-    files = sorted((default_data_root() / "mef" / "memorial").glob("memorial_*.png"))
-    if len(files) != 16:
-        pytest.skip("Memorial bracket not found")
-    cv2 = pytest.importorskip("cv2")
-    stack = np.stack([cv2.imread(str(f))[..., ::-1] for f in files]).astype(np.float32) / 255
-    net = load_network("mef", WEIGHTS / "mef.pt")[0]
-    for st in (stack, stack[::3]):
-        with torch.no_grad():
-            fused = net(torch.from_numpy(np.ascontiguousarray(st.transpose(0, 3, 1, 2))))
-        ours = mef_ssim(st, fused.numpy().transpose(1, 2, 0))
+    stack = _memorial()
+    for name, st in (("memorial-16", stack), ("memorial-every3rd", stack[::3])):
+        ours = mef_ssim(st, fuse_exposures(st, device="cpu").image)
         mean = mef_ssim(st, st.mean(0))
+        mertens = mef_ssim(st, mertens_fusion(st))
+        print(f"{name}: ours {ours:.4f}, Mertens {mertens:.4f}, mean {mean:.4f}")
         assert ours > mean + 0.3 and ours > 0.8, (ours, mean)
+        assert ours >= MEF_RECORDED[name] - MEF_MARGIN, (name, ours, MEF_RECORDED[name])
+        assert ours >= mertens - MEF_BELOW_MERTENS[name], (name, ours, mertens)
 
 
-def _held_out_pair(folder: str, index: int = 1):
-    from ._shared import DATA, grey, read
-
-    ir_path = next(iter(sorted((DATA / "ivf" / folder).glob(f"IR{index}.*"))), None)
-    vis_path = next(iter(sorted((DATA / "ivf" / folder).glob(f"VIS{index}.*"))), None)
-    if ir_path is None or vis_path is None:
-        pytest.skip(f"ivf/{folder} pair {index} not found")
-    return grey(read(ir_path)), grey(read(vis_path))
-
-
-def test_packaged_ivf_beats_average_fusion_on_a_real_held_out_pair():
-    """TNO pair 1 (never used for training or choosing the epoch), a 192x256 centre crop: the
-    shipped CSC-IVFN keeps more of both sources than averaging them (MI, VIF, Qabf)."""
-    from napari_cscfusion import baselines, fuse_infrared_visible, metrics
-
-    ir, vis = _held_out_pair("tno")
+def _tno_sample(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """A TNO pair that ships as sample data, 192x256 centre crop."""
+    ir = grey(read(SAMPLES / f"tno_{index:02d}_ir.png"))
+    vis = grey(read(SAMPLES / f"tno_{index:02d}_vis.png"))
     h, w = ir.shape
     crop = (slice(h // 2 - 96, h // 2 + 96), slice(w // 2 - 128, w // 2 + 128))
-    ir, vis = ir[crop], vis[crop]
+    return ir[crop], vis[crop]
+
+
+@pytest.mark.parametrize("index", sorted(IVF_RECORDED))
+def test_packaged_ivf_beats_single_sources_and_simple_fusions_on_real_held_out_pairs(index):
+    """TNO pairs 1 and 3 (never used for training or choosing the epoch): the shipped
+    CSC-IVFN keeps more of both sources than averaging them (MI, VIF, Qabf), and more
+    complementary information (SCD) and contrast and detail (EN, SD, SF, AG) than the better
+    single source or max fusion (pixel-wise maximum, or two-scale choose-max): a network
+    that copied one source or took the maximum would fail. MI and VIF are above two-scale
+    choose-max too; there a source scores itself (its own term is its entropy / 1), and on
+    Qabf the visible image and max fusion lead, so those are guarded against the recorded
+    figures."""
+    from napari_cscfusion import baselines, fuse_infrared_visible, metrics
+
+    ir, vis = _tno_sample(index)
     fused = fuse_infrared_visible(ir, vis, device="cpu").image
     sources = [ir / 255.0, vis / 255.0]
     ours = metrics.evaluate("ivf", sources, fused)
     mean = metrics.evaluate("ivf", sources, baselines.average_fusion(sources))
+    others = {"infrared": sources[0], "visible": sources[1],
+              "max": baselines.max_abs_fusion(sources, mode="intensity"),
+              "choose-max": baselines.max_abs_fusion(sources)}
+    others = {name: metrics.evaluate("ivf", sources, img) for name, img in others.items()}
+    print(f"TNO {index}: ours", {k: round(v, 4) for k, v in ours.items()})
+    for name, m in others.items():
+        print(f"TNO {index}: {name}", {k: round(v, 4) for k, v in m.items()})
     for key in ("MI", "VIF", "Qabf"):
         assert ours[key] > mean[key], (key, ours[key], mean[key])
+    for key in ("MI", "VIF"):
+        assert ours[key] > others["choose-max"][key], (key, ours[key])
+    for key in ("SCD", "EN", "SD", "SF", "AG"):
+        for name, m in others.items():
+            assert ours[key] > m[key], (key, name, ours[key], m[key])
+    for key, recorded in IVF_RECORDED[index].items():
+        assert ours[key] >= recorded - IVF_MARGIN[key], (key, ours[key], recorded)
 
 
-@pytest.mark.parametrize("scale", [2, 4])
-def test_packaged_mmf_beats_bicubic_on_a_real_held_out_pair(scale):
-    """FLIR-test pair 1 (held out): thermal super-resolved with the visible guide is closer to
-    the full-resolution thermal image than bicubic upsampling of the same low-res input."""
+def test_packaged_mmf_beats_bicubic_on_real_held_out_pairs():
+    """FLIR-test pairs (held out), x2 and x4: thermal super-resolved with the visible guide is
+    closer to the full-resolution thermal image than bicubic upsampling of the same low-res
+    input on every pair, by the recorded mean gain (less a margin)."""
     cv2 = pytest.importorskip("cv2")
     from napari_cscfusion import fuse_guided, metrics
 
-    ir, vis = _held_out_pair("flir_test")
-    h = min(ir.shape[0], vis.shape[0]) // scale * scale
-    w = min(ir.shape[1], vis.shape[1]) // scale * scale
-    target = (ir[:h, :w] / 255.0).astype(np.float32)
-    guide = (vis[:h, :w] / 255.0).astype(np.float32)
-    low = cv2.resize(target, (w // scale, h // scale), interpolation=cv2.INTER_AREA)
-    ours = fuse_guided(low, guide, device="cpu").image
-    bicubic = np.clip(cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
-    assert metrics.psnr(target, ours) > metrics.psnr(target, bicubic)
+    folder = shared_path("data/ivf/flir_test")
+    gains = {2: [], 4: []}
+    for index in MMF_PAIRS:
+        ir = grey(read(folder / f"IR{index}.jpg"))
+        vis = grey(read(folder / f"VIS{index}.jpg"))
+        h = min(ir.shape[0], vis.shape[0]) // 4 * 4
+        w = min(ir.shape[1], vis.shape[1]) // 4 * 4
+        target = (ir[:h, :w] / 255.0).astype(np.float32)
+        guide = (vis[:h, :w] / 255.0).astype(np.float32)
+        for scale in gains:
+            low = cv2.resize(target, (w // scale, h // scale), interpolation=cv2.INTER_AREA)
+            ours = fuse_guided(low, guide, device="cpu").image
+            bicubic = np.clip(cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
+            assert metrics.psnr(target, ours) > metrics.psnr(target, bicubic), (index, scale)
+            gains[scale].append(metrics.psnr(target, ours) - metrics.psnr(target, bicubic))
+    for scale, g in gains.items():
+        print(f"x{scale}: gain per pair {np.round(g, 3)}, mean {np.mean(g):.3f} dB")
+        assert np.mean(g) >= MMF_RECORDED_GAIN_DB[scale] - MMF_MARGIN_DB[scale], (scale, g)

@@ -32,7 +32,7 @@ from napari_cscfusion.engine.io import read_image, read_tiff_metadata, write_tif
 from napari_cscfusion.engine.registry import packaged_weights_path
 from napari_cscfusion.models.checkpoints import CheckpointError, save_checkpoint
 
-from ._shared import CKPT
+from ._shared import CKPT, missing
 
 # A few examples per dtype in CI (the dtypes are parametrised so that every one is tried:
 # hypothesis alone draws the rarer combinations seldom); CSCFUSION_PROPERTY_EXAMPLES=100 for a
@@ -226,8 +226,8 @@ def test_nan_and_inf_are_refused_naming_the_argument(bad, dtype, target):
         elif target == "stack":
             fuse_exposures(img((3, 12, 12, 3), "stack"), model=model("mef"), device="cpu")
         else:
-            c = model("mmf").network.lr_channels
-            fuse_guided(img((c, 6, 6), "low_res"), img((12, 12, 3), "guide"),
+            c = model("mmf").network.lr_channels  # 31 (authors'), 1 (packaged)
+            fuse_guided(img((c, 6, 6) if c > 1 else (6, 6), "low_res"), img((12, 12, 3), "guide"),
                         model=model("mmf"), device="cpu")
     assert str(info.value).startswith(f"{target}:")
 
@@ -311,17 +311,23 @@ def test_cli_single_exposure(tmp_path):
             "--device", "cpu"]
     if CKPT.is_dir():
         args += ["--weights", str(CKPT / "csc_mefn_authors.pth")]
-    elif not packaged_weights_path("mef").is_file():
-        return
+    else:  # the packaged weights ship with the package (test_packaged_weights)
+        assert packaged_weights_path("mef").is_file()
     assert main(args) == 0
     assert tifffile.imread(tmp_path / "o.tif").shape == (8, 8)
 
 
 def _mef_reference(stack: np.ndarray, net) -> np.ndarray:
-    """Softmax over exposures of the network's logits, computed one exposure at a time."""
+    """Softmax over exposures of the network's logits, computed one exposure at a time, plus
+    the global exposure prior of weights trained with one (the packaged ones): a logit of
+    -(m - 0.5)^2 / (2 sigma^2) from each exposure's mean m over the whole image."""
     with torch.inference_mode():
         y = torch.from_numpy(stack.astype(np.float32))[:, None]
         logits = torch.cat([net.logits(y[i:i + 1]) for i in range(len(y))])
+        if net.prior_sigma:
+            means = y.double().mean((1, 2, 3))
+            prior = -(means - 0.5) ** 2 / (2 * net.prior_sigma ** 2)
+            logits = logits + prior.float()[:, None, None, None]
         w = torch.softmax(logits[:, 0], 0)
         return (w * y[:, 0]).sum(0).clamp(0, 1).numpy()
 
@@ -372,7 +378,7 @@ def _our_checkpoint(tmp_path, task="mef"):
 def test_truncated_checkpoints_name_the_file(tmp_path, fraction, which):
     src = CKPT / "csc_mefn_authors.pth" if which == "authors" else _our_checkpoint(tmp_path)
     if not src.is_file():
-        pytest.skip(f"{src} absent")
+        pytest.skip(missing("reference-checkpoints/csc_mefn_authors.pth"))
     data = src.read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[:int(len(data) * fraction)])
@@ -387,7 +393,7 @@ def test_a_checkpoint_for_another_task_says_what_was_expected(tmp_path, task, ot
     authors = {"mef": CKPT / "csc_mefn_authors.pth", "mmf": CKPT / "csc_mmfn_authors.pth",
                "ivf": CKPT}
     if not CKPT.is_dir():
-        pytest.skip("authors' checkpoints absent")
+        pytest.skip(missing("reference-checkpoints/"))
     with pytest.raises(CheckpointError) as info:
         load_model(task, authors[other])
     msg = str(info.value)
@@ -470,9 +476,11 @@ def test_random_byte_damage_gives_a_checkpoint_error_or_a_model(tmp_path, data):
     """Flipped bytes anywhere in a checkpoint: CheckpointError naming the file or (damage in
     the tensor data, which a zip does not checksum) a loaded model; never another exception."""
     src = CKPT / "csc_mefn_authors.pth"
-    raw = bytearray(src.read_bytes() if src.is_file() else _our_checkpoint(tmp_path)
-                    .read_bytes())
-    for _ in range(data.draw(st.integers(1, 8), label="n_flips")):
+    if not src.is_file():
+        src = _our_checkpoint(tmp_path)
+    raw = bytearray(src.read_bytes())
+    n_flips = data.draw(st.integers(1, 8), label="n_flips")
+    for _ in range(n_flips):
         i = data.draw(st.integers(0, len(raw) - 1), label="offset")
         raw[i] ^= data.draw(st.integers(1, 255), label="xor")
     p = tmp_path / "damaged.pth"
@@ -483,6 +491,14 @@ def test_random_byte_damage_gives_a_checkpoint_error_or_a_model(tmp_path, data):
         assert "damaged.pth" in str(exc)
     else:
         assert m.task == "mef"
+        # the file's own network, not another one: same tensors, and a flipped byte changes
+        # at most one value (not, say, the packaged weights loaded in its place)
+        want = load_model("mef", src).network.state_dict()
+        got = m.network.state_dict()
+        assert list(got) == list(want)
+        assert all(got[k].shape == want[k].shape for k in want)
+        changed = sum(int((got[k] != want[k]).sum()) for k in want if want[k].numel())
+        assert changed <= n_flips, changed
 
 
 def test_cli_reports_a_corrupt_checkpoint(tmp_path, capsys):
@@ -665,7 +681,7 @@ def test_out_of_memory_in_a_lazy_guided_tile_task_is_fused_in_parts(monkeypatch,
     from napari_cscfusion.engine import mmf
 
     if weights == "authors" and not CKPT.is_dir():
-        pytest.skip(f"no reference checkpoints at {CKPT}")
+        pytest.skip(missing("reference-checkpoints/"))
     m = load_model("mmf") if weights == "packaged" else model("mmf")
     c = m.network.lr_channels
     low = RNG.random((c, 32, 32)).astype(np.float32)
@@ -1162,8 +1178,10 @@ def test_property_guided(dtype, h, w, grow, rgb_guide, wrong_channels, guide_dty
         expected.append((ValueError, "low_res: images must be at least 4x4"))
     if H < h or W < w:
         expected.append((ValueError, "guide: must be at least as large"))
-    if wrong_channels:
+    if wrong_channels and c > 2:
         expected.append((ValueError, "low_res: this CSC-MMFN model expects"))
+    elif wrong_channels:  # a 1-band model (packaged) reads (2, h, w) as two low-res planes
+        expected.append((ValueError, "low_res and guide: the leading .* axes must be the same"))
     r = expect(lambda: fuse_guided(low, guide, model=m, device="cpu"), expected,
                [(low, low0), (guide, guide0)])
     if r is not None:

@@ -15,11 +15,20 @@ from napari_cscfusion.models import load_network
 from napari_cscfusion.training import data as D
 from napari_cscfusion.training.train import build, compute_loss, train
 
-ROOT = D.default_data_root()
+from ._shared import DATA, missing
+
+ROOT = DATA
 needs_data = pytest.mark.skipif(not (ROOT / "ivf" / "flir_train").is_dir()
                                 or not (ROOT / "mef" / "hdr").is_dir(),
-                                reason=f"training data not found under {ROOT}")
+                                reason=missing("data/ivf/flir_train", "data/mef/hdr"))
 pytestmark = needs_data
+
+
+@pytest.fixture(autouse=True)
+def _training_data_root(monkeypatch):
+    """The training code reads $CSCFUSION_DATA_ROOT, else ../shared/data: point it at the
+    tests' data root (tests/_shared.py: $CSCFUSION_SHARED honoured)."""
+    monkeypatch.setenv(D.DATA_ENV, str(ROOT))
 
 TINY = {"ivf": {"crop": 24, "batch_size": 2}, "mef": {"crop": 24, "batch_size": 2},
         "mmf": {"crop": 24, "batch_size": 2}}

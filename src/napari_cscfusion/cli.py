@@ -3,6 +3,9 @@
     cscfusion fuse ivf IR.png VIS.png -o fused.tif
     cscfusion fuse mef exposure1.jpg exposure2.jpg exposure3.jpg -o fused.tif
     cscfusion fuse mmf lowres.tif guide.png -o sr.tif
+    cscfusion fuse medical t1.png pet_rgb.png -o fused.tif
+    cscfusion batch ivf IR_DIR VIS_DIR -o OUT_DIR [--format png] [--overwrite]
+    cscfusion batch mef BRACKETS_DIR -o OUT_DIR
     cscfusion devices
     cscfusion demo [--out demo_output] [--gui]
 """
@@ -24,17 +27,26 @@ from .engine import (
     OutOfMemoryRetry,
     available_devices,
     fuse_exposures,
-    fuse_guided,
     fuse_infrared_visible,
 )
-from .engine.io import read_image, to_grey, write_tiff
+from .engine.batch import (
+    FORMATS,
+    MODEL_TASK,
+    TASKS,
+    WrongInputs,
+    fuse_sources,
+    plan_batch,
+    read_inputs,
+    run_batch,
+)
+from .engine.io import write_tiff
 from .engine.registry import load_model
 from .engine.rules import RULES
 from .models.color import luma
 
 
 def _model(task: str, weights: str | None):
-    return load_model(task, weights) if weights else None
+    return load_model(MODEL_TASK[task], weights) if weights else None
 
 
 def _write(result, out: Path, codes_out: Path | None, quiet: bool) -> None:
@@ -63,7 +75,7 @@ STREAM_BYTES = 1 << 30  # TIFF inputs larger than this are streamed even without
 
 def _streaming(args: argparse.Namespace) -> bool:
     """--stream, or a TIFF input over STREAM_BYTES (ivf and mef only)."""
-    if args.task == "mmf":
+    if args.task in ("mmf", "medical"):
         return False
     tiffs = [Path(p) for p in args.images if Path(p).suffix.lower() in (".tif", ".tiff")]
     if args.stream:
@@ -89,12 +101,13 @@ def _lazy_grey(a):
 
 
 def _ivf_options(args: argparse.Namespace) -> dict:
-    """The ivf-only options given on the command line (--code-gain: the function's default
-    when not given); an error for the other tasks."""
+    """The ivf/medical-only options given on the command line (--code-gain: the function's
+    default when not given); an error for the other tasks."""
     if args.code_gain is None:
         return {}
-    if args.task != "ivf":
-        raise SystemExit(f"cscfusion fuse {args.task}: --code-gain is for ivf only")
+    if args.task not in ("ivf", "medical"):
+        raise SystemExit(f"cscfusion {args.command} {args.task}: --code-gain is for ivf and "
+                         f"medical only")
     return {"code_gain": args.code_gain}
 
 
@@ -146,45 +159,54 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     want_codes = args.codes_out is not None
     if not want_codes and _streaming(args):
         return cmd_fuse_stream(args, model)
-    # --tile; --scheduler below (ivf, mef). No weight maps: nothing writes them, and for IVF
-    # they are 16 B per pixel (1 GB of an 8192x8192 pair's memory)
-    scale = {"tile": args.tile, "exact": args.exact}
-    if args.task == "ivf":
-        if len(args.images) != 2:
-            raise SystemExit("cscfusion fuse ivf: needs exactly two images, IR then VIS")
-        ir, vis = (read_image(p) for p in args.images)
-        if ir.ndim == 3 or vis.ndim == 3:
-            print("note: colour input converted to luminance (CSC-IVFN fuses grey images)",
-                  file=sys.stderr)
-            ir, vis = to_grey(ir), to_grey(vis)
-        result = fuse_infrared_visible(ir, vis, model=model, base_rule=args.base_rule,
-                                       detail_rule=args.detail_rule, device=args.device,
-                                       codes=want_codes, scheduler=args.scheduler,
-                                       weights=False, **_ivf_options(args), **scale)
-    elif args.task == "mef":
-        frames = [read_image(p) for p in args.images]
-        f0 = frames[0]
-        if len(frames) == 1 and (f0.ndim == 4 or (f0.ndim == 3 and f0.shape[-1] not in (3, 4))):
-            frames = list(f0)  # one multi-page TIFF: (K, H, W) or (K, H, W, 3)
-        if len(frames) < 2:
-            raise SystemExit("cscfusion fuse mef: needs at least two exposures (or one "
-                             "multi-page TIFF)")
-        shapes = {f.shape for f in frames}
-        if len(shapes) > 1:
-            listing = ", ".join(f"{p} {f.shape}"
-                                for p, f in zip(args.images, frames, strict=True))
-            raise SystemExit(f"cscfusion fuse mef: exposures differ in shape: {listing}")
-        frames = [f[..., :3] if f.ndim == 3 and f.shape[-1] == 4 else f for f in frames]
-        result = fuse_exposures(np.stack(frames), model=model, device=args.device,
-                                codes=want_codes, scheduler=args.scheduler, weights=False,
-                                **scale)
-    else:
-        if len(args.images) != 2:
-            raise SystemExit("cscfusion fuse mmf: needs exactly two images, LOWRES then GUIDE")
-        low, guide = (read_image(p) for p in args.images)
-        result = fuse_guided(low, guide, model=model, device=args.device, codes=want_codes,
-                             **scale)
+    try:
+        sources, notes = read_inputs(args.task, args.images)
+    except WrongInputs as exc:
+        raise SystemExit(f"cscfusion fuse {args.task}: {exc}") from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    # No weight maps (fuse_sources asks for none): nothing writes them, and for IVF they are
+    # 16 B per pixel (1 GB of an 8192x8192 pair's memory)
+    result = fuse_sources(args.task, sources, model, device=args.device,
+                          base_rule=args.base_rule, detail_rule=args.detail_rule,
+                          tile=args.tile, scheduler=args.scheduler, codes=want_codes,
+                          exact=True if args.exact else None, **_ivf_options(args))
     _write(result, Path(args.output), Path(args.codes_out) if want_codes else None, args.quiet)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Fuse every input set of the folders; a progress bar on stderr, the failures listed at
+    the end; exit status 1 if any item failed."""
+    from tqdm import tqdm
+
+    options = _ivf_options(args)
+    plan = plan_batch(args.task, args.folders, args.output, args.format)
+    if not plan.items:
+        print(f"cscfusion batch {args.task}: no input images found in "
+              f"{', '.join(str(d) for d in plan.in_dirs)}", file=sys.stderr)
+        return 1
+    outcomes = run_batch(plan, _model(args.task, args.weights), overwrite=args.overwrite,
+                         device=args.device, base_rule=args.base_rule,
+                         detail_rule=args.detail_rule, tile=args.tile, **options)
+    counts = {"written": 0, "skipped": 0, "failed": 0}
+    failures = []
+    with tqdm(total=len(plan), unit="image", desc=f"batch {args.task}", file=sys.stderr,
+              disable=args.quiet) as bar:
+        for outcome in outcomes:
+            counts[outcome.status] += 1
+            if outcome.status == "failed":
+                failures.append(outcome)
+            bar.set_postfix(counts, refresh=False)
+            bar.update(1)
+    print(f"{counts['written']} written, {counts['skipped']} skipped (output exists; "
+          f"--overwrite to redo), {counts['failed']} failed, in {plan.out_dir}")
+    if failures:
+        print(f"cscfusion batch {args.task}: {len(failures)} failed:", file=sys.stderr)
+        for outcome in failures:
+            files = ", ".join(str(p) for p in outcome.item.inputs) or outcome.item.name
+            print(f"  {outcome.item.name} ({files}): {outcome.error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -200,23 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fuse", help="fuse images with a CSC network, write a TIFF")
-    f.add_argument("task", choices=["ivf", "mef", "mmf"],
-                   help="ivf: infrared + visible; mef: exposures; mmf: low-res + guide")
+    f.add_argument("task", choices=TASKS,
+                   help="ivf: infrared + visible; mef: exposures; mmf: low-res + guide; "
+                   "medical: two or more registered modalities (at most one pseudo-coloured)")
     f.add_argument("images", nargs="+", help="input images (PNG, JPEG, TIFF)")
     f.add_argument("-o", "--output", required=True, help="output TIFF")
-    f.add_argument("--weights", help="checkpoint file (or, for ivf, the authors' folder); "
-                   "default: the packaged weights")
-    f.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    f.add_argument("--base-rule", default="saliency", choices=RULES, help="ivf base codes")
-    f.add_argument("--detail-rule", default="l1", choices=RULES, help="ivf detail codes")
-    f.add_argument("--code-gain", type=float, default=None, metavar="GAIN",
-                   help="ivf: factor on the fused base and detail codes before decoding "
-                   "(default 2, the authors' infrared/visible heuristic, which stretches the "
-                   "contrast; 1 keeps the sources' intensity scale)")
+    _fusion_options(f)
     f.add_argument("--codes-out", help="also write the sparse codes to this TIFF")
-    f.add_argument("-q", "--quiet", action="store_true")
-    f.add_argument("--tile", type=int, default=None,
-                   help="tile side in pixels (default: from free memory; 0: whole image)")
     f.add_argument("--exact", action="store_true",
                    help="the exact reference arithmetic even where the fast path applies "
                    "(weights with no negative soft threshold; within 1e-3 of it); streamed "
@@ -228,6 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read TIFF inputs lazily and stream the result to the output TIFF "
                    "with bounded memory (automatic for TIFFs over 1 GiB; ivf, mef)")
     f.set_defaults(func=cmd_fuse)
+
+    b = sub.add_parser(
+        "batch", help="fuse every image (set) of whole folders, paired by file name",
+        description="ivf, mmf, medical: one folder per source (ivf: IR_DIR VIS_DIR; mmf: "
+        "LOWRES_DIR GUIDE_DIR; medical: one folder per modality), files paired by name "
+        "without extension. mef: one folder with one sub-folder per bracket (exposures in "
+        "sorted order) or one multi-page TIFF per bracket. Outputs that exist are skipped; a "
+        "bad item is listed at the end and the others are written (exit status 1 if any "
+        "failed).")
+    b.add_argument("task", choices=TASKS)
+    b.add_argument("folders", nargs="+", metavar="IN_DIR", help="input folders")
+    b.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+                   help="output folder (created if missing); one file per item, named as "
+                   "the inputs")
+    b.add_argument("--format", choices=FORMATS, default="tiff",
+                   help="tiff (default): float32 with the run's metadata; png, jpeg: 8-bit, "
+                   "the metadata as a PNG text chunk / JPEG comment")
+    b.add_argument("--overwrite", action="store_true", help="redo outputs that exist")
+    _fusion_options(b)
+    b.set_defaults(func=cmd_batch)
 
     d = sub.add_parser("devices", help="list the devices this machine offers")
     d.set_defaults(func=cmd_devices)
@@ -243,6 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_train_parser(sub)
     return p
+
+
+def _fusion_options(p: argparse.ArgumentParser) -> None:
+    """The options `fuse` and `batch` share."""
+    p.add_argument("--weights", help="checkpoint file (or, for ivf and medical, the authors' "
+                   "folder); default: the packaged weights")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    p.add_argument("--base-rule", default="saliency", choices=RULES,
+                   help="ivf, medical: base codes")
+    p.add_argument("--detail-rule", default="l1", choices=RULES,
+                   help="ivf, medical: detail codes")
+    p.add_argument("--code-gain", type=float, default=None, metavar="GAIN",
+                   help="ivf, medical: factor on the fused base and detail codes before "
+                   "decoding (default: ivf 2, the authors' infrared/visible heuristic, which "
+                   "stretches the contrast; medical 1, which keeps the sources' intensity "
+                   "scale)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile side in pixels (default: from free memory; 0: whole image; "
+                   "not medical)")
 
 
 @contextlib.contextmanager

@@ -78,6 +78,11 @@ def run_demo(out: Path, device: str = "auto", weights_dir: Path | None = None,
                                                to_grey(sample("brainweb_pd.png"))],
                                               model=model("ivf"), base_rule=base_rule,
                                               device=device))
+        print("medical, simulated (MNI152 T1 + a PET map in hot colours, CSC-IVFN):")
+        save("medical_mri_pet", fuse_multimodal({"T1": sample("mni152_t1.png"),
+                                                 "PET": sample("simulated_pet.png")},
+                                                model=model("ivf"), base_rule=base_rule,
+                                                device=device))
     print(f"done in {time.perf_counter() - t:.0f} s: {len(written)} files in {out}")
     return written
 

@@ -4,11 +4,13 @@ result block by block), ``read_tiff_lazy`` for big inputs, and the one ``jsonabl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,26 +96,20 @@ def _write_error(path: Path, exc: OSError) -> OSError:
     return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
 
 
-def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
-    """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description.
-
-    Written to a temporary file in the same folder, flushed to disk, then renamed over
-    ``path``: a failure (unwritable folder, full disk, interruption) leaves no partial file
-    behind and an existing file at ``path`` untouched. OSErrors name ``path`` and keep their
-    errno. The file gets the usual permissions (0o666 less the umask, or those of the file it
-    replaces), not the temporary file's private 0o600.
-    """
-    import tifffile
-
+@contextlib.contextmanager
+def replaced_on_success(path: str | Path) -> Iterator[Path]:
+    """``with replaced_on_success(path) as tmp:`` write to ``tmp``, a temporary file in the
+    same folder; when the block ends without error it gets the usual permissions (0o666 less
+    the umask, or those of the file it replaces, not mkstemp's private 0o600) and is renamed
+    over ``path``. Any failure, an interruption or cancellation included, removes it: no
+    partial file is left and an existing file at ``path`` stays untouched. OSErrors name
+    ``path`` and keep their errno."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OSError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"cannot write {str(path)!r}: it is a folder")
-    description = json.dumps(jsonable(metadata or {}))
-    arr = np.asarray(image)
-    photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
     try:
         mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
@@ -121,11 +117,7 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
     except OSError as exc:
         raise _write_error(path, exc) from exc
     try:
-        with open(tmp, "wb") as fh:
-            tifffile.imwrite(fh, arr, description=description, photometric=photometric,
-                             bigtiff=arr.nbytes > 2**31, metadata=None)
-            fh.flush()
-            os.fsync(fh.fileno())  # a full disk may only show here
+        yield Path(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
@@ -134,7 +126,81 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
+    """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description.
+
+    Written to a temporary file in the same folder, flushed to disk, then renamed over
+    ``path`` (``replaced_on_success``): a failure (unwritable folder, full disk, interruption)
+    leaves no partial file behind and an existing file at ``path`` untouched.
+    """
+    import tifffile
+
+    path = Path(path)
+    description = json.dumps(jsonable(metadata or {}))
+    arr = np.asarray(image)
+    photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as fh:
+        tifffile.imwrite(fh, arr, description=description, photometric=photometric,
+                         bigtiff=arr.nbytes > 2**31, metadata=None)
+        fh.flush()
+        os.fsync(fh.fileno())  # a full disk may only show here
     return path
+
+
+EIGHT_BIT_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+METADATA_KEY = "cscfusion"  # the PNG text chunk holding the run's metadata (JSON)
+
+
+def to_uint8(image) -> np.ndarray:
+    """A fused image (floats in [0, 1]) as 8-bit, rounded; values outside [0, 1] clipped."""
+    arr = np.asarray(image, dtype=np.float32)
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def write_image8(path: str | Path, image, metadata: dict | None = None) -> Path:
+    """Write a fused image (floats in [0, 1], grey (H, W) or RGB (H, W, 3)) as an 8-bit PNG or
+    JPEG (by ``path``'s suffix), with ``metadata`` as JSON: a PNG text chunk "cscfusion" or the
+    JPEG comment. Atomic like write_tiff (replaced_on_success)."""
+    from PIL import Image, PngImagePlugin
+
+    path = Path(path)
+    arr = to_uint8(image)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
+        raise ValueError(f"cannot write {str(path)!r} as an 8-bit image: expected a grey "
+                         f"(H, W) or RGB (H, W, 3) image, got shape {arr.shape} (use TIFF)")
+    text = json.dumps(jsonable(metadata or {}))
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(METADATA_KEY, text)
+        options = {"format": "PNG", "pnginfo": info}
+    elif suffix in (".jpg", ".jpeg"):
+        options = {"format": "JPEG", "quality": 95, "comment": text.encode()}
+    else:
+        raise ValueError(f"cannot write {str(path)!r} as an 8-bit image: use .png, .jpg or "
+                         f".jpeg")
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as fh:
+        Image.fromarray(arr).save(fh, **options)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def read_image_metadata(path: str | Path) -> dict:
+    """The JSON metadata written by write_tiff or write_image8 (empty dict if there is none)."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return read_tiff_metadata(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.info.get(METADATA_KEY, im.info.get("comment"))
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {}
 
 
 def read_tiff_metadata(path: str | Path) -> dict:
@@ -178,18 +244,26 @@ def store_tiff(path, image, metadata: dict | None = None, progress=None) -> None
     """Compute the dask array ``image`` block by block into an uncompressed TIFF at ``path``
     (BigTIFF when over 2 GB) with bounded memory: the blocks go into a memory map of the file
     as they finish, and the graph is computed once (shared statistics tasks run once).
-    ``progress(done, total)`` after every block."""
+    ``progress(done, total)`` after every block. The map is of a temporary file beside
+    ``path``, renamed over it at the end: a failure, Ctrl-C or a ``Cancelled`` from
+    ``progress`` mid-stream leaves no partial file and an existing ``path`` untouched."""
     import dask.array as da
     import tifffile
-    from dask.callbacks import Callback
-
 
     arr = image if is_dask(image) else da.from_array(np.asarray(image))
     rgb = arr.ndim >= 3 and arr.shape[-1] == 3
-    mm = tifffile.memmap(path, shape=arr.shape, dtype=arr.dtype,
-                         bigtiff=arr.nbytes > 2 ** 31 - 2 ** 25,
-                         photometric="rgb" if rgb else "minisblack",
-                         description=json.dumps(jsonable(metadata or {})), metadata=None)
+    with replaced_on_success(path) as tmp:
+        _store_into(tifffile.memmap(tmp, shape=arr.shape, dtype=arr.dtype,
+                                    bigtiff=arr.nbytes > 2 ** 31 - 2 ** 25,
+                                    photometric="rgb" if rgb else "minisblack",
+                                    description=json.dumps(jsonable(metadata or {})),
+                                    metadata=None), arr, rgb, progress)
+
+
+def _store_into(mm, arr, rgb: bool, progress) -> None:
+    """store_tiff's computation of ``arr`` into the memory map ``mm``, flushed and closed."""
+    import dask.array as da
+    from dask.callbacks import Callback
 
     class _Ticks(Callback):
         def _start_state(self, dsk, state):

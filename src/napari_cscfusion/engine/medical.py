@@ -269,16 +269,13 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
         raise ValueError(f"codes: expected True or False, got {codes!r}")
     srcs, colour, spatial = sources.sources, sources.colour, sources.spatial
     layout = sources.layout(axis)
-    plane_axes, loop_axes = layout["plane_axes"], layout["loop_axes"]
-    plane_shape, loop_shape = layout["plane_shape"], layout["loop_shape"]
-    n_planes = layout["planes"]
+    loop_axes, loop_shape, n_planes = layout["loop_axes"], layout["loop_shape"], layout["planes"]
     if codes and n_planes > 1:
         raise ValueError(f"codes: sparse codes are returned for 2D images only ({n_planes} "
                          f"planes here would need 64 maps per voxel and source); fuse one slice "
                          f"with codes=True to inspect them")
     model = resolve_model(model, "ivf")
     dev = resolve_device(device)
-    names_order = [s.name for s in srcs]
     out_shape = spatial + ((3,) if colour else ())
     image = np.empty(out_shape, np.float32)
     w_base = np.empty((len(srcs),) + spatial, np.float32)
@@ -288,31 +285,55 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
     t1 = time.perf_counter()
     for k, loop_idx in enumerate(np.ndindex(*loop_shape) if loop_shape else [()]):
         index_t = sources.index(loop_idx, loop_axes)
-        planes = sources.planes(index_t)
-        chroma = None
-        grey = {}
-        for s in srcs:
-            p = planes[s.name]
-            if s.colour:
-                ycc = rgb_to_ycbcr(torch.from_numpy(p), dim=-1)
-                grey[s.name] = ycc[..., 0].numpy().astype(np.float32)
-                chroma = ycc[..., 1:]
-            else:
-                grey[s.name] = p
-        fused, cmaps, weights = fuse_grey_sources(grey, model, base_rule, detail_rule, dev,
-                                                  codes, plane_progress(progress, k, n_planes),
-                                                  code_gain=code_gain, exact=exact)
-        if chroma is not None:
-            fused, n_desat = _recolour(torch.from_numpy(fused), chroma)
-            desaturated += n_desat
+        fused, cmaps, weights, n_desat = _fuse_planes(
+            sources, sources.planes(index_t), model, base_rule, detail_rule, dev, codes,
+            plane_progress(progress, k, n_planes), code_gain, exact)
+        desaturated += n_desat
         image[index_t] = fused
         for i in range(len(srcs)):
             w_base[(i,) + index_t] = weights["base"][i]
             w_detail[(i,) + index_t] = weights["detail"][i]
         code_maps = cmaps
+    meta = _metadata(sources, spatial, layout, model, dev, base_rule, detail_rule, code_gain,
+                     desaturated, t0, t1)
+    meta["path"] = run_path(model, exact)
+    return FusionResult(image, code_maps, {"base": w_base, "detail": w_detail}, meta)
+
+
+def _fuse_planes(sources: MultimodalSources, planes: dict[str, np.ndarray], model, base_rule,
+                 detail_rule, dev, codes, progress, code_gain, exact: bool = False
+                 ) -> tuple[np.ndarray, dict, dict, int]:
+    """Fuse one plane of each source, already mapped to [0, 1] (``sources.planes``): the colour
+    source takes part through its luminance and gives its chroma back to the fused luminance.
+    Returns (image (H, W) or (H, W, 3), codes, weights (N, H, W), desaturated pixels)."""
+    chroma = None
+    grey = {}
+    for s in sources.sources:
+        p = planes[s.name]
+        if s.colour:
+            ycc = rgb_to_ycbcr(torch.from_numpy(p), dim=-1)
+            grey[s.name] = ycc[..., 0].numpy().astype(np.float32)
+            chroma = ycc[..., 1:]
+        else:
+            grey[s.name] = p
+    fused, cmaps, weights = fuse_grey_sources(grey, model, base_rule, detail_rule, dev, codes,
+                                              progress, code_gain=code_gain, exact=exact)
+    if chroma is None:
+        return fused, cmaps, weights, 0
+    fused, n_desat = _recolour(torch.from_numpy(fused), chroma)
+    return fused, cmaps, weights, n_desat
+
+
+def _metadata(sources: MultimodalSources, spatial: tuple, layout: dict, model, dev, base_rule,
+              detail_rule, code_gain, desaturated: int, t0: float, t1: float) -> dict:
+    """A multi-modal result's metadata, once the work is done (base_metadata takes the run's
+    notices): ``spatial`` is the shape fused and ``layout`` how it was cut (as
+    MultimodalSources.layout), t0 / t1 the start and the end of the preparation."""
+    colour, n_planes = sources.colour, layout["planes"]
+    plane_axes, plane_shape = layout["plane_axes"], layout["plane_shape"]
     meta = base_metadata(model, dev, sources.notes)
     meta.update(
-        sources=names_order,
+        sources=sources.names,
         colour_source=colour[0].name if colour else None,
         colour=("YCbCr: fused luminance, chroma of the colour source (scaled towards grey, "
                 "hue kept, where the colour would leave the RGB gamut)") if colour else "grey",
@@ -320,10 +341,10 @@ def fuse_multimodal(images, model=None, base_rule: str = "saliency", detail_rule
         if colour else None,
         base_rule=base_rule, detail_rule=detail_rule, code_gain=code_gain,
         spatial_shape=spatial, plane_axes=plane_axes if len(spatial) > 2 else None,
-        slice_axes=loop_axes or None, planes=n_planes, path=run_path(model, exact),
+        slice_axes=layout["loop_axes"] or None, planes=n_planes,
         timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1},
     )
-    return FusionResult(image, code_maps, {"base": w_base, "detail": w_detail}, meta)
+    return meta
 
 
 class MedicalVolume:
@@ -347,14 +368,25 @@ class MedicalVolume:
     def fuse_plane(self, index, model=None, progress=None, codes: bool = False, *,
                    base_rule: str = "saliency", detail_rule: str = "l1", device="auto",
                    code_gain: float = MEDICAL_CODE_GAIN) -> FusionResult:
-        """fuse_multimodal of plane ``index`` (of ``loop_shape``); metadata["normalisation"]
-        says how the whole volume was mapped."""
+        """fuse_multimodal of plane ``index`` (of ``loop_shape``), on the planes as mapped
+        with the whole volume's statistics (metadata["normalisation"] says how)."""
+        t0 = time.perf_counter()
+        notices.begin_run()
+        check_rules(base_rule, detail_rule)
+        code_gain = check_code_gain(code_gain)
+        if codes not in (True, False):
+            raise ValueError(f"codes: expected True or False, got {codes!r}")
+        model = resolve_model(model, "ivf")
+        dev = resolve_device(device)
         planes = self.sources.planes(self.sources.index(index, self.loop_axes))
-        res = fuse_multimodal(planes, model, base_rule=base_rule, detail_rule=detail_rule,
-                              device=device, codes=codes, progress=progress,
-                              rgb=self.sources.rgb, code_gain=code_gain)
-        res.metadata["normalisation"] = self.notes  # whole-volume statistics, not the plane's
-        return res
+        t1 = time.perf_counter()
+        fused, cmaps, weights, desaturated = _fuse_planes(
+            self.sources, planes, model, base_rule, detail_rule, dev, codes, progress, code_gain)
+        shape = tuple(fused.shape[:2])
+        layout = {"plane_axes": (0, 1), "loop_axes": (), "plane_shape": shape, "planes": 1}
+        meta = _metadata(self.sources, shape, layout, model, dev, base_rule, detail_rule,
+                         code_gain, desaturated, t0, t1)
+        return FusionResult(fused, cmaps, weights, meta)
 
     def source_order(self, result: FusionResult) -> FusionResult:
         """``result`` (image (*loop, H, W[, 3]), weights (*loop, N, H, W), codes
@@ -362,7 +394,7 @@ class MedicalVolume:
         loop, plane = self.loop_axes, self.plane_axes
         if list(plane) == [len(loop), len(loop) + 1]:
             return result  # the planes are already the last axes
-        result.image = _source_axes(result.image, loop, plane, trailing=3 if self.colour else 0)
+        result.image = _source_axes(result.image, loop, plane, trailing=1 if self.colour else 0)
         result.weights = {k: _source_axes(w, loop, plane, inner=1)
                           for k, w in result.weights.items()}
         result.codes = {k: _source_axes(c, loop, plane, inner=c.ndim - len(loop) - 2)

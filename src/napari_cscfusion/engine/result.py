@@ -50,6 +50,8 @@ def base_metadata(model: FusionModel, device: torch.device, notes: dict) -> dict
         "weights_format": info.get("format"),
         "device": used,
         "normalisation": notes,
+        # what makes each kind of code (PReLU / sparse / soft threshold): the code layers' names
+        "code_activation": model.network.code_activations(),
         "package_version": __version__,
         "notices": lines,
     }

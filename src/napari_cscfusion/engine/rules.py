@@ -19,10 +19,6 @@ SALIENCY_EPS = 0.01  # guided-filter regulariser (authors' eps1)
 # the encoder's and decoder's context (ivf.IVFKernel). The saliency rule's guided filter is
 # applied twice (r = 45 each); l1 sums 3x3 windows; average is per pixel.
 RULE_RADIUS = {"saliency": 2 * SALIENCY_RADIUS, "l1": 1, "average": 0}
-# what the rules are, for a user choosing one (the widgets' tooltips)
-RULE_HELP = ("saliency: the authors' base-code rule (histogram saliency refined by a guided "
-             "filter; slow on a CPU); l1: L1 attention (the authors' detail rule; fast); "
-             "average")
 
 
 def check_rules(base_rule: str, detail_rule: str) -> None:

@@ -8,8 +8,8 @@ def main() -> None:
     viewer = napari.Viewer(title="napari-cscfusion")
     viewer.open_sample("napari-cscfusion", "infrared_visible")
     viewer.window.add_plugin_dock_widget("napari-cscfusion",
-                                         "Infrared + visible fusion (CSC-IVFN)")
-    viewer.window.add_plugin_dock_widget("napari-cscfusion", "Multi-exposure fusion (CSC-MEFN)")
+                                         "Infrared + visible fusion")
+    viewer.window.add_plugin_dock_widget("napari-cscfusion", "Exposure fusion")
     napari.run()
 
 

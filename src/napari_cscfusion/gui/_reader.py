@@ -6,26 +6,16 @@ Single-page TIFFs and folders with fewer than two images are left to other reade
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
+from ..engine.batch import IMAGE_SUFFIXES
+from ..engine.batch import image_files as _image_files
 from ..engine.io import TIFF_SUFFIXES, read_image
 from ._common import META_KEY
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp") + TIFF_SUFFIXES
 WRITER_KEY = "napari_cscfusion"  # our entry in the TIFF description written by _writer
-
-
-def _natural_key(p: Path):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith(".")), key=_natural_key)
 
 
 def _tiff_kind(path: Path) -> str | None:

@@ -13,6 +13,9 @@ from ._common import META_KEY
 
 TNO = "TNO Image Fusion Dataset, A. Toet (CC BY 4.0)"
 BRAINWEB = "BrainWeb, via the ITK examples (Apache-2.0)"
+MNI152 = ("MNI ICBM152 2009a template via nilearn, Copyright (C) 1993-2004 Louis Collins, "
+          "McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University; "
+          "PET map simulated by scripts/make_sample_pet.py")
 HDRI = "HDRI Haven 'courtyard' (CC0), bracket simulated by scripts/make_sample_bracket.py"
 BRACKET = ("courtyard_ev-4.png", "courtyard_ev-2.png", "courtyard_ev+0.png",
            "courtyard_ev+2.png")
@@ -57,6 +60,21 @@ def medical_pair():
                                                "metadata": _meta(BRAINWEB)}, "image"),
         (_read("brainweb_pd.png", grey=True), {"name": "BrainWeb PD",
                                                "metadata": _meta(BRAINWEB)}, "image"),
+    ]
+
+
+def mri_pet():
+    """SIMULATED anatomy + function: an axial slice of the MNI152 T1 template and an FDG-PET-like
+    uptake map simulated from its tissue maps (a hot lesion in the right temporal lobe), in
+    the "hot" colours, 233 rows x 197 columns, pixel-aligned. Fusing them keeps the anatomy's
+    detail and the map's colour."""
+    simulated = "simulated from the template's tissue maps, not a measurement"
+    return [
+        (_read("mni152_t1.png"), {"name": "MNI152 T1 (anatomy)",
+                                  "metadata": _meta(MNI152, modality="MRI T1")}, "image"),
+        (_read("simulated_pet.png"), {"name": "simulated PET (hot colours)", "rgb": True,
+                                      "metadata": _meta(MNI152, modality="PET (simulated)",
+                                                        note=simulated)}, "image"),
     ]
 
 

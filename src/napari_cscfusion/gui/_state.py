@@ -40,8 +40,9 @@ class OutputSpec:
     extra_translate: tuple[float, ...] = ()
     rgb: bool = False
     channel_axis_first: bool = False  # (…, C, H, W) output (CSC-MMFN with C > 1 bands)
-    source_names: list[str] = field(default_factory=list)  # the weight maps' source axis
-    source_label: str = "source"  # that axis' label in the viewer ("exposure" for brackets)
+    source_names: list[str] = field(default_factory=list)  # one weight map layer per source
+    source_label: str = "source"  # what a source is called ("exposure" for brackets)
+    weight_maps: bool = False  # add the weight maps as layers
     # axis labels of the source layer (None: leave napari's defaults)
     extra_labels: tuple[str, ...] = ()
     spatial_labels: tuple[str, str] | None = None

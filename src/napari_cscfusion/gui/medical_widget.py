@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info, show_warning
 
@@ -21,17 +21,22 @@ from ..engine.alignment import (
     apply_rigid_planes,
     estimate_misalignment,
 )
+from ..engine.ivf import IVF_ALPHA
 from ..engine.medical import MEDICAL_CODE_GAIN, MedicalVolume
-from ..engine.rules import RULE_HELP, RULES
 from ._base import FusionWidget
 from ._common import (
+    KEEP_INTENSITIES,
     META_KEY,
+    FitLabel,
     code_gain_box,
+    input_layers,
     join_names,
     jsonable,
     layer_array,
     layer_combo,
     layer_select,
+    rule_combo,
+    rules_preset,
     transform_of,
 )
 from ._state import FusionJob, OutputSpec
@@ -48,17 +53,30 @@ class MedicalFusionWidget(FusionWidget):
 
     task = "ivf"
     network = "CSC-IVFN"
+    title = "medical fusion"
     weight_folders = True
+    PRESETS = {
+        "MRI + PET/SPECT": rules_preset("saliency", "l1", MEDICAL_CODE_GAIN),
+        "MRI + CT": rules_preset("l1", "l1", MEDICAL_CODE_GAIN),
+        KEEP_INTENSITIES: rules_preset("average", "l1", 1.0),
+        "Stretch contrast (as infrared + visible)": rules_preset("saliency", "l1", IVF_ALPHA),
+    }
+    PRESET_HELP = ("MRI + PET/SPECT: salient anatomy kept, the colour of the functional layer "
+                   "kept, intensities on the sources' scale (gain 1). MRI + CT: coarse and fine "
+                   "structure each from the source that is stronger there (bone from CT, soft "
+                   "tissue from MRI). Keep intensities: the sources averaged at the coarse scale, "
+                   "gain 1. Stretch contrast: the authors' infrared + visible setting (gain 2)")
 
     def make_inputs(self) -> None:
         self.sources = layer_select(self.viewer, "sources",
-                                    "two or more registered layers (ctrl-click): grey images or "
-                                    "volumes (MRI, CT) and at most one RGB (pseudo-coloured "
-                                    "PET/SPECT) layer, whose colour is kept")
-        self.base_rule = ComboBox(label="base rule", choices=list(RULES), value="saliency",
-                                  tooltip="fusion rule for the base codes. " + RULE_HELP)
-        self.detail_rule = ComboBox(label="detail rule", choices=list(RULES), value="l1",
-                                    tooltip="fusion rule for the detail codes. " + RULE_HELP)
+                                    "two or more registered layers (a click selects or deselects "
+                                    "one): grey images or volumes (MRI, CT) and at most one "
+                                    "colour (pseudo-coloured PET/SPECT) layer, whose colour is "
+                                    "kept")
+        self.base_rule = rule_combo("coarse structure", "saliency",
+                                    "how the base (coarse) codes are combined")
+        self.detail_rule = rule_combo("fine detail", "l1",
+                                      "how the detail (fine) codes are combined")
         self.code_gain = code_gain_box(MEDICAL_CODE_GAIN)  # 1: the sources' intensity scale
         self.slice_axis = ComboBox(label="slice axis", choices=self._axis_choices,
                                    tooltip="volumes are fused one 2D plane at a time: the axis "
@@ -73,13 +91,13 @@ class MedicalFusionWidget(FusionWidget):
                                               "reference (RMS over the reference's anatomy)")
         self.check_button = PushButton(text="Check alignment")
         self.register_button = PushButton(text="Register to reference")
-        self.alignment_status = Label(value="")
+        self.alignment_status = FitLabel(value="")
         row = Container(widgets=[self.check_button, self.register_button], layout="horizontal",
                         labels=False)
         row.margins = (0, 0, 0, 0)
-        self.extend([self.sources, self.base_rule, self.detail_rule, self.code_gain,
-                     self.slice_axis, self.reference, self.check_first, self.tolerance, row,
+        self.extend([self.sources, self.slice_axis, self.reference, self.check_first, row,
                      self.alignment_status])
+        self.expert = [self.base_rule, self.detail_rule, self.code_gain, self.tolerance]
         self.sources.changed.connect(self._sources_changed)
         self.check_button.changed.connect(self.check_alignment)
         self.register_button.changed.connect(self.register)
@@ -87,6 +105,8 @@ class MedicalFusionWidget(FusionWidget):
         self._alignment_busy = False  # a check or registration is running
         self.last_alignment: dict = {}  # moving layer name -> estimate of the last check
         self.last_registered: list = []  # layers added by the last registration
+        self._preselected = False  # the sources were chosen once (by us or the user)
+        self._preselect()
         self._sources_changed()
 
     @property
@@ -114,9 +134,41 @@ class MedicalFusionWidget(FusionWidget):
         if layers and self.reference.value not in layers:
             self.reference.value = layers[0]
 
+    def _preselect(self) -> None:
+        """Until sources are chosen: select every input layer once there are two or more that
+        can be fused together (at most one in colour)."""
+        if self._preselected:
+            return
+        if list(self.sources.value):
+            self._preselected = True
+            return
+        layers = input_layers(self.viewer)
+        if len(layers) >= 2 and sum(bool(lay.rgb) for lay in layers) <= 1:
+            self.sources.value = layers
+            self._preselected = True
+
     def reset_choices(self, *args) -> None:
         super().reset_choices(*args)
+        self._preselect()
         self._sources_changed()
+
+    def check_sources(self, layers) -> None:
+        """Input problems the user can fix, in plain words, before any check or run."""
+        shapes = {lay.name: tuple(int(n) for n in lay.data.shape[:_spatial_ndim(lay)])
+                  for lay in layers}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(
+                "the sources differ in size ("
+                + ", ".join(f"{n!r} {'x'.join(map(str, s))}" for n, s in shapes.items())
+                + "): fusion needs them on one pixel grid. Choose the reference and click "
+                  "'Register to reference': it resamples the others onto the reference's grid")
+        colour = [lay.name for lay in layers if lay.rgb]
+        if len(colour) > 1:
+            raise ValueError(f"at most one colour (PET/SPECT) layer can be fused, its colour is "
+                             f"kept; {len(colour)} are selected: "
+                             + ", ".join(map(repr, colour)))
+        if len(colour) == len(layers):
+            raise ValueError("select at least one grey (anatomical) layer besides the colour one")
 
     # --- fusion -------------------------------------------------------------------------------
     def _selected(self) -> list:
@@ -166,11 +218,15 @@ class MedicalFusionWidget(FusionWidget):
         background) and warn about misaligned sources, then fuse anyway."""
         if self.busy:
             return
+        try:
+            self.check_sources(self._selected())
+        except Exception as exc:  # sizes first: a size error is no misalignment
+            self._fail(exc)
+            return
         if not self.check_first.value:
             super().run()
             return
         try:
-            self._selected()
             pairs = self._alignment_pairs()
         except Exception:  # build_job reports input problems
             super().run()
@@ -287,7 +343,7 @@ class MedicalFusionWidget(FusionWidget):
 
     def _alignment_failed(self, exc: BaseException) -> None:
         msg = str(exc) or type(exc).__name__
-        show_warning(f"alignment: {msg}")
+        show_warning(msg)
         self.alignment_status.value = f"alignment: {msg}"
 
     def _alignment_error(self, exc: BaseException, then_fuse: bool) -> None:
@@ -320,13 +376,16 @@ class MedicalFusionWidget(FusionWidget):
                 f"{lay.name} (residual {est['residual']['error_px']:.2f} px)"
                 for lay, (_p, est, _d) in zip(self.last_registered, out, strict=True)))
         self.alignment_status.value = "\n".join(lines)
+        if register and self.status.value.startswith("error"):
+            self.status.value = "registered: ready to fuse"  # the old error no longer holds
+            self.progress.value = 0
         if bad and not register:
-            show_warning(f"{self.network}: {', '.join(bad)} misaligned with "
+            show_warning(f"{', '.join(bad)} misaligned with "
                          f"{out[0][0]['fixed'].name!r} by more than "
                          f"{float(self.tolerance.value):.1f} px; fusion assumes registered "
                          f"sources: use 'Register to reference' first")
         elif not register:
-            show_info(f"{self.network}: sources aligned within "
+            show_info(f"sources aligned within "
                       f"{float(self.tolerance.value):.1f} px")
         self._alignment_finished(then_fuse)
 

@@ -6,10 +6,11 @@ import numpy as np
 from magicgui.widgets import ComboBox
 
 from ..engine import fuse_exposures
-from ..engine.planes import check_leading
 from ._base import FusionWidget
 from ._common import (
     META_KEY,
+    FitLabel,
+    check_same_slices,
     extra_shape,
     join_names,
     layer_array,
@@ -22,6 +23,14 @@ from ._common import (
 from ._state import FusionJob, OutputSpec
 
 STACK, LAYERS = "stack", "layers"
+NO_STACK = ("no layer holds an exposure stack (images along an extra axis). Open one (File › "
+            "Open Sample › CSC Fusion › Exposure bracket, or a folder of exposures), or choose "
+            "'several layers' above")
+
+
+def has_stack_axis(layer) -> bool:
+    """The layer has an axis besides its image (and colour) axes with 2 or more planes."""
+    return any(n >= 2 for n in extra_shape(layer))
 
 
 class MultiExposureWidget(FusionWidget):
@@ -30,18 +39,23 @@ class MultiExposureWidget(FusionWidget):
 
     task = "mef"
     network = "CSC-MEFN"
+    title = "exposure fusion"
 
     def make_inputs(self) -> None:
         self.mode = ComboBox(label="exposures from",
                              choices=[("one stack layer", STACK), ("several layers", LAYERS)],
                              value=STACK)
         self.stack_layer = layer_combo(self.viewer, "stack", "one layer holding the exposures "
-                                                             "along one axis")
+                                                             "along one axis",
+                                       accept=has_stack_axis)
         self.exposure_axis = ComboBox(label="exposure axis", choices=self._axis_choices,
                                       tooltip="the axis of the stack that indexes exposures")
+        self.stack_hint = FitLabel(value=NO_STACK, visible=False)
         self.exposure_layers = layer_select(self.viewer, "exposures",
-                                            "two or more registered exposures (ctrl-click)")
-        self.extend([self.mode, self.stack_layer, self.exposure_axis, self.exposure_layers])
+                                            "two or more registered exposures (a click selects "
+                                            "or deselects one)")
+        self.extend([self.mode, self.stack_layer, self.exposure_axis, self.stack_hint,
+                     self.exposure_layers])
         self.mode.changed.connect(self._sync_mode)
         self.stack_layer.changed.connect(self._stack_changed)
         self._stack_changed()
@@ -56,17 +70,32 @@ class MultiExposureWidget(FusionWidget):
         return [(f"axis {i} ({shape[i]} planes)", i) for i in range(n)]
 
     def _stack_changed(self, *_) -> None:
+        self._prefer_marked_stack()
         self.exposure_axis.reset_choices()
         layer = self.stack_layer.value
         axis = (layer.metadata.get(META_KEY, {}).get("exposure_axis")
                 if layer is not None else None)
         if axis is not None and axis in self.exposure_axis.choices:
             self.exposure_axis.value = axis
+        self._sync_mode()
+
+    def _prefer_marked_stack(self) -> None:
+        """A layer marked as an exposure stack (reader, sample) over any other stack."""
+        current = self.stack_layer.value
+        if current is not None and "exposure_axis" in current.metadata.get(META_KEY, {}):
+            return
+        for layer in self.stack_layer.choices:
+            if layer is not None and "exposure_axis" in layer.metadata.get(META_KEY, {}):
+                if layer is not current:
+                    self.stack_layer.value = layer  # calls _stack_changed again
+                return
 
     def _sync_mode(self, *_) -> None:
         stack = self.mode.value == STACK
-        self.stack_layer.visible = stack
-        self.exposure_axis.visible = stack
+        empty = not any(c is not None for c in self.stack_layer.choices)
+        self.stack_layer.visible = stack and not empty
+        self.exposure_axis.visible = stack and not empty
+        self.stack_hint.visible = stack and empty
         self.exposure_layers.visible = not stack
 
     def reset_choices(self, *args) -> None:
@@ -99,7 +128,7 @@ class MultiExposureWidget(FusionWidget):
     def _stack_job(self) -> FusionJob:
         layer = self.stack_layer.value
         if layer is None:
-            raise ValueError("choose the layer that holds the exposures")
+            raise ValueError(NO_STACK)
         axis = self.exposure_axis.value
         if axis is None:
             raise ValueError(f"stack {layer.name!r}: a stack needs an exposure axis besides the "
@@ -129,7 +158,7 @@ class MultiExposureWidget(FusionWidget):
                              + ", ".join(f"{lay.name!r} ({'RGB' if lay.rgb else 'grey'})"
                                          for lay in layers))
         datas = [layer_array(lay, "exposure") for lay in layers]
-        lead = check_leading({repr(lay.name): extra_shape(lay) for lay in layers})
+        lead = check_same_slices({repr(lay.name): (lay, extra_shape(lay)) for lay in layers})
         shapes = {lay.name: spatial_shape(lay) for lay in layers}
         if len(set(shapes.values())) > 1:
             raise ValueError("the exposures must have the same size (register them first): "

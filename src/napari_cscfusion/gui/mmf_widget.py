@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from magicgui.widgets import CheckBox, Label, SpinBox
+from magicgui.widgets import CheckBox, SpinBox
 
 from ..engine import fuse_guided
-from ..engine.planes import check_leading, downsample_area
+from ..engine.planes import downsample_area
 from ._base import FusionWidget
 from ._common import (
     META_KEY,
+    FitLabel,
+    check_same_slices,
     extra_shape,
     hint_default,
     layer_array,
@@ -30,6 +32,7 @@ class GuidedSRWidget(FusionWidget):
 
     task = "mmf"
     network = "CSC-MMFN"
+    title = "guided super-resolution"
 
     def make_inputs(self) -> None:
         self.low_layer = layer_combo(self.viewer, "low-res", "the image to super-resolve")
@@ -44,9 +47,10 @@ class GuidedSRWidget(FusionWidget):
                                  "area-downsample it by the scale factor, then super-resolve")
         self.factor = SpinBox(label="scale factor", value=4, min=2, max=16,
                               tooltip="downsampling factor used by 'simulate'")
-        self.scale_info = Label(value="")
-        self.extend([self.low_layer, self.guide_layer, self.bands, self.simulate, self.factor,
+        self.scale_info = FitLabel(value="")
+        self.extend([self.low_layer, self.guide_layer, self.simulate, self.factor,
                      self.scale_info])
+        self.expert = [self.bands]
         for w in (self.low_layer, self.guide_layer, self.simulate, self.factor, self.bands):
             w.changed.connect(self._update_info)
         hint_default(self.low_layer, ("low", "lr", "ir", "therm"))
@@ -90,8 +94,8 @@ class GuidedSRWidget(FusionWidget):
             raise ValueError(f"low-res {low.name!r}: 'band axis' needs a (C, h, w) layer, got "
                              f"shape {tuple(low_data.shape)}")
         low_lead = extra_shape(low, keep=1 if bands else 0)
-        lead = check_leading({f"low-res {low.name!r}": low_lead,
-                              f"guide {guide.name!r}": extra_shape(guide)})
+        lead = check_same_slices({f"low-res {low.name!r}": (low, low_lead),
+                                  f"guide {guide.name!r}": (guide, extra_shape(guide))})
         simulate = bool(self.simulate.value)
         factor = int(self.factor.value)
         h, w = spatial_shape(low)
@@ -101,6 +105,13 @@ class GuidedSRWidget(FusionWidget):
         device = self.device.value
 
         def run_plane(index, model, progress, want_codes):
+            bands = model.network.lr_channels
+            if low_rgb and bands != 3:  # the engine would read the 3 colours as 3 planes
+                raise ValueError(
+                    f"the low-res layer {low.name!r} is a colour (RGB) image, but these weights "
+                    f"super-resolve {bands} band{'s' if bands > 1 else ''} (a grey image for "
+                    f"the packaged ones): use a grey layer (e.g. the camera's grey export, or "
+                    f"one colour channel), or weights trained on colour images")
             lr = read_plane(low_data, index)
             if low_rgb:
                 lr = np.moveaxis(lr[..., :3], -1, 0)  # (3, h, w): channels first

@@ -1,5 +1,7 @@
-"""Fusion quality: the metrics of a fused layer against its sources, as a table that can be
-copied or exported as CSV. The metrics are ``napari_cscfusion.metrics``."""
+"""Fusion quality: the metrics of a fused layer against its sources, with their units and a
+baseline row (the sources' average, or bicubic upsampling for super-resolution), as a table that
+can be copied or exported as CSV. The metrics are ``napari_cscfusion.metrics``, the baselines
+``napari_cscfusion.baselines``."""
 
 from __future__ import annotations
 
@@ -10,16 +12,37 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, PushButton, Table
+from magicgui.widgets import ComboBox, Container, PushButton, Table
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
 from ..engine.planes import plane_indices
-from ._common import META_KEY, extra_shape, layer_array, layer_combo, layer_select, read_plane
+from ._common import (
+    META_KEY,
+    FitLabel,
+    extra_shape,
+    fit_dock_to_title,
+    layer_array,
+    layer_combo,
+    layer_select,
+    plain_message,
+    read_plane,
+)
 
 TASKS = [("infrared + visible", "ivf"), ("medical / multi-modal", "medical"),
          ("multi-exposure", "mef"), ("super-resolution vs a reference", "mmf")]
 MAX_PLANES = 256
+# units of metrics.evaluate's values (its conventions: grey values in [0, 1], logs in base 2,
+# source-relative scores summed over the sources except SSIM)
+UNITS = {"EN": "bits", "MI": "bits summed over sources", "SD": "grey 0-1", "SF": "grey 0-1",
+         "AG": "grey 0-1", "SCD": "summed over sources", "VIF": "summed over sources",
+         "Qabf": "0-1", "SSIM": "0-1 mean over sources", "MEF-SSIM": "0-1", "PSNR": "dB"}
+BASELINE = {"mmf": "bicubic upsampling (baseline)"}
+AVERAGE = "average of the sources (baseline)"
+
+
+def with_unit(name: str) -> str:
+    return f"{name} ({UNITS[name]})" if name in UNITS else name
 
 
 def _metrics(task: str, sources: list[np.ndarray], fused: np.ndarray) -> dict[str, float]:
@@ -36,14 +59,27 @@ def _metrics(task: str, sources: list[np.ndarray], fused: np.ndarray) -> dict[st
     return metrics.evaluate(task, sources, fused)
 
 
+def _baseline(task: str, srcs: list, fused: np.ndarray, low) -> np.ndarray:
+    """The simple method the result is compared with: bicubic upsampling of the low-res input
+    (super-resolution), else the average of the sources."""
+    from .. import baselines
+    if task == "mmf":
+        return baselines.bicubic_upsample(low, np.shape(fused)[:2])
+    return baselines.average_fusion(srcs)
+
+
 def compute_table(task: str, fused, sources: list, lead: tuple[int, ...],
-                  exposure_axis: int | None = None) -> tuple[list[str], list[str], list[list]]:
-    """(row labels, metric names, values): one row per plane of the extra axes ``lead``.
+                  exposure_axis: int | None = None, low_res=None,
+                  ) -> tuple[list[str], list[str], list[list]]:
+    """(row labels, metric names, values): one row per plane of the extra axes ``lead``, each
+    followed by a baseline row when there is one: the sources' average, or for "mmf" bicubic
+    upsampling of ``low_res`` (the low-resolution input, None: no baseline).
     ``exposure_axis``: the sources are one stack layer with exposures along that axis."""
     indices = plane_indices(lead)
     if len(indices) > MAX_PLANES:
         raise ValueError(f"{len(indices)} planes: more than {MAX_PLANES}; crop the layer first")
     rows, labels, names = [], [], None
+    baseline_name = BASELINE.get(task, AVERAGE)
     for index in indices:
         f = read_plane(fused, index)
         if exposure_axis is not None:
@@ -55,7 +91,18 @@ def compute_table(task: str, fused, sources: list, lead: tuple[int, ...],
         values = _metrics(task, srcs, f)
         names = names or list(values)
         rows.append([float(values[n]) for n in names])
-        labels.append("image" if not index else "plane " + ",".join(map(str, index)))
+        label = "image" if not index else "plane " + ",".join(map(str, index))
+        labels.append(label)
+        if task == "mmf" and low_res is None:
+            continue
+        low = read_plane(low_res, index) if low_res is not None else None
+        try:
+            base = _baseline(task, srcs, f, low)
+        except ValueError:  # e.g. a colour and a grey source: no average
+            continue
+        base_values = _metrics(task, srcs, base)
+        rows.append([float(base_values[n]) for n in names])
+        labels.append(baseline_name if not index else f"{label}: {baseline_name}")
     return labels, names or [], rows
 
 
@@ -74,7 +121,8 @@ class FusionQualityWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.fused_layer = layer_combo(napari_viewer, "fused", "the fused (or super-resolved) "
-                                                              "layer to measure")
+                                                              "layer to measure",
+                                       inputs_only=False)
         self.task = ComboBox(label="metric set", choices=TASKS, value="ivf")
         self.source_layers = layer_select(napari_viewer, "sources",
                                           "the source layers (for super-resolution: the "
@@ -87,9 +135,13 @@ class FusionQualityWidget(Container):
         buttons.margins = (0, 0, 0, 0)
         self.table = Table(value={"data": [], "index": [], "columns": []})
         self.table.read_only = True
-        self.status = Label(value="")
+        from qtpy.QtWidgets import QSizePolicy  # the table scrolls rather than widen the dock
+        self.table.native.setSizePolicy(QSizePolicy.Policy.Ignored,
+                                        QSizePolicy.Policy.Expanding)
+        self.status = FitLabel(value="")
         self.extend([self.fused_layer, self.task, self.source_layers, buttons, self.table,
                      self.status])
+        fit_dock_to_title(self)
         self.fused_layer.changed.connect(self._from_metadata)
         self.compute_button.changed.connect(self.compute)
         self.copy_button.changed.connect(self.copy_csv)
@@ -142,6 +194,15 @@ class FusionQualityWidget(Container):
         axis = fused_meta.get("exposure_axis", src_meta.get("exposure_axis", 0))
         return int(axis)
 
+    def _low_res(self, fused):
+        """The low-resolution input of a super-resolved layer, for the bicubic baseline: None
+        when it was simulated from the full-resolution image or is not in the viewer."""
+        meta = fused.metadata.get(META_KEY, {})
+        names = meta.get("source_layers") or []
+        if meta.get("simulated_downsampling") or not names or names[0] not in self.viewer.layers:
+            return None
+        return layer_array(self.viewer.layers[names[0]], "low-res")
+
     def compute(self, *_) -> None:
         if self.running:
             return
@@ -159,10 +220,11 @@ class FusionQualityWidget(Container):
             lead = extra_shape(fused)
             datas = [layer_array(s, "source") for s in sources]
             fdata = layer_array(fused, "fused")
+            low = self._low_res(fused) if task == "mmf" else None
         except Exception as exc:
             self._fail(exc)
             return
-        worker = create_worker(_compute_or_error, task, fdata, datas, lead, axis,
+        worker = create_worker(_compute_or_error, task, fdata, datas, lead, axis, low,
                                _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_done)
         worker.errored.connect(self._fail)
@@ -177,7 +239,7 @@ class FusionQualityWidget(Container):
         self.compute_button.enabled = True
 
     def _fail(self, exc: BaseException) -> None:
-        msg = str(exc) or type(exc).__name__
+        msg = plain_message(exc)
         show_error(f"Fusion quality: {msg}")
         self.status.value = f"error: {msg}"
 
@@ -188,9 +250,11 @@ class FusionQualityWidget(Container):
         labels, names, values = rows
         self.rows = rows
         self.table.value = {"data": [[f"{v:.4g}" for v in r] for r in values],
-                            "index": labels, "columns": names}
+                            "index": labels, "columns": [with_unit(n) for n in names]}
         self.copy_button.enabled = self.export_button.enabled = True
-        self.status.value = f"{len(names)} metrics on {len(labels)} plane(s)"
+        planes = sum(1 for lab in labels if "baseline" not in lab)
+        self.status.value = (f"{len(names)} metrics on {planes} plane(s); baseline rows: "
+                             f"the same metrics of a simple method, for comparison")
 
     # --- CSV ----------------------------------------------------------------------------------
     def csv_text(self) -> str:
@@ -199,7 +263,7 @@ class FusionQualityWidget(Container):
         labels, names, values = self.rows
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["plane", *names])
+        w.writerow(["plane", *(with_unit(n) for n in names)])
         for label, row in zip(labels, values, strict=True):
             w.writerow([label, *(repr(v) for v in row)])
         return buf.getvalue()

@@ -140,3 +140,16 @@ class CSCEncoder(nn.Module):
         for i, _ in enumerate(self.dcus):
             r += 1 if (i == 0 and self.stem is None) else 2
         return r
+
+
+def code_activation(encoder: nn.Module) -> str:
+    """What produces an encoder's codes, for the code layers' names and metadata: 'PReLU'
+    (dense by design: the IVFN base encoder), 'sparse' (soft thresholds all >= 0: a true
+    shrinkage, exact zeros below the threshold) or 'soft threshold' (some thresholds negative,
+    as in the authors' IVFN/MEFN weights: the SST then expands small values, no zeros)."""
+    if any(isinstance(m, nn.PReLU) for m in encoder.modules()):
+        return "PReLU"
+    shrinks = [m for m in encoder.modules() if isinstance(m, SoftThreshold)]
+    if shrinks and all(m.nonnegative or bool((m.theta >= 0).all()) for m in shrinks):
+        return "sparse"
+    return "soft threshold"

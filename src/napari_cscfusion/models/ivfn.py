@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .csc import CSCEncoder, reflect_pad
+from .csc import CSCEncoder, code_activation, reflect_pad
 
 BLUR_SIZE = 11  # the authors' low-pass: an 11x11 box mean with reflection border
 IVF_ALPHA = 2.0  # the authors scale both fused codes by 2 before decoding
@@ -78,3 +78,7 @@ class CSCIVFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Autoencoder pass (training, self-checks): reconstruct x from its own codes."""
         return self.decode(*self.encode(x))
+
+    def code_activations(self) -> dict[str, str]:
+        """Code kind -> ``csc.code_activation`` (keys as the engine's code names end)."""
+        return {"base": code_activation(self.base), "detail": code_activation(self.detail)}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .color import fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
-from .csc import CSCEncoder, ReflectConv2d
+from .csc import CSCEncoder, ReflectConv2d, code_activation
 
 
 def exposure_prior(mean_luminance: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -70,3 +70,7 @@ class CSCMEFN(nn.Module):
         cr = fuse_chroma(ycc[:, 2], dim=0)
         fused = ycbcr_to_rgb(torch.cat((y_f, cb[None], cr[None]), 0), dim=0)
         return fused.clamp(0.0, 1.0)
+
+    def code_activations(self) -> dict[str, str]:
+        """Code kind -> ``csc.code_activation`` (keys as the engine's code names start)."""
+        return {"exposure": code_activation(self.encoder)}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .csc import CSCEncoder, ReflectConv2d
+from .csc import CSCEncoder, ReflectConv2d, code_activation
 
 
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -92,3 +92,9 @@ class CSCMMFN(nn.Module):
     def forward(self, lr: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         """lr [N,c,h,w], guide [N,g,H,W] in [0,1] -> [N,c,H,W] (unclamped: training output)."""
         return self.decode(self.encode(lr, guide)["fused"], lr)
+
+    def code_activations(self) -> dict[str, str]:
+        """Code kind -> ``csc.code_activation`` (the engine's code names)."""
+        lr, guide = code_activation(self.lr_encoder), code_activation(self.guide_encoder)
+        return {"guide": guide, "low_res": lr,
+                "fused": lr if lr == guide else f"{lr} / {guide}"}

@@ -65,6 +65,27 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None, metavar="NORM",
                    help="clip the gradients' global norm to NORM before each step (default: "
                         "no clipping); for wide networks whose loss blows up")
+    p.add_argument("--nonnegative-thresholds", action="store_true",
+                   help="clamp every soft threshold at >= 0 at the start and after every step "
+                        "(a true shrinkage: sparse codes by construction)")
+    p.add_argument("--sparsity-weight", type=float, default=0.0, metavar="W",
+                   help="add W * mean|codes| to the loss (ivf: detail codes; mef: codes after "
+                        "the last DCU; mmf: both backbones)")
+    p.add_argument("--black-weight", type=float, default=0.0, metavar="W",
+                   help="ivf: add W * the black term (two black sources must decode to at "
+                        "most 0.5/255 at code gains >= 1)")
+    p.add_argument("--min-val-sparsity", type=float, default=None, metavar="FRACTION",
+                   help="epochs whose validation codes have fewer exact zeros are not "
+                        "eligible as <out>.best.pt")
+    p.add_argument("--threshold-warm-start", type=float, default=None, metavar="FRACTION",
+                   help="first raise the last units' soft thresholds so that about FRACTION "
+                        "of the codes are zero (per-channel quantiles on training batches)")
+    p.add_argument("--threshold-floor", type=float, default=None, metavar="FRACTION",
+                   help="keep the last units' soft thresholds at or above the running "
+                        "FRACTION quantile of their inputs after every step")
+    p.add_argument("--extremes", type=float, default=None, metavar="P",
+                   help="ivf: share of training crops given black borders/masks, clipped "
+                        "highlights or flat areas (training.data.add_extremes; default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
@@ -95,9 +116,14 @@ def run_train(args: argparse.Namespace) -> int:
             if args.task != "mef":
                 raise SystemExit(f"--{opt.replace('_', '-')} is only for mef")
             source[key] = tuple(v) if isinstance(v := getattr(args, opt), list) else v
+    if args.extremes is not None:
+        if args.task != "ivf":
+            raise SystemExit("--extremes is only for ivf")
+        source["extremes"] = args.extremes
     path = train(TrainConfig(
         task=args.task, out=args.out, data_root=args.data_root,
-        epochs=args.epochs or d["epochs"], batch_size=args.batch_size or d["batch_size"],
+        epochs=d["epochs"] if args.epochs is None else args.epochs,
+        batch_size=args.batch_size or d["batch_size"],
         lr=args.lr or d["lr"], crop=args.crop or d["crop"], seed=args.seed, device=args.device,
         init_weights=args.init, resume=args.resume, max_minutes=args.max_minutes,
         progress=not args.no_progress, hparams=hparams or None,
@@ -105,7 +131,10 @@ def run_train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, halo_weight=args.halo_weight,
         freeze_bn=args.freeze_bn, recalibrate_batches=args.recalibrate_bn,
         source_options=source or None, exposure_prior_sigma=args.exposure_prior,
-        max_grad_norm=args.max_grad_norm,
+        max_grad_norm=args.max_grad_norm, nonnegative_thresholds=args.nonnegative_thresholds,
+        sparsity_weight=args.sparsity_weight, black_weight=args.black_weight,
+        min_val_sparsity=args.min_val_sparsity, threshold_warm_start=args.threshold_warm_start,
+        threshold_floor=args.threshold_floor,
     ))
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")

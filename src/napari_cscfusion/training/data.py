@@ -199,6 +199,41 @@ def random_flip_rot(arrays: Sequence[np.ndarray], rng: np.random.Generator,
     return out
 
 
+def add_extremes(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A grey [H,W] image in [0,1] with regions real images have and FLIR frames rarely do, so
+    that the autoencoder learns to keep them (black stays black, saturated stays saturated):
+    one of black borders (1-4 sides, as scanner/letterbox margins), a black elliptic mask
+    outside a field of view (as medical scans), clipped highlights (gain until 2-30 % of the
+    pixels saturate), or a flat crop (all black, all white, or one grey level)."""
+    h, w = img.shape
+    kind = rng.choice(("border", "mask", "clip", "flat"), p=(0.3, 0.3, 0.3, 0.1))
+    out = img.astype(np.float32, copy=True)
+    if kind == "border":
+        sides = rng.random(4) < 0.5
+        sides[int(rng.integers(0, 4))] = True
+        top, bottom, left, right = (int(rng.integers(1, max(2, n // 3)))
+                                    for n in (h, h, w, w))
+        if sides[0]:
+            out[:top] = 0.0
+        if sides[1]:
+            out[h - bottom:] = 0.0
+        if sides[2]:
+            out[:, :left] = 0.0
+        if sides[3]:
+            out[:, w - right:] = 0.0
+    elif kind == "mask":
+        yy, xx = np.mgrid[:h, :w]
+        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+        ry, rx = rng.uniform(0.25, 0.6) * h, rng.uniform(0.25, 0.6) * w
+        out[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 > 1.0] = 0.0
+    elif kind == "clip":
+        level = float(np.quantile(out, 1.0 - rng.uniform(0.02, 0.3)))
+        out = np.clip(out / max(level, 1e-3), 0.0, 1.0)
+    else:
+        out[:] = rng.choice((0.0, 1.0, float(rng.uniform(0.0, 1.0))))
+    return out
+
+
 # --- batches ------------------------------------------------------------------------------
 
 class BatchSource:
@@ -221,7 +256,9 @@ class IVFCrops(BatchSource):
 
     def __init__(self, data_root=None, *, crop: int = 96, batch_size: int = 16, seed: int = 0,
                  split: str = "train", scale: tuple[float, float] | None = None,
-                 steps_per_epoch: int | None = None):
+                 steps_per_epoch: int | None = None, extremes: float = 0.0):
+        if not 0.0 <= extremes <= 1.0:
+            raise ValueError(f"extremes: a probability in [0, 1], got {extremes!r}")
         if scale is None:
             # torchvision's default area range (0.08, 1) at the authors' 128 px crops; smaller
             # crops take proportionally smaller areas so the pixel scale stays the same.
@@ -232,12 +269,16 @@ class IVFCrops(BatchSource):
         self.crop, self.batch_size, self.seed, self.scale = crop, batch_size, seed, scale
         self.steps_per_epoch = steps_per_epoch or max(1, len(self.files) // batch_size)
         self.split = split
+        self.extremes = extremes
 
     def describe(self) -> dict:
         return {"data": f"ivf/flir_train ({self.split} split: {len(self.files)} images, IR and "
                         f"visible mixed; pairs with index % {VAL_EVERY} == 0 are validation)",
                 "augment": f"random resized crop {self.crop} (area fraction "
-                           f"{self.scale[0]:.3g}-{self.scale[1]:.3g}), flips, rot90"}
+                           f"{self.scale[0]:.3g}-{self.scale[1]:.3g}), flips, rot90"
+                           + (f"; extremes with probability {self.extremes:g} "
+                              f"(training.data.add_extremes: black borders/masks, clipped "
+                              f"highlights, flat crops)" if self.extremes else "")}
 
     def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         order = _rng(self.seed, 1, epoch).permutation(len(self.files))
@@ -247,6 +288,8 @@ class IVFCrops(BatchSource):
             rng = _rng(self.seed, 2, epoch, step, j)
             img = random_resized_crop(_cached_grey(self.files[i]), self.crop, rng, self.scale)
             (img,) = random_flip_rot([img], rng)
+            if self.extremes and rng.random() < self.extremes:
+                img = add_extremes(img, rng)
             out.append(img)
         x = torch.from_numpy(np.stack(out)[:, None])
         return {"image": x}

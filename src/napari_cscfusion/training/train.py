@@ -29,8 +29,18 @@ from torch import nn
 from ..engine.device import resolve_device
 from ..models import CSCIVFN, CSCMEFN, CSCMMFN, load_network, save_checkpoint
 from ..models.checkpoints import sha256_of
+from ..models.color import rgb_to_ycbcr
+from ..models.csc import SoftThreshold
 from . import data as D
-from .losses import ivf_loss, mef_loss, mefn_fuse_batch, mmf_loss, psnr
+from .losses import (
+    code_l1,
+    ivf_black_term,
+    ivf_loss,
+    mef_loss,
+    mefn_fuse_batch,
+    mmf_loss,
+    psnr,
+)
 
 TASKS = D.TASKS
 
@@ -98,13 +108,141 @@ def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str) 
         m.momentum = mom
 
 
-def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0):
+def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0,
+                 sparsity_weight: float = 0.0, black_weight: float = 0.0):
+    """The task's loss, plus ``sparsity_weight`` * mean|codes| (ivf: the detail codes; mef: the
+    codes after the last DCU; mmf: both backbones' codes) and, for ivf, ``black_weight`` *
+    ``ivf_black_term`` (two black sources must decode to black at any code gain)."""
     if task == "ivf":
         x = batch["image"]
-        return ivf_loss(net(x), x)
+        if not (sparsity_weight or black_weight):
+            return ivf_loss(net(x), x)
+        z_b, z_d = net.encode(x)
+        loss = ivf_loss(net.decode(z_b, z_d), x)
+        if sparsity_weight:
+            loss = loss + sparsity_weight * code_l1(z_d)
+        if black_weight:
+            loss = loss + black_weight * ivf_black_term(net)
+        return loss
+    codes: list[torch.Tensor] = []
+    hooks = [enc.register_forward_hook(lambda _m, _i, out: codes.append(out))
+             for enc in _code_encoders(task, net)] if sparsity_weight else []
+    try:
+        if task == "mef":
+            loss = mef_loss(net, batch["stack"], halo_weight)
+        else:
+            loss = mmf_loss(net(batch["lr"], batch["guide"]), batch["target"])
+    finally:
+        for h in hooks:
+            h.remove()
+    if codes:
+        loss = loss + sparsity_weight * torch.stack([code_l1(c) for c in codes]).mean()
+    return loss
+
+
+def _code_encoders(task: str, net: nn.Module) -> list[nn.Module]:
+    """The encoders whose output codes the sparsity term and the validation sparsity see."""
+    if task == "ivf":
+        return [net.detail]
     if task == "mef":
-        return mef_loss(net, batch["stack"], halo_weight)
-    return mmf_loss(net(batch["lr"], batch["guide"]), batch["target"])
+        return [net.encoder]
+    return [net.lr_encoder, net.guide_encoder]
+
+
+@torch.no_grad()
+def warm_start_thresholds(net: nn.Module, task: str, src: D.BatchSource, fraction: float,
+                          batches: int = 4) -> list[float]:
+    """Raise the soft thresholds of the last unit of every code encoder (``_code_encoders``:
+    the codes the plugin shows) to the per-channel ``fraction`` quantile of |input| over
+    ``batches`` training batches, so that about that fraction of the codes start as exact
+    zeros; thresholds already higher are kept. Returns the mean threshold per encoder."""
+    units = [enc.dcus[-1] for enc in _code_encoders(task, net)]
+    seen: list[list[torch.Tensor]] = [[] for _ in units]
+    hooks = [u.norm.register_forward_hook(
+        lambda _m, _i, out, k=k: seen[k].append(out.abs().transpose(0, 1).flatten(1).cpu()))
+        for k, u in enumerate(units)]
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    dev = next(net.parameters()).device
+    try:
+        for i in range(batches):
+            b = {k: v.to(dev) for k, v in src.batch(0, i).items()}
+            if task == "ivf":
+                net.encode(b["image"])
+            elif task == "mef":
+                mefn_fuse_batch(net, b["stack"])
+            else:
+                net(b["lr"], b["guide"])
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    means = []
+    for u, vals in zip(units, seen, strict=True):
+        v = torch.cat(vals, 1)
+        idx = torch.randperm(v.shape[1], generator=torch.Generator().manual_seed(0))[:200_000]
+        q = torch.quantile(v[:, idx], fraction, dim=1).to(u.shrink.theta)
+        theta = u.shrink.theta
+        theta.copy_(torch.maximum(theta, q.reshape(theta.shape)))
+        means.append(float(theta.mean()))
+    return means
+
+
+class ThresholdFloor:
+    """Keeps the soft thresholds of the last unit of every code encoder at or above the
+    per-channel ``fraction`` quantile of their input's magnitude on the latest training batch
+    (``momentum`` > 0: a running mean of those quantiles): about that fraction of the shown
+    codes stay exact zeros while the rest of the network trains (sparse by construction).
+    Why no running mean by default: the network answers the floor by scaling its inputs up
+    by a few % per step, and a floor that lags by ~10 steps then lets a third of the zeros go
+    (MEF: 93 % floor, 67 % zeros after 25 steps with momentum 0.9)."""
+
+    def __init__(self, net: nn.Module, task: str, fraction: float, momentum: float = 0.0,
+                 max_samples: int = 100_000):
+        self.units = [enc.dcus[-1] for enc in _code_encoders(task, net)]
+        self.fraction, self.momentum, self.max_samples = fraction, momentum, max_samples
+        self.floors: list[torch.Tensor | None] = [None] * len(self.units)
+        self.seen: list[torch.Tensor | None] = [None] * len(self.units)
+        self.hooks = [u.norm.register_forward_hook(self._hook(k))
+                      for k, u in enumerate(self.units)]
+
+    def _hook(self, k: int):
+        def keep(_m, _i, out):
+            v = out.detach().abs().transpose(0, 1).flatten(1)
+            if v.shape[1] > self.max_samples:
+                v = v[:, torch.randperm(v.shape[1], device=v.device)[:self.max_samples]]
+            self.seen[k] = torch.quantile(v.float(), self.fraction, dim=1)
+        return keep
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """After an optimiser step: update the floors with this step's quantiles, raise."""
+        for k, u in enumerate(self.units):
+            q = self.seen[k]
+            if q is None:
+                continue
+            f = self.floors[k]
+            self.floors[k] = q if f is None else self.momentum * f + (1 - self.momentum) * q
+            theta = u.shrink.theta
+            theta.copy_(torch.maximum(theta, self.floors[k].to(theta).reshape(theta.shape)))
+            self.seen[k] = None
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def project_thresholds(net: nn.Module) -> int:
+    """Clamp every soft threshold at >= 0 in place (a true shrinkage, continuous at zero);
+    returns how many threshold values were negative."""
+    n = 0
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, SoftThreshold):
+                n += int((m.theta < 0).sum())
+                m.theta.clamp_(min=0.0)
+    return n
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -144,6 +282,32 @@ class Validator:
                                 split="val")
             self.stacks = [src.batch(0, i, count=k)["stack"]
                            for i, k in enumerate(MEF_VAL_COUNTS)]
+
+    @torch.no_grad()
+    def code_sparsity(self, net: nn.Module, device: torch.device) -> float:
+        """Fraction of exact zeros in the codes ``_code_encoders`` gives on the validation set
+        (ivf: detail codes of the images; mef: codes of every exposure's luminance)."""
+        modes = [(m, m.training) for m in net.modules()]
+        net.eval()
+        zeros = total = 0
+        try:
+            if self.task == "ivf":
+                for x in self.images:
+                    _, z = net.encode(x[None].to(device))
+                    zeros, total = zeros + int((z == 0).sum()), total + z.numel()
+            elif self.task == "mef":
+                for st in self.stacks:
+                    y = rgb_to_ycbcr(st.to(device), dim=2)[:, :, :1].flatten(0, 1)
+                    z = net.codes(y)
+                    zeros, total = zeros + int((z == 0).sum()), total + z.numel()
+            else:
+                for enc, xs in ((net.lr_encoder, self.lrs[2]), (net.guide_encoder, self.guides)):
+                    z = enc(xs.to(device))
+                    zeros, total = zeros + int((z == 0).sum()), total + z.numel()
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return zeros / max(total, 1)
 
     @torch.no_grad()
     def score(self, net: nn.Module, device: torch.device) -> float:
@@ -224,6 +388,13 @@ class TrainConfig:
     source_options: dict | None = None
     exposure_prior_sigma: float | None = None
     max_grad_norm: float | None = None
+    # second generation (issue 17): sparse codes by construction, black stays black
+    nonnegative_thresholds: bool = False
+    sparsity_weight: float = 0.0
+    black_weight: float = 0.0
+    min_val_sparsity: float | None = None
+    threshold_warm_start: float | None = None
+    threshold_floor: float | None = None
 
 
 def train(config: TrainConfig | str, out: str | Path | None = None, **options) -> Path:
@@ -263,12 +434,21 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     source_options: dict | None,
     exposure_prior_sigma: float | None,
     max_grad_norm: float | None,
+    nonnegative_thresholds: bool,
+    sparsity_weight: float,
+    black_weight: float,
+    min_val_sparsity: float | None,
+    threshold_warm_start: float | None,
+    threshold_floor: float | None,
 ) -> Path:
     """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
 
     ``init_weights``: fine-tune from any weights file ``load_network`` reads (its architecture
     is kept). ``resume``: continue from ``<out>.state.pt`` (same arguments expected).
-    ``max_minutes``: stop cleanly (checkpoint + state written) once that much time has passed.
+    ``epochs=0`` (with ``init_weights``): no training step; the start-up changes alone
+    (``nonnegative_thresholds``, ``threshold_warm_start``, ``recalibrate_batches``) are
+    validated and written. ``max_minutes``: stop cleanly (checkpoint + state written) once
+    that much time has passed.
     ``freeze_bn``: batch norm uses (and keeps) its running statistics while training, i.e. the
     network is optimised as it runs at inference; with ``recalibrate_batches`` > 0 those
     statistics are first recomputed over that many training batches (fresh runs only).
@@ -280,17 +460,47 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     without one. ``max_grad_norm``: clip the gradients' global norm to this before each step
     (None: no clipping; recorded in the header); wider networks (mmf ``code_channels`` 64)
     otherwise can blow up after some epochs.
+    ``nonnegative_thresholds``: clamp every soft threshold at >= 0 when the run starts (the
+    authors' and earlier weights have negative ones) and after every step (projected
+    gradient): the codes are a true shrinkage, sparse by construction. ``sparsity_weight``:
+    add that times mean|codes| to the loss (see ``compute_loss``); ``black_weight`` (ivf):
+    add that times ``losses.ivf_black_term``. ``min_val_sparsity``: an epoch whose validation
+    codes have fewer exact zeros than this fraction is not eligible as ``<out>.best.pt``.
+    ``threshold_warm_start`` (a fraction): before training, ``warm_start_thresholds`` raises
+    the last units' thresholds so that about that fraction of the codes are zero.
+    ``threshold_floor`` (a fraction): ``ThresholdFloor`` keeps them there after every step.
+    The log gains a ``val_sparsity`` column whenever one of these options is used.
     A loss that is not finite stops the run with ``FloatingPointError`` before that step
     changes anything: the files of the last finished epoch stay as they were.
     Returns ``out`` (the latest weights; ``<out>.best.pt`` holds the best validated epoch).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if epochs < 0 or (epochs == 0 and init_weights is None):
+        raise ValueError(f"epochs: a number >= 1, or 0 with init_weights (only the start-up "
+                         f"changes, e.g. projected thresholds), got {epochs!r}")
     if exposure_prior_sigma is not None and (task != "mef" or not exposure_prior_sigma >= 0):
         raise ValueError(f"exposure_prior_sigma: a number >= 0 (0: none) for 'mef' only, got "
                          f"{exposure_prior_sigma!r} for {task!r}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm: a number > 0 or None, got {max_grad_norm!r}")
+    for name, value in (("sparsity_weight", sparsity_weight), ("black_weight", black_weight)):
+        if not value >= 0:
+            raise ValueError(f"{name}: a number >= 0, got {value!r}")
+    if black_weight and task != "ivf":
+        raise ValueError(f"black_weight: for 'ivf' only (got {black_weight!r} for {task!r})")
+    if min_val_sparsity is not None and not 0 <= min_val_sparsity <= 1:
+        raise ValueError(f"min_val_sparsity: a fraction in [0, 1] or None, got "
+                         f"{min_val_sparsity!r}")
+    if threshold_warm_start is not None and not 0 < threshold_warm_start < 1:
+        raise ValueError(f"threshold_warm_start: a fraction in (0, 1) or None, got "
+                         f"{threshold_warm_start!r}")
+    if threshold_floor is not None and not 0 < threshold_floor < 1:
+        raise ValueError(f"threshold_floor: a fraction in (0, 1) or None, got "
+                         f"{threshold_floor!r}")
+    second_gen = bool(nonnegative_thresholds or sparsity_weight or black_weight
+                      or min_val_sparsity is not None or threshold_warm_start
+                      or threshold_floor)
     out = Path(out)
     side = _paths(out)
     dev = resolve_device(device)  # the engine's choice: CUDA, then MPS, then the CPU
@@ -330,6 +540,12 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
         cal = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed + 7919,
                             **(source_options or {}))
         recalibrate_bn(net, cal, recalibrate_batches, task)
+    negative_at_start = project_thresholds(net) if nonnegative_thresholds else None
+    warm_thresholds = None
+    if threshold_warm_start and not resume:
+        cal = D.make_source(task, root, crop=crop, batch_size=batch_size, seed=seed + 104_729,
+                            **(source_options or {}))
+        warm_thresholds = warm_start_thresholds(net, task, cal, threshold_warm_start)
     set_train_mode(net, freeze_bn)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
 
@@ -352,6 +568,8 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     validator = Validator(task, root, seed, val_items) if validate else None
     hp = dict(getattr(net, "hparams", {}))
 
+    val_sparsity = None
+
     def header(epoch_done: float, val: float | None) -> dict:
         return {
             "task": task, **src.describe(),
@@ -364,6 +582,21 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
             "warmup_steps": warmup_steps, "seed": seed, "loss": LOSS_NAMES[task],
             "halo_weight": halo_weight, "optimizer": "Adam",
             **({"max_grad_norm": max_grad_norm} if max_grad_norm else {}),
+            **({"thresholds": "nonnegative: clamped at 0 at the start ("
+                              f"{negative_at_start} negative values) and after every step"
+                if nonnegative_thresholds else "unconstrained",
+                "sparsity_weight": sparsity_weight,
+                "sparsity_term": "mean |codes| (" + {"ivf": "detail codes", "mef": "codes after "
+                                 "the last DCU", "mmf": "both backbones' codes"}[task] + ")",
+                "black_weight": black_weight,
+                "min_val_sparsity": min_val_sparsity, "val_sparsity": val_sparsity,
+                "threshold_warm_start": threshold_warm_start,
+                "threshold_floor": threshold_floor,
+                "warm_start_mean_thresholds": warm_thresholds,
+                **({"black_term": "losses.ivf_black_term (two black sources decode to at most "
+                                  "0.5/255 at code gains 1, 2, 4; the pivot "
+                                  "2 dec(0) detached)"} if task == "ivf" else {})}
+               if second_gen else {}),
             **({"exposure_prior_sigma": exposure_prior_sigma,
                 "exposure_prior": "models.mefn.exposure_prior(mean luminance of each exposure "
                                   "over the whole image, sigma) added to the logits"}
@@ -397,6 +630,16 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 w.writeheader()
             w.writerow(row)
 
+    if epochs == 0:
+        # no step: the start-up changes alone (projected thresholds, warm start, recalibrated
+        # batch norm), validated and written as the run's latest and best file
+        val = validator.score(net, dev) if validator is not None else None
+        if second_gen and validator is not None:
+            val_sparsity = validator.code_sparsity(net, dev)
+        best, best_epoch = (-math.inf, None) if val is None else (val, 0)
+        save_checkpoint(net, side["best"], task, header(0, val))
+        return save_checkpoint(net, out, task, header(0, val))
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -404,6 +647,7 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
         bar = tqdm(total=total_steps, initial=start_epoch * spe + start_step,
                    desc=f"train {task}", unit="step", dynamic_ncols=True)
 
+    floor = ThresholdFloor(net, task, threshold_floor) if threshold_floor else None
     deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
     stopped = False
     epoch, step = start_epoch, start_step
@@ -419,7 +663,8 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                     g["lr"] = cur_lr
                 batch = _to(src.batch(epoch, step), dev)
                 batch.pop("scale", None)
-                loss = compute_loss(task, net, batch, halo_weight)
+                loss = compute_loss(task, net, batch, halo_weight, sparsity_weight,
+                                    black_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"training {task}: the loss is {float(loss.detach())} at epoch "
@@ -431,6 +676,10 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
                 opt.step()
+                if nonnegative_thresholds:
+                    project_thresholds(net)
+                if floor is not None:
+                    floor.apply()
                 losses.append(float(loss.detach()))
                 step += 1
                 if bar is not None:
@@ -441,7 +690,10 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                     break
             epoch_done = epoch + (step / spe if stopped else 1)
             val = validator.score(net, dev) if validator is not None else None
-            if val is not None and val > best and not stopped:
+            if second_gen and validator is not None:
+                val_sparsity = validator.code_sparsity(net, dev)
+            eligible = min_val_sparsity is None or (val_sparsity or 0.0) >= min_val_sparsity
+            if val is not None and val > best and not stopped and eligible:
                 best, best_epoch = val, epoch + 1
                 save_checkpoint(net, side["best"], task, header(epoch + 1, val))
             save_checkpoint(net, out, task, header(epoch_done, val))
@@ -451,7 +703,10 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 save_state(epoch + 1, 0)
             log_row({"epoch": round(epoch_done, 4), "steps": len(losses),
                      "train_loss": float(np.mean(losses)) if losses else "",
-                     "val_score": "" if val is None else val, "lr": cur_lr if losses else "",
+                     "val_score": "" if val is None else val,
+                     **({"val_sparsity": "" if val_sparsity is None else round(val_sparsity, 5)}
+                        if second_gen else {}),
+                     "lr": cur_lr if losses else "",
                      "epoch_s": round(time.monotonic() - t_epoch, 1),
                      "wall_s": round(elapsed_before + time.monotonic() - t_start, 1)})
             if bar is not None:
@@ -470,6 +725,8 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     finally:
         if bar is not None:
             bar.close()
+        if floor is not None:
+            floor.remove()
     return out
 
 

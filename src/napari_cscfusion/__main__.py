@@ -1,0 +1,7 @@
+"""``python -m napari_cscfusion ...``: the ``cscfusion`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

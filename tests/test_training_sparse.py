@@ -1,0 +1,170 @@
+"""Training options for the second-generation weights (issue 17): thresholds projected at >= 0,
+the L1 sparsity term, the IVF black term, the threshold warm start, the sparsity floor for the
+best epoch, and training crops with black borders / clipped highlights. Tiny networks, a couple
+of steps (seconds)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cscfusion.models import load_network, save_checkpoint
+from napari_cscfusion.models.csc import SoftThreshold
+from napari_cscfusion.training import data as D
+from napari_cscfusion.training.losses import BLACK_LEVEL, code_l1, ivf_black_term, ivf_loss
+from napari_cscfusion.training.train import build, compute_loss, train
+
+ROOT = D.default_data_root()
+pytestmark = pytest.mark.skipif(not (ROOT / "ivf" / "flir_train").is_dir()
+                                or not (ROOT / "mef" / "hdr").is_dir(),
+                                reason=f"training data not found under {ROOT}")
+TINY_HP = {"ivf": {"code_channels": 8, "num_dcus": 2}, "mef": None}
+
+
+def _train(task, out, **kw):
+    args = {"epochs": 1, "lr": 1e-3, "seed": 0, "progress": False, "steps_per_epoch": 2,
+            "hparams": TINY_HP[task], "val_items": 2, "device": "cpu", "crop": 24,
+            "batch_size": 2, **kw}
+    return train(task, out, **args)
+
+
+def _thetas(net):
+    return torch.cat([m.theta.detach().flatten() for m in net.modules()
+                      if isinstance(m, SoftThreshold)])
+
+
+def _negative_start(task, path):
+    """A tiny network of ``task`` whose soft thresholds are all negative, saved to ``path``."""
+    torch.manual_seed(0)
+    net = build(task, TINY_HP[task])
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, SoftThreshold):
+                m.theta.fill_(-0.05)
+    save_checkpoint(net, path, task)
+    return path
+
+
+@pytest.mark.parametrize("task", ["ivf", "mef"])
+def test_thresholds_are_projected_at_start_and_after_every_step(task, tmp_path):
+    start = _negative_start(task, tmp_path / "start.pt")
+    free = _train(task, tmp_path / "free.pt", init_weights=start, lr=1e-4)
+    assert (_thetas(load_network(task, free)[0]) < 0).all()  # unconstrained: still negative
+    out = _train(task, tmp_path / "nn.pt", init_weights=start, lr=1e-2,
+                 nonnegative_thresholds=True)
+    net, info = load_network(task, out)
+    assert (_thetas(net) >= 0).all()
+    n = _thetas(net).numel()
+    assert info["header"]["training"]["thresholds"].startswith(
+        f"nonnegative: clamped at 0 at the start ({n} negative values)")
+    rows = list(csv.DictReader(open(tmp_path / "nn.log.csv")))
+    assert 0.0 <= float(rows[0]["val_sparsity"]) <= 1.0
+
+
+def test_zero_epochs_writes_the_projected_start_without_a_step(tmp_path):
+    start = _negative_start("ivf", tmp_path / "start.pt")
+    out = _train("ivf", tmp_path / "p.pt", init_weights=start, epochs=0,
+                 nonnegative_thresholds=True)
+    before, after = load_network("ivf", start)[0], load_network("ivf", out)[0]
+    for (k, a), b in zip(before.state_dict().items(), after.state_dict().values(), strict=True):
+        expected = a.clamp(min=0) if k.endswith("theta") else a
+        assert torch.equal(expected, b), k
+    assert (tmp_path / "p.best.pt").is_file()
+    with pytest.raises(ValueError, match="epochs"):
+        _train("ivf", tmp_path / "q.pt", epochs=0)
+
+
+def test_sparsity_and_black_terms_are_added_to_the_ivf_loss():
+    torch.manual_seed(0)
+    net = build("ivf", TINY_HP["ivf"]).eval()
+    x = torch.rand(2, 1, 24, 24)
+    z_b, z_d = net.encode(x)
+    plain = ivf_loss(net.decode(z_b, z_d), x)
+    assert torch.allclose(compute_loss("ivf", net, {"image": x}), plain)
+    with_l1 = compute_loss("ivf", net, {"image": x}, sparsity_weight=0.5)
+    assert torch.allclose(with_l1, plain + 0.5 * code_l1(z_d))
+    assert code_l1(z_d) > 0
+    with_black = compute_loss("ivf", net, {"image": x}, black_weight=2.0)
+    assert torch.allclose(with_black, plain + 2.0 * ivf_black_term(net))
+
+
+def test_black_term_is_zero_exactly_when_black_decodes_below_the_level():
+    torch.manual_seed(0)
+    net = build("ivf", TINY_HP["ivf"]).eval()
+    last_bn = net.decoder.layers[-1]
+    with torch.no_grad():
+        net.decoder.layers[-4].weight.zero_()  # the last convolution: the decoder is constant
+        last_bn.bias.fill_(-20.0)
+    assert float(ivf_black_term(net).detach()) == 0.0
+    black = torch.zeros(1, 1, 24, 24)
+    assert float(net(black).max()) <= BLACK_LEVEL
+    with torch.no_grad():
+        last_bn.bias.fill_(0.0)  # black decodes to sigmoid(0) = 0.5 at every gain
+    assert float(ivf_black_term(net).detach()) > 5.0
+
+
+@pytest.mark.parametrize("task", ["ivf", "mef"])
+def test_mef_and_ivf_sparsity_term_reaches_the_codes(task):
+    torch.manual_seed(0)
+    net = build(task, TINY_HP[task]).eval()
+    batch = D.make_source(task, ROOT, crop=24, batch_size=2, seed=0).batch(0, 0)
+    batch.pop("scale", None)
+    plain = compute_loss(task, net, batch)
+    sparse = compute_loss(task, net, batch, sparsity_weight=1.0)
+    assert float(sparse) > float(plain)
+    grad = torch.autograd.grad(sparse - plain, net.encoder.dcus[-1].shrink.theta
+                               if task == "mef" else net.detail.dcus[-1].shrink.theta)[0]
+    assert (grad <= 0).all() and (grad < 0).any()  # a higher threshold shrinks the codes
+
+
+def test_warm_start_and_sparsity_floor(tmp_path):
+    start = _negative_start("ivf", tmp_path / "start.pt")
+    out = _train("ivf", tmp_path / "w.pt", init_weights=start, epochs=0,
+                 nonnegative_thresholds=True, threshold_warm_start=0.9)
+    tr = load_network("ivf", out)[1]["header"]["training"]
+    assert tr["threshold_warm_start"] == 0.9 and tr["val_sparsity"] > 0.6
+    # no epoch reaches a sparsity of 1: no best file, the latest still written
+    out = _train("ivf", tmp_path / "f.pt", init_weights=start, nonnegative_thresholds=True,
+                 min_val_sparsity=1.0)
+    assert out.is_file() and not (tmp_path / "f.best.pt").exists()
+
+
+def test_extremes_put_black_borders_masks_clipped_and_flat_crops_in_the_batches():
+    rng = np.random.default_rng(0)
+    img = np.random.default_rng(1).uniform(0.1, 0.9, (48, 48)).astype(np.float32)
+    kinds = set()
+    for _ in range(60):
+        out = D.add_extremes(img, rng)
+        assert out.shape == img.shape and out.dtype == np.float32
+        assert 0.0 <= out.min() and out.max() <= 1.0
+        if np.ptp(out) == 0:
+            kinds.add("flat")
+        elif (out == 1.0).any():
+            kinds.add("clip")
+        elif (out == 0.0).any():
+            kinds.add("black")
+    assert kinds == {"flat", "clip", "black"}
+    assert np.array_equal(img, np.random.default_rng(1).uniform(0.1, 0.9, (48, 48))
+                          .astype(np.float32))  # input not modified
+    plain = D.IVFCrops(ROOT, crop=32, batch_size=8, seed=3).batch(0, 0)["image"]
+    same = D.IVFCrops(ROOT, crop=32, batch_size=8, seed=3, extremes=0.0).batch(0, 0)["image"]
+    assert torch.equal(plain, same)
+    src = D.IVFCrops(ROOT, crop=32, batch_size=8, seed=3, extremes=1.0)
+    extreme = src.batch(0, 0)["image"]
+    assert not torch.equal(plain, extreme) and "extremes" in src.describe()["augment"]
+    with pytest.raises(ValueError, match="extremes"):
+        D.IVFCrops(ROOT, crop=32, batch_size=8, extremes=1.5)
+
+
+def test_threshold_floor_keeps_the_codes_sparse_while_training(tmp_path):
+    start = _negative_start("ivf", tmp_path / "start.pt")
+    out = _train("ivf", tmp_path / "fl.pt", init_weights=start, nonnegative_thresholds=True,
+                 threshold_floor=0.9, lr=1e-2, epochs=2)
+    tr = load_network("ivf", out)[1]["header"]["training"]
+    free = _train("ivf", tmp_path / "free.pt", init_weights=start, nonnegative_thresholds=True,
+                  lr=1e-2, epochs=2)
+    assert tr["threshold_floor"] == 0.9 and tr["val_sparsity"] > 0.6
+    assert load_network("ivf", free)[1]["header"]["training"]["val_sparsity"] < 0.5
