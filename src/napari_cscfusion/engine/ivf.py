@@ -397,10 +397,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     ``exact=True``, or weights with a negative threshold (the authors'), run the exact
     reference arithmetic. ``metadata["path"]`` says which ran. ``compile``: None (default)
     compiles where that measured faster and within the tolerance (``engine.fast.auto_compile``:
-    the fast path of MEF, and of IVF on a GPU; not IVF on a CPU, where the compiled encoders
-    were no faster than the exact ones, nor MMF, whose compiled form left the tolerance;
-    benchmarks/README.md); the first call of a session compiles (a minute or more; torch's
-    on-disk cache shortens later sessions); True/False forces it.
+    on a CPU nowhere yet — IVF's compiled encoders were no faster than the exact ones, MMF's
+    compiled form left the tolerance, MEF's was not measured to the end; on a GPU IVF and MEF,
+    unmeasured; benchmarks/README.md); a compiled run's first call compiles (a minute or more;
+    torch's on-disk cache shortens later sessions); True/False forces it.
 
     Dask: with dask inputs the result's image and weights are lazy dask arrays (chunked by
     tile and by plane) that compute the same values; napari displays them directly (always on

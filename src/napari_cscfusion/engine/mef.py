@@ -54,6 +54,7 @@ INNER_TILE = {"cpu": 128, "gpu": None}
 # The fast path's tiles: crops of one shape through one compiled graph, colour to blending
 # (benchmarks/README.md); on a GPU large ones
 FAST_TILE = {"cpu": 128, "gpu": 1024}
+INNER_TILE_EAGER = {"cpu": 1024, "gpu": 2048}  # the fast form uncompiled (the CPU default)
 
 
 def exposure_channel_sums(stack: np.ndarray) -> np.ndarray:
@@ -222,7 +223,9 @@ def fuse_exposure_stack_fast(stack: np.ndarray, scale: float, model: FusionModel
         net = model.network_on(dev)
         fnet = fast_network("mef", net, precision_dtype(precision), compile=compile,
                             scale=scale)
-        side = FAST_TILE["cpu" if dev.type == "cpu" else "gpu"] if tile is None else tile
+        # compiled: cache-sized crops of one shape; eager: large ones (per-crop overhead)
+        sides = FAST_TILE if compile else INNER_TILE_EAGER
+        side = sides["cpu" if dev.type == "cpu" else "gpu"] if tile is None else tile
         side = side or max(H, W)
         bounds = (0, H, 0, W)
         tiles = [grown(t, bounds, side + 2 * fnet.radius)
