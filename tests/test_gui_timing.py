@@ -11,7 +11,7 @@ pytest.importorskip("napari")
 from napari_cscfusion.gui._worker import ETA_AFTER_S, timing_text  # noqa: E402
 
 PLUGIN = "napari-cscfusion"
-IVF = "Infrared + visible fusion (CSC-IVFN)"
+IVF = "Infrared + visible fusion"
 
 
 def test_timing_text_extrapolates_the_rate_so_far():
