@@ -16,7 +16,7 @@ import pytest
 import tifffile
 
 from napari_cscfusion import cli, fuse_guided, fuse_infrared_visible
-from napari_cscfusion.engine import Cancelled
+from napari_cscfusion.engine import Cancelled, batch
 from napari_cscfusion.engine.io import read_tiff_metadata
 
 from ._shared import SAMPLES, grey, read, shared_path
@@ -95,17 +95,20 @@ def test_a_cancelled_run_is_exit_status_130_and_writes_nothing(ivf_inputs, tmp_p
     """The engine raises Cancelled when its progress callback says so (the GUI's Cancel; a
     caller's own callback): the command line reports it and exits with 130, as for Ctrl-C."""
     ir_path, vis_path, _ir, _vis = ivf_inputs
-    real, steps = cli.fuse_infrared_visible, []
+    # the command line fuses through engine.batch.fuse_sources, which looks the function up there
+    real, steps = batch.fuse_infrared_visible, []
 
-    def cancelled_after_the_first_step(*args, **kwargs):
-        def progress(done, total):
+    def cancelled_after_the_first_step(*args, progress=None, **kwargs):
+        def cancelling(done, total):
             steps.append(done)
+            if progress is not None:  # the command line's own progress bar
+                progress(done, total)
             if done >= 1:  # after the first tile
                 raise Cancelled("cancelled by the user")
 
-        return real(*args, progress=progress, **kwargs)
+        return real(*args, progress=cancelling, **kwargs)
 
-    monkeypatch.setattr(cli, "fuse_infrared_visible", cancelled_after_the_first_step)
+    monkeypatch.setattr(batch, "fuse_infrared_visible", cancelled_after_the_first_step)
     rc = cli.main(["fuse", "ivf", str(ir_path), str(vis_path), "-o", str(tmp_path / "f.tif"),
                    "--device", "cpu", "--tile", "24"])
     assert rc == 130 and steps == [0, 1]

@@ -260,7 +260,8 @@ def test_messages_and_names_in_plain_words(ivf_setup, qtbot):
         assert "_" not in lay.name and "0% zero" not in lay.name
         zeros = lay.metadata["cscfusion"]["sparsity"]
         assert (f"{100 * zeros:.0f}% zero" in lay.name) == (zeros >= 0.005)
-    assert "infrared base activity · ir + vis (CSC-IVFN)" in viewer.layers
+    # the IVF base encoder is PReLU by design: its layer says so and claims no sparsity
+    assert "infrared base activity, PReLU · ir + vis (CSC-IVFN)" in viewer.layers
 
     # channels first in a low-res layer: says what is wrong and what to do, no jargon
     _d, mmf = dock(viewer, MMF)

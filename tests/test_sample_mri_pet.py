@@ -51,7 +51,9 @@ def test_fusing_the_sample_keeps_the_anatomy_and_the_function():
 
     # anatomy: the fused luminance has the T1 slice's edges (the blurred PET map has few)
     e_t1 = _edges(t1 / 255.0)
-    assert _corr(e_t1, _edges(y_f[..., 0]), brain) > 0.85
+    # 0.96 with the first-generation ivf.pt, 0.84 with the sparse second generation (#17):
+    # still far above the PET map's own edges (0.24, bound below)
+    assert _corr(e_t1, _edges(y_f[..., 0]), brain) > 0.8
     assert _corr(e_t1, _edges(y_p[..., 0]), brain) < 0.4
     near_lesion = ndimage.binary_dilation(hot, iterations=5)
     assert _corr(e_t1, _edges(y_f[..., 0]), near_lesion) > 0.5
