@@ -101,22 +101,108 @@ def test_ivf_authors_weights_stay_on_the_exact_path():
     assert res.metadata["path"] == "exact"
 
 
+def memorial(*indices: int) -> np.ndarray:
+    """Memorial exposures as uint8 RGB (K, H, W, 3), as a camera gives them."""
+    return np.stack([read(DATA / "mef" / "memorial" / f"memorial_{i:02d}.png")[..., :3]
+                     for i in indices])
+
+
 @needs_shared
 @pytest.mark.parametrize("which", ["clamped", "packaged"])
 def test_mef_fast_path_matches_exact_on_the_memorial_bracket(which):
     from napari_cscfusion import fuse_exposures
 
     model = weights_for("mef", which)
-    stack = np.stack([read(DATA / "mef" / "memorial" / f"memorial_{i:02d}.png")[..., :3]
-                      for i in (2, 5, 8, 11, 14)])  # uint8, as a camera gives it
+    stack = memorial(2, 5, 8, 11, 14)
     exact = fuse_exposures(stack, model, device="cpu", exact=True)
     fast = fuse_exposures(stack, model, device="cpu", tile=64)  # several tiles
     assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
+    # on the CPU the fused numba kernel (engine/mef_cpu.py) runs it, reading the uint8 frames
+    assert fast.metadata["fast_kernel"] == "numba" and exact.metadata["fast_kernel"] is None
     assert_close(fast.image, exact.image)
     assert_close(fast.weights["exposures"], exact.weights["exposures"])
-    # float input in [0, 1]: the same values
+    # float input in [0, 1] and uint16: the same values
     as_float = fuse_exposures(stack.astype(np.float32) / 255, model, device="cpu", tile=64)
     assert_close(as_float.image, exact.image)
+    as_uint16 = fuse_exposures(stack.astype(np.uint16) * 257, model, device="cpu")
+    assert_close(as_uint16.image, exact.image)
+
+
+@needs_shared
+def test_mef_numba_kernel_grey_tiles_threads_and_no_weights():
+    import torch
+
+    from napari_cscfusion import fuse_exposures
+
+    model = weights_for("mef", "clamped")
+    grey_stack = memorial(3, 8, 13)[..., 1]  # (K, H, W) uint8
+    exact = fuse_exposures(grey_stack, model, device="cpu", exact=True)
+    whole = fuse_exposures(grey_stack, model, device="cpu", tile=0)
+    assert whole.metadata["fast_kernel"] == "numba" and whole.image.ndim == 2
+    assert_close(whole.image, exact.image)
+    assert_close(whole.weights["exposures"], exact.weights["exposures"])
+    # tiled = untiled (odd tiles: partial vectors, crops at and away from the edges)
+    tiled = fuse_exposures(grey_stack, model, device="cpu", tile=37)
+    np.testing.assert_allclose(tiled.image, whole.image, atol=1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fuse_exposures(grey_stack, model, device="cpu", tile=37, weights=False)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one.image, tiled.image)
+    assert one.weights == {}
+
+
+@needs_shared
+def test_mef_without_numba_falls_back_to_pytorch_with_a_notice(monkeypatch):
+    from napari_cscfusion import fuse_exposures
+    from napari_cscfusion.engine import mef_cpu
+
+    monkeypatch.setattr(mef_cpu, "numba", None)
+    model = weights_for("mef", "clamped")
+    stack = memorial(3, 8, 13)
+    exact = fuse_exposures(stack, model, device="cpu", exact=True)
+    with pytest.warns(RuntimeWarning, match="numba is not installed"):
+        fast = fuse_exposures(stack, model, device="cpu")
+    assert fast.metadata["path"] == "fast" and fast.metadata["fast_kernel"] == "pytorch"
+    assert any("numba is not installed" in n for n in fast.metadata["notices"])
+    assert_close(fast.image, exact.image)
+
+
+@needs_shared
+@pytest.mark.parametrize("precision, bound", [("fp16", 2e-3), ("bf16", 2e-2)])
+def test_mef_half_precision_runs_the_pytorch_fast_form(precision, bound):
+    # the numba kernel is float32 only; half precision runs the network of the PyTorch form
+    # in that dtype, its colour in float32 (bf16 crashed there before: a float32 input met
+    # bf16 weights)
+    from napari_cscfusion import fuse_exposures
+
+    model = weights_for("mef", "clamped")
+    stack = memorial(3, 8, 13)[:, :64, :80]
+    exact = fuse_exposures(stack, model, device="cpu", exact=True)
+    half = fuse_exposures(stack, model, device="cpu", precision=precision)
+    assert half.metadata["fast_kernel"] == "pytorch"
+    assert np.abs(half.image - exact.image).max() <= bound
+
+
+@needs_shared
+def test_mef_numba_kernel_can_be_cancelled_between_tiles():
+    from napari_cscfusion import fuse_exposures
+    from napari_cscfusion.engine import Cancelled
+
+    model = weights_for("mef", "clamped")
+    stack = memorial(3, 8, 13)
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done >= 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        fuse_exposures(stack, model, device="cpu", tile=32, progress=progress)
+    assert seen[0][0] == 0 and seen[-1][0] == 2 and seen[-1][1] > 2
 
 
 @needs_shared

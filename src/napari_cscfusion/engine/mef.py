@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..models.color import LUMA, fuse_chroma, rgb_to_ycbcr, ycbcr_to_rgb
 from ..models.folded import folded
 from ..models.mefn import exposure_prior
-from . import notices
+from . import mef_cpu, notices
 from .device import resolve_device
 from .fast import auto_compile, fast_network, use_fast_path
 from .inputs import check_frames, check_min_size, normaliser
@@ -54,7 +54,10 @@ INNER_TILE = {"cpu": 128, "gpu": None}
 # The fast path's tiles: crops of one shape through one compiled graph, colour to blending
 # (benchmarks/README.md); on a GPU large ones
 FAST_TILE = {"cpu": 128, "gpu": 1024}
-INNER_TILE_EAGER = {"cpu": 1024, "gpu": 2048}  # the fast form uncompiled (the CPU default)
+INNER_TILE_EAGER = {"cpu": 1024, "gpu": 2048}  # the fast form uncompiled (no numba)
+# The fused numba kernel's tiles (engine/mef_cpu.py): a 128 px tile's codes (24 x 138 x 146
+# float32, 1.9 MB) stay in the L2/L3 caches; 64 and 128 px measured alike (benchmarks/README.md)
+NUMBA_TILE = 128
 
 
 def exposure_channel_sums(stack: np.ndarray) -> np.ndarray:
@@ -205,19 +208,52 @@ def fuse_exposure_stack(stack: np.ndarray, model: FusionModel, device: torch.dev
 def fuse_exposure_stack_fast(stack: np.ndarray, scale: float, model: FusionModel,
                              device: torch.device, progress=None, *, tile=None,
                              weights: bool = True, precision: str | None = None,
-                             compile: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                             compile: bool | None = None
+                             ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """One bracket on the fast path: stack (K,H,W) or (K,H,W,3) as the user gave it (uint8 or
     uint16 with ``scale`` = 1 / dtype max, or float32 in [0, 1] with scale 1) ->
-    (image (H,W[,3]) float32, weights (K,H,W) or None).
+    (image (H,W[,3]) float32, weights (K,H,W) or None, the kernel that ran: "numba" or
+    "pytorch").
 
-    Every crop (one shape, ``tile`` px + the network's 5 px halo) goes through one compiled
-    graph from the raw values to the blended colour (fastpath.FastMEFN): the stack is never
-    converted to float32 as a whole, and a crop's codes stay in cache."""
+    On the CPU in float32 (``precision`` None) and unless ``compile=True`` asks for
+    torch.compile: the fused numba kernel (engine/mef_cpu.py), tiles on threads. Elsewhere, or
+    where numba is missing or fails (with a notice), the PyTorch fast form
+    (fastpath.FastMEFN), compiled where ``compile`` (None: ``fast.AUTO_COMPILE``) says. Either
+    way the stack is never converted to float32 as a whole."""
     K, H, W = stack.shape[:3]
-    rgb = stack.ndim == 4
     sigma = exposure_prior_sigma(model)
+    if device.type == "cpu" and precision is None and not compile:
+        if mef_cpu.available(stack.dtype, stack.ndim == 4):
+            return (*_fuse_stack_numba(stack, scale, model, sigma, progress, tile, weights),
+                    "numba")
+        notices.notify(f"the fused CPU kernel is unavailable ({mef_cpu.failure()}); the "
+                       f"fast path runs in PyTorch (slower)", RuntimeWarning)
     prior = np.zeros(K, np.float32) if sigma is None else exposure_prior_logits(
         exposure_channel_sums(stack) * scale, H * W, sigma)
+    compile = auto_compile("mef", True, device) if compile is None else compile
+    return (*_fuse_stack_torch(stack, scale, model, device, prior, progress, tile, weights,
+                               precision, compile), "pytorch")
+
+
+def _fuse_stack_numba(stack, scale, model, sigma, progress, tile, weights):
+    K, H, W = stack.shape[:3]
+    params = mef_cpu.MEFParams(model.network_on(torch.device("cpu")))
+    prior = np.zeros(K, np.float32) if sigma is None else exposure_prior_logits(
+        mef_cpu.channel_sums(stack) * scale, H * W, sigma)
+    side = (NUMBA_TILE if tile is None else tile) or max(H, W)
+    tiles = tile_grid((H, W), side, params.radius)
+    return mef_cpu.fuse_bracket(stack, scale, params, prior, tiles, weights,
+                                threads=torch.get_num_threads(),
+                                tick=Ticker(progress, len(tiles)))
+
+
+def _fuse_stack_torch(stack, scale, model, device, prior, progress, tile, weights, precision,
+                      compile):
+    """The PyTorch fast form: every crop (one shape, ``tile`` px + the network's 5 px halo)
+    through one graph from the raw values to the blended colour (fastpath.FastMEFN), compiled
+    if ``compile``: a crop's codes stay in cache."""
+    K, H, W = stack.shape[:3]
+    rgb = stack.ndim == 4
 
     def attempt(dev: torch.device):
         net = model.network_on(dev)
@@ -336,12 +372,12 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
     image = np.empty(out_shape, np.float32)
     w_out = np.empty((k, *shape[:lead], *core_shape[1:3]), np.float32) if weights else None
     code_maps = {}
+    kernel = None
     for i, idx in enumerate(planes):
         if fast:
-            img, w = fuse_exposure_stack_fast(
+            img, w, kernel = fuse_exposure_stack_fast(
                 data[idx], scale, model, dev, plane_progress(progress, i, len(planes)),
-                tile=tile, weights=weights, precision=precision,
-                compile=auto_compile("mef", True, dev) if compile is None else compile)
+                tile=tile, weights=weights, precision=precision, compile=compile)
         else:
             img, code_maps, w = fuse_exposure_stack(
                 data[idx], model, dev, codes, plane_progress(progress, i, len(planes)),
@@ -353,7 +389,7 @@ def fuse_exposures(stack, model=None, device="auto", codes: bool = False,
     meta = base_metadata(model, dev, {"stack": norm.note})
     meta.update(sources=names, colour=colour, planes=len(planes), tile=tile,
                 precision=precision, exposure_prior_sigma=prior_sigma,
-                path="fast" if fast else "exact",
+                path="fast" if fast else "exact", fast_kernel=kernel,
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {"exposures": w_out} if weights else {}, meta)
 

@@ -218,8 +218,9 @@ class FastMEFN(nn.Module):
             y = 0.299 * r + 0.587 * g + 0.114 * b
         else:
             y = x
-        z = self.encoder(y[:, None])
-        logits = (z * self.head_w.view(1, -1, 1, 1)).sum(1) + prior.view(-1, 1, 1)
+        # the network in its own dtype (half precision if asked), colour in float32
+        z = self.encoder(y[:, None].to(self.head_w.dtype))
+        logits = (z * self.head_w.view(1, -1, 1, 1)).sum(1).float() + prior.view(-1, 1, 1)
         w = torch.softmax(logits, dim=0)
         y_f = (w * y).sum(0)
         if not rgb:
