@@ -27,8 +27,10 @@ runs in a fresh child process, so peak RSS is that variant's alone.
 * IVF, TNO pair 1 (768x576), default rules: the engine against the compute limit, i.e. the
   network's convolution FLOPs divided by the best throughput of a 64-channel 3x3 convolution
   measured in the same process (NCHW and channels_last);
-* MEF, 3 Memorial exposures resized to 12 Mpx, uint8: the engine against OpenCV's Mertens on
-  the same uint8 arrays (``cv2.createMergeMertens().process`` takes uint8 lists);
+* MEF, 3 Memorial exposures resized to 12 Mpx, uint8: the engine (``fuse_exposures`` with its
+  defaults, weight maps on; also without them) against OpenCV's Mertens on the same uint8
+  arrays (``cv2.createMergeMertens().process`` takes uint8 lists), and one call each of the
+  PyTorch fast form (the fused numba kernel off) and the exact path;
 * MMF, 1 and 4 Mpx: the engine against the naive untiled forward (skipped where the naive
   run's code maps would not fit in memory).
 
@@ -263,7 +265,8 @@ def target_model(task: str, weights: str):
 
 
 def _timed(fn, repeat: int) -> tuple[float, float, object]:
-    """(first call s, best of ``repeat`` further calls s, last result)."""
+    """(first call s, best of ``repeat`` further calls s (the first with none), last
+    result)."""
     t0 = time.perf_counter()
     out = fn()
     first = time.perf_counter() - t0
@@ -272,7 +275,7 @@ def _timed(fn, repeat: int) -> tuple[float, float, object]:
         t0 = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t0)
-    return first, best, out
+    return first, (first if repeat < 1 else best), out
 
 
 def _exact_kw(fn, exact: bool) -> dict:
@@ -283,11 +286,10 @@ def _exact_kw(fn, exact: bool) -> dict:
 
 def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") -> list[str]:
     """Issue 18's ratios, each pair measured back to back in this process."""
-    import cv2
     import numpy as np
     import torch
 
-    from napari_cscfusion.engine import fuse_exposures, fuse_guided, fuse_infrared_visible
+    from napari_cscfusion.engine import fuse_guided, fuse_infrared_visible
 
     torch.set_num_threads(int(os.environ.get("CSC_THREADS", os.cpu_count() or 1)))
     lines = []
@@ -317,23 +319,8 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") 
             f"(target <= 5x, beyond <= 2x); exact path {ref_s:.3f} s ({ref_s / limit:.1f}x); "
             f"|engine - exact| max {diff.max():.2g}, mean {diff.mean():.2g}")
     if "mef" in tasks:
-        model = target_model("mef", weights)
-        stack = make_inputs("mef", 12)[0]  # (3, H, W, 3) uint8, as a camera gives them
-        frames = [np.ascontiguousarray(f[..., ::-1]) for f in stack]  # BGR for OpenCV
-        merge = cv2.createMergeMertens()
-        kw = _exact_kw(fuse_exposures, exact)
-        first, best, res = _timed(lambda: fuse_exposures(stack, model, device=device,
-                                                         **kw), repeat)
-        _, mertens, _ = _timed(lambda: merge.process(frames), repeat)
-        _, ref_s, ref = _timed(lambda: fuse_exposures(stack, model, device=device,
-                                                      exact=True), repeat)
-        diff = np.abs(res.image - ref.image)
-        say(f"mef 3 x {stack.shape[1]}x{stack.shape[2]} uint8: engine {best:.2f} s (first "
-            f"call {first:.1f} s, path {res.metadata.get('path', 'exact')}), OpenCV Mertens "
-            f"on the same uint8 arrays {mertens:.2f} s: {best / mertens:.2f}x Mertens "
-            f"(target <= 2x, beyond < 1x); exact path {ref_s:.2f} s "
-            f"({ref_s / mertens:.2f}x); |engine - exact| max {diff.max():.2g}, mean "
-            f"{diff.mean():.2g}")
+        say(mef_target(model=target_model("mef", weights), repeat=repeat, exact=exact,
+                       device=device))
     if "mmf" in tasks:
         # the authors' 31-band network and inputs as in the rows above (its thresholds are
         # clamped at >= 0 by design: the fast path applies to it)
@@ -361,6 +348,49 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") 
                 f"{naive / best:.2f}x faster (target >= 1.5x); |engine - naive| max "
                 f"{diff.max():.2g}, mean {diff.mean():.2g}")
     return lines
+
+
+def mef_target(model, repeat: int, exact: bool, device: str = "cpu") -> str:
+    """Issue 18's MEF ratio: ``fuse_exposures`` with its defaults (weight maps on) on 3 x 12 Mpx
+    uint8 frames against OpenCV's Mertens on the same arrays, best of ``repeat`` warm calls
+    each; also without the weight maps and, one call each (they take minutes), the PyTorch
+    fast form (numba off: what the fast path ran before the fused kernel) and the exact path."""
+    import cv2
+    import numpy as np
+
+    from napari_cscfusion.engine import fuse_exposures, mef_cpu
+
+    stack = make_inputs("mef", 12)[0]  # (3, H, W, 3) uint8, as a camera gives them
+    frames = [np.ascontiguousarray(f[..., ::-1]) for f in stack]  # BGR for OpenCV
+    merge = cv2.createMergeMertens()
+    kw = _exact_kw(fuse_exposures, exact)
+    first, best, res = _timed(lambda: fuse_exposures(stack, model, device=device, **kw),
+                              repeat)
+    _, no_maps, _ = _timed(lambda: fuse_exposures(stack, model, device=device, weights=False,
+                                                  **kw), repeat)
+    _, mertens, _ = _timed(lambda: merge.process(frames), repeat)
+    kernel = res.metadata.get("fast_kernel")
+    torch_s = torch_diff = None
+    if kernel == "numba":
+        numba_module, mef_cpu.numba = mef_cpu.numba, None
+        try:
+            torch_s, _, torch_res = _timed(
+                lambda: fuse_exposures(stack, model, device=device, **kw), 0)
+        finally:
+            mef_cpu.numba = numba_module
+        torch_diff = np.abs(torch_res.image - res.image).max()
+    ref_s, _, ref = _timed(lambda: fuse_exposures(stack, model, device=device, exact=True), 0)
+    diff = np.abs(res.image - ref.image)
+    line = (f"mef 3 x {stack.shape[1]}x{stack.shape[2]} uint8: engine {best:.2f} s (weight "
+            f"maps on; first call {first:.1f} s, path {res.metadata.get('path', 'exact')}, "
+            f"kernel {kernel}), OpenCV Mertens on the same uint8 arrays {mertens:.2f} s: "
+            f"{best / mertens:.2f}x Mertens (target <= 2x, beyond < 1x); without the weight "
+            f"maps {no_maps:.2f} s ({no_maps / mertens:.2f}x); ")
+    if torch_s is not None:
+        line += (f"PyTorch fast form (numba off, one call) {torch_s:.2f} s "
+                 f"({torch_s / mertens:.2f}x, |diff| max {torch_diff:.2g}); ")
+    return line + (f"exact path (one call) {ref_s:.2f} s ({ref_s / mertens:.2f}x); |engine - "
+                   f"exact| max {diff.max():.2g}, mean {diff.mean():.2g}")
 
 
 # --- driver ------------------------------------------------------------------------------------
