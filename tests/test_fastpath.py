@@ -154,6 +154,35 @@ def test_mef_numba_kernel_grey_tiles_threads_and_no_weights():
     assert one.weights == {}
 
 
+def test_mef_numba_kernel_is_generic_over_code_channels_and_dcus():
+    # an odd number of code channels (the kernel runs them in pairs) and three DCUs, random
+    # weights with nonnegative thresholds and batch-norm statistics, a prior sigma
+    from napari_cscfusion import fuse_exposures
+    from napari_cscfusion.models.mefn import CSCMEFN
+
+    torch.manual_seed(3)
+    net = CSCMEFN(code_channels=5, num_dcus=3, prior_sigma=0.3)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    net = fastpath.with_clamped_thresholds(net).eval()
+    for m in net.modules():
+        if hasattr(m, "theta"):
+            m.theta.data.uniform_(0.0, 0.05)
+    model = FusionModel("mef", net, {"label": "random q=5, 3 DCUs"})
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 256, (4, 45, 70, 3), dtype=np.uint8)
+    exact = fuse_exposures(stack, model, device="cpu", exact=True)
+    fast = fuse_exposures(stack, model, device="cpu", tile=16)
+    assert fast.metadata["fast_kernel"] == "numba"
+    assert_close(fast.image, exact.image)
+    assert_close(fast.weights["exposures"], exact.weights["exposures"])
+
+
 @needs_shared
 def test_mef_without_numba_falls_back_to_pytorch_with_a_notice(monkeypatch):
     from napari_cscfusion import fuse_exposures

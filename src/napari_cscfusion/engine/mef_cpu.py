@@ -100,6 +100,12 @@ def _stencil(a, b_, c_, k0, k1, k2, k3, k4, k5, k6, k7, k8, j):
 
 
 @_jit
+def _taps(w, c):
+    """The 9 taps of code channel c of a (9, q) weight array."""
+    return w[0, c], w[1, c], w[2, c], w[3, c], w[4, c], w[5, c], w[6, c], w[7, c], w[8, c]
+
+
+@_jit
 def _fuse_tile(stack, scale, prior, stem_w, stem_b, stem_t, w0, w1, s, b, t, head,
                cy0, cy1, cx0, cx1, oy0, oy1, ox0, ox1, image, weights, want_weights):
     """Fuse one tile: the crop rows cy0:cy1, cols cx0:cx1 of ``stack`` (K, H, W, C) with C = 3
@@ -142,32 +148,39 @@ def _fuse_tile(stack, scale, prior, stem_w, stem_b, stem_t, w0, w1, s, b, t, hea
                 else:
                     y2[i + 1, j + 1] = np.float32(stack[k, cy0 + i, cx0 + j, 0]) * scale
         _reflect_border(y2, h, w)
-        # stem: 3x3 convolution 1 -> q, batch norm folded, soft threshold
+        # stem: 3x3 convolution 1 -> q, batch norm folded, soft threshold; code channels in
+        # pairs (c, c + 1) here and below: the taps of the plane they share are loaded once
         ya, yb, yc = yk[p0 - wa - 1:], yk[p0 - 1:], yk[p0 + wa - 1:]
-        for c in range(q):
-            k0, k1, k2 = stem_w[0, c], stem_w[1, c], stem_w[2, c]
-            k3, k4, k5 = stem_w[3, c], stem_w[4, c], stem_w[5, c]
-            k6, k7, k8 = stem_w[6, c], stem_w[7, c], stem_w[8, c]
-            bc, tc = stem_b[c], stem_t[c]
-            zo = z[c, p0:]
+        for c in range(0, q, 2):
+            c2 = min(c + 1, q - 1)  # q odd: the last channel twice
+            k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(stem_w, c)
+            g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(stem_w, c2)
+            bc, tc, bd, td = stem_b[c], stem_t[c], stem_b[c2], stem_t[c2]
+            zo, zp = z[c, p0:], z[c2, p0:]
             for j in range(p1 - p0):
                 v = bc + _stencil(ya, yb, yc, k0, k1, k2, k3, k4, k5, k6, k7, k8, j)
+                u = bd + _stencil(ya, yb, yc, g0, g1, g2, g3, g4, g5, g6, g7, g8, j)
                 zo[j] = v - min(max(v, -tc), tc)
+                zp[j] = u - min(max(u, -td), td)
             _reflect_border(z[c].reshape((h + 2, wa)), h, w)
+            _reflect_border(z[c2].reshape((h + 2, wa)), h, w)
         lk = logits[k]
         lk[c0:c1] = prior[k]
         for d in range(n_dcu):
             # residual r = y - Conv0(z): one channel, accumulated over the code channels
             r[p0:p1] = yk[p0:p1]
             ro = r[p0:]
-            for c in range(q):
-                zc = z[c]
-                za, zb, zd = zc[p0 - wa - 1:], zc[p0 - 1:], zc[p0 + wa - 1:]
-                k0, k1, k2 = w0[d, 0, c], w0[d, 1, c], w0[d, 2, c]
-                k3, k4, k5 = w0[d, 3, c], w0[d, 4, c], w0[d, 5, c]
-                k6, k7, k8 = w0[d, 6, c], w0[d, 7, c], w0[d, 8, c]
+            for c in range(0, q, 2):
+                c2 = min(c + 1, q - 1)
+                za, zb, zd = z[c, p0 - wa - 1:], z[c, p0 - 1:], z[c, p0 + wa - 1:]
+                xa, xb, xd = z[c2, p0 - wa - 1:], z[c2, p0 - 1:], z[c2, p0 + wa - 1:]
+                k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w0[d], c)
+                g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w0[d], c2)
+                if c2 == c:
+                    g0 = g1 = g2 = g3 = g4 = g5 = g6 = g7 = g8 = np.float32(0.0)
                 for j in range(p1 - p0):
-                    ro[j] -= _stencil(za, zb, zd, k0, k1, k2, k3, k4, k5, k6, k7, k8, j)
+                    ro[j] -= (_stencil(za, zb, zd, k0, k1, k2, k3, k4, k5, k6, k7, k8, j)
+                              + _stencil(xa, xb, xd, g0, g1, g2, g3, g4, g5, g6, g7, g8, j))
             _reflect_border(r.reshape((h + 2, wa)), h, w)
             # z <- sst(s z + Conv1'(r) + b) in place (Conv1 reads r only); the last DCU on
             # the core's rows only, straight into the 1x1 head's logits
@@ -175,23 +188,33 @@ def _fuse_tile(stack, scale, prior, stem_w, stem_b, stem_t, w0, w1, s, b, t, hea
             u0, u1 = (c0, c1) if last else (p0, p1)
             ra, rb, rc = r[u0 - wa - 1:], r[u0 - 1:], r[u0 + wa - 1:]
             lo = lk[u0:]
-            for c in range(q):
-                k0, k1, k2 = w1[d, 0, c], w1[d, 1, c], w1[d, 2, c]
-                k3, k4, k5 = w1[d, 3, c], w1[d, 4, c], w1[d, 5, c]
-                k6, k7, k8 = w1[d, 6, c], w1[d, 7, c], w1[d, 8, c]
+            for c in range(0, q, 2):
+                c2 = min(c + 1, q - 1)
+                k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w1[d], c)
+                g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w1[d], c2)
                 sc, bc, tc, hc = s[d, c], b[d, c], t[d, c], head[c]
-                zo = z[c, u0:]
+                sd, bd, td, hd = s[d, c2], b[d, c2], t[d, c2], head[c2]
+                if c2 == c:
+                    hd = np.float32(0.0)
+                zo, zp = z[c, u0:], z[c2, u0:]
                 if last:
                     for j in range(u1 - u0):
                         v = sc * zo[j] + bc + _stencil(ra, rb, rc, k0, k1, k2, k3, k4, k5,
                                                        k6, k7, k8, j)
-                        lo[j] += hc * (v - min(max(v, -tc), tc))
+                        u = sd * zp[j] + bd + _stencil(ra, rb, rc, g0, g1, g2, g3, g4, g5,
+                                                       g6, g7, g8, j)
+                        lo[j] += (hc * (v - min(max(v, -tc), tc))
+                                  + hd * (u - min(max(u, -td), td)))
                 else:
                     for j in range(u1 - u0):
                         v = sc * zo[j] + bc + _stencil(ra, rb, rc, k0, k1, k2, k3, k4, k5,
                                                        k6, k7, k8, j)
+                        u = sd * zp[j] + bd + _stencil(ra, rb, rc, g0, g1, g2, g3, g4, g5,
+                                                       g6, g7, g8, j)
                         zo[j] = v - min(max(v, -tc), tc)
+                        zp[j] = u - min(max(u, -td), td)
                     _reflect_border(z[c].reshape((h + 2, wa)), h, w)
+                    _reflect_border(z[c2].reshape((h + 2, wa)), h, w)
     _blend(stack, scale, lum.reshape((K, h + 2, wa)), logits.reshape((K, h + 2, wa)),
            ry + 1, rx + 1, oy0, oy1, ox0, ox1, image, weights, want_weights)
 
