@@ -77,8 +77,8 @@ def map_values(a, kind: str, lo: float = 0.0, span: float = 1.0,
 
 def normaliser(array, name: str) -> Normaliser:
     """Check ``array`` and say how it maps to [0, 1] (see the module docstring); raise
-    TypeError/ValueError naming ``name``. Reads the whole image once (its range), copies
-    nothing."""
+    TypeError/ValueError naming ``name``. Reads the whole image once (its range; unsigned
+    integers not at all), copies nothing."""
     a = np.asarray(array)
     if a.dtype == bool:
         raise TypeError(f"{name}: boolean images cannot be fused; convert the mask to a "
@@ -91,7 +91,7 @@ def normaliser(array, name: str) -> Normaliser:
     if a.size == 0:
         raise ValueError(f"{name}: the image is empty (shape {a.shape})")
     if np.issubdtype(a.dtype, np.integer):
-        lo = int(a.min())
+        lo = 0 if a.dtype.kind == "u" else int(a.min())  # unsigned: no scan needed
         if lo >= 0:
             return Normaliser(a, f"divided by the {a.dtype} maximum {np.iinfo(a.dtype).max}",
                               *value_mapping(a.dtype, lo, None))

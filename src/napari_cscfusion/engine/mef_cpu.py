@@ -28,7 +28,11 @@ _COMPILE_ERROR: Exception | None = None
 def _jit(fn):
     if numba is None:
         return fn
-    return numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")(fn)
+    options = {"nogil": True, "fastmath": True, "error_model": "numpy"}
+    try:  # compiled once, then loaded from numba's on-disk cache
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # no writable cache location: compile in every process
+        return numba.njit(**options)(fn)
 
 
 # --- the network's parameters, folded ---------------------------------------------------------
