@@ -55,8 +55,9 @@ INNER_TILE = {"cpu": 128, "gpu": None}
 # (benchmarks/README.md); on a GPU large ones
 FAST_TILE = {"cpu": 128, "gpu": 1024}
 INNER_TILE_EAGER = {"cpu": 1024, "gpu": 2048}  # the fast form uncompiled (no numba)
-# The fused numba kernel's tiles (engine/mef_cpu.py): a 128 px tile's codes (24 x 138 x 146
-# float32, 1.9 MB) stay in the L2/L3 caches; 64 and 128 px measured alike (benchmarks/README.md)
+# The fused numba kernel's tiles (engine/mef_cpu.py): a 128 px tile's codes (24 x 140 x 140
+# float32, 1.9 MB) stay in the L2/L3 caches; measured: 96 and 128 px alike, 64 (the halo)
+# and 160-256 px slower (benchmarks/README.md)
 NUMBA_TILE = 128
 
 
