@@ -1,0 +1,379 @@
+"""A fused CPU kernel for a chain of one-channel DCUs (numba), the fast path's encoder.
+
+What it computes: ``encode_chain(chain, x, x_first)`` is, to float rounding, what the fast
+form of a CSC encoder with c = 1 image channel and q code channels (``models.fastpath.
+FastEncoder``: batch norm folded, soft thresholds >= 0) computes on x [N, H, W]:
+
+    z_0 = f_0(W1_0 * x_first + b_0)                                   (start, z = 0)
+    z_l = f_l(s_l z_{l-1} + W1_l * (x - W0_l * z_{l-1}) + b_l)       l = 1 .. L-1
+
+with 3x3 convolutions W0_l (q -> 1, the dictionary) and W1_l (1 -> q, the adjoint with the
+batch-norm scale folded in), REFLECTION padding of 1 at the borders of x (c b | a b c), per-
+channel scale s_l and shift b_l (batch norm), and f_l either the soft threshold with
+theta >= 0 (v - clip(v, -theta, theta)) or a PReLU. ``x_first`` (None: x) feeds the start
+layer only: the CSC-IVFN encoders' filtered image; a stem convolution (CSC-MEFN) is the same
+start layer. Output: the codes z_{L-1} [N, q, H, W], or with ``head`` (q,) their projection
+sum_c head[c] z[c] [N, H, W] (CSC-MEFN's 1x1 head), never holding the codes of the image.
+
+Why a kernel: both thin convolutions cost 9q multiply-adds per pixel, so in PyTorch each DCU is
+a few memory-bound passes over the q-channel codes (benchmarks/README.md, issue 18). Here the
+image is cut into tiles; each tile runs ALL layers with a halo that shrinks by 2 px per DCU (so
+tiles are independent and the result equals the whole image's), its codes channels-last in a
+buffer of its own, and inside a DCU the residual row r = x - W0 * z is computed one row ahead of
+the in-place update of z: each DCU streams the tile's codes once. Both convolutions are 9-tap
+dot products / axpys over the contiguous q-vector of a pixel (SIMD). Tiles run on a thread
+pool (numba ``nogil``), as many threads as torch uses.
+
+numba is optional: ``available()`` says whether it imported and the kernel compiled; callers
+fall back to the PyTorch fast form otherwise (engine/fast.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+try:  # optional: without numba the PyTorch fast form runs
+    import numba
+except ImportError:  # pragma: no cover - exercised by the fallback test with a stub
+    numba = None
+
+TILE = 64  # output tile side (px): measured, benchmarks/README.md (issue 18)
+
+
+@dataclass(frozen=True)
+class DCUChain:
+    """The folded weights of an encoder of L layers (start + L-1 DCUs) for ``encode_chain``:
+    adjoint taps ``w1`` [L, 9, q] (tap = 3 dy + dx, batch-norm scale folded), dictionary taps
+    ``w0`` [L, 9, q] (layer 0's unused), residual scale ``scale`` [L, q] (layer 0's unused),
+    shift ``bias`` [L, q], activation parameter ``act`` [L, q] (theta >= 0, or the PReLU
+    slope) and ``prelu`` [L] (1 where the layer's activation is a PReLU). float32."""
+
+    w1: np.ndarray
+    w0: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    act: np.ndarray
+    prelu: np.ndarray
+
+    @property
+    def q(self) -> int:
+        return self.w1.shape[2]
+
+    @property
+    def layers(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def halo(self) -> int:
+        """Context (px) of an output code beyond the start layer's own 3x3 (read from x)."""
+        return 2 * (self.layers - 1)
+
+    @classmethod
+    def from_fast_encoder(cls, enc) -> DCUChain:
+        """From a ``models.fastpath.FastEncoder`` of a one-channel network (its folding)."""
+        layers = []  # (w1 [q, 9], w0 [q, 9] or None, s, b, act, prelu)
+        if enc.has_stem:
+            layers.append((enc.stem_w, None, None, enc.stem_b, enc.stem_act,
+                           enc.stem_kind == "prelu"))
+        for i, d in enumerate(enc.dcus):
+            start = i == 0 and not enc.has_stem
+            layers.append((d.w1, None if start else d.w0, None if start else d.s, d.b, d.act,
+                           d.kind == "prelu"))
+        q = layers[0][0].shape[0]
+        if layers[0][0].shape[1] != 1 or any(w0 is not None and w0.shape[0] != 1
+                                             for _, w0, *_ in layers):
+            raise ValueError("DCUChain: one-channel networks only (c = 1)")
+
+        def taps(w, k):  # [q, 1, 3, 3] (adjoint) or [1, q, 3, 3] (dictionary) -> [9, q]
+            if w is None:
+                return np.zeros((9, q), np.float32)
+            a = w.detach().float().cpu().numpy()
+            a = a[:, 0] if k == "adjoint" else a[0]
+            return np.ascontiguousarray(a.reshape(q, 9).T)
+
+        def vec(t, fill):
+            if t is None:
+                return np.full(q, fill, np.float32)
+            return np.ascontiguousarray(t.detach().float().cpu().numpy().reshape(-1)[:q]
+                                        * np.ones(q, np.float32))
+
+        return cls(w1=np.stack([taps(w1, "adjoint") for w1, *_ in layers]),
+                   w0=np.stack([taps(w0, "dictionary") for _, w0, *_ in layers]),
+                   scale=np.stack([vec(s, 1.0) for _, _, s, *_ in layers]),
+                   bias=np.stack([vec(b, 0.0) for *_, b, _, _ in layers]),
+                   act=np.stack([vec(a, 0.0) for *_, a, _ in layers]),
+                   prelu=np.array([p for *_, p in layers], np.int8))
+
+
+# --- the kernel -------------------------------------------------------------------------------
+
+def _jit(fn):
+    """numba's njit as the kernel needs it (compiled on first call, cached on disk); without
+    numba the functions stay plain Python and are never called (``available()``)."""
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")(fn)
+
+
+@_jit
+def refl(i, n):
+    if i < 0:
+        return -i
+    if i >= n:
+        return 2 * n - 2 - i
+    return i
+
+@_jit
+def shrink(v, a, prelu):
+    if prelu:
+        return v if v >= 0.0 else a * v
+    lo = -a
+    return v - (lo if v < lo else (a if v > a else v))
+
+@_jit
+def fill_cols(buf, lr, b0, b1, ix0, W, q):
+    """Reflection margins of row ``lr`` of a channels-last buffer where the region's
+    columns touch x's border."""
+    if b0 == 0:  # ix0 == 0 then
+        for c in range(q):
+            buf[lr, 0, c] = buf[lr, 2, c]
+    if b1 == W:
+        for c in range(q):
+            buf[lr, W - ix0 + 1, c] = buf[lr, W - 2 - ix0 + 1, c]
+
+@_jit
+def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0, oy1, ox0,
+             ox1, z, r, v):
+    H, W = x.shape[1], x.shape[2]
+    L, _, q = w1.shape
+    halo = 2 * (L - 1)
+    iy0, iy1 = max(0, oy0 - halo), min(H, oy1 + halo)
+    ix0, ix1 = max(0, ox0 - halo), min(W, ox1 + halo)
+    # local coordinates: row gy -> gy - iy0 + 1, column gx -> gx - ix0 + 1 (1 px margin)
+    a0, a1, b0, b1 = iy0, iy1, ix0, ix1
+    # start layer on the whole region (its 3x3 reads x_first itself, reflected at x's
+    # border)
+    for gy in range(a0, a1):
+        lr = gy - iy0 + 1
+        y0, y1, y2 = refl(gy - 1, H), gy, refl(gy + 1, H)
+        for gx in range(b0, b1):
+            lc = gx - ix0 + 1
+            x0, x2 = refl(gx - 1, W), refl(gx + 1, W)
+            p0, p1, p2 = xf[n, y0, x0], xf[n, y0, gx], xf[n, y0, x2]
+            p3, p4, p5 = xf[n, y1, x0], xf[n, y1, gx], xf[n, y1, x2]
+            p6, p7, p8 = xf[n, y2, x0], xf[n, y2, gx], xf[n, y2, x2]
+            for c in range(q):
+                t = (bs[0, c] + w1[0, 0, c] * p0 + w1[0, 1, c] * p1 + w1[0, 2, c] * p2
+                     + w1[0, 3, c] * p3 + w1[0, 4, c] * p4 + w1[0, 5, c] * p5
+                     + w1[0, 6, c] * p6 + w1[0, 7, c] * p7 + w1[0, 8, c] * p8)
+                z[lr, lc, c] = shrink(t, act[0, c], prelu[0])
+        fill_cols(z, lr, b0, b1, ix0, W, q)
+    if a0 == 0:
+        z[0, :] = z[2, :]
+    if a1 == H:
+        z[H - iy0 + 1, :] = z[H - 2 - iy0 + 1, :]
+    for layer in range(1, L):
+        # residual region: one row/column less on each side inside x; update region: two
+        ra0 = a0 if a0 == 0 else a0 + 1
+        ra1 = a1 if a1 == H else a1 - 1
+        rb0 = b0 if b0 == 0 else b0 + 1
+        rb1 = b1 if b1 == W else b1 - 1
+        va0 = ra0 if ra0 == 0 else ra0 + 1
+        va1 = ra1 if ra1 == H else ra1 - 1
+        vb0 = rb0 if rb0 == 0 else rb0 + 1
+        vb1 = rb1 if rb1 == W else rb1 - 1
+        last = layer == L - 1
+        for gy in range(ra0, ra1 + 1):
+            if gy < ra1:  # the residual row gy: x - W0 * z (reads z rows gy-1..gy+1)
+                lr = gy - iy0 + 1
+                for gx in range(rb0, rb1):
+                    lc = gx - ix0 + 1
+                    acc = np.float32(0.0)
+                    for c in range(q):
+                        acc += (w0[layer, 0, c] * z[lr - 1, lc - 1, c]
+                                + w0[layer, 1, c] * z[lr - 1, lc, c]
+                                + w0[layer, 2, c] * z[lr - 1, lc + 1, c]
+                                + w0[layer, 3, c] * z[lr, lc - 1, c]
+                                + w0[layer, 4, c] * z[lr, lc, c]
+                                + w0[layer, 5, c] * z[lr, lc + 1, c]
+                                + w0[layer, 6, c] * z[lr + 1, lc - 1, c]
+                                + w0[layer, 7, c] * z[lr + 1, lc, c]
+                                + w0[layer, 8, c] * z[lr + 1, lc + 1, c])
+                    r[lr, lc] = x[n, gy, gx] - acc
+                if rb0 == 0:
+                    r[lr, 0] = r[lr, 2]  # ix0 == 0 here
+                if rb1 == W:
+                    r[lr, W - ix0 + 1] = r[lr, W - 2 - ix0 + 1]
+                if gy == 1 and ra0 == 0:
+                    r[0, :] = r[2, :]  # iy0 == 0 here
+            else:  # past the last residual row: its reflection, if x's border
+                if ra1 != H:
+                    break
+                r[H - iy0 + 1, :] = r[H - 2 - iy0 + 1, :]
+            # update row gy - 1 in place (its residual rows gy-2..gy are ready and no
+            # later residual row reads it)
+            uy = gy - 1
+            if uy < va0 or uy >= va1:
+                continue
+            lr = uy - iy0 + 1
+            for gx in range(vb0, vb1):
+                lc = gx - ix0 + 1
+                p0, p1, p2 = r[lr - 1, lc - 1], r[lr - 1, lc], r[lr - 1, lc + 1]
+                p3, p4, p5 = r[lr, lc - 1], r[lr, lc], r[lr, lc + 1]
+                p6, p7, p8 = r[lr + 1, lc - 1], r[lr + 1, lc], r[lr + 1, lc + 1]
+                if not last:
+                    for c in range(q):
+                        z[lr, lc, c] = shrink(
+                            sc[layer, c] * z[lr, lc, c] + bs[layer, c]
+                            + w1[layer, 0, c] * p0 + w1[layer, 1, c] * p1
+                            + w1[layer, 2, c] * p2 + w1[layer, 3, c] * p3
+                            + w1[layer, 4, c] * p4 + w1[layer, 5, c] * p5
+                            + w1[layer, 6, c] * p6 + w1[layer, 7, c] * p7
+                            + w1[layer, 8, c] * p8, act[layer, c], prelu[layer])
+                    continue
+                if not (oy0 <= uy < oy1 and ox0 <= gx < ox1):
+                    continue
+                for c in range(q):
+                    v[c] = shrink(sc[layer, c] * z[lr, lc, c] + bs[layer, c]
+                                  + w1[layer, 0, c] * p0 + w1[layer, 1, c] * p1
+                                  + w1[layer, 2, c] * p2 + w1[layer, 3, c] * p3
+                                  + w1[layer, 4, c] * p4 + w1[layer, 5, c] * p5
+                                  + w1[layer, 6, c] * p6 + w1[layer, 7, c] * p7
+                                  + w1[layer, 8, c] * p8, act[layer, c], prelu[layer])
+                if use_head:
+                    acc = np.float32(0.0)
+                    for c in range(q):
+                        acc += head[c] * v[c]
+                    out[n, 0, uy, gx] = acc
+                else:
+                    for c in range(q):
+                        out[n, c, uy, gx] = v[c]
+            if not last:
+                fill_cols(z, lr, vb0, vb1, ix0, W, q)
+                if uy == 1 and va0 == 0:
+                    z[0, :] = z[2, :]
+                if uy == H - 2 and va1 == H:
+                    z[H - iy0 + 1, :] = z[H - 2 - iy0 + 1, :]
+        a0, a1, b0, b1 = va0, va1, vb0, vb1
+
+@_jit
+def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, tile, first, step):
+    N, H, W = x.shape
+    q = w1.shape[2]
+    halo = 2 * (w1.shape[0] - 1)
+    nty = (H + tile - 1) // tile
+    ntx = (W + tile - 1) // tile
+    side = tile + 2 * halo + 2
+    z = np.empty((side, side, q), np.float32)
+    r = np.empty((side, side), np.float32)
+    v = np.empty(q, np.float32)
+    for job in range(first, N * nty * ntx, step):
+        n = job // (nty * ntx)
+        k = job % (nty * ntx)
+        oy0 = (k // ntx) * tile
+        ox0 = (k % ntx) * tile
+        tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0,
+                 min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
+
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _compiled():
+    """The compiled kernel, or None (numba missing, or it failed to compile: the reason is in
+    ``unavailable_reason()``)."""
+    with _lock:
+        if "fn" not in _state:
+            _state["fn"], _state["why"] = None, None
+            if numba is None:
+                _state["why"] = "numba is not installed"
+            elif os.environ.get("CSCFUSION_NO_NUMBA"):
+                _state["why"] = "CSCFUSION_NO_NUMBA is set"
+            else:
+                try:
+                    fn = run_jobs
+                    _smoke(fn)
+                    _state["fn"] = fn
+                except Exception as exc:  # numba's errors have no common base; any: fall back
+                    _state["why"] = f"numba failed to compile the DCU kernel ({type(exc).__name__})"
+        return _state["fn"]
+
+
+def _smoke(fn) -> None:
+    """Compile for the types every call uses (float32 arrays, int8 flags) on a tiny input."""
+    q = 2
+    x = np.zeros((1, 4, 4), np.float32)
+    w = np.zeros((2, 9, q), np.float32)
+    v = np.zeros((2, q), np.float32)
+    fn(x, x, w, w, v, v, v, np.zeros(2, np.int8), np.zeros((1, q, 4, 4), np.float32),
+       np.zeros(q, np.float32), False, 8, 0, 1)
+
+
+def available() -> bool:
+    """Whether the kernel can run here (numba imported and compiled it)."""
+    return _compiled() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (None when it is True)."""
+    _compiled()
+    return _state.get("why")
+
+
+def _threads() -> int:
+    try:
+        import torch
+
+        return max(1, torch.get_num_threads())
+    except ImportError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _lock:
+        if n not in _pools:
+            _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="cscfusion-dcu")
+        return _pools[n]
+
+
+def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = None, *,
+                 head: np.ndarray | None = None, tile: int = TILE,
+                 threads: int | None = None) -> np.ndarray:
+    """The chain's codes of x [N, H, W] (float32; H, W >= 2): [N, q, H, W], or with ``head``
+    (q,) the projection [N, H, W]. ``x_first`` [N, H, W] feeds the start layer (None: x).
+    See the module docstring for what is computed. RuntimeError when the kernel is not
+    available (``available()``)."""
+    fn = _compiled()
+    if fn is None:
+        raise RuntimeError(f"the DCU kernel is not available: {unavailable_reason()}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    xf = x if x_first is None else np.ascontiguousarray(x_first, dtype=np.float32)
+    if x.ndim != 3 or xf.shape != x.shape or min(x.shape[1:]) < 2:
+        raise ValueError(f"x, x_first: expected equal shapes [N, H, W] with H, W >= 2, got "
+                         f"{x.shape} and {xf.shape}")
+    N, H, W = x.shape
+    use_head = head is not None
+    hv = (np.ascontiguousarray(head, dtype=np.float32).reshape(-1) if use_head
+          else np.zeros(chain.q, np.float32))
+    if hv.shape != (chain.q,):
+        raise ValueError(f"head: expected {chain.q} weights, got {hv.shape}")
+    out = np.empty((N, 1 if use_head else chain.q, H, W), np.float32)
+    args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, chain.act, chain.prelu, out,
+            hv, use_head, int(tile))
+    jobs = N * (-(-H // tile)) * (-(-W // tile))
+    n = max(1, min(threads or _threads(), jobs))
+    if n == 1:
+        fn(*args, 0, 1)
+    else:
+        for f in [_pool(n).submit(fn, *args, i, n) for i in range(n)]:
+            f.result()
+    return out[:, 0] if use_head else out
