@@ -147,6 +147,86 @@ def fill_cols(buf, lr, b0, b1, ix0, W, q):
             buf[lr, W - ix0 + 1, c] = buf[lr, W - 2 - ix0 + 1, c]
 
 @_jit
+def residual_row(z, w, xrow, rrow, lr, lc0, lc1, xoff, q):
+    """rrow[lc] = xrow[lc + xoff] - (W0 * z)[lr, lc] for local columns [lc0, lc1): the q -> 1
+    convolution as a dot product over the 9 taps' q-vectors, four pixels at a time (they
+    share the taps' loads and half the codes')."""
+    zu, zm, zd = z[lr - 1], z[lr], z[lr + 1]
+    lc = lc0
+    while lc + 4 <= lc1:
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for c in range(q):
+            w0, w1, w2 = w[0, c], w[1, c], w[2, c]
+            w3, w4, w5 = w[3, c], w[4, c], w[5, c]
+            w6, w7, w8 = w[6, c], w[7, c], w[8, c]
+            u0, u1, u2 = zu[lc - 1, c], zu[lc, c], zu[lc + 1, c]
+            u3, u4, u5 = zu[lc + 2, c], zu[lc + 3, c], zu[lc + 4, c]
+            m0, m1, m2 = zm[lc - 1, c], zm[lc, c], zm[lc + 1, c]
+            m3, m4, m5 = zm[lc + 2, c], zm[lc + 3, c], zm[lc + 4, c]
+            d0, d1, d2 = zd[lc - 1, c], zd[lc, c], zd[lc + 1, c]
+            d3, d4, d5 = zd[lc + 2, c], zd[lc + 3, c], zd[lc + 4, c]
+            a0 += (w0 * u0 + w1 * u1 + w2 * u2 + w3 * m0 + w4 * m1 + w5 * m2
+                   + w6 * d0 + w7 * d1 + w8 * d2)
+            a1 += (w0 * u1 + w1 * u2 + w2 * u3 + w3 * m1 + w4 * m2 + w5 * m3
+                   + w6 * d1 + w7 * d2 + w8 * d3)
+            a2 += (w0 * u2 + w1 * u3 + w2 * u4 + w3 * m2 + w4 * m3 + w5 * m4
+                   + w6 * d2 + w7 * d3 + w8 * d4)
+            a3 += (w0 * u3 + w1 * u4 + w2 * u5 + w3 * m3 + w4 * m4 + w5 * m5
+                   + w6 * d3 + w7 * d4 + w8 * d5)
+        rrow[lc] = xrow[lc + xoff] - a0
+        rrow[lc + 1] = xrow[lc + 1 + xoff] - a1
+        rrow[lc + 2] = xrow[lc + 2 + xoff] - a2
+        rrow[lc + 3] = xrow[lc + 3 + xoff] - a3
+        lc += 4
+    while lc < lc1:
+        a0 = np.float32(0.0)
+        for c in range(q):
+            a0 += (w[0, c] * zu[lc - 1, c] + w[1, c] * zu[lc, c] + w[2, c] * zu[lc + 1, c]
+                   + w[3, c] * zm[lc - 1, c] + w[4, c] * zm[lc, c] + w[5, c] * zm[lc + 1, c]
+                   + w[6, c] * zd[lc - 1, c] + w[7, c] * zd[lc, c] + w[8, c] * zd[lc + 1, c])
+        rrow[lc] = xrow[lc + xoff] - a0
+        lc += 1
+
+
+@_jit
+def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
+    """dst[lc] = f(s z[lr, lc] + b + (W1 * r)[lr, lc]) for local columns [lc0, lc1) (dst a
+    row buffer of its own): the 1 -> q convolution as nine axpys over the q-vector, two
+    pixels at a time (they share the taps' loads)."""
+    ru, rm, rd = r[lr - 1], r[lr], r[lr + 1]
+    lc = lc0
+    while lc + 2 <= lc1:
+        p0, p1, p2, p3 = ru[lc - 1], ru[lc], ru[lc + 1], ru[lc + 2]
+        m0, m1, m2, m3 = rm[lc - 1], rm[lc], rm[lc + 1], rm[lc + 2]
+        d0, d1, d2, d3 = rd[lc - 1], rd[lc], rd[lc + 1], rd[lc + 2]
+        for c in range(q):
+            w0, w1, w2 = w[0, c], w[1, c], w[2, c]
+            w3, w4, w5 = w[3, c], w[4, c], w[5, c]
+            w6, w7, w8 = w[6, c], w[7, c], w[8, c]
+            s, b, a = sc[c], bs[c], act[c]
+            v0 = (s * zrow[lc, c] + b + w0 * p0 + w1 * p1 + w2 * p2 + w3 * m0 + w4 * m1
+                  + w5 * m2 + w6 * d0 + w7 * d1 + w8 * d2)
+            v1 = (s * zrow[lc + 1, c] + b + w0 * p1 + w1 * p2 + w2 * p3 + w3 * m1 + w4 * m2
+                  + w5 * m3 + w6 * d1 + w7 * d2 + w8 * d3)
+            dst[lc, c] = shrink(v0, a, prelu)
+            dst[lc + 1, c] = shrink(v1, a, prelu)
+        lc += 2
+    while lc < lc1:
+        p0, p1, p2 = ru[lc - 1], ru[lc], ru[lc + 1]
+        m0, m1, m2 = rm[lc - 1], rm[lc], rm[lc + 1]
+        d0, d1, d2 = rd[lc - 1], rd[lc], rd[lc + 1]
+        for c in range(q):
+            v0 = (sc[c] * zrow[lc, c] + bs[c] + w[0, c] * p0 + w[1, c] * p1 + w[2, c] * p2
+                  + w[3, c] * m0 + w[4, c] * m1 + w[5, c] * m2 + w[6, c] * d0
+                  + w[7, c] * d1 + w[8, c] * d2)
+            dst[lc, c] = shrink(v0, act[c], prelu)
+        lc += 1
+
+
+@_jit
 def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0, oy1, ox0,
              ox1, z, r, v):
     H, W = x.shape[1], x.shape[2]
@@ -191,20 +271,8 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0, oy1
         for gy in range(ra0, ra1 + 1):
             if gy < ra1:  # the residual row gy: x - W0 * z (reads z rows gy-1..gy+1)
                 lr = gy - iy0 + 1
-                for gx in range(rb0, rb1):
-                    lc = gx - ix0 + 1
-                    acc = np.float32(0.0)
-                    for c in range(q):
-                        acc += (w0[layer, 0, c] * z[lr - 1, lc - 1, c]
-                                + w0[layer, 1, c] * z[lr - 1, lc, c]
-                                + w0[layer, 2, c] * z[lr - 1, lc + 1, c]
-                                + w0[layer, 3, c] * z[lr, lc - 1, c]
-                                + w0[layer, 4, c] * z[lr, lc, c]
-                                + w0[layer, 5, c] * z[lr, lc + 1, c]
-                                + w0[layer, 6, c] * z[lr + 1, lc - 1, c]
-                                + w0[layer, 7, c] * z[lr + 1, lc, c]
-                                + w0[layer, 8, c] * z[lr + 1, lc + 1, c])
-                    r[lr, lc] = x[n, gy, gx] - acc
+                residual_row(z, w0[layer], x[n, gy], r[lr], lr, rb0 - ix0 + 1, rb1 - ix0 + 1,
+                             ix0 - 1, q)
                 if rb0 == 0:
                     r[lr, 0] = r[lr, 2]  # ix0 == 0 here
                 if rb1 == W:
@@ -221,38 +289,28 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0, oy1
             if uy < va0 or uy >= va1:
                 continue
             lr = uy - iy0 + 1
-            for gx in range(vb0, vb1):
-                lc = gx - ix0 + 1
-                p0, p1, p2 = r[lr - 1, lc - 1], r[lr - 1, lc], r[lr - 1, lc + 1]
-                p3, p4, p5 = r[lr, lc - 1], r[lr, lc], r[lr, lc + 1]
-                p6, p7, p8 = r[lr + 1, lc - 1], r[lr + 1, lc], r[lr + 1, lc + 1]
-                if not last:
-                    for c in range(q):
-                        z[lr, lc, c] = shrink(
-                            sc[layer, c] * z[lr, lc, c] + bs[layer, c]
-                            + w1[layer, 0, c] * p0 + w1[layer, 1, c] * p1
-                            + w1[layer, 2, c] * p2 + w1[layer, 3, c] * p3
-                            + w1[layer, 4, c] * p4 + w1[layer, 5, c] * p5
-                            + w1[layer, 6, c] * p6 + w1[layer, 7, c] * p7
-                            + w1[layer, 8, c] * p8, act[layer, c], prelu[layer])
-                    continue
-                if not (oy0 <= uy < oy1 and ox0 <= gx < ox1):
-                    continue
-                for c in range(q):
-                    v[c] = shrink(sc[layer, c] * z[lr, lc, c] + bs[layer, c]
-                                  + w1[layer, 0, c] * p0 + w1[layer, 1, c] * p1
-                                  + w1[layer, 2, c] * p2 + w1[layer, 3, c] * p3
-                                  + w1[layer, 4, c] * p4 + w1[layer, 5, c] * p5
-                                  + w1[layer, 6, c] * p6 + w1[layer, 7, c] * p7
-                                  + w1[layer, 8, c] * p8, act[layer, c], prelu[layer])
+            pl = prelu[layer] != 0
+            if not last:
+                # into a row buffer, then copied: with z's row as its own destination the
+                # compiler's alias check sends the loop down its scalar path (6x slower)
+                c0, c1 = vb0 - ix0 + 1, vb1 - ix0 + 1
+                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
+                           c0, c1, q)
+                z[lr, c0:c1] = v[c0:c1]
+            elif oy0 <= uy < oy1:
+                c0, c1 = ox0 - ix0 + 1, ox1 - ix0 + 1
+                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
+                           c0, c1, q)
                 if use_head:
-                    acc = np.float32(0.0)
-                    for c in range(q):
-                        acc += head[c] * v[c]
-                    out[n, 0, uy, gx] = acc
+                    for lc in range(c0, c1):
+                        acc = np.float32(0.0)
+                        for c in range(q):
+                            acc += head[c] * v[lc, c]
+                        out[n, 0, uy, lc + ix0 - 1] = acc
                 else:
                     for c in range(q):
-                        out[n, c, uy, gx] = v[c]
+                        for lc in range(c0, c1):
+                            out[n, c, uy, lc + ix0 - 1] = v[lc, c]
             if not last:
                 fill_cols(z, lr, vb0, vb1, ix0, W, q)
                 if uy == 1 and va0 == 0:
@@ -271,7 +329,7 @@ def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, tile, first
     side = tile + 2 * halo + 2
     z = np.empty((side, side, q), np.float32)
     r = np.empty((side, side), np.float32)
-    v = np.empty(q, np.float32)
+    v = np.empty((side, q), np.float32)  # the last layer's row
     for job in range(first, N * nty * ntx, step):
         n = job // (nty * ntx)
         k = job % (nty * ntx)

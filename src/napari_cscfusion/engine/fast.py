@@ -8,11 +8,12 @@ from __future__ import annotations
 import threading
 import weakref
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..models import fastpath
-from . import notices
+from . import dcu_kernel, notices
 
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -75,19 +76,48 @@ def _wrap(compile: bool):
 
 class FastIVF:
     """The IVF kernel's network in the fast form: the methods IVFKernel calls on its folded
-    network, each compiled (``compile``), plus ``detail_l1`` (detail codes + l1 rule)."""
+    network, each compiled (``compile``), plus ``detail_l1`` (detail codes + l1 rule).
+
+    On the CPU in float32 and uncompiled, the encoders run the fused DCU-chain kernel
+    (engine/dcu_kernel.py, numba; ``form`` "kernel") and the decoder stays oneDNN; where that
+    kernel is unavailable, the PyTorch fast form (``form`` "torch", ``fallback`` says why)."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool):
         f = _prepared(fastpath.FastIVFN(net), net, dtype)
         wrap = _wrap(compile)
         self.encoder_radius = f.encoder_radius
-        self.encode_base = wrap(f.encode_base)
-        self.encode_detail = wrap(f.encode_detail)
-        self.detail_l1 = wrap(f.detail_l1)
+        self.form, self.fallback = "torch", None
+        if not compile and dtype is None and next(net.parameters()).device.type == "cpu":
+            if dcu_kernel.available():
+                self.form = "kernel"
+            else:
+                self.fallback = (f"{dcu_kernel.unavailable_reason()}: the fast path ran its "
+                                 f"PyTorch form (slower)")
+        if self.form == "kernel":
+            base = dcu_kernel.DCUChain.from_fast_encoder(f.base)
+            detail = dcu_kernel.DCUChain.from_fast_encoder(f.detail)
+            self.encode_base = lambda x: _chain_codes(base, x, low_pass=True)
+            self.encode_detail = lambda x: _chain_codes(detail, x, low_pass=False)
+            self.detail_l1 = lambda x: f.l1_of_codes(self.encode_detail(x))
+        else:
+            self.encode_base = wrap(f.encode_base)
+            self.encode_detail = wrap(f.encode_detail)
+            self.detail_l1 = wrap(f.detail_l1)
         self.decode_sum = wrap(f.decode_sum)
 
     def decode(self, fused_base, fused_detail, scale=None):
         return self.decode_sum(fused_base + fused_detail, scale)
+
+
+def _chain_codes(chain, x: torch.Tensor, low_pass: bool) -> torch.Tensor:
+    """CSC-IVFN encoder codes [S, q, h, w] of x [S, 1, h, w] (CPU, float32) by the DCU kernel:
+    the first DCU gets the 11x11 box mean (base) or x minus it (detail), later ones x."""
+    from ..models.ivfn import box_blur
+
+    xn = np.ascontiguousarray(x[:, 0].numpy())
+    low = box_blur(x)[:, 0].numpy()
+    first = low if low_pass else xn - low
+    return torch.from_numpy(dcu_kernel.encode_chain(chain, xn, first))
 
 
 class FastMEF:

@@ -58,6 +58,9 @@ IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per si
 INNER_TILE = {"cpu": 192, "gpu": 512}
 # The compiled fast path's pieces (crops of one shape): see benchmarks/README.md
 FAST_INNER_TILE = {"cpu": 128, "gpu": 512}
+# The DCU kernel's pieces (it tiles them itself for the cache; bigger pieces recompute less
+# halo): see benchmarks/README.md (issue 18)
+KERNEL_INNER_TILE = {"cpu": 512, "gpu": 512}
 
 
 def check_code_gain(code_gain) -> float:
@@ -112,6 +115,8 @@ class IVFKernel:
         self.path = "fast" if self.fast else "exact"
         if self.fast:
             self.net = fast_network("ivf", net, self.dtype, compile=compile)
+            if self.net.fallback:
+                notices.notify(self.net.fallback, notices.FastPathFallback)
         else:
             self.net = folded("ivf", net, self.dtype, compile)
         self.names, self.S = list(names), len(names)
@@ -122,6 +127,8 @@ class IVFKernel:
         # compiled graphs want crops of one shape (fixed), and cache-sized ones
         self.fixed = self.fast and bool(compile)
         sides = FAST_INNER_TILE if self.fixed else INNER_TILE
+        if self.fast and self.net.form == "kernel":
+            sides = KERNEL_INNER_TILE
         self.inner = inner_tile(sides, device) if inner is None else inner
         self.exact_rules = exact_rules
         self.enc_radius = self.net.encoder_radius
