@@ -97,3 +97,36 @@ def test_bad_shapes_are_refused():
         dcu_kernel.encode_chain(chain, np.zeros((1, 1, 8), np.float32))
     with pytest.raises(ValueError, match="head"):
         dcu_kernel.encode_chain(chain, np.zeros((1, 8, 8), np.float32), head=np.ones(3))
+
+
+def test_ivf_steps_around_the_kernel_match_the_torch_rules():
+    # the 11x11 low-pass, the l1 rule (activity from the kernel) and the saliency rule
+    from napari_cscfusion.engine.rules import SaliencyStats, l1_rule, saliency_rule
+
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 53, 61), dtype=np.float32)
+    low = box_blur(torch.from_numpy(x)[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(dcu_kernel.box_mean(x, 5), low, atol=1e-6)
+    enc = fastpath.FastEncoder(random_encoder(6, 3, stem=False, seed=4))
+    z, absum = dcu_kernel.encode_chain(dcu_kernel.DCUChain.from_fast_encoder(enc), x, l1=True)
+    scaled_close(absum, np.abs(z).sum(1))
+    fused, w = l1_rule(torch.from_numpy(z))
+    got = dcu_kernel.l1_fuse(z, absum)
+    scaled_close(got[:6], fused.numpy())
+    np.testing.assert_allclose(got[6:], w[:, 0].numpy(), atol=1e-6)
+    # saliency: whole-image statistics from the codes, and given ones (a tile's)
+    z = rng.normal(size=(2, 3, 60, 70)).astype(np.float32)
+    ref_f, ref_w = saliency_rule(torch.from_numpy(z), mean_weights=True)
+    f, w = dcu_kernel.saliency_fuse(z, z.min(axis=(2, 3)), z.max(axis=(2, 3)), None, 45, 0.01)
+    assert w.shape == (2, 1, 60, 70)
+    np.testing.assert_allclose(w, ref_w.numpy(), atol=1e-5)
+    np.testing.assert_allclose(f, ref_f.numpy(), atol=1e-4)
+    hist = rng.random((2, 3, 256))
+    stats = SaliencyStats(torch.from_numpy(z.min(axis=(2, 3)) - 0.5),
+                          torch.from_numpy(z.max(axis=(2, 3)) + 0.5),
+                          torch.from_numpy(hist / hist.sum(-1, keepdims=True)))
+    ref_f, ref_w = saliency_rule(torch.from_numpy(z), stats=stats, mean_weights=True)
+    f, w = dcu_kernel.saliency_fuse(z, stats.lo.numpy(), stats.hi.numpy(),
+                                    stats.hist.numpy(), 45, 0.01)
+    np.testing.assert_allclose(w, ref_w.numpy(), atol=1e-5)
+    np.testing.assert_allclose(f, ref_f.numpy(), atol=1e-4)

@@ -42,7 +42,7 @@ try:  # optional: without numba the PyTorch fast form runs
 except ImportError:  # pragma: no cover - exercised by the fallback test with a stub
     numba = None
 
-TILE = 64  # output tile side (px): measured, benchmarks/README.md (issue 18)
+TILE = 128  # output tile side (px): benchmarks/README.md (issue 18)
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,8 @@ def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
 
 
 @_jit
-def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0, oy1, ox0,
-             ox1, z, r, v):
+def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, n,
+             oy0, oy1, ox0, ox1, z, r, v):
     H, W = x.shape[1], x.shape[2]
     L, _, q = w1.shape
     halo = 2 * (L - 1)
@@ -311,6 +311,12 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0, oy1
                     for c in range(q):
                         for lc in range(c0, c1):
                             out[n, c, uy, lc + ix0 - 1] = v[lc, c]
+                if use_absum:
+                    for lc in range(c0, c1):
+                        acc = np.float32(0.0)
+                        for c in range(q):
+                            acc += abs(v[lc, c])
+                        absum[n, uy, lc + ix0 - 1] = acc
             if not last:
                 fill_cols(z, lr, vb0, vb1, ix0, W, q)
                 if uy == 1 and va0 == 0:
@@ -320,7 +326,8 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0, oy1
         a0, a1, b0, b1 = va0, va1, vb0, vb1
 
 @_jit
-def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, tile, first, step):
+def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, tile,
+             first, step):
     N, H, W = x.shape
     q = w1.shape[2]
     halo = 2 * (w1.shape[0] - 1)
@@ -335,8 +342,8 @@ def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, tile, first
         k = job % (nty * ntx)
         oy0 = (k // ntx) * tile
         ox0 = (k % ntx) * tile
-        tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, n, oy0,
-                 min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
+        tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, n,
+                 oy0, min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
 
 
 _lock = threading.Lock()
@@ -364,13 +371,26 @@ def _compiled():
 
 
 def _smoke(fn) -> None:
-    """Compile for the types every call uses (float32 arrays, int8 flags) on a tiny input."""
+    """Compile every kernel for the types the calls use (float32 arrays, int8 flags) on tiny
+    inputs (from numba's disk cache after the first session)."""
     q = 2
     x = np.zeros((1, 4, 4), np.float32)
     w = np.zeros((2, 9, q), np.float32)
     v = np.zeros((2, q), np.float32)
     fn(x, x, w, w, v, v, v, np.zeros(2, np.int8), np.zeros((1, q, 4, 4), np.float32),
-       np.zeros(q, np.float32), False, 8, 0, 1)
+       np.zeros(q, np.float32), False, x, False, 8, 0, 1)
+    _box_mean_rows(x, x.copy(), 1, 0, 1)
+    _box_mean_cols(x, x.copy(), 1, 0, 1)
+    _l1_fuse_rows(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
+                  np.zeros((q + 2, 4, 4), np.float32), 0, 1)
+    _saliency_channels(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, q), np.float32),
+                       np.ones((2, q), np.float32), np.zeros((1, 1, 1)), False, _DISTANCE, 1,
+                       0.01, np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
+                       0, 1)
+    _saliency_channels(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, q), np.float32),
+                       np.ones((2, q), np.float32), np.zeros((2, q, 256)), True, _DISTANCE, 1,
+                       0.01, np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
+                       0, 1)
 
 
 def available() -> bool:
@@ -405,14 +425,13 @@ def _pool(n: int) -> ThreadPoolExecutor:
 
 def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = None, *,
                  head: np.ndarray | None = None, tile: int = TILE,
-                 threads: int | None = None) -> np.ndarray:
+                 threads: int | None = None, l1: bool = False):
     """The chain's codes of x [N, H, W] (float32; H, W >= 2): [N, q, H, W], or with ``head``
     (q,) the projection [N, H, W]. ``x_first`` [N, H, W] feeds the start layer (None: x).
-    See the module docstring for what is computed. RuntimeError when the kernel is not
-    available (``available()``)."""
-    fn = _compiled()
-    if fn is None:
-        raise RuntimeError(f"the DCU kernel is not available: {unavailable_reason()}")
+    ``l1``: also return each pixel's sum_c |z_c| [N, H, W] (the l1 fusion rule's activity),
+    as a second value. See the module docstring for what is computed. RuntimeError when the
+    kernel is not available (``available()``)."""
+    fn = _compiled_or_raise()
     x = np.ascontiguousarray(x, dtype=np.float32)
     xf = x if x_first is None else np.ascontiguousarray(x_first, dtype=np.float32)
     if x.ndim != 3 or xf.shape != x.shape or min(x.shape[1:]) < 2:
@@ -425,13 +444,299 @@ def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = No
     if hv.shape != (chain.q,):
         raise ValueError(f"head: expected {chain.q} weights, got {hv.shape}")
     out = np.empty((N, 1 if use_head else chain.q, H, W), np.float32)
+    absum = np.empty((N, H, W) if l1 else (1, 1, 1), np.float32)
     args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, chain.act, chain.prelu, out,
-            hv, use_head, int(tile))
+            hv, use_head, absum, bool(l1), int(tile))
     jobs = N * (-(-H // tile)) * (-(-W // tile))
     n = max(1, min(threads or _threads(), jobs))
     if n == 1:
         fn(*args, 0, 1)
     else:
-        for f in [_pool(n).submit(fn, *args, i, n) for i in range(n)]:
-            f.result()
-    return out[:, 0] if use_head else out
+        _on_threads(n, fn, args)
+    out = out[:, 0] if use_head else out
+    return (out, absum) if l1 else out
+
+
+def _on_threads(n: int, fn, args) -> None:
+    """fn(*args, i, n) for i < n on the pool's threads (numba releases the GIL)."""
+    for f in [_pool(n).submit(fn, *args, i, n) for i in range(n)]:
+        f.result()
+
+
+# --- CSC-IVFN's other per-pixel steps around the kernel ----------------------------------------
+
+@_jit
+def _box_mean_rows(x, tmp, r, first, step):
+    """Horizontal (2r+1)-sums with reflection borders of x [N, H, W] into tmp, rows first,
+    step (one thread's share)."""
+    N, H, W = x.shape
+    for n in range(N):
+        for y in range(first, H, step):
+            for gx in range(W):
+                acc = np.float32(0.0)
+                for d in range(-r, r + 1):
+                    acc += x[n, y, refl(gx + d, W)]
+                tmp[n, y, gx] = acc
+
+
+@_jit
+def _box_mean_cols(tmp, out, r, first, step):
+    """Vertical (2r+1)-sums with reflection borders of tmp, scaled to means, into out."""
+    N, H, W = tmp.shape
+    inv = np.float32(1.0 / ((2 * r + 1) * (2 * r + 1)))
+    for n in range(N):
+        for y in range(first, H, step):
+            for gx in range(W):
+                out[n, y, gx] = 0.0
+            for d in range(-r, r + 1):
+                yy = refl(y + d, H)
+                for gx in range(W):
+                    out[n, y, gx] += tmp[n, yy, gx]
+            for gx in range(W):
+                out[n, y, gx] *= inv
+
+
+def box_mean(x: np.ndarray, r: int, threads: int | None = None) -> np.ndarray:
+    """Mean over (2r+1)^2 windows with reflection borders (c b | a b c) of x [N, H, W]
+    (float32, H and W > r): CSC-IVFN's low-pass (r = 5), as models.ivfn.box_blur."""
+    _compiled_or_raise()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    tmp, out = np.empty_like(x), np.empty_like(x)
+    n = max(1, min(threads or _threads(), x.shape[1]))
+    _on_threads(n, _box_mean_rows, (x, tmp, r))
+    _on_threads(n, _box_mean_cols, (tmp, out, r))
+    return out
+
+
+@_jit
+def _l1_fuse_rows(z, absum, out, first, step):
+    """CSC-IVFN's l1 rule for rows first, step: A_s = 3x3 mean (zero border) of absum_s,
+    w_s = A_s / sum_s A_s (1/S where all are 0); out[:q] = sum_s w_s z_s, out[q:] = w."""
+    S, q, H, W = z.shape
+    wrow = np.empty((S, W), np.float32)
+    for y in range(first, H, step):
+        for gx in range(W):
+            tot = np.float32(0.0)
+            for s in range(S):
+                a = np.float32(0.0)
+                for yy in range(max(0, y - 1), min(H, y + 2)):
+                    for xx in range(max(0, gx - 1), min(W, gx + 2)):
+                        a += absum[s, yy, xx]
+                a *= np.float32(1.0 / 9.0)
+                wrow[s, gx] = a
+                tot += a
+            for s in range(S):
+                wrow[s, gx] = wrow[s, gx] / tot if tot > 0 else np.float32(1.0 / S)
+                out[q + s, y, gx] = wrow[s, gx]
+        for c in range(q):
+            for gx in range(W):
+                out[c, y, gx] = wrow[0, gx] * z[0, c, y, gx]
+            for s in range(1, S):
+                for gx in range(W):
+                    out[c, y, gx] += wrow[s, gx] * z[s, c, y, gx]
+
+
+def l1_fuse(z: np.ndarray, absum: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """The l1 rule on codes z [S, q, H, W] given their sum_c |z| [S, H, W] (``encode_chain``
+    with ``l1=True``) -> [q + S, H, W]: the fused codes, then the weights (rules.l1_rule's
+    values to rounding)."""
+    _compiled_or_raise()
+    S, q, H, W = z.shape
+    out = np.empty((q + S, H, W), np.float32)
+    n = max(1, min(threads or _threads(), H))
+    _on_threads(n, _l1_fuse_rows, (z, absum, out))
+    return out
+
+
+# --- the saliency rule (CSC-IVFN's base rule), per channel ------------------------------------
+
+@_jit
+def _sym(i, n):
+    """BORDER_REFLECT index (d c b a | a b c d), for -n <= i < 2n."""
+    if i < 0:
+        return -i - 1
+    if i >= n:
+        return 2 * n - 1 - i
+    return i
+
+
+@_jit
+def _hsum(a, b, r, ta, tb, ab, tab, aa, taa, both):
+    """Horizontal (2r+1)-sums (float64, BORDER_REFLECT) of the maps a and b [H, W] into ta,
+    tb, and with ``both`` also of a*b and a*a (ab, aa: scratch rows) into tab, taa."""
+    H, W = a.shape
+    for y in range(H):
+        sa = 0.0
+        sb = 0.0
+        sab = 0.0
+        saa = 0.0
+        for d in range(-r, r + 1):
+            j = _sym(d, W)
+            sa += a[y, j]
+            sb += b[y, j]
+            if both:
+                sab += a[y, j] * b[y, j]
+                saa += a[y, j] * a[y, j]
+        for x in range(W):
+            ta[y, x] = sa
+            tb[y, x] = sb
+            if both:
+                tab[y, x] = sab
+                taa[y, x] = saa
+            i, o = _sym(x + r + 1, W), _sym(x - r, W)
+            sa += a[y, i] - a[y, o]
+            sb += b[y, i] - b[y, o]
+            if both:
+                sab += a[y, i] * b[y, i] - a[y, o] * b[y, o]
+                saa += a[y, i] * a[y, i] - a[y, o] * a[y, o]
+
+
+@_jit
+def _guided(guide, src, r, eps, out, ta, tb, tab, taa, ca, cb, cab, caa, fa, fb):
+    """He et al.'s guided filter of one float32 map (grey guide), box means with
+    BORDER_REFLECT summed in double (rules.guided_filter_map's values to rounding); the four
+    first box means in one sweep, the two last in another."""
+    H, W = guide.shape
+    inv = 1.0 / ((2 * r + 1) * (2 * r + 1))
+    _hsum(guide, src, r, ta, tb, ta, tab, ta, taa, True)
+    for k in range(2):  # k = 0: a and b from the means; k = 1: the output from a's, b's means
+        for x in range(W):
+            ca[x] = 0.0
+            cb[x] = 0.0
+            cab[x] = 0.0
+            caa[x] = 0.0
+        for d in range(-r, r + 1):
+            j = _sym(d, H)
+            for x in range(W):
+                ca[x] += ta[j, x]
+                cb[x] += tb[j, x]
+                if k == 0:
+                    cab[x] += tab[j, x]
+                    caa[x] += taa[j, x]
+        for y in range(H):
+            if k == 0:
+                for x in range(W):
+                    mi = ca[x] * inv
+                    mp = cb[x] * inv
+                    a = (cab[x] * inv - mi * mp) / (caa[x] * inv - mi * mi + eps)
+                    fa[y, x] = a
+                    fb[y, x] = mp - a * mi
+            else:
+                for x in range(W):
+                    out[y, x] = np.float32(ca[x] * inv * guide[y, x] + cb[x] * inv)
+            i, o = _sym(y + r + 1, H), _sym(y - r, H)
+            for x in range(W):
+                ca[x] += ta[i, x] - ta[o, x]
+                cb[x] += tb[i, x] - tb[o, x]
+                if k == 0:
+                    cab[x] += tab[i, x] - tab[o, x]
+                    caa[x] += taa[i, x] - taa[o, x]
+        if k == 0:
+            _hsum(fa, fb, r, ta, tb, ta, tab, ta, taa, False)
+
+
+@_jit
+def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, first, step):
+    """The saliency rule for channels first, step of codes z [S, q, H, W]: fused[c] and the
+    channel sum of the weights (added to wsum [S, H, W], this thread's own)."""
+    S, q, H, W = z.shape
+    nrm = np.empty((S, H, W), np.float32)
+    lev = np.empty((S, H, W), np.int64)
+    w64 = np.empty((S, H, W), np.float64)
+    w32 = np.empty((S, H, W), np.float32)
+    ref = np.empty((S, H, W), np.float32)
+    ta, tb = np.empty((H, W)), np.empty((H, W))
+    tab, taa = np.empty((H, W)), np.empty((H, W))
+    ca, cb, cab, caa = np.empty(W), np.empty(W), np.empty(W), np.empty(W)
+    fa, fb = np.empty((H, W)), np.empty((H, W))
+    table = np.empty(256)
+    counts = np.empty(256)
+    for c in range(first, q, step):
+        for s in range(S):
+            span = hi[s, c] - lo[s, c]
+            for y in range(H):
+                for x in range(W):
+                    v = (z[s, c, y, x] - lo[s, c]) / span if span > 0 else np.float32(0.0)
+                    nrm[s, y, x] = v
+                    k = np.int64(np.floor(v * np.float32(255.0)))
+                    lev[s, y, x] = min(255, max(0, k))
+            if has_hist:
+                for j in range(256):
+                    counts[j] = hist[s, c, j]
+            else:
+                for j in range(256):
+                    counts[j] = 0.0
+                for y in range(H):
+                    for x in range(W):
+                        counts[lev[s, y, x]] += 1.0
+                tot = counts.sum()
+                for j in range(256):
+                    counts[j] /= tot
+            for j in range(256):
+                acc = 0.0
+                for i in range(256):
+                    acc += counts[i] * dist[i, j]
+                table[j] = acc
+            for y in range(H):
+                for x in range(W):
+                    w64[s, y, x] = table[lev[s, y, x]] + 1e-12
+        for y in range(H):
+            for x in range(W):
+                t = 0.0
+                for s in range(S):
+                    t += w64[s, y, x]
+                for s in range(S):
+                    w32[s, y, x] = np.float32(w64[s, y, x] / t)
+        for s in range(S):
+            _guided(nrm[s], w32[s], r, eps, ref[s], ta, tb, tab, taa, ca, cb, cab, caa, fa, fb)
+        for y in range(H):
+            for x in range(W):
+                t = np.float32(0.0)
+                for s in range(S):
+                    ref[s, y, x] += np.float32(1e-12)
+                    t += ref[s, y, x]
+                f = np.float32(0.0)
+                for s in range(S):
+                    wv = ref[s, y, x] / t
+                    f += wv * z[s, c, y, x]
+                    wsum[s, y, x] += wv
+                fused[c, y, x] = f
+
+
+_DISTANCE = np.abs(np.arange(256.0)[:, None] - np.arange(256.0)[None, :])
+
+
+def saliency_fuse(z: np.ndarray, lo: np.ndarray, hi: np.ndarray, hist: np.ndarray | None,
+                  radius: int, eps: float, threads: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """CSC-IVFN's saliency rule (rules.saliency_rule's values to rounding) on base codes
+    z [S, q, H, W] float32 with min(H, W) > radius, given each source's and channel's
+    extremes lo, hi [S, q] and, for tiles, the whole image's normalised histograms
+    hist [S, q, 256]: (fused codes [q, H, W], channel-mean weights [S, 1, H, W]). Channels run
+    in parallel."""
+    _compiled_or_raise()
+    S, q, H, W = z.shape
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    lo = np.ascontiguousarray(lo, dtype=np.float32)
+    hi = np.ascontiguousarray(hi, dtype=np.float32)
+    has_hist = hist is not None
+    h = np.ascontiguousarray(hist, dtype=np.float64) if has_hist else np.zeros((1, 1, 1))
+    fused = np.empty((q, H, W), np.float32)
+    n = max(1, min(threads or _threads(), q))
+    sums = [np.zeros((S, H, W), np.float32) for _ in range(n)]
+    futures = [_pool(n).submit(_saliency_channels, z, lo, hi, h, has_hist, _DISTANCE, radius,
+                               float(eps), fused, sums[i], i, n) for i in range(n)]
+    for f in futures:
+        f.result()
+    wsum = sums[0]
+    for extra in sums[1:]:
+        wsum += extra
+    wsum /= q
+    return fused, wsum[:, None]
+
+
+def _compiled_or_raise():
+    fn = _compiled()
+    if fn is None:
+        raise RuntimeError(f"the DCU kernel is not available: {unavailable_reason()}")
+    return fn

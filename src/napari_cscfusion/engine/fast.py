@@ -96,9 +96,10 @@ class FastIVF:
         if self.form == "kernel":
             base = dcu_kernel.DCUChain.from_fast_encoder(f.base)
             detail = dcu_kernel.DCUChain.from_fast_encoder(f.detail)
-            self.encode_base = lambda x: _chain_codes(base, x, low_pass=True)
-            self.encode_detail = lambda x: _chain_codes(detail, x, low_pass=False)
-            self.detail_l1 = lambda x: f.l1_of_codes(self.encode_detail(x))
+            self.encode_base = lambda x: torch.from_numpy(_chain_codes(base, x, True))
+            self.encode_detail = lambda x: torch.from_numpy(_chain_codes(detail, x, False))
+            self.detail_l1 = lambda x: torch.from_numpy(
+                dcu_kernel.l1_fuse(*_chain_codes(detail, x, False, l1=True)))[None]
         else:
             self.encode_base = wrap(f.encode_base)
             self.encode_detail = wrap(f.encode_detail)
@@ -109,15 +110,15 @@ class FastIVF:
         return self.decode_sum(fused_base + fused_detail, scale)
 
 
-def _chain_codes(chain, x: torch.Tensor, low_pass: bool) -> torch.Tensor:
-    """CSC-IVFN encoder codes [S, q, h, w] of x [S, 1, h, w] (CPU, float32) by the DCU kernel:
-    the first DCU gets the 11x11 box mean (base) or x minus it (detail), later ones x."""
-    from ..models.ivfn import box_blur
+def _chain_codes(chain, x: torch.Tensor, low_pass: bool, l1: bool = False):
+    """CSC-IVFN encoder codes [S, q, h, w] of x [S, 1, h, w] (CPU, float32) by the DCU kernel
+    (numpy; with ``l1`` also their sum_c |z| [S, h, w]): the first DCU gets the 11x11 box mean
+    (base) or x minus it (detail), later ones x."""
+    from ..models.ivfn import BLUR_SIZE
 
     xn = np.ascontiguousarray(x[:, 0].numpy())
-    low = box_blur(x)[:, 0].numpy()
-    first = low if low_pass else xn - low
-    return torch.from_numpy(dcu_kernel.encode_chain(chain, xn, first))
+    low = dcu_kernel.box_mean(xn, BLUR_SIZE // 2)
+    return dcu_kernel.encode_chain(chain, xn, low if low_pass else xn - low, l1=l1)
 
 
 class FastMEF:

@@ -12,7 +12,7 @@ import torch
 
 from ..models.folded import folded
 from ..models.ivfn import IVF_ALPHA
-from . import notices
+from . import dcu_kernel, notices
 from .device import resolve_device
 from .fast import auto_compile, fast_network, run_path, use_fast_path
 from .inputs import NormalisedStack, check_min_size, check_same_shape, normaliser
@@ -30,7 +30,14 @@ from .lazy import (
 from .planes import plane_indices
 from .registry import FusionModel, resolve_model
 from .result import FusionResult, base_metadata, plane_progress
-from .rules import RULE_RADIUS, SaliencyStats, apply_rule, check_rules
+from .rules import (
+    RULE_RADIUS,
+    SALIENCY_EPS,
+    SALIENCY_RADIUS,
+    SaliencyStats,
+    apply_rule,
+    check_rules,
+)
 from .tiling import (
     Box,
     Tile,
@@ -275,8 +282,7 @@ class IVFKernel:
             if self.base_rule == "saliency":
                 z_b = self.encode("base", x, wb, tick).float()
                 st = None if stats is None else stats.to(self.device)
-                f_b, w_b = apply_rule("saliency", z_b, stats=st, exact=self.exact_rules,
-                                      mean_weights=True)
+                f_b, w_b = self._saliency(z_b, st)
                 del z_b
             else:
                 f_b, w_b = self.fuse_in_pieces("base", self.base_rule, x, wb, tick)
@@ -294,6 +300,24 @@ class IVFKernel:
         if tick is not None:
             tick()
         return res
+
+    def _saliency(self, z: torch.Tensor, stats: SaliencyStats | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The saliency rule with channel-mean weights: with the DCU kernel, its numba form
+        (channels in parallel, the guided filter's box means in two sweeps)."""
+        if (self.fast and self.net.form == "kernel" and not self.exact_rules
+                and min(z.shape[-2:]) > SALIENCY_RADIUS):
+            if stats is None:
+                lo, hi = SaliencyStats.extremes(z)
+                hist = None
+            else:
+                lo, hi = stats.lo, stats.hi
+                hist = None if stats.hist is None else stats.hist.numpy()
+            fused, w = dcu_kernel.saliency_fuse(z.numpy(), lo.numpy(), hi.numpy(), hist,
+                                                SALIENCY_RADIUS, SALIENCY_EPS)
+            return torch.from_numpy(fused), torch.from_numpy(w)
+        return apply_rule("saliency", z, stats=stats, exact=self.exact_rules,
+                          mean_weights=True)
 
     # whole-image statistics of the base codes (saliency rule), by passes over tiles
     def stats_tiles(self, shape: tuple[int, int], tile: int | None) -> list[Tile]:
