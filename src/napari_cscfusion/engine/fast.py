@@ -34,7 +34,8 @@ def run_path(model, exact: bool) -> str:
 # faster than the exact folded ones on its pieces; CSC-MMFN compiled came out 1.2e-3 from the
 # exact path on a FLIR crop (the guided filter, eps 1e-4 on code variances, amplifies
 # rounding), over the fast path's 1e-3; CSC-MEFN's compiled crop pipeline was not measured to
-# the end, and its first call compiles for minutes on a busy machine. On a GPU: unmeasured.
+# the end, and its first call compiles for minutes on a busy machine. (IVF's CPU fast path
+# runs numba kernels instead: FastIVF.) On a GPU: unmeasured.
 AUTO_COMPILE = {"ivf": {"cpu": False, "gpu": True}, "mef": {"cpu": False, "gpu": True},
                 "mmf": {"cpu": False, "gpu": False}}
 
@@ -100,11 +101,15 @@ class FastIVF:
             self.encode_detail = lambda x: torch.from_numpy(_chain_codes(detail, x, False))
             self.detail_l1 = lambda x: torch.from_numpy(
                 dcu_kernel.l1_fuse(*_chain_codes(detail, x, False, l1=True)))[None]
+            # oneDNN's 64 -> 32 convolution channels-last: measured 1.2-2x faster than NCHW,
+            # conversion included (benchmarks/README.md, issue 18)
+            self.decode_sum = lambda z, scale=None: f.decode_sum(
+                z.contiguous(memory_format=torch.channels_last), scale)
         else:
             self.encode_base = wrap(f.encode_base)
             self.encode_detail = wrap(f.encode_detail)
             self.detail_l1 = wrap(f.detail_l1)
-        self.decode_sum = wrap(f.decode_sum)
+            self.decode_sum = wrap(f.decode_sum)
 
     def decode(self, fused_base, fused_detail, scale=None):
         return self.decode_sum(fused_base + fused_detail, scale)

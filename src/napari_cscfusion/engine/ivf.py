@@ -134,7 +134,9 @@ class IVFKernel:
         # compiled graphs want crops of one shape (fixed), and cache-sized ones
         self.fixed = self.fast and bool(compile)
         sides = FAST_INNER_TILE if self.fixed else INNER_TILE
-        if self.fast and self.net.form == "kernel":
+        if self.fast and self.net.form == "kernel" and detail_rule != "saliency":
+            # (saliency as the DETAIL rule takes its statistics per piece, so its result
+            # depends on the pieces: the exact path's, to agree with it)
             sides = KERNEL_INNER_TILE
         self.inner = inner_tile(sides, device) if inner is None else inner
         self.exact_rules = exact_rules
@@ -422,9 +424,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     rules stay float32; error against fp32 in benchmarks/README.md).
     ``weights=False`` skips the weight maps (two (S,H,W) arrays: memory on huge images).
 
-    Speed: weights whose soft thresholds are all >= 0 run the fast path (batch norm folded,
-    the element-wise chain fused by torch.compile, cache-sized crops of one shape; within
-    1e-3 max / 1e-5 mean of the exact path on [0, 1] images, see models/fastpath.py);
+    Speed: weights whose soft thresholds are all >= 0 run the fast path (batch norm folded;
+    on the CPU the encoders, the l1 and saliency rules through numba kernels, engine/
+    dcu_kernel.py, else the element-wise chain fused by torch.compile; within 1e-3 max /
+    1e-5 mean of the exact path on [0, 1] images, see models/fastpath.py);
     ``exact=True``, or weights with a negative threshold (the authors'), run the exact
     reference arithmetic. ``metadata["path"]`` says which ran. ``compile``: None (default)
     compiles where that measured faster and within the tolerance (``engine.fast.auto_compile``:
