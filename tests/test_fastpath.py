@@ -72,6 +72,18 @@ def test_clamped_copy_leaves_the_network_alone():
 
 # --- fast vs exact on real images -----------------------------------------------------------------
 
+def ivf_fast_matches_exact(ir, vis, model: FusionModel) -> None:
+    """Default rules: the fast path's image and weights within the tolerance of the exact."""
+    from napari_cscfusion import fuse_infrared_visible
+
+    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
+    fast = fuse_infrared_visible(ir, vis, model, device="cpu")
+    assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
+    assert_close(fast.image, exact.image)
+    for key in ("base", "detail"):
+        assert_close(fast.weights[key], exact.weights[key])
+
+
 @needs_shared
 @pytest.mark.parametrize("which", ["clamped", "packaged"])
 def test_ivf_fast_path_matches_exact_on_a_tno_crop(which):
@@ -80,12 +92,7 @@ def test_ivf_fast_path_matches_exact_on_a_tno_crop(which):
     model = weights_for("ivf", which)
     ir, vis = (grey(read(DATA / "ivf" / "tno" / f"{n}1.png"))[200:330, 300:460]
                for n in ("IR", "VIS"))
-    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
-    fast = fuse_infrared_visible(ir, vis, model, device="cpu")
-    assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
-    assert_close(fast.image, exact.image)
-    for key in ("base", "detail"):
-        assert_close(fast.weights[key], exact.weights[key])
+    ivf_fast_matches_exact(ir, vis, model)
     # tiled = untiled on the fast path too (tiles of 48 px with their halo)
     tiled = fuse_infrared_visible(ir, vis, model, device="cpu", base_rule="l1", tile=48)
     whole = fuse_infrared_visible(ir, vis, model, device="cpu", base_rule="l1", tile=0)
@@ -108,12 +115,8 @@ def test_ivf_kernel_matches_exact_on_a_flir_pair(which):
     model = weights_for("ivf", which)
     ir, vis = (grey(read(DATA / "ivf" / "flir_test" / f"{n}3.jpg"))[40:250, 60:330]
                for n in ("IR", "VIS"))
-    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
-    fast = fuse_infrared_visible(ir, vis, model, device="cpu")
-    assert fast.metadata["path"] == "fast" and kernel_ran(model) == dcu_kernel.available()
-    assert_close(fast.image, exact.image)
-    for key in ("base", "detail"):
-        assert_close(fast.weights[key], exact.weights[key])
+    ivf_fast_matches_exact(ir, vis, model)
+    assert kernel_ran(model) == dcu_kernel.available()
     # the other rules through the kernel, and tiled = untiled (not for saliency as the
     # detail rule: it takes its statistics per encoder piece, on either path)
     for base_rule, detail_rule in (("l1", "average"), ("average", "saliency")):
