@@ -296,7 +296,9 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
                 c0, c1 = vb0 - ix0 + 1, vb1 - ix0 + 1
                 update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
                            c0, c1, q)
-                z[lr, c0:c1] = v[c0:c1]
+                for lc in range(c0, c1):
+                    for c in range(q):
+                        z[lr, lc, c] = v[lc, c]
             elif oy0 <= uy < oy1:
                 c0, c1 = ox0 - ix0 + 1, ox1 - ix0 + 1
                 update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
@@ -307,10 +309,12 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
                         for c in range(q):
                             acc += head[c] * v[lc, c]
                         out[n, 0, uy, lc + ix0 - 1] = acc
-                else:
-                    for c in range(q):
-                        for lc in range(c0, c1):
-                            out[n, c, uy, lc + ix0 - 1] = v[lc, c]
+                else:  # transposed in blocks of 16 pixels, which stay in L1
+                    for b0 in range(c0, c1, 16):
+                        b1 = min(b0 + 16, c1)
+                        for c in range(q):
+                            for lc in range(b0, b1):
+                                out[n, c, uy, lc + ix0 - 1] = v[lc, c]
                 if use_absum:
                     for lc in range(c0, c1):
                         acc = np.float32(0.0)
