@@ -645,15 +645,14 @@ def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, fir
     channel sum of the weights (added to wsum [S, H, W], this thread's own)."""
     S, q, H, W = z.shape
     nrm = np.empty((S, H, W), np.float32)
-    lev = np.empty((S, H, W), np.int64)
-    w64 = np.empty((S, H, W), np.float64)
+    lev = np.empty((S, H, W), np.int32)
     w32 = np.empty((S, H, W), np.float32)
     ref = np.empty((S, H, W), np.float32)
     ta, tb = np.empty((H, W)), np.empty((H, W))
     tab, taa = np.empty((H, W)), np.empty((H, W))
     ca, cb, cab, caa = np.empty(W), np.empty(W), np.empty(W), np.empty(W)
     fa, fb = np.empty((H, W)), np.empty((H, W))
-    table = np.empty(256)
+    table = np.empty((S, 256))
     counts = np.empty(256)
     for c in range(first, q, step):
         for s in range(S):
@@ -662,7 +661,7 @@ def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, fir
                 for x in range(W):
                     v = (z[s, c, y, x] - lo[s, c]) / span if span > 0 else np.float32(0.0)
                     nrm[s, y, x] = v
-                    k = np.int64(np.floor(v * np.float32(255.0)))
+                    k = np.int32(np.floor(v * np.float32(255.0)))
                     lev[s, y, x] = min(255, max(0, k))
             if has_hist:
                 for j in range(256):
@@ -680,28 +679,25 @@ def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, fir
                 acc = 0.0
                 for i in range(256):
                     acc += counts[i] * dist[i, j]
-                table[j] = acc
-            for y in range(H):
-                for x in range(W):
-                    w64[s, y, x] = table[lev[s, y, x]] + 1e-12
+                table[s, j] = acc + 1e-12
         for y in range(H):
             for x in range(W):
                 t = 0.0
                 for s in range(S):
-                    t += w64[s, y, x]
+                    t += table[s, lev[s, y, x]]
                 for s in range(S):
-                    w32[s, y, x] = np.float32(w64[s, y, x] / t)
+                    w32[s, y, x] = np.float32(table[s, lev[s, y, x]] / t)
         for s in range(S):
             _guided(nrm[s], w32[s], r, eps, ref[s], ta, tb, tab, taa, ca, cb, cab, caa, fa, fb)
         for y in range(H):
             for x in range(W):
                 t = np.float32(0.0)
                 for s in range(S):
-                    ref[s, y, x] += np.float32(1e-12)
-                    t += ref[s, y, x]
+                    t += ref[s, y, x] + np.float32(1e-12)
+                inv = np.float32(1.0) / t
                 f = np.float32(0.0)
                 for s in range(S):
-                    wv = ref[s, y, x] / t
+                    wv = (ref[s, y, x] + np.float32(1e-12)) * inv
                     f += wv * z[s, c, y, x]
                     wsum[s, y, x] += wv
                 fused[c, y, x] = f
