@@ -317,7 +317,8 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") 
             f"GFLOP/s -> limit {limit:.3f} s; engine {best:.3f} s (first call {first:.1f} s, "
             f"path {res.metadata.get('path', 'exact')}): {best / limit:.1f}x the limit "
             f"(target <= 5x, beyond <= 2x); exact path {ref_s:.3f} s ({ref_s / limit:.1f}x); "
-            f"|engine - exact| max {diff.max():.2g}, mean {diff.mean():.2g}")
+            f"|engine - exact| max {diff.max():.2g}, mean {diff.mean():.2g}"
+            + "".join(f"; notice: {n}" for n in res.metadata.get("notices", [])))
     if "mef" in tasks:
         say(mef_target(model=target_model("mef", weights), repeat=repeat, exact=exact,
                        device=device))

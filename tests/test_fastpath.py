@@ -72,6 +72,18 @@ def test_clamped_copy_leaves_the_network_alone():
 
 # --- fast vs exact on real images -----------------------------------------------------------------
 
+def ivf_fast_matches_exact(ir, vis, model: FusionModel) -> None:
+    """Default rules: the fast path's image and weights within the tolerance of the exact."""
+    from napari_cscfusion import fuse_infrared_visible
+
+    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
+    fast = fuse_infrared_visible(ir, vis, model, device="cpu")
+    assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
+    assert_close(fast.image, exact.image)
+    for key in ("base", "detail"):
+        assert_close(fast.weights[key], exact.weights[key])
+
+
 @needs_shared
 @pytest.mark.parametrize("which", ["clamped", "packaged"])
 def test_ivf_fast_path_matches_exact_on_a_tno_crop(which):
@@ -80,16 +92,61 @@ def test_ivf_fast_path_matches_exact_on_a_tno_crop(which):
     model = weights_for("ivf", which)
     ir, vis = (grey(read(DATA / "ivf" / "tno" / f"{n}1.png"))[200:330, 300:460]
                for n in ("IR", "VIS"))
-    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
-    fast = fuse_infrared_visible(ir, vis, model, device="cpu")
-    assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
-    assert_close(fast.image, exact.image)
-    for key in ("base", "detail"):
-        assert_close(fast.weights[key], exact.weights[key])
+    ivf_fast_matches_exact(ir, vis, model)
     # tiled = untiled on the fast path too (tiles of 48 px with their halo)
     tiled = fuse_infrared_visible(ir, vis, model, device="cpu", base_rule="l1", tile=48)
     whole = fuse_infrared_visible(ir, vis, model, device="cpu", base_rule="l1", tile=0)
     np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5)
+
+
+def kernel_ran(model: FusionModel) -> bool:
+    """Whether the IVF fast path's encoders are the numba DCU kernel (engine/dcu_kernel.py)."""
+    from napari_cscfusion.engine.fast import fast_network
+
+    return fast_network("ivf", model.network, None, compile=False).form == "kernel"
+
+
+@needs_shared
+@pytest.mark.parametrize("which", ["clamped", "packaged"])
+def test_ivf_kernel_matches_exact_on_a_flir_pair(which):
+    from napari_cscfusion import fuse_infrared_visible
+    from napari_cscfusion.engine import dcu_kernel
+
+    model = weights_for("ivf", which)
+    ir, vis = (grey(read(DATA / "ivf" / "flir_test" / f"{n}3.jpg"))[40:250, 60:330]
+               for n in ("IR", "VIS"))
+    ivf_fast_matches_exact(ir, vis, model)
+    assert kernel_ran(model) == dcu_kernel.available()
+    # the other rules through the kernel, and tiled = untiled (not for saliency as the
+    # detail rule: it takes its statistics per encoder piece, on either path)
+    for base_rule, detail_rule in (("l1", "average"), ("average", "saliency")):
+        kw = dict(base_rule=base_rule, detail_rule=detail_rule, device="cpu")
+        exact = fuse_infrared_visible(ir, vis, model, exact=True, **kw)
+        whole = fuse_infrared_visible(ir, vis, model, tile=0, **kw)
+        assert_close(whole.image, exact.image)
+        if detail_rule != "saliency":
+            tiled = fuse_infrared_visible(ir, vis, model, tile=96, **kw)
+            np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5)
+
+
+@needs_shared
+def test_ivf_without_the_kernel_runs_the_torch_fast_form_with_a_notice(monkeypatch):
+    from napari_cscfusion import fuse_infrared_visible
+    from napari_cscfusion.engine import dcu_kernel
+    from napari_cscfusion.engine.notices import FastPathFallback
+
+    # as if numba were missing (or failed to compile): the kernel's state says so
+    monkeypatch.setattr(dcu_kernel, "_state", {"fn": None, "why": "numba is not installed"})
+    model = clamped("ivf")  # a network of its own: no cached fast form
+    ir, vis = (grey(read(DATA / "ivf" / "tno" / f"{n}1.png"))[200:280, 300:400]
+               for n in ("IR", "VIS"))
+    with pytest.warns(FastPathFallback, match="numba is not installed"):
+        fast = fuse_infrared_visible(ir, vis, model, device="cpu")
+    assert fast.metadata["path"] == "fast" and not kernel_ran(model)
+    assert any("numba is not installed" in n for n in fast.metadata["notices"])
+    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
+    assert_close(fast.image, exact.image)
+    assert not exact.metadata["notices"]  # the exact path needs no kernel
 
 
 @needs_shared

@@ -8,11 +8,12 @@ from __future__ import annotations
 import threading
 import weakref
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..models import fastpath
-from . import notices
+from . import dcu_kernel, notices
 
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -33,7 +34,8 @@ def run_path(model, exact: bool) -> str:
 # faster than the exact folded ones on its pieces; CSC-MMFN compiled came out 1.2e-3 from the
 # exact path on a FLIR crop (the guided filter, eps 1e-4 on code variances, amplifies
 # rounding), over the fast path's 1e-3; CSC-MEFN's compiled crop pipeline was not measured to
-# the end, and its first call compiles for minutes on a busy machine. On a GPU: unmeasured.
+# the end, and its first call compiles for minutes on a busy machine. (IVF's CPU fast path
+# runs numba kernels instead: FastIVF.) On a GPU: unmeasured.
 AUTO_COMPILE = {"ivf": {"cpu": False, "gpu": True}, "mef": {"cpu": False, "gpu": True},
                 "mmf": {"cpu": False, "gpu": False}}
 
@@ -75,19 +77,53 @@ def _wrap(compile: bool):
 
 class FastIVF:
     """The IVF kernel's network in the fast form: the methods IVFKernel calls on its folded
-    network, each compiled (``compile``), plus ``detail_l1`` (detail codes + l1 rule)."""
+    network, each compiled (``compile``), plus ``detail_l1`` (detail codes + l1 rule).
+
+    On the CPU in float32 and uncompiled, the encoders run the fused DCU-chain kernel
+    (engine/dcu_kernel.py, numba; ``form`` "kernel") and the decoder stays oneDNN; where that
+    kernel is unavailable, the PyTorch fast form (``form`` "torch", ``fallback`` says why)."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool):
         f = _prepared(fastpath.FastIVFN(net), net, dtype)
         wrap = _wrap(compile)
         self.encoder_radius = f.encoder_radius
-        self.encode_base = wrap(f.encode_base)
-        self.encode_detail = wrap(f.encode_detail)
-        self.detail_l1 = wrap(f.detail_l1)
-        self.decode_sum = wrap(f.decode_sum)
+        self.form, self.fallback = "torch", None
+        if not compile and dtype is None and next(net.parameters()).device.type == "cpu":
+            if dcu_kernel.available():
+                self.form = "kernel"
+            else:
+                self.fallback = (f"{dcu_kernel.unavailable_reason()}: the fast path ran its "
+                                 f"PyTorch form (slower)")
+        if self.form == "kernel":
+            base = dcu_kernel.DCUChain.from_fast_encoder(f.base)
+            detail = dcu_kernel.DCUChain.from_fast_encoder(f.detail)
+            self.encode_base = lambda x: torch.from_numpy(_chain_codes(base, x, True))
+            self.encode_detail = lambda x: torch.from_numpy(_chain_codes(detail, x, False))
+            self.detail_l1 = lambda x: torch.from_numpy(
+                dcu_kernel.l1_fuse(*_chain_codes(detail, x, False, l1=True)))[None]
+            # oneDNN's 64 -> 32 convolution channels-last: measured 1.2-2x faster than NCHW,
+            # conversion included (benchmarks/README.md, issue 18)
+            self.decode_sum = lambda z, scale=None: f.decode_sum(
+                z.contiguous(memory_format=torch.channels_last), scale)
+        else:
+            self.encode_base = wrap(f.encode_base)
+            self.encode_detail = wrap(f.encode_detail)
+            self.detail_l1 = wrap(f.detail_l1)
+            self.decode_sum = wrap(f.decode_sum)
 
     def decode(self, fused_base, fused_detail, scale=None):
         return self.decode_sum(fused_base + fused_detail, scale)
+
+
+def _chain_codes(chain, x: torch.Tensor, low_pass: bool, l1: bool = False):
+    """CSC-IVFN encoder codes [S, q, h, w] of x [S, 1, h, w] (CPU, float32) by the DCU kernel
+    (numpy; with ``l1`` also their sum_c |z| [S, h, w]): the first DCU gets the 11x11 box mean
+    (base) or x minus it (detail), later ones x."""
+    from ..models.ivfn import BLUR_SIZE
+
+    xn = np.ascontiguousarray(x[:, 0].numpy())
+    low = dcu_kernel.box_mean(xn, BLUR_SIZE // 2)
+    return dcu_kernel.encode_chain(chain, xn, low if low_pass else xn - low, l1=l1)
 
 
 class FastMEF:

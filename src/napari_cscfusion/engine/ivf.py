@@ -12,7 +12,7 @@ import torch
 
 from ..models.folded import folded
 from ..models.ivfn import IVF_ALPHA
-from . import notices
+from . import dcu_kernel, notices
 from .device import resolve_device
 from .fast import auto_compile, fast_network, run_path, use_fast_path
 from .inputs import NormalisedStack, check_min_size, check_same_shape, normaliser
@@ -30,7 +30,14 @@ from .lazy import (
 from .planes import plane_indices
 from .registry import FusionModel, resolve_model
 from .result import FusionResult, base_metadata, plane_progress
-from .rules import RULE_RADIUS, SaliencyStats, apply_rule, check_rules
+from .rules import (
+    RULE_RADIUS,
+    SALIENCY_EPS,
+    SALIENCY_RADIUS,
+    SaliencyStats,
+    apply_rule,
+    check_rules,
+)
 from .tiling import (
     Box,
     Tile,
@@ -58,6 +65,9 @@ IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per si
 INNER_TILE = {"cpu": 192, "gpu": 512}
 # The compiled fast path's pieces (crops of one shape): see benchmarks/README.md
 FAST_INNER_TILE = {"cpu": 128, "gpu": 512}
+# The DCU kernel's pieces (it tiles them itself for the cache; bigger pieces recompute less
+# halo): see benchmarks/README.md (issue 18)
+KERNEL_INNER_TILE = {"cpu": 512, "gpu": 512}
 
 
 def check_code_gain(code_gain) -> float:
@@ -112,6 +122,8 @@ class IVFKernel:
         self.path = "fast" if self.fast else "exact"
         if self.fast:
             self.net = fast_network("ivf", net, self.dtype, compile=compile)
+            if self.net.fallback:
+                notices.notify(self.net.fallback, notices.FastPathFallback)
         else:
             self.net = folded("ivf", net, self.dtype, compile)
         self.names, self.S = list(names), len(names)
@@ -122,6 +134,10 @@ class IVFKernel:
         # compiled graphs want crops of one shape (fixed), and cache-sized ones
         self.fixed = self.fast and bool(compile)
         sides = FAST_INNER_TILE if self.fixed else INNER_TILE
+        if self.fast and self.net.form == "kernel" and detail_rule != "saliency":
+            # (saliency as the DETAIL rule takes its statistics per piece, so its result
+            # depends on the pieces: the exact path's, to agree with it)
+            sides = KERNEL_INNER_TILE
         self.inner = inner_tile(sides, device) if inner is None else inner
         self.exact_rules = exact_rules
         self.enc_radius = self.net.encoder_radius
@@ -268,8 +284,7 @@ class IVFKernel:
             if self.base_rule == "saliency":
                 z_b = self.encode("base", x, wb, tick).float()
                 st = None if stats is None else stats.to(self.device)
-                f_b, w_b = apply_rule("saliency", z_b, stats=st, exact=self.exact_rules,
-                                      mean_weights=True)
+                f_b, w_b = self._saliency(z_b, st)
                 del z_b
             else:
                 f_b, w_b = self.fuse_in_pieces("base", self.base_rule, x, wb, tick)
@@ -287,6 +302,24 @@ class IVFKernel:
         if tick is not None:
             tick()
         return res
+
+    def _saliency(self, z: torch.Tensor, stats: SaliencyStats | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The saliency rule with channel-mean weights: with the DCU kernel, its numba form
+        (channels in parallel, the guided filter's box means in two sweeps)."""
+        if (self.fast and self.net.form == "kernel" and not self.exact_rules
+                and min(z.shape[-2:]) > SALIENCY_RADIUS):
+            if stats is None:
+                lo, hi = SaliencyStats.extremes(z)
+                hist = None
+            else:
+                lo, hi = stats.lo, stats.hi
+                hist = None if stats.hist is None else stats.hist.numpy()
+            fused, w = dcu_kernel.saliency_fuse(z.numpy(), lo.numpy(), hi.numpy(), hist,
+                                                SALIENCY_RADIUS, SALIENCY_EPS)
+            return torch.from_numpy(fused), torch.from_numpy(w)
+        return apply_rule("saliency", z, stats=stats, exact=self.exact_rules,
+                          mean_weights=True)
 
     # whole-image statistics of the base codes (saliency rule), by passes over tiles
     def stats_tiles(self, shape: tuple[int, int], tile: int | None) -> list[Tile]:
@@ -391,9 +424,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     rules stay float32; error against fp32 in benchmarks/README.md).
     ``weights=False`` skips the weight maps (two (S,H,W) arrays: memory on huge images).
 
-    Speed: weights whose soft thresholds are all >= 0 run the fast path (batch norm folded,
-    the element-wise chain fused by torch.compile, cache-sized crops of one shape; within
-    1e-3 max / 1e-5 mean of the exact path on [0, 1] images, see models/fastpath.py);
+    Speed: weights whose soft thresholds are all >= 0 run the fast path (batch norm folded;
+    on the CPU the encoders, the l1 and saliency rules through numba kernels, engine/
+    dcu_kernel.py, else the element-wise chain fused by torch.compile; within 1e-3 max /
+    1e-5 mean of the exact path on [0, 1] images, see models/fastpath.py);
     ``exact=True``, or weights with a negative threshold (the authors'), run the exact
     reference arithmetic. ``metadata["path"]`` says which ran. ``compile``: None (default)
     compiles where that measured faster and within the tolerance (``engine.fast.auto_compile``:

@@ -30,6 +30,11 @@ class OutOfMemoryRetry(RuntimeWarning):
     """A fusion run ran out of memory and was retried with smaller tiles, or on the CPU."""
 
 
+class FastPathFallback(RuntimeWarning):
+    """The fast path ran a slower form than usual (its numba kernel or compiler unavailable);
+    the result is the same to the fast path's tolerance."""
+
+
 class _State(threading.local):
     def __init__(self) -> None:
         self.lines: list[str] = []

@@ -252,7 +252,11 @@ class FastIVFN(FoldedIVFN):
     def detail_l1(self, x: torch.Tensor) -> torch.Tensor:
         """Detail codes of S sources [S, 1, h, w] fused by the l1 rule -> [1, q + S, h, w]:
         the fused codes then the weights (the engine's ``fuse_in_pieces`` layout)."""
-        z = self.encode_detail(x)
+        return self.l1_of_codes(self.encode_detail(x))
+
+    @staticmethod
+    def l1_of_codes(z: torch.Tensor) -> torch.Tensor:
+        """``detail_l1`` of the detail codes z [S, q, h, w] themselves."""
         act = z.abs().sum(1, keepdim=True)
         activity = F.avg_pool2d(act, 3, stride=1, padding=1, count_include_pad=True)
         total = activity.sum(0, keepdim=True)

@@ -1,0 +1,742 @@
+"""A fused CPU kernel for a chain of one-channel DCUs (numba), the fast path's encoder.
+
+What it computes: ``encode_chain(chain, x, x_first)`` is, to float rounding, what the fast
+form of a CSC encoder with c = 1 image channel and q code channels (``models.fastpath.
+FastEncoder``: batch norm folded, soft thresholds >= 0) computes on x [N, H, W]:
+
+    z_0 = f_0(W1_0 * x_first + b_0)                                   (start, z = 0)
+    z_l = f_l(s_l z_{l-1} + W1_l * (x - W0_l * z_{l-1}) + b_l)       l = 1 .. L-1
+
+with 3x3 convolutions W0_l (q -> 1, the dictionary) and W1_l (1 -> q, the adjoint with the
+batch-norm scale folded in), REFLECTION padding of 1 at the borders of x (c b | a b c), per-
+channel scale s_l and shift b_l (batch norm), and f_l either the soft threshold with
+theta >= 0 (v - clip(v, -theta, theta)) or a PReLU. ``x_first`` (None: x) feeds the start
+layer only: the CSC-IVFN encoders' filtered image; a stem convolution (CSC-MEFN) is the same
+start layer. Output: the codes z_{L-1} [N, q, H, W], or with ``head`` (q,) their projection
+sum_c head[c] z[c] [N, H, W] (CSC-MEFN's 1x1 head), never holding the codes of the image.
+
+Why a kernel: both thin convolutions cost 9q multiply-adds per pixel, so in PyTorch each DCU is
+a few memory-bound passes over the q-channel codes (benchmarks/README.md, issue 18). Here the
+image is cut into tiles; each tile runs ALL layers with a halo that shrinks by 2 px per DCU (so
+tiles are independent and the result equals the whole image's), its codes channels-last in a
+buffer of its own, and inside a DCU the residual row r = x - W0 * z is computed one row ahead of
+the in-place update of z: each DCU streams the tile's codes once. Both convolutions are 9-tap
+dot products / axpys over the contiguous q-vector of a pixel (SIMD). Tiles run on a thread
+pool (numba ``nogil``), as many threads as torch uses.
+
+numba is optional: ``available()`` says whether it imported and the kernel compiled; callers
+fall back to the PyTorch fast form otherwise (engine/fast.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+try:  # optional: without numba the PyTorch fast form runs
+    import numba
+except ImportError:  # pragma: no cover - exercised by the fallback test with a stub
+    numba = None
+
+TILE = 128  # output tile side (px): benchmarks/README.md (issue 18)
+
+
+@dataclass(frozen=True)
+class DCUChain:
+    """The folded weights of an encoder of L layers (start + L-1 DCUs) for ``encode_chain``:
+    adjoint taps ``w1`` [L, 9, q] (tap = 3 dy + dx, batch-norm scale folded), dictionary taps
+    ``w0`` [L, 9, q] (layer 0's unused), residual scale ``scale`` [L, q] (layer 0's unused),
+    shift ``bias`` [L, q], activation parameter ``act`` [L, q] (theta >= 0, or the PReLU
+    slope) and ``prelu`` [L] (1 where the layer's activation is a PReLU). float32."""
+
+    w1: np.ndarray
+    w0: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    act: np.ndarray
+    prelu: np.ndarray
+
+    @property
+    def q(self) -> int:
+        return self.w1.shape[2]
+
+    @property
+    def layers(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def halo(self) -> int:
+        """Context (px) of an output code beyond the start layer's own 3x3 (read from x)."""
+        return 2 * (self.layers - 1)
+
+    @classmethod
+    def from_fast_encoder(cls, enc) -> DCUChain:
+        """From a ``models.fastpath.FastEncoder`` of a one-channel network (its folding)."""
+        layers = []  # (w1 [q, 9], w0 [q, 9] or None, s, b, act, prelu)
+        if enc.has_stem:
+            layers.append((enc.stem_w, None, None, enc.stem_b, enc.stem_act,
+                           enc.stem_kind == "prelu"))
+        for i, d in enumerate(enc.dcus):
+            start = i == 0 and not enc.has_stem
+            layers.append((d.w1, None if start else d.w0, None if start else d.s, d.b, d.act,
+                           d.kind == "prelu"))
+        q = layers[0][0].shape[0]
+        if layers[0][0].shape[1] != 1 or any(w0 is not None and w0.shape[0] != 1
+                                             for _, w0, *_ in layers):
+            raise ValueError("DCUChain: one-channel networks only (c = 1)")
+
+        def taps(w, k):  # [q, 1, 3, 3] (adjoint) or [1, q, 3, 3] (dictionary) -> [9, q]
+            if w is None:
+                return np.zeros((9, q), np.float32)
+            a = w.detach().float().cpu().numpy()
+            a = a[:, 0] if k == "adjoint" else a[0]
+            return np.ascontiguousarray(a.reshape(q, 9).T)
+
+        def vec(t, fill):
+            if t is None:
+                return np.full(q, fill, np.float32)
+            return np.ascontiguousarray(t.detach().float().cpu().numpy().reshape(-1)[:q]
+                                        * np.ones(q, np.float32))
+
+        return cls(w1=np.stack([taps(w1, "adjoint") for w1, *_ in layers]),
+                   w0=np.stack([taps(w0, "dictionary") for _, w0, *_ in layers]),
+                   scale=np.stack([vec(s, 1.0) for _, _, s, *_ in layers]),
+                   bias=np.stack([vec(b, 0.0) for *_, b, _, _ in layers]),
+                   act=np.stack([vec(a, 0.0) for *_, a, _ in layers]),
+                   prelu=np.array([p for *_, p in layers], np.int8))
+
+
+# --- the kernel -------------------------------------------------------------------------------
+
+def _jit(fn):
+    """numba's njit as the kernel needs it (compiled on first call, cached on disk); without
+    numba the functions stay plain Python and are never called (``available()``)."""
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")(fn)
+
+
+@_jit
+def refl(i, n):
+    if i < 0:
+        return -i
+    if i >= n:
+        return 2 * n - 2 - i
+    return i
+
+@_jit
+def shrink(v, a, prelu):
+    if prelu:
+        return v if v >= 0.0 else a * v
+    lo = -a
+    return v - (lo if v < lo else (a if v > a else v))
+
+@_jit
+def fill_cols(buf, lr, b0, b1, ix0, W, q):
+    """Reflection margins of row ``lr`` of a channels-last buffer where the region's
+    columns touch x's border."""
+    if b0 == 0:  # ix0 == 0 then
+        for c in range(q):
+            buf[lr, 0, c] = buf[lr, 2, c]
+    if b1 == W:
+        for c in range(q):
+            buf[lr, W - ix0 + 1, c] = buf[lr, W - 2 - ix0 + 1, c]
+
+@_jit
+def residual_row(z, w, xrow, rrow, lr, lc0, lc1, xoff, q):
+    """rrow[lc] = xrow[lc + xoff] - (W0 * z)[lr, lc] for local columns [lc0, lc1): the q -> 1
+    convolution as a dot product over the 9 taps' q-vectors, four pixels at a time (they
+    share the taps' loads and half the codes')."""
+    zu, zm, zd = z[lr - 1], z[lr], z[lr + 1]
+    lc = lc0
+    while lc + 4 <= lc1:
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for c in range(q):
+            w0, w1, w2 = w[0, c], w[1, c], w[2, c]
+            w3, w4, w5 = w[3, c], w[4, c], w[5, c]
+            w6, w7, w8 = w[6, c], w[7, c], w[8, c]
+            u0, u1, u2 = zu[lc - 1, c], zu[lc, c], zu[lc + 1, c]
+            u3, u4, u5 = zu[lc + 2, c], zu[lc + 3, c], zu[lc + 4, c]
+            m0, m1, m2 = zm[lc - 1, c], zm[lc, c], zm[lc + 1, c]
+            m3, m4, m5 = zm[lc + 2, c], zm[lc + 3, c], zm[lc + 4, c]
+            d0, d1, d2 = zd[lc - 1, c], zd[lc, c], zd[lc + 1, c]
+            d3, d4, d5 = zd[lc + 2, c], zd[lc + 3, c], zd[lc + 4, c]
+            a0 += (w0 * u0 + w1 * u1 + w2 * u2 + w3 * m0 + w4 * m1 + w5 * m2
+                   + w6 * d0 + w7 * d1 + w8 * d2)
+            a1 += (w0 * u1 + w1 * u2 + w2 * u3 + w3 * m1 + w4 * m2 + w5 * m3
+                   + w6 * d1 + w7 * d2 + w8 * d3)
+            a2 += (w0 * u2 + w1 * u3 + w2 * u4 + w3 * m2 + w4 * m3 + w5 * m4
+                   + w6 * d2 + w7 * d3 + w8 * d4)
+            a3 += (w0 * u3 + w1 * u4 + w2 * u5 + w3 * m3 + w4 * m4 + w5 * m5
+                   + w6 * d3 + w7 * d4 + w8 * d5)
+        rrow[lc] = xrow[lc + xoff] - a0
+        rrow[lc + 1] = xrow[lc + 1 + xoff] - a1
+        rrow[lc + 2] = xrow[lc + 2 + xoff] - a2
+        rrow[lc + 3] = xrow[lc + 3 + xoff] - a3
+        lc += 4
+    while lc < lc1:
+        a0 = np.float32(0.0)
+        for c in range(q):
+            a0 += (w[0, c] * zu[lc - 1, c] + w[1, c] * zu[lc, c] + w[2, c] * zu[lc + 1, c]
+                   + w[3, c] * zm[lc - 1, c] + w[4, c] * zm[lc, c] + w[5, c] * zm[lc + 1, c]
+                   + w[6, c] * zd[lc - 1, c] + w[7, c] * zd[lc, c] + w[8, c] * zd[lc + 1, c])
+        rrow[lc] = xrow[lc + xoff] - a0
+        lc += 1
+
+
+@_jit
+def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
+    """dst[lc] = f(s z[lr, lc] + b + (W1 * r)[lr, lc]) for local columns [lc0, lc1) (dst a
+    row buffer of its own): the 1 -> q convolution as nine axpys over the q-vector, two
+    pixels at a time (they share the taps' loads)."""
+    ru, rm, rd = r[lr - 1], r[lr], r[lr + 1]
+    lc = lc0
+    while lc + 2 <= lc1:
+        p0, p1, p2, p3 = ru[lc - 1], ru[lc], ru[lc + 1], ru[lc + 2]
+        m0, m1, m2, m3 = rm[lc - 1], rm[lc], rm[lc + 1], rm[lc + 2]
+        d0, d1, d2, d3 = rd[lc - 1], rd[lc], rd[lc + 1], rd[lc + 2]
+        for c in range(q):
+            w0, w1, w2 = w[0, c], w[1, c], w[2, c]
+            w3, w4, w5 = w[3, c], w[4, c], w[5, c]
+            w6, w7, w8 = w[6, c], w[7, c], w[8, c]
+            s, b, a = sc[c], bs[c], act[c]
+            v0 = (s * zrow[lc, c] + b + w0 * p0 + w1 * p1 + w2 * p2 + w3 * m0 + w4 * m1
+                  + w5 * m2 + w6 * d0 + w7 * d1 + w8 * d2)
+            v1 = (s * zrow[lc + 1, c] + b + w0 * p1 + w1 * p2 + w2 * p3 + w3 * m1 + w4 * m2
+                  + w5 * m3 + w6 * d1 + w7 * d2 + w8 * d3)
+            dst[lc, c] = shrink(v0, a, prelu)
+            dst[lc + 1, c] = shrink(v1, a, prelu)
+        lc += 2
+    while lc < lc1:
+        p0, p1, p2 = ru[lc - 1], ru[lc], ru[lc + 1]
+        m0, m1, m2 = rm[lc - 1], rm[lc], rm[lc + 1]
+        d0, d1, d2 = rd[lc - 1], rd[lc], rd[lc + 1]
+        for c in range(q):
+            v0 = (sc[c] * zrow[lc, c] + bs[c] + w[0, c] * p0 + w[1, c] * p1 + w[2, c] * p2
+                  + w[3, c] * m0 + w[4, c] * m1 + w[5, c] * m2 + w[6, c] * d0
+                  + w[7, c] * d1 + w[8, c] * d2)
+            dst[lc, c] = shrink(v0, act[c], prelu)
+        lc += 1
+
+
+@_jit
+def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, n,
+             oy0, oy1, ox0, ox1, z, r, v):
+    H, W = x.shape[1], x.shape[2]
+    L, _, q = w1.shape
+    halo = 2 * (L - 1)
+    iy0, iy1 = max(0, oy0 - halo), min(H, oy1 + halo)
+    ix0, ix1 = max(0, ox0 - halo), min(W, ox1 + halo)
+    # local coordinates: row gy -> gy - iy0 + 1, column gx -> gx - ix0 + 1 (1 px margin)
+    a0, a1, b0, b1 = iy0, iy1, ix0, ix1
+    # start layer on the whole region (its 3x3 reads x_first itself, reflected at x's
+    # border)
+    for gy in range(a0, a1):
+        lr = gy - iy0 + 1
+        y0, y1, y2 = refl(gy - 1, H), gy, refl(gy + 1, H)
+        for gx in range(b0, b1):
+            lc = gx - ix0 + 1
+            x0, x2 = refl(gx - 1, W), refl(gx + 1, W)
+            p0, p1, p2 = xf[n, y0, x0], xf[n, y0, gx], xf[n, y0, x2]
+            p3, p4, p5 = xf[n, y1, x0], xf[n, y1, gx], xf[n, y1, x2]
+            p6, p7, p8 = xf[n, y2, x0], xf[n, y2, gx], xf[n, y2, x2]
+            for c in range(q):
+                t = (bs[0, c] + w1[0, 0, c] * p0 + w1[0, 1, c] * p1 + w1[0, 2, c] * p2
+                     + w1[0, 3, c] * p3 + w1[0, 4, c] * p4 + w1[0, 5, c] * p5
+                     + w1[0, 6, c] * p6 + w1[0, 7, c] * p7 + w1[0, 8, c] * p8)
+                z[lr, lc, c] = shrink(t, act[0, c], prelu[0])
+        fill_cols(z, lr, b0, b1, ix0, W, q)
+    if a0 == 0:
+        z[0, :] = z[2, :]
+    if a1 == H:
+        z[H - iy0 + 1, :] = z[H - 2 - iy0 + 1, :]
+    for layer in range(1, L):
+        # residual region: one row/column less on each side inside x; update region: two
+        ra0 = a0 if a0 == 0 else a0 + 1
+        ra1 = a1 if a1 == H else a1 - 1
+        rb0 = b0 if b0 == 0 else b0 + 1
+        rb1 = b1 if b1 == W else b1 - 1
+        va0 = ra0 if ra0 == 0 else ra0 + 1
+        va1 = ra1 if ra1 == H else ra1 - 1
+        vb0 = rb0 if rb0 == 0 else rb0 + 1
+        vb1 = rb1 if rb1 == W else rb1 - 1
+        last = layer == L - 1
+        for gy in range(ra0, ra1 + 1):
+            if gy < ra1:  # the residual row gy: x - W0 * z (reads z rows gy-1..gy+1)
+                lr = gy - iy0 + 1
+                residual_row(z, w0[layer], x[n, gy], r[lr], lr, rb0 - ix0 + 1, rb1 - ix0 + 1,
+                             ix0 - 1, q)
+                if rb0 == 0:
+                    r[lr, 0] = r[lr, 2]  # ix0 == 0 here
+                if rb1 == W:
+                    r[lr, W - ix0 + 1] = r[lr, W - 2 - ix0 + 1]
+                if gy == 1 and ra0 == 0:
+                    r[0, :] = r[2, :]  # iy0 == 0 here
+            else:  # past the last residual row: its reflection, if x's border
+                if ra1 != H:
+                    break
+                r[H - iy0 + 1, :] = r[H - 2 - iy0 + 1, :]
+            # update row gy - 1 in place (its residual rows gy-2..gy are ready and no
+            # later residual row reads it)
+            uy = gy - 1
+            if uy < va0 or uy >= va1:
+                continue
+            lr = uy - iy0 + 1
+            pl = prelu[layer] != 0
+            if not last:
+                # into a row buffer, then copied: with z's row as its own destination the
+                # compiler's alias check sends the loop down its scalar path (6x slower)
+                c0, c1 = vb0 - ix0 + 1, vb1 - ix0 + 1
+                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
+                           c0, c1, q)
+                for lc in range(c0, c1):
+                    for c in range(q):
+                        z[lr, lc, c] = v[lc, c]
+            elif oy0 <= uy < oy1:
+                c0, c1 = ox0 - ix0 + 1, ox1 - ix0 + 1
+                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
+                           c0, c1, q)
+                if use_head:
+                    for lc in range(c0, c1):
+                        acc = np.float32(0.0)
+                        for c in range(q):
+                            acc += head[c] * v[lc, c]
+                        out[n, 0, uy, lc + ix0 - 1] = acc
+                else:  # transposed in blocks of 16 pixels, which stay in L1
+                    for b0 in range(c0, c1, 16):
+                        b1 = min(b0 + 16, c1)
+                        for c in range(q):
+                            for lc in range(b0, b1):
+                                out[n, c, uy, lc + ix0 - 1] = v[lc, c]
+                if use_absum:
+                    for lc in range(c0, c1):
+                        acc = np.float32(0.0)
+                        for c in range(q):
+                            acc += abs(v[lc, c])
+                        absum[n, uy, lc + ix0 - 1] = acc
+            if not last:
+                fill_cols(z, lr, vb0, vb1, ix0, W, q)
+                if uy == 1 and va0 == 0:
+                    z[0, :] = z[2, :]
+                if uy == H - 2 and va1 == H:
+                    z[H - iy0 + 1, :] = z[H - 2 - iy0 + 1, :]
+        a0, a1, b0, b1 = va0, va1, vb0, vb1
+
+@_jit
+def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, tile,
+             first, step):
+    N, H, W = x.shape
+    q = w1.shape[2]
+    halo = 2 * (w1.shape[0] - 1)
+    nty = (H + tile - 1) // tile
+    ntx = (W + tile - 1) // tile
+    side = tile + 2 * halo + 2
+    z = np.empty((side, side, q), np.float32)
+    r = np.empty((side, side), np.float32)
+    v = np.empty((side, q), np.float32)  # the last layer's row
+    for job in range(first, N * nty * ntx, step):
+        n = job // (nty * ntx)
+        k = job % (nty * ntx)
+        oy0 = (k // ntx) * tile
+        ox0 = (k % ntx) * tile
+        tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, n,
+                 oy0, min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
+
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _compiled():
+    """The compiled kernel, or None (numba missing, or it failed to compile: the reason is in
+    ``unavailable_reason()``)."""
+    with _lock:
+        if "fn" not in _state:
+            _state["fn"], _state["why"] = None, None
+            if numba is None:
+                _state["why"] = "numba is not installed"
+            elif os.environ.get("CSCFUSION_NO_NUMBA"):
+                _state["why"] = "CSCFUSION_NO_NUMBA is set"
+            else:
+                try:
+                    fn = run_jobs
+                    _smoke(fn)
+                    _state["fn"] = fn
+                except Exception as exc:  # numba's errors have no common base; any: fall back
+                    _state["why"] = f"numba failed to compile the DCU kernel ({type(exc).__name__})"
+        return _state["fn"]
+
+
+def _smoke(fn) -> None:
+    """Compile every kernel for the types the calls use (float32 arrays, int8 flags) on tiny
+    inputs (from numba's disk cache after the first session)."""
+    q = 2
+    x = np.zeros((1, 4, 4), np.float32)
+    w = np.zeros((2, 9, q), np.float32)
+    v = np.zeros((2, q), np.float32)
+    fn(x, x, w, w, v, v, v, np.zeros(2, np.int8), np.zeros((1, q, 4, 4), np.float32),
+       np.zeros(q, np.float32), False, x, False, 8, 0, 1)
+    _box_mean_rows(x, x.copy(), 1, 0, 1)
+    _box_mean_cols(x, x.copy(), 1, 0, 1)
+    _l1_fuse_rows(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
+                  np.zeros((q + 2, 4, 4), np.float32), 0, 1)
+    _saliency_channels(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, q), np.float32),
+                       np.ones((2, q), np.float32), np.zeros((1, 1, 1)), False, _DISTANCE, 1,
+                       0.01, np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
+                       0, 1)
+    _saliency_channels(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, q), np.float32),
+                       np.ones((2, q), np.float32), np.zeros((2, q, 256)), True, _DISTANCE, 1,
+                       0.01, np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
+                       0, 1)
+
+
+def available() -> bool:
+    """Whether the kernel can run here (numba imported and compiled it)."""
+    return _compiled() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (None when it is True)."""
+    _compiled()
+    return _state.get("why")
+
+
+def _threads() -> int:
+    try:
+        import torch
+
+        return max(1, torch.get_num_threads())
+    except ImportError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _lock:
+        if n not in _pools:
+            _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="cscfusion-dcu")
+        return _pools[n]
+
+
+def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = None, *,
+                 head: np.ndarray | None = None, tile: int = TILE,
+                 threads: int | None = None, l1: bool = False):
+    """The chain's codes of x [N, H, W] (float32; H, W >= 2): [N, q, H, W], or with ``head``
+    (q,) the projection [N, H, W]. ``x_first`` [N, H, W] feeds the start layer (None: x).
+    ``l1``: also return each pixel's sum_c |z_c| [N, H, W] (the l1 fusion rule's activity),
+    as a second value. See the module docstring for what is computed. RuntimeError when the
+    kernel is not available (``available()``)."""
+    fn = _compiled_or_raise()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    xf = x if x_first is None else np.ascontiguousarray(x_first, dtype=np.float32)
+    if x.ndim != 3 or xf.shape != x.shape or min(x.shape[1:]) < 2:
+        raise ValueError(f"x, x_first: expected equal shapes [N, H, W] with H, W >= 2, got "
+                         f"{x.shape} and {xf.shape}")
+    N, H, W = x.shape
+    use_head = head is not None
+    hv = (np.ascontiguousarray(head, dtype=np.float32).reshape(-1) if use_head
+          else np.zeros(chain.q, np.float32))
+    if hv.shape != (chain.q,):
+        raise ValueError(f"head: expected {chain.q} weights, got {hv.shape}")
+    out = np.empty((N, 1 if use_head else chain.q, H, W), np.float32)
+    absum = np.empty((N, H, W) if l1 else (1, 1, 1), np.float32)
+    args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, chain.act, chain.prelu, out,
+            hv, use_head, absum, bool(l1), int(tile))
+    jobs = N * (-(-H // tile)) * (-(-W // tile))
+    n = max(1, min(threads or _threads(), jobs))
+    if n == 1:
+        fn(*args, 0, 1)
+    else:
+        _on_threads(n, fn, args)
+    out = out[:, 0] if use_head else out
+    return (out, absum) if l1 else out
+
+
+def _on_threads(n: int, fn, args) -> None:
+    """fn(*args, i, n) for i < n on the pool's threads (numba releases the GIL)."""
+    for f in [_pool(n).submit(fn, *args, i, n) for i in range(n)]:
+        f.result()
+
+
+# --- CSC-IVFN's other per-pixel steps around the kernel ----------------------------------------
+
+@_jit
+def _box_mean_rows(x, tmp, r, first, step):
+    """Horizontal (2r+1)-sums with reflection borders of x [N, H, W] into tmp, rows first,
+    step (one thread's share)."""
+    N, H, W = x.shape
+    for n in range(N):
+        for y in range(first, H, step):
+            for gx in range(W):
+                acc = np.float32(0.0)
+                for d in range(-r, r + 1):
+                    acc += x[n, y, refl(gx + d, W)]
+                tmp[n, y, gx] = acc
+
+
+@_jit
+def _box_mean_cols(tmp, out, r, first, step):
+    """Vertical (2r+1)-sums with reflection borders of tmp, scaled to means, into out."""
+    N, H, W = tmp.shape
+    inv = np.float32(1.0 / ((2 * r + 1) * (2 * r + 1)))
+    for n in range(N):
+        for y in range(first, H, step):
+            for gx in range(W):
+                out[n, y, gx] = 0.0
+            for d in range(-r, r + 1):
+                yy = refl(y + d, H)
+                for gx in range(W):
+                    out[n, y, gx] += tmp[n, yy, gx]
+            for gx in range(W):
+                out[n, y, gx] *= inv
+
+
+def box_mean(x: np.ndarray, r: int, threads: int | None = None) -> np.ndarray:
+    """Mean over (2r+1)^2 windows with reflection borders (c b | a b c) of x [N, H, W]
+    (float32, H and W > r): CSC-IVFN's low-pass (r = 5), as models.ivfn.box_blur."""
+    _compiled_or_raise()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    tmp, out = np.empty_like(x), np.empty_like(x)
+    n = max(1, min(threads or _threads(), x.shape[1]))
+    _on_threads(n, _box_mean_rows, (x, tmp, r))
+    _on_threads(n, _box_mean_cols, (tmp, out, r))
+    return out
+
+
+@_jit
+def _l1_fuse_rows(z, absum, out, first, step):
+    """CSC-IVFN's l1 rule for rows first, step: A_s = 3x3 mean (zero border) of absum_s,
+    w_s = A_s / sum_s A_s (1/S where all are 0); out[:q] = sum_s w_s z_s, out[q:] = w."""
+    S, q, H, W = z.shape
+    wrow = np.empty((S, W), np.float32)
+    for y in range(first, H, step):
+        for gx in range(W):
+            tot = np.float32(0.0)
+            for s in range(S):
+                a = np.float32(0.0)
+                for yy in range(max(0, y - 1), min(H, y + 2)):
+                    for xx in range(max(0, gx - 1), min(W, gx + 2)):
+                        a += absum[s, yy, xx]
+                a *= np.float32(1.0 / 9.0)
+                wrow[s, gx] = a
+                tot += a
+            for s in range(S):
+                wrow[s, gx] = wrow[s, gx] / tot if tot > 0 else np.float32(1.0 / S)
+                out[q + s, y, gx] = wrow[s, gx]
+        for c in range(q):
+            for gx in range(W):
+                out[c, y, gx] = wrow[0, gx] * z[0, c, y, gx]
+            for s in range(1, S):
+                for gx in range(W):
+                    out[c, y, gx] += wrow[s, gx] * z[s, c, y, gx]
+
+
+def l1_fuse(z: np.ndarray, absum: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """The l1 rule on codes z [S, q, H, W] given their sum_c |z| [S, H, W] (``encode_chain``
+    with ``l1=True``) -> [q + S, H, W]: the fused codes, then the weights (rules.l1_rule's
+    values to rounding)."""
+    _compiled_or_raise()
+    S, q, H, W = z.shape
+    out = np.empty((q + S, H, W), np.float32)
+    n = max(1, min(threads or _threads(), H))
+    _on_threads(n, _l1_fuse_rows, (z, absum, out))
+    return out
+
+
+# --- the saliency rule (CSC-IVFN's base rule), per channel ------------------------------------
+
+@_jit
+def _sym(i, n):
+    """BORDER_REFLECT index (d c b a | a b c d), for -n <= i < 2n."""
+    if i < 0:
+        return -i - 1
+    if i >= n:
+        return 2 * n - 1 - i
+    return i
+
+
+@_jit
+def _hsum(a, b, r, ta, tb, ab, tab, aa, taa, both):
+    """Horizontal (2r+1)-sums (float64, BORDER_REFLECT) of the maps a and b [H, W] into ta,
+    tb, and with ``both`` also of a*b and a*a (ab, aa: scratch rows) into tab, taa."""
+    H, W = a.shape
+    for y in range(H):
+        sa = 0.0
+        sb = 0.0
+        sab = 0.0
+        saa = 0.0
+        for d in range(-r, r + 1):
+            j = _sym(d, W)
+            sa += a[y, j]
+            sb += b[y, j]
+            if both:
+                sab += a[y, j] * b[y, j]
+                saa += a[y, j] * a[y, j]
+        for x in range(W):
+            ta[y, x] = sa
+            tb[y, x] = sb
+            if both:
+                tab[y, x] = sab
+                taa[y, x] = saa
+            i, o = _sym(x + r + 1, W), _sym(x - r, W)
+            sa += a[y, i] - a[y, o]
+            sb += b[y, i] - b[y, o]
+            if both:
+                sab += a[y, i] * b[y, i] - a[y, o] * b[y, o]
+                saa += a[y, i] * a[y, i] - a[y, o] * a[y, o]
+
+
+@_jit
+def _guided(guide, src, r, eps, out, ta, tb, tab, taa, ca, cb, cab, caa, fa, fb):
+    """He et al.'s guided filter of one float32 map (grey guide), box means with
+    BORDER_REFLECT summed in double (rules.guided_filter_map's values to rounding); the four
+    first box means in one sweep, the two last in another."""
+    H, W = guide.shape
+    inv = 1.0 / ((2 * r + 1) * (2 * r + 1))
+    _hsum(guide, src, r, ta, tb, ta, tab, ta, taa, True)
+    for k in range(2):  # k = 0: a and b from the means; k = 1: the output from a's, b's means
+        for x in range(W):
+            ca[x] = 0.0
+            cb[x] = 0.0
+            cab[x] = 0.0
+            caa[x] = 0.0
+        for d in range(-r, r + 1):
+            j = _sym(d, H)
+            for x in range(W):
+                ca[x] += ta[j, x]
+                cb[x] += tb[j, x]
+                if k == 0:
+                    cab[x] += tab[j, x]
+                    caa[x] += taa[j, x]
+        for y in range(H):
+            if k == 0:
+                for x in range(W):
+                    mi = ca[x] * inv
+                    mp = cb[x] * inv
+                    a = (cab[x] * inv - mi * mp) / (caa[x] * inv - mi * mi + eps)
+                    fa[y, x] = a
+                    fb[y, x] = mp - a * mi
+            else:
+                for x in range(W):
+                    out[y, x] = np.float32(ca[x] * inv * guide[y, x] + cb[x] * inv)
+            i, o = _sym(y + r + 1, H), _sym(y - r, H)
+            for x in range(W):
+                ca[x] += ta[i, x] - ta[o, x]
+                cb[x] += tb[i, x] - tb[o, x]
+                if k == 0:
+                    cab[x] += tab[i, x] - tab[o, x]
+                    caa[x] += taa[i, x] - taa[o, x]
+        if k == 0:
+            _hsum(fa, fb, r, ta, tb, ta, tab, ta, taa, False)
+
+
+@_jit
+def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, first, step):
+    """The saliency rule for channels first, step of codes z [S, q, H, W]: fused[c] and the
+    channel sum of the weights (added to wsum [S, H, W], this thread's own)."""
+    S, q, H, W = z.shape
+    nrm = np.empty((S, H, W), np.float32)
+    lev = np.empty((S, H, W), np.int32)
+    w32 = np.empty((S, H, W), np.float32)
+    ref = np.empty((S, H, W), np.float32)
+    ta, tb = np.empty((H, W)), np.empty((H, W))
+    tab, taa = np.empty((H, W)), np.empty((H, W))
+    ca, cb, cab, caa = np.empty(W), np.empty(W), np.empty(W), np.empty(W)
+    fa, fb = np.empty((H, W)), np.empty((H, W))
+    table = np.empty((S, 256))
+    counts = np.empty(256)
+    for c in range(first, q, step):
+        for s in range(S):
+            span = hi[s, c] - lo[s, c]
+            for y in range(H):
+                for x in range(W):
+                    v = (z[s, c, y, x] - lo[s, c]) / span if span > 0 else np.float32(0.0)
+                    nrm[s, y, x] = v
+                    k = np.int32(np.floor(v * np.float32(255.0)))
+                    lev[s, y, x] = min(255, max(0, k))
+            if has_hist:
+                for j in range(256):
+                    counts[j] = hist[s, c, j]
+            else:
+                for j in range(256):
+                    counts[j] = 0.0
+                for y in range(H):
+                    for x in range(W):
+                        counts[lev[s, y, x]] += 1.0
+                tot = counts.sum()
+                for j in range(256):
+                    counts[j] /= tot
+            for j in range(256):
+                acc = 0.0
+                for i in range(256):
+                    acc += counts[i] * dist[i, j]
+                table[s, j] = acc + 1e-12
+        for y in range(H):
+            for x in range(W):
+                t = 0.0
+                for s in range(S):
+                    t += table[s, lev[s, y, x]]
+                for s in range(S):
+                    w32[s, y, x] = np.float32(table[s, lev[s, y, x]] / t)
+        for s in range(S):
+            _guided(nrm[s], w32[s], r, eps, ref[s], ta, tb, tab, taa, ca, cb, cab, caa, fa, fb)
+        for y in range(H):
+            for x in range(W):
+                t = np.float32(0.0)
+                for s in range(S):
+                    t += ref[s, y, x] + np.float32(1e-12)
+                inv = np.float32(1.0) / t
+                f = np.float32(0.0)
+                for s in range(S):
+                    wv = (ref[s, y, x] + np.float32(1e-12)) * inv
+                    f += wv * z[s, c, y, x]
+                    wsum[s, y, x] += wv
+                fused[c, y, x] = f
+
+
+_DISTANCE = np.abs(np.arange(256.0)[:, None] - np.arange(256.0)[None, :])
+
+
+def saliency_fuse(z: np.ndarray, lo: np.ndarray, hi: np.ndarray, hist: np.ndarray | None,
+                  radius: int, eps: float, threads: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """CSC-IVFN's saliency rule (rules.saliency_rule's values to rounding) on base codes
+    z [S, q, H, W] float32 with min(H, W) > radius, given each source's and channel's
+    extremes lo, hi [S, q] and, for tiles, the whole image's normalised histograms
+    hist [S, q, 256]: (fused codes [q, H, W], channel-mean weights [S, 1, H, W]). Channels run
+    in parallel."""
+    _compiled_or_raise()
+    S, q, H, W = z.shape
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    lo = np.ascontiguousarray(lo, dtype=np.float32)
+    hi = np.ascontiguousarray(hi, dtype=np.float32)
+    has_hist = hist is not None
+    h = np.ascontiguousarray(hist, dtype=np.float64) if has_hist else np.zeros((1, 1, 1))
+    fused = np.empty((q, H, W), np.float32)
+    n = max(1, min(threads or _threads(), q))
+    sums = [np.zeros((S, H, W), np.float32) for _ in range(n)]
+    futures = [_pool(n).submit(_saliency_channels, z, lo, hi, h, has_hist, _DISTANCE, radius,
+                               float(eps), fused, sums[i], i, n) for i in range(n)]
+    for f in futures:
+        f.result()
+    wsum = sums[0]
+    for extra in sums[1:]:
+        wsum += extra
+    wsum /= q
+    return fused, wsum[:, None]
+
+
+def _compiled_or_raise():
+    fn = _compiled()
+    if fn is None:
+        raise RuntimeError(f"the DCU kernel is not available: {unavailable_reason()}")
+    return fn
