@@ -228,7 +228,7 @@ def fuse_exposure_stack_fast(stack: np.ndarray, scale: float, model: FusionModel
             return (*_fuse_stack_numba(stack, scale, model, sigma, progress, tile, weights),
                     "numba")
         notices.notify(f"the fused CPU kernel is unavailable ({mef_cpu.failure()}); the "
-                       f"fast path runs in PyTorch (slower)", RuntimeWarning)
+                       f"fast path runs in PyTorch (slower)", notices.FastPathFallback)
     prior = np.zeros(K, np.float32) if sigma is None else exposure_prior_logits(
         exposure_channel_sums(stack) * scale, H * W, sigma)
     compile = auto_compile("mef", True, device) if compile is None else compile
