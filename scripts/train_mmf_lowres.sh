@@ -1,0 +1,23 @@
+#!/bin/sh
+# CSC-MMFN in the low_res geometry (issue 17 item 4, "a guide that matters"; models/mmfn.py):
+# the low-res IR comes in at its own resolution, the guide's codes are area-averaged to it,
+# the guided filter's coefficients are fitted there and upsampled (half-pixel), base = bicubic.
+# 1-channel IR + 1-channel visible guide, 32 code channels, 3 DCUs, flir_train only.
+# Stages (STAGE=1, then STAGE=2), 1 thread at nice 19 (shared 2-core machine):
+#   1. from scratch, batch statistics in batch norm, clipped gradients -> runs/guide/lr1.best.pt
+#   2. batch norm frozen on running statistics recalibrated over 20 training batches (trained
+#      as it runs at inference) -> runs/guide/lr2.best.pt
+set -e
+cd "$(dirname "$0")/.."
+mkdir -p runs/guide
+PY=".venv/bin/python -m napari_cscfusion.training.cli train mmf --geometry low_res"
+if [ "${STAGE:-1}" = 1 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr1.pt \
+    --epochs 20 --batch-size 16 --crop 64 --lr 1e-3 --schedule cosine --warmup-steps 10 \
+    --max-grad-norm 1 --code-channels 32 --num-dcus 3 --nonnegative-thresholds --seed 0 \
+    --threads 1 --no-progress "$@"
+fi
+OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr2.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
+  --freeze-bn --recalibrate-bn 20 --epochs 25 --batch-size 16 --crop 64 --lr 5e-4 \
+  --schedule cosine --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds --seed 1 \
+  --threads 1 --no-progress "$@"
