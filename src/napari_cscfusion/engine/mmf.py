@@ -29,7 +29,6 @@ from .lazy import (
     outcome,
     planes_graph,
 )
-from .mmf_lowres import LowResMMFKernel
 from .planes import plane_indices
 from .registry import FusionModel, resolve_model
 from .resample import (
@@ -187,6 +186,8 @@ def mmf_kernel(net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
     """The tile kernel of ``net``'s geometry: MMFKernel (the authors'), or LowResMMFKernel
     (low_res; exact path only: the fast form is written for the authors' geometry)."""
     if getattr(net, "geometry", "authors") == "low_res":
+        from .mmf_lowres import LowResMMFKernel  # (it subclasses MMFKernel)
+
         dtype = precision_dtype(precision)
         return LowResMMFKernel(folded("mmf", net, dtype, compile), lr_shape, hr_shape, device,
                                dtype, net.lr_channels, net.hparams["code_channels"],
@@ -303,6 +304,9 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     1e-3 tolerance (benchmarks/README.md, issue 18). Dask runs take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
+    Weights of the low_res geometry (``hparams['geometry']`` in their header; models/mmfn.py)
+    take ``low_res`` as it is and run the exact path (tiles: ``mmf_lowres.LowResMMFKernel``);
+    their low-resolution codes are at the input's resolution.
     progress(done, total) is called after every tile and may raise Cancelled.
 
     Dask: dask inputs (or ``client``/``scheduler``, as in fuse_infrared_visible) give a lazy

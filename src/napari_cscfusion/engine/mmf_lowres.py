@@ -2,9 +2,10 @@
 resolution, the guide's codes area-averaged to it, the guided filter's coefficients fitted
 there and upsampled with half-pixel centres, plus the bicubic upsampling of the input.
 
-``LowResMMFKernel`` is MMFKernel's protocol (tiling.py, lazy.py, ``guided_in_parts``) for that
-geometry: per output tile it crops both inputs with just the context its pixels need and
-resamples at whole-image coordinates, so tiles agree with the whole-image forward."""
+``LowResMMFKernel`` is an MMFKernel (tiling.py's protocol, lazy.py, ``guided_in_parts``) for
+that geometry: its own windows and per-tile arithmetic; per output tile it crops both inputs
+with just the context its pixels need and resamples at whole-image coordinates, so tiles agree
+with the whole-image forward."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from ..models.mmfn import guided_coefficients
+from .mmf import MMFKernel
 from .resample import bicubic_span, bicubic_window, interp_axis
 from .tiling import Box, to_device, to_numpy
 
@@ -49,17 +51,17 @@ def area_matrix(low: tuple[int, int], n_low: int, n_high: int, offset: int,
     return m
 
 
-class LowResMMFKernel:
+class LowResMMFKernel(MMFKernel):
     """CSC-MMFN (low_res geometry) on one high-resolution tile; ``net`` is the folded network
     (``models.folded``: encoders, ``decode_codes``, ``radius_``, ``eps``) of a CSCMMFN whose
     ``geometry`` is 'low_res'. Tiles are cut in the guide's (output) coordinates."""
 
-    task = "mmf"
-    needs_stats = False
     path = "exact"
+    fast = False
 
     def __init__(self, net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
                  device: torch.device, dtype: torch.dtype | None, c: int, q: int, g_c: int):
+        # not MMFKernel.__init__: that prepares the authors' geometry (fast form, halo)
         self.net, self.dtype, self.c = net, dtype, c
         self.r_lr, self.r_g = net.lr_encoder.radius, net.guide_encoder.radius
         self.lr_shape, self.hr_shape, self.device = tuple(lr_shape), tuple(hr_shape), device
@@ -68,15 +70,6 @@ class LowResMMFKernel:
         # context in output pixels (for the tile-size estimate only; crops are exact)
         self.halo = int(np.ceil((self.r_lr + self.box + 2) * scale)) + self.r_g + 2
         self.bytes_per_pixel = 4 * (q * 4 + g_c + 2 * c) + 4 * (q * 6 + 2 * c) / (scale * scale)
-
-    def preferred_tile(self, device: torch.device) -> int | None:
-        return None
-
-    def outputs(self) -> dict[str, int]:
-        return {"image": self.c}
-
-    def steps(self, shape, core) -> int:
-        return 1
 
     def windows(self, core: Box) -> dict[int, tuple[tuple[int, int], ...]]:
         """Per axis (y then x), global: D (core +- 1, the decoder's context), the low-res box
@@ -97,13 +90,6 @@ class LowResMMFKernel:
             gcrop = (max(0, gall[0] - self.r_g), min(n_hr, gall[1] + self.r_g))
             out[ax] = (d, lbox, lcrop, gcrop)
         return out
-
-    def crop(self, x, t):
-        lr, guide = x
-        win = self.windows(t.core)
-        (_, _, ly, gy), (_, _, lx, gx) = win[0], win[1]
-        return ((lr[:, ly[0]:ly[1], lx[0]:lx[1]], guide[:, gy[0]:gy[1], gx[0]:gx[1]], t.core),
-                t.core)
 
     def __call__(self, crop, core: Box, stats=None, tick=None) -> dict[str, np.ndarray]:
         lr_np, g_np, core = crop
@@ -142,11 +128,3 @@ class LowResMMFKernel:
         if tick is not None:
             tick()
         return {"image": image}
-
-    def plane_shape(self, x) -> tuple[int, int]:
-        return self.hr_shape
-
-    def in_parts(self, crop, core: Box) -> dict[str, np.ndarray]:
-        from .mmf import guided_in_parts
-
-        return {"image": guided_in_parts(self, crop)}
