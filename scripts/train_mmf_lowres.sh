@@ -11,6 +11,9 @@
 #      as it runs at inference), INIT= a stage-1 file, EPOCHS= (default 15)
 #      -> runs/guide/lr2.best.pt (2026-12-06, from stage 1's best file at the time, epoch 11:
 #      stopped after 8 epochs at 28.79-28.83 dB, not above stage 1)
+#   3. continuation of stage 1 (INIT=, default runs/guide/lr1.best.pt), batch statistics, a
+#      fresh cosine from 3e-4 over 20 epochs -> runs/guide/lr3.best.pt (2026-12-06: stopped
+#      after 3 epochs at 28.80-28.81 dB, to leave the CPU to benchmarks/mmf_ceiling.py)
 set -e
 cd "$(dirname "$0")/.."
 mkdir -p runs/guide
@@ -20,6 +23,11 @@ if [ "${STAGE:-1}" = 1 ]; then
     --epochs 20 --batch-size 16 --crop 64 --lr 1e-3 --schedule cosine --warmup-steps 10 \
     --max-grad-norm 1 --code-channels 32 --num-dcus 3 --nonnegative-thresholds --seed 0 \
     --threads 1 --no-progress "$@"
+fi
+if [ "${STAGE:-1}" = 3 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr3.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
+    --epochs 20 --batch-size 16 --crop 64 --lr 3e-4 --schedule cosine --warmup-steps 10 \
+    --max-grad-norm 1 --nonnegative-thresholds --seed 3 --threads 1 --no-progress "$@"
 fi
 OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr2.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
   --freeze-bn --recalibrate-bn 20 --epochs ${EPOCHS:-15} --batch-size 16 --crop 64 --lr 5e-4 \
