@@ -140,3 +140,22 @@ def test_train_low_res_geometry_writes_it_and_feeds_plain_low_res_crops(tmp_path
         train("mmf", tmp_path / "x.pt", epochs=1, steps_per_epoch=1, batch_size=2, crop=24, lr=1e-3,
               hparams={"code_channels": 8, "num_dcus": 1, "geometry": "low_res"},
               progress=False, device="cpu")
+
+
+def test_cli_runs_low_res_weights_as_the_api_does(tmp_path):
+    import tifffile
+
+    from napari_cscfusion.cli import main
+
+    model = _saved(_low_res_net(), tmp_path / "low.pt")
+    guide = (_scene(48, 64, 3) * 255).astype(np.uint8)
+    lr = cv2.resize(guide, (21, 16), interpolation=cv2.INTER_AREA)  # x3 by 64/21
+    cv2.imwrite(str(tmp_path / "lr.png"), lr)
+    cv2.imwrite(str(tmp_path / "guide.png"), guide)
+    out = tmp_path / "sr.tif"
+    assert main(["fuse", "mmf", str(tmp_path / "lr.png"), str(tmp_path / "guide.png"), "-o",
+                 str(out), "--weights", str(tmp_path / "low.pt"), "--device", "cpu", "-q"]) == 0
+    got = tifffile.imread(out)
+    ref = fuse_guided(lr, guide, model, device="cpu").image
+    assert got.shape == (48, 64)
+    assert np.abs(got.astype(np.float32) - ref).max() < 1e-6
