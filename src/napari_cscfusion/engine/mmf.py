@@ -180,6 +180,22 @@ class MMFKernel:
         return {"image": guided_in_parts(self, crop)}
 
 
+def mmf_kernel(net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
+               device: torch.device, precision: str | None = None, compile: bool = False,
+               exact: bool = True):
+    """The tile kernel of ``net``'s geometry: MMFKernel (the authors'), or LowResMMFKernel
+    (low_res; exact path only: the fast form is written for the authors' geometry)."""
+    if getattr(net, "geometry", "authors") == "low_res":
+        from .mmf_lowres import LowResMMFKernel  # (it subclasses MMFKernel)
+
+        dtype = precision_dtype(precision)
+        return LowResMMFKernel(folded("mmf", net, dtype, compile), lr_shape, hr_shape, device,
+                               dtype, net.lr_channels, net.hparams["code_channels"],
+                               net.guide_channels)
+    return MMFKernel(net, lr_shape, hr_shape, device, precision=precision, compile=compile,
+                     exact=exact)
+
+
 def guided_in_parts(kernel: MMFKernel, crop) -> np.ndarray:
     """The MMF image of a crop (low-res crop, guide crop, core in output coordinates). If it
     runs out of memory the core is fused in quarters (then smaller, down to ``MIN_TILE``),
@@ -288,6 +304,9 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     1e-3 tolerance (benchmarks/README.md, issue 18). Dask runs take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
+    Weights of the low_res geometry (``hparams['geometry']`` in their header; models/mmfn.py)
+    take ``low_res`` as it is and run the exact path (tiles: ``mmf_lowres.LowResMMFKernel``);
+    their low-resolution codes are at the input's resolution.
     progress(done, total) is called after every tile and may raise Cancelled.
 
     Dask: dask inputs (or ``client``/``scheduler``, as in fuse_infrared_visible) give a lazy
@@ -320,6 +339,8 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         raise ValueError(f"low_res: this {model.name} model expects {net_c} channel(s), got {c} "
                          f"(shape {lr_shape})")
     lr_input = model.info.get("header", {}).get("training", {}).get("lr_input")
+    if getattr(model.network, "geometry", "authors") == "low_res":
+        exact = True  # the fast form is written for the authors' geometry only
     if lr_input not in (None, "native", "bicubic"):
         raise ValueError(f"model: low-res input preparation {lr_input!r} (recorded in "
                          f"{model.weights_label}) is not supported for inference; train with "
@@ -383,9 +404,9 @@ def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.
     def attempt(d: torch.device) -> tuple[np.ndarray, dict]:
         net = model.network_on(d)
         fast = use_fast_path(net, exact)
-        kernel = MMFKernel(net, (h_in, w_in), (H, W), d, precision=precision,
-                           compile=auto_compile("mmf", fast, d) if compile is None
-                           else compile, exact=exact)
+        kernel = mmf_kernel(net, (h_in, w_in), (H, W), d, precision=precision,
+                            compile=auto_compile("mmf", fast, d) if compile is None
+                            else compile, exact=exact)
         side = resolve_tile(tile, (H, W), kernel, d, held=result_bytes(kernel, (H, W)))
         if codes or (side is None and precision in (None, "fp32")):
             # One pass through the whole image: on the exact path the network's own forward,
@@ -451,8 +472,8 @@ def fuse_guided_lazy(low_res, guide, model, device, prepare_guide, *, bicubic: b
     note_g, *spec_g = norm_spec(g, "guide")
     net = model.network_on(device)
     # the path of an in-memory tiled run (uncompiled), so that both give the same values
-    kernel = MMFKernel(net, (H, W) if bicubic else (h, w), (H, W), device, precision=precision,
-                       exact=exact)
+    kernel = mmf_kernel(net, (H, W) if bicubic else (h, w), (H, W), device, precision=precision,
+                        exact=exact)
 
     def crop_of(idx, t):
         win = kernel.windows(t.core)

@@ -18,6 +18,7 @@ from .._version import __version__
 from .ivfn import CSCIVFN
 from .mefn import CSCMEFN
 from .mmfn import CSCMMFN
+from .mmfn import GEOMETRIES as MMF_GEOMETRIES
 
 FORMAT_NAME = "napari-cscfusion"
 FORMAT_VERSION = 1
@@ -294,6 +295,14 @@ def load_network(task: str, path: str | Path) -> tuple[nn.Module, dict]:
             from None
     except IndexError:  # e.g. a 0-d tensor where a convolution weight belongs
         raise CheckpointError(f"{source} holds tensors of the wrong rank for {task!r}") from None
+    if task == "mmf":  # the geometry is no tensor: from the header (absent: the authors')
+        geometry = ((info.get("header") or {}).get("hparams") or {}).get("geometry")
+        if geometry is not None:
+            if geometry not in MMF_GEOMETRIES:
+                raise CheckpointError(f"{source} records the CSC-MMFN geometry {geometry!r}; "
+                                      f"expected one of {MMF_GEOMETRIES}")
+            if geometry != "authors":
+                hparams["geometry"] = geometry
     net = build_network(task, hparams)
     load_state_strict(net, sd, source)
     if task == "mef":  # a fusion-rule setting of our weights, not a tensor: from the header

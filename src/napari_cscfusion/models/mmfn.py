@@ -1,6 +1,19 @@
 """CSC-MMFN: guided super-resolution of a low-resolution modality by a high-resolution guide.
 Two CSC backbones code each input; a fast guided filter transfers the guide's codes to the
-low-resolution content; a decoder adds the result to the bilinear upsampling of the input."""
+low-resolution content; a decoder adds the result to the bilinear upsampling of the input.
+
+Two geometries (``hparams["geometry"]``, recorded in the weights file's header):
+
+* ``"authors"`` (the default; the authors' checkpoint and every file without the field): codes
+  resampled bilinearly with align_corners=True, guided-filter means by cumulative sums, base =
+  the align_corners bilinear upsampling of the input, exactly as the authors wrote it.
+* ``"low_res"``: for a real low-res image, whose pixel i covers the high-res span
+  [i·H/h, (i+1)·H/h): the guide's codes are area-averaged over each low-res pixel's span
+  (``adaptive_avg_pool2d``), the guided-filter coefficients are fitted there over
+  (2r+1)² low-res pixels (window means with exact border counts) and upsampled bilinearly
+  with half-pixel centres, and the base is the bicubic upsampling of the input (half-pixel
+  centres, Keys a = -0.75, as cv2.INTER_CUBIC). The input comes in at its own resolution.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +23,36 @@ from torch import nn
 
 from .csc import CSCEncoder, ReflectConv2d, code_activation
 
+GEOMETRIES = ("authors", "low_res")
+
 
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def upsample_half_pixel(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def upsample_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+
+def window_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean over (2r+1)^2 windows clipped at the border (exact border counts), summed window
+    by window: unlike cumulative sums, a crop rounds as the whole image does."""
+    return F.avg_pool2d(x, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
+
+
+def guided_coefficients(lr_guide: torch.Tensor, lr_target: torch.Tensor, radius: int,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guided filter's local-linear coefficients (a, b) at the low resolution
+    (``window_mean`` means; the low_res geometry)."""
+    mean_x, mean_y = window_mean(lr_guide, radius), window_mean(lr_target, radius)
+    cov_xy = window_mean(lr_guide * lr_target, radius) - mean_x * mean_y
+    var_x = window_mean(lr_guide * lr_guide, radius) - mean_x * mean_x
+    a = cov_xy / (var_x + eps)
+    return a, mean_y - a * mean_x
 
 
 def box_sum(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -54,12 +94,17 @@ def fast_guided_filter(
 
 class CSCMMFN(nn.Module):
     def __init__(self, lr_channels: int = 31, guide_channels: int = 3, code_channels: int = 256,
-                 num_dcus: int = 3, radius: int = 1, eps: float = 1e-4):
+                 num_dcus: int = 3, radius: int = 1, eps: float = 1e-4,
+                 geometry: str = "authors"):
         super().__init__()
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
         self.hparams = {"lr_channels": lr_channels, "guide_channels": guide_channels,
                         "code_channels": code_channels, "num_dcus": num_dcus,
                         "radius": radius, "eps": eps}
-        self.radius, self.eps = radius, eps
+        if geometry != "authors":  # files of the authors' geometry keep their hparams as they were
+            self.hparams["geometry"] = geometry
+        self.radius, self.eps, self.geometry = radius, eps, geometry
 
         def backbone(c: int) -> CSCEncoder:
             return CSCEncoder(c, code_channels, num_dcus, "sst", stem=True, stem_norm=False,
@@ -81,13 +126,21 @@ class CSCMMFN(nn.Module):
         """Codes of both inputs and the fused high-resolution codes."""
         z_guide = self.guide_encoder(guide)
         z_lr = self.lr_encoder(lr)
+        if self.geometry == "low_res":
+            z_guide_low = F.adaptive_avg_pool2d(z_guide, lr.shape[-2:])
+            a, b = guided_coefficients(z_guide_low, z_lr, self.radius, self.eps)
+            size = z_guide.shape[-2:]
+            z_fused = upsample_half_pixel(a, size) * z_guide + upsample_half_pixel(b, size)
+            return {"guide": z_guide, "low_res": z_lr, "fused": z_fused}
         z_guide_low = upsample(z_guide, lr.shape[-2:])
         z_fused = fast_guided_filter(z_guide_low, z_lr, z_guide, self.radius, self.eps)
         return {"guide": z_guide, "low_res": z_lr, "fused": z_fused}
 
     def decode(self, z_fused: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         # The authors upsample to (H, H), which breaks non-square images: use (H, W).
-        return self.decoder(z_fused) + upsample(lr, z_fused.shape[-2:])
+        base = (upsample_bicubic if self.geometry == "low_res" else upsample)(
+            lr, z_fused.shape[-2:])
+        return self.decoder(z_fused) + base
 
     def forward(self, lr: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         """lr [N,c,h,w], guide [N,g,H,W] in [0,1] -> [N,c,H,W] (unclamped: training output)."""

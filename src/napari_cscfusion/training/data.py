@@ -409,7 +409,7 @@ def align_lr_for_mmfn(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-MMF_LR_INPUTS = ("bicubic", "align")
+MMF_LR_INPUTS = ("bicubic", "align", "native")
 
 
 def prepare_mmf_lr(lr: np.ndarray, size: tuple[int, int], mode: str = "bicubic") -> np.ndarray:
@@ -417,9 +417,12 @@ def prepare_mmf_lr(lr: np.ndarray, size: tuple[int, int], mode: str = "bicubic")
 
     'bicubic': lr upsampled to (H, W) with cv2.INTER_CUBIC, so the network's own upsampling is
     the identity and it learns a guided residual over bicubic interpolation (the shipped
-    weights); 'align': ``align_lr_for_mmfn`` (kept at low resolution). The checkpoint header
-    records the mode under ``training['lr_input']``; inference must prepare lr the same way.
+    weights); 'align': ``align_lr_for_mmfn`` (kept at low resolution); 'native': lr as it is
+    (the low_res geometry of CSC-MMFN, which resamples itself). The checkpoint header records
+    the mode under ``training['lr_input']``; inference must prepare lr the same way.
     """
+    if mode == "native":
+        return np.asarray(lr, np.float32)
     if mode == "bicubic":
         h, w = size
         return np.clip(cv2.resize(np.asarray(lr, np.float32), (w, h),

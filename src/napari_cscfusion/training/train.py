@@ -260,7 +260,8 @@ def _centre(img: np.ndarray, size: int) -> np.ndarray:
 class Validator:
     """A fixed validation set for ``task`` and a score (higher is better)."""
 
-    def __init__(self, task: str, data_root, seed: int = 0, max_items: int | None = None):
+    def __init__(self, task: str, data_root, seed: int = 0, max_items: int | None = None,
+                 lr_input: str = "bicubic"):
         self.task = task
         if task == "ivf":
             pairs = D.flir_pairs(data_root, "val")
@@ -273,7 +274,7 @@ class Validator:
             self.guides = torch.from_numpy(np.stack(
                 [_centre(D.read_grey(b), 96) for _, b in pairs])[:, None])
             self.lrs = {s: torch.from_numpy(np.stack(
-                [D.prepare_mmf_lr(D.area_downsample(t[0].numpy(), s), t.shape[-2:])
+                [D.prepare_mmf_lr(D.area_downsample(t[0].numpy(), s), t.shape[-2:], lr_input)
                  for t in self.targets])[:, None]) for s in (2, 3, 4)}
         else:
             # Fixed whatever the training options: short and long brackets (up to 16 exposures,
@@ -530,6 +531,18 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
             # randomly initialised residual otherwise costs more than it ever recovers.
             with torch.no_grad():
                 net.decoder.weight.zero_()
+    if task == "mmf":
+        geometry = (hparams or {}).get("geometry")
+        if init_info is not None and geometry is not None and geometry != net.geometry:
+            # the starting weights' tensors in another geometry (no tensor depends on it)
+            net.geometry = geometry
+            net.hparams.pop("geometry", None)
+            if geometry != "authors":
+                net.hparams["geometry"] = geometry
+        wanted = "native" if net.geometry == "low_res" else None
+        if wanted and src.lr_input != wanted or not wanted and src.lr_input == "native":
+            raise ValueError(f"mmf: the {net.geometry!r} geometry needs lr_input "
+                             f"{wanted or 'bicubic'!r}, got {src.lr_input!r}")
     if task == "mef":
         # None: fine-tuning keeps the starting weights' fusion rule (load_network set it)
         if exposure_prior_sigma is not None:
@@ -565,7 +578,9 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     elif side["log"].exists():
         side["log"].unlink()
 
-    validator = Validator(task, root, seed, val_items) if validate else None
+    validator = Validator(task, root, seed, val_items,
+                          **({"lr_input": src.lr_input} if task == "mmf" else {})) \
+        if validate else None
     hp = dict(getattr(net, "hparams", {}))
 
     val_sparsity = None

@@ -1,0 +1,35 @@
+#!/bin/sh
+# CSC-MMFN in the low_res geometry (issue 17 item 4, "a guide that matters"; models/mmfn.py):
+# the low-res IR comes in at its own resolution, the guide's codes are area-averaged to it,
+# the guided filter's coefficients are fitted there and upsampled (half-pixel), base = bicubic.
+# 1-channel IR + 1-channel visible guide, 32 code channels, 3 DCUs, flir_train only.
+# Stages (STAGE=1, then STAGE=2), 1 thread at nice 19 (shared 2-core machine):
+#   1. from scratch, batch statistics in batch norm, clipped gradients, 20 epochs of 20 steps
+#      -> runs/guide/lr1.best.pt (2026-12-06: epoch 20, validation 28.83 dB, 41 min wall;
+#      sha256 da427520...; see weights/README.md "A guide that matters")
+#   2. batch norm frozen on running statistics recalibrated over 20 training batches (trained
+#      as it runs at inference), INIT= a stage-1 file, EPOCHS= (default 15)
+#      -> runs/guide/lr2.best.pt (2026-12-06, from stage 1's best file at the time, epoch 11:
+#      stopped after 8 epochs at 28.79-28.83 dB, not above stage 1)
+#   3. continuation of stage 1 (INIT=, default runs/guide/lr1.best.pt), batch statistics, a
+#      fresh cosine from 3e-4 over 20 epochs -> runs/guide/lr3.best.pt (2026-12-06: stopped
+#      after 3 epochs at 28.80-28.81 dB, to leave the CPU to benchmarks/mmf_ceiling.py)
+set -e
+cd "$(dirname "$0")/.."
+mkdir -p runs/guide
+PY=".venv/bin/python -m napari_cscfusion.training.cli train mmf --geometry low_res"
+if [ "${STAGE:-1}" = 1 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr1.pt \
+    --epochs 20 --batch-size 16 --crop 64 --lr 1e-3 --schedule cosine --warmup-steps 10 \
+    --max-grad-norm 1 --code-channels 32 --num-dcus 3 --nonnegative-thresholds --seed 0 \
+    --threads 1 --no-progress "$@"
+fi
+if [ "${STAGE:-1}" = 3 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr3.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
+    --epochs 20 --batch-size 16 --crop 64 --lr 3e-4 --schedule cosine --warmup-steps 10 \
+    --max-grad-norm 1 --nonnegative-thresholds --seed 3 --threads 1 --no-progress "$@"
+fi
+OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr2.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
+  --freeze-bn --recalibrate-bn 20 --epochs ${EPOCHS:-15} --batch-size 16 --crop 64 --lr 5e-4 \
+  --schedule cosine --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds --seed 1 \
+  --threads 1 --no-progress "$@"

@@ -1,0 +1,130 @@
+"""Tiles of CSC-MMFN's low_res geometry (models/mmfn.py): the low-res input at its own
+resolution, the guide's codes area-averaged to it, the guided filter's coefficients fitted
+there and upsampled with half-pixel centres, plus the bicubic upsampling of the input.
+
+``LowResMMFKernel`` is an MMFKernel (tiling.py's protocol, lazy.py, ``guided_in_parts``) for
+that geometry: its own windows and per-tile arithmetic; per output tile it crops both inputs
+with just the context its pixels need and resamples at whole-image coordinates, so tiles agree
+with the whole-image forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..models.mmfn import guided_coefficients
+from .mmf import MMFKernel
+from .resample import bicubic_span, bicubic_window, interp_axis
+from .tiling import Box, to_device, to_numpy
+
+
+def half_pixel_positions(out_range: range, n_in: int, n_out: int,
+                         device: torch.device) -> torch.Tensor:
+    """Source coordinates (float32, as PyTorch computes them) of output indices
+    ``out_range`` for a bilinear resize with half-pixel centres (align_corners=False) from
+    n_in to n_out: (i + 0.5) n_in / n_out - 0.5, clamped at 0."""
+    scale = float(np.float32(n_in) / np.float32(n_out))
+    idx = torch.arange(out_range.start, out_range.stop, dtype=torch.float32, device=device)
+    return torch.clamp((idx + 0.5) * scale - 0.5, min=0.0)
+
+
+def half_pixel_span(lo: int, hi: int, n_in: int, n_out: int) -> tuple[int, int]:
+    """Source indices [a, b) that output indices [lo, hi) of that resize read."""
+    pos = half_pixel_positions(range(lo, hi), n_in, n_out, torch.device("cpu"))
+    i0 = torch.clamp(torch.floor(pos).long(), max=n_in - 1)
+    return int(i0.min()), min(n_in, int(i0.max()) + 2)
+
+
+def area_bounds(i: int, n_low: int, n_high: int) -> tuple[int, int]:
+    """High-res indices [a, b) that low-res index i averages (``adaptive_avg_pool2d``'s)."""
+    return (i * n_high) // n_low, -((-(i + 1) * n_high) // n_low)
+
+
+def area_matrix(low: tuple[int, int], n_low: int, n_high: int, offset: int,
+                n_crop: int) -> torch.Tensor:
+    """(low rows, crop rows) averaging matrix of low-res indices [low[0], low[1]) over a crop
+    of the high-res axis starting at ``offset``."""
+    m = torch.zeros(low[1] - low[0], n_crop, dtype=torch.float64)
+    for k, i in enumerate(range(*low)):
+        a, b = area_bounds(i, n_low, n_high)
+        m[k, a - offset:b - offset] = 1.0 / (b - a)
+    return m
+
+
+class LowResMMFKernel(MMFKernel):
+    """CSC-MMFN (low_res geometry) on one high-resolution tile; ``net`` is the folded network
+    (``models.folded``: encoders, ``decode_codes``, ``radius_``, ``eps``) of a CSCMMFN whose
+    ``geometry`` is 'low_res'. Tiles are cut in the guide's (output) coordinates."""
+
+    path = "exact"
+    fast = False
+
+    def __init__(self, net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
+                 device: torch.device, dtype: torch.dtype | None, c: int, q: int, g_c: int):
+        # not MMFKernel.__init__: that prepares the authors' geometry (fast form, halo)
+        self.net, self.dtype, self.c = net, dtype, c
+        self.r_lr, self.r_g = net.lr_encoder.radius, net.guide_encoder.radius
+        self.lr_shape, self.hr_shape, self.device = tuple(lr_shape), tuple(hr_shape), device
+        self.box = net.radius_
+        scale = max(hr_shape[0] / lr_shape[0], hr_shape[1] / lr_shape[1])
+        # context in output pixels (for the tile-size estimate only; crops are exact)
+        self.halo = int(np.ceil((self.r_lr + self.box + 2) * scale)) + self.r_g + 2
+        self.bytes_per_pixel = 4 * (q * 4 + g_c + 2 * c) + 4 * (q * 6 + 2 * c) / (scale * scale)
+
+    def windows(self, core: Box) -> dict[int, tuple[tuple[int, int], ...]]:
+        """Per axis (y then x), global: D (core +- 1, the decoder's context), the low-res box
+        window (the coefficients D reads, grown by the box radius), the low-res crop (that
+        window plus the encoder's context, and the bicubic base's taps of the core) and the
+        guide crop (D and the rows the box window averages, plus the encoder's context)."""
+        out = {}
+        for ax, (lo, hi) in enumerate(((core[0], core[1]), (core[2], core[3]))):
+            n_lr, n_hr = self.lr_shape[ax], self.hr_shape[ax]
+            d = (max(0, lo - 1), min(n_hr, hi + 1))
+            la = half_pixel_span(d[0], d[1], n_lr, n_hr)
+            lbox = (max(0, la[0] - self.box), min(n_lr, la[1] + self.box))
+            bic = bicubic_span(lo, hi, n_lr, n_hr)
+            lcrop = (max(0, min(lbox[0] - self.r_lr, bic[0])),
+                     min(n_lr, max(lbox[1] + self.r_lr, bic[1])))
+            gneed = (area_bounds(lbox[0], n_lr, n_hr)[0], area_bounds(lbox[1] - 1, n_lr, n_hr)[1])
+            gall = (min(gneed[0], d[0]), max(gneed[1], d[1]))
+            gcrop = (max(0, gall[0] - self.r_g), min(n_hr, gall[1] + self.r_g))
+            out[ax] = (d, lbox, lcrop, gcrop)
+        return out
+
+    def __call__(self, crop, core: Box, stats=None, tick=None) -> dict[str, np.ndarray]:
+        lr_np, g_np, core = crop
+        (dy, lby, lcy, gcy), (dx, lbx, lcx, gcx) = self.windows(core).values()
+        dev, dt = self.device, self.dtype
+        (h, w), (H, W) = self.lr_shape, self.hr_shape
+        with torch.inference_mode():
+            # half precision for the networks only; the guided filter in float32 (or fp64)
+            work = torch.float64 if dt == torch.float64 else torch.float32
+            lr = to_device(lr_np, dev, work)[None]
+            g = to_device(g_np, dev, dt)[None]
+            z_gc = self.net.guide_encoder(g).to(work)  # guide crop codes
+            z_lc = self.net.lr_encoder(lr.to(dt) if dt else lr).to(work)
+            z_l = z_lc[..., lby[0] - lcy[0]:lby[1] - lcy[0], lbx[0] - lcx[0]:lbx[1] - lcx[0]]
+            # the guide's codes averaged over each low-res pixel of the box window
+            my = area_matrix(lby, h, H, gcy[0], z_gc.shape[-2]).to(dev, work)
+            mx = area_matrix(lbx, w, W, gcx[0], z_gc.shape[-1]).to(dev, work)
+            z_g = torch.matmul(torch.matmul(my, z_gc), mx.T)
+            # window means clipped at the crop: right on the rows the coefficients are read
+            # at (the box window is grown by the radius), as in the whole image
+            a, b = guided_coefficients(z_g, z_l, self.box, self.net.eps)
+            qy = half_pixel_positions(range(*dy), h, H, dev)
+            qx = half_pixel_positions(range(*dx), w, W, dev)
+
+            def up(t):
+                return interp_axis(interp_axis(t, 3, qx, lbx[0], w), 2, qy, lby[0], h)
+
+            z_G = z_gc[..., dy[0] - gcy[0]:dy[1] - gcy[0], dx[0] - gcx[0]:dx[1] - gcx[0]]
+            z_f = up(a) * z_G + up(b)
+            dec = self.net.decode_codes(z_f.to(dt) if dt else z_f).to(work)
+            cy = slice(core[0] - dy[0], core[1] - dy[0])
+            cx = slice(core[2] - dx[0], core[3] - dx[0])
+            base = bicubic_window(lr_np, (lcy[0], lcx[0]), (h, w), (H, W), core)
+            out = dec[0, :, cy, cx] + to_device(base, dev, work)
+            image = to_numpy(out.clamp(0.0, 1.0))
+        if tick is not None:
+            tick()
+        return {"image": image}

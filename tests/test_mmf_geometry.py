@@ -1,0 +1,161 @@
+"""CSC-MMFN's low_res geometry (issue 17 item 4): recorded in the weights header, absent for
+the authors' and older files (which run as before); the engine's tiles equal the whole-image
+forward; trained by ``train mmf --geometry low_res`` on the plain low-res crops."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from napari_cscfusion.engine import fuse_guided
+from napari_cscfusion.engine.registry import load_model, packaged_weights_path
+from napari_cscfusion.models import load_network, save_checkpoint
+from napari_cscfusion.models.checkpoints import CheckpointError
+from napari_cscfusion.models.mmfn import CSCMMFN
+
+from ._shared import CKPT, DATA, missing
+
+
+def _low_res_net(lr_channels=1, guide_channels=1, seed=0) -> CSCMMFN:
+    torch.manual_seed(seed)
+    net = CSCMMFN(lr_channels, guide_channels, code_channels=8, num_dcus=2,
+                  geometry="low_res").eval()
+    with torch.no_grad():  # visible residuals, codes with structure (not all thresholded)
+        net.decoder.weight.mul_(5)
+    return net
+
+
+def _saved(net, path):
+    save_checkpoint(net, path, "mmf", {"lr_input": "native"})
+    return load_model("mmf", path)
+
+
+def _scene(h, w, seed=0):
+    """A smooth random image with edges, float32 in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    img = cv2.resize(rng.random((h // 6 + 2, w // 6 + 2)).astype(np.float32), (w, h),
+                     interpolation=cv2.INTER_CUBIC)
+    img[h // 3:, w // 2:] += 0.4
+    return np.clip(img / img.max(), 0, 1).astype(np.float32)
+
+
+def test_geometry_is_a_header_field_and_older_files_keep_the_authors(tmp_path):
+    model = _saved(_low_res_net(), tmp_path / "low.pt")
+    assert model.network.geometry == "low_res"
+    assert model.info["header"]["hparams"]["geometry"] == "low_res"
+    packaged, _ = load_network("mmf", packaged_weights_path("mmf"))
+    assert packaged.geometry == "authors" and "geometry" not in packaged.hparams
+    authors = CKPT / "csc_mmfn_authors.pth"
+    if authors.is_file():
+        net, info = load_network("mmf", authors)
+        assert net.geometry == "authors" and "geometry" not in info["hparams"]
+    raw = torch.load(tmp_path / "low.pt", weights_only=True)
+    raw["hparams"]["geometry"] = "sideways"
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="geometry 'sideways'"):
+        load_network("mmf", tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="geometry"):
+        CSCMMFN(1, 1, 8, 1, geometry="sideways")
+
+
+def test_low_res_base_is_bicubic_of_the_low_res_input():
+    """With a zero decoder the output is the bicubic upsampling of the low-res input, with
+    half-pixel centres as cv2.INTER_CUBIC (the baseline the benchmarks compare with): the
+    low-res pixels sit where area downsampling put them."""
+    net = _low_res_net()
+    with torch.no_grad():
+        net.decoder.weight.zero_()
+    target = _scene(60, 84)
+    for s in (2, 3, 4):
+        lr = cv2.resize(target, (84 // s, 60 // s), interpolation=cv2.INTER_AREA)
+        with torch.no_grad():
+            out = net(torch.from_numpy(lr)[None, None], torch.from_numpy(target)[None, None])
+        ref = cv2.resize(lr, (84, 60), interpolation=cv2.INTER_CUBIC)
+        assert np.abs(out[0, 0].numpy() - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("channels", [(1, 1), (3, 3)])
+def test_low_res_tiles_equal_the_whole_image(channels, tmp_path):
+    c, g_c = channels
+    model = _saved(_low_res_net(c, g_c), tmp_path / "low.pt")
+    guide = _scene(61, 77, 1)
+    guide_in = guide if g_c == 1 else np.stack([guide, guide ** 2, 1 - guide], -1)
+    for size in ((30, 38), (20, 25), (23, 31)):  # x2 (rounded), ~x3, non-integer x2.65/2.48
+        lr = cv2.resize(guide, size[::-1], interpolation=cv2.INTER_AREA)
+        lr = lr if c == 1 else np.stack([lr, lr ** 0.5, 1 - lr])
+        w64 = fuse_guided(lr, guide_in, model, device="cpu", tile=0, precision="fp64").image
+        t64 = fuse_guided(lr, guide_in, model, device="cpu", tile=17, precision="fp64").image
+        assert np.abs(t64 - w64).max() < 1e-9  # every crop window exact
+        whole = fuse_guided(lr, guide_in, model, device="cpu", tile=0)
+        tiled = fuse_guided(lr, guide_in, model, device="cpu", tile=17).image
+        assert whole.metadata["path"] == "exact"
+        # float32: window means and area averages of another crop round differently; the
+        # 5x decoder amplifies that (a trained file: ~5e-6 on a FLIR crop)
+        assert np.abs(tiled - whole.image).max() < 1e-4
+        assert np.abs(whole.image - w64).max() < 1e-3  # the forward's own fp32 rounding
+        with torch.inference_mode():
+            g_t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(guide_in, -1, 0)
+                                                        if g_c == 3 else guide_in[None]))
+            ref = model.network(torch.from_numpy(lr if c > 1 else lr[None])[None],
+                                g_t[None]).clamp(0, 1)[0]
+        assert np.abs(whole.image - (ref.numpy() if c > 1 else ref[0].numpy())).max() < 1e-6
+        if c == 1:  # the guided residual is there: not just the bicubic base
+            base = cv2.resize(lr, guide.shape[::-1], interpolation=cv2.INTER_CUBIC)
+            assert np.abs(whole.image - np.clip(base, 0, 1)).max() > 1e-2
+
+
+def test_low_res_lazy_equals_in_memory_tiles(tmp_path):
+    da = pytest.importorskip("dask.array")
+    model = _saved(_low_res_net(), tmp_path / "low.pt")
+    guide = _scene(64, 80, 2)
+    lr = cv2.resize(guide, (27, 22), interpolation=cv2.INTER_AREA)
+    tiled = fuse_guided(lr, guide, model, device="cpu", tile=24).image
+    lazy = fuse_guided(da.from_array(lr, chunks=10), da.from_array(guide, chunks=30), model,
+                       device="cpu", tile=24)
+    assert lazy.metadata["lazy"]
+    assert np.array_equal(np.asarray(lazy.image), tiled)
+
+
+@pytest.mark.skipif(not (DATA / "ivf" / "flir_train").is_dir(),
+                    reason=missing("data/ivf/flir_train"))
+def test_train_low_res_geometry_writes_it_and_feeds_plain_low_res_crops(tmp_path, monkeypatch):
+    from napari_cscfusion.training import data as D
+    from napari_cscfusion.training.cli import main
+
+    monkeypatch.setenv(D.DATA_ENV, str(DATA))
+    out = tmp_path / "m.pt"
+    assert main(["train", "mmf", "--geometry", "low_res", "--out", str(out), "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "24",
+                 "--code-channels", "8", "--num-dcus", "1", "--no-progress"]) == 0
+    net, info = load_network("mmf", out)
+    assert net.geometry == "low_res" and info["header"]["training"]["lr_input"] == "native"
+    src = D.MMFPairs(DATA, crop=24, batch_size=2, lr_input="native")
+    b = src.batch(0, 0)
+    assert b["lr"].shape[-1] == round(24 / float(b["scale"]))  # low-res, not upsampled
+    from napari_cscfusion.training.train import train
+
+    with pytest.raises(ValueError, match="low_res.*native"):
+        train("mmf", tmp_path / "x.pt", epochs=1, steps_per_epoch=1, batch_size=2, crop=24, lr=1e-3,
+              hparams={"code_channels": 8, "num_dcus": 1, "geometry": "low_res"},
+              progress=False, device="cpu")
+
+
+def test_cli_runs_low_res_weights_as_the_api_does(tmp_path):
+    import tifffile
+
+    from napari_cscfusion.cli import main
+
+    model = _saved(_low_res_net(), tmp_path / "low.pt")
+    guide = (_scene(48, 64, 3) * 255).astype(np.uint8)
+    lr = cv2.resize(guide, (21, 16), interpolation=cv2.INTER_AREA)  # x3 by 64/21
+    cv2.imwrite(str(tmp_path / "lr.png"), lr)
+    cv2.imwrite(str(tmp_path / "guide.png"), guide)
+    out = tmp_path / "sr.tif"
+    assert main(["fuse", "mmf", str(tmp_path / "lr.png"), str(tmp_path / "guide.png"), "-o",
+                 str(out), "--weights", str(tmp_path / "low.pt"), "--device", "cpu", "-q"]) == 0
+    got = tifffile.imread(out)
+    ref = fuse_guided(lr, guide, model, device="cpu").image
+    assert got.shape == (48, 64)
+    assert np.abs(got.astype(np.float32) - ref).max() < 1e-6
