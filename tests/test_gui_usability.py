@@ -428,10 +428,12 @@ def test_presets_set_the_expert_fields_and_a_run_uses_them(ivf_setup, qtbot):
     assert widget.preset.value.startswith("custom")
 
     _d, med = dock(viewer, MEDICAL)
-    assert med.preset.value == "MRI + PET/SPECT" and med.code_gain.value == 1.0
-    med.preset.value = "MRI + CT"
+    assert med.preset.value == "MRI + CT, PET or SPECT"
     assert (med.base_rule.value, med.detail_rule.value, med.code_gain.value) == (
-        "l1", "l1", 1.0)
+        "choose-max", "l1-black", 1.0)  # fuse_multimodal's defaults
+    med.preset.value = "Keep intensities (quantitative)"
+    assert (med.base_rule.value, med.detail_rule.value, med.code_gain.value) == (
+        "average", "l1", 1.0)
 
 
 # --- look before you trust --------------------------------------------------------------------

@@ -419,7 +419,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     code_gain: the factor applied to the fused base and detail codes before decoding (a
     finite number > 0). The default 2 is the authors' test-time heuristic for infrared/visible
     (it stretches the contrast); 1 keeps the sources' intensity scale (an image fused with
-    itself comes back as it was), as fuse_multimodal does for medical images.
+    itself comes back as it was), as fuse_multimodal does for medical images. From 1 up the
+    codes are scaled about zero (a contrast stretch about the decoder's mid-grey); below 1,
+    for weights that decode black to black (the packaged ones), their distance from the codes
+    of an all-black image is scaled (a fade towards black: black stays black at any gain).
     progress(done, total) is called after every tile step and may raise Cancelled.
 
     Scale: ``tile`` is the tile side in pixels (None: the whole image when its working set
