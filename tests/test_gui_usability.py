@@ -247,7 +247,9 @@ def test_messages_and_names_in_plain_words(ivf_setup, qtbot):
     viewer, widget, ir, vis = ivf_setup
     # rules and options as a scientist reads them; the help says nothing wrong about speed
     labels = [widget.base_rule.native.itemText(i) for i in range(widget.base_rule.native.count())]
-    assert labels == ["keep salient regions", "keep the stronger detail", "average the sources"]
+    assert labels == ["keep salient regions", "keep the stronger detail", "average the sources",
+                      "keep the source that is not black",
+                      "keep the stronger detail, black as zero"]
     assert widget.code_gain.label == "contrast gain"
     for combo in (widget.base_rule, widget.detail_rule):
         assert "slow" not in combo.tooltip and "fast" not in combo.tooltip
