@@ -34,7 +34,13 @@ from napari_cscfusion.engine.alignment import (
     register_rigid,
     transform_matrix,
 )
-from napari_cscfusion.engine.medical import _recolour, fuse_multimodal
+from napari_cscfusion.engine.medical import (
+    MEDICAL_BASE_RULE,
+    MEDICAL_CODE_GAIN,
+    MEDICAL_DETAIL_RULE,
+    _recolour,
+    fuse_multimodal,
+)
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path
 from napari_cscfusion.models.color import rgb_to_ycbcr
 
@@ -126,7 +132,8 @@ def harvard_methods(mri_u8: np.ndarray, other_u8: np.ndarray, models: dict) -> d
         other_y, chroma = other, None
     out = {}
     for label, model in models.items():
-        out[f"CSC-IVFN, {label} (fuse_multimodal defaults)"] = fuse_multimodal(
+        out[f"CSC-IVFN, {label} (fuse_multimodal defaults: {MEDICAL_BASE_RULE} / "
+            f"{MEDICAL_DETAIL_RULE}, gain {MEDICAL_CODE_GAIN:g})"] = fuse_multimodal(
             {"MRI": mri_u8, "other": other_u8}, model=model, device="cpu").image
     for label, y in (("average (pixel mean of the luminances)", (mri + other_y) / 2),
                      ("max of the luminances", np.maximum(mri, other_y))):

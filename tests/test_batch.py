@@ -228,13 +228,15 @@ def test_fuse_medical_keeps_the_functional_colour(tmp_path, capsys):
     iio.imwrite(tmp_path / "t1.png", np.repeat(t1[..., None], 3, -1))  # grey stored as RGB
     iio.imwrite(tmp_path / "pet.png", pet)
     out = tmp_path / "fused.tif"
+    # no --base-rule / --detail-rule: the medical defaults, not infrared/visible's saliency / l1
     assert main(["fuse", "medical", str(tmp_path / "t1.png"), str(tmp_path / "pet.png"),
-                 "-o", str(out), *FAST]) == 0
+                 "-o", str(out), "--device", "cpu", "-q"]) == 0
     assert "t1.png: RGB with equal channels, read as grey" in capsys.readouterr().err
     meta = read_tiff_metadata(out)
     assert meta["sources"] == ["t1", "pet"] and meta["colour_source"] == "pet"
     assert meta["code_gain"] == 1.0
-    want = fuse_multimodal({"t1": t1, "pet": pet}, base_rule="l1", device="cpu")
+    assert (meta["base_rule"], meta["detail_rule"]) == ("choose-max", "l1-black")
+    want = fuse_multimodal({"t1": t1, "pet": pet}, device="cpu")
     np.testing.assert_allclose(tifffile.imread(out), want.image, atol=1e-6)
 
 

@@ -133,6 +133,7 @@ def test_medical_batch_with_three_modalities_in_png(qtbot, batch_widget, tmp_pat
     widget.task.value = "medical"
     assert not widget.add_folder.native.isHidden() and len(widget.folders) == 2
     assert widget.code_gain.value == 1.0  # medical keeps the sources' intensity scale
+    assert widget.base_rule.value == "choose-max"  # and its own rules (fuse_multimodal's)
     widget.code_gain.value = 1.5
     dirs = []
     for name, seed in (("T1", 1), ("PD", 2), ("PET", 3)):
@@ -151,6 +152,7 @@ def test_medical_batch_with_three_modalities_in_png(qtbot, batch_widget, tmp_pat
 
     meta = read_image_metadata(tmp_path / "out" / "slice.png")
     assert meta["code_gain"] == 1.5 and meta["sources"] == ["T1", "PD", "PET"]
+    assert (meta["base_rule"], meta["detail_rule"]) == ("choose-max", "l1-black")
     assert widget.last_layer.rgb and widget.last_layer.data.shape == (1, 40, 48, 3)
 
 

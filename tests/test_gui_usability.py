@@ -247,7 +247,9 @@ def test_messages_and_names_in_plain_words(ivf_setup, qtbot):
     viewer, widget, ir, vis = ivf_setup
     # rules and options as a scientist reads them; the help says nothing wrong about speed
     labels = [widget.base_rule.native.itemText(i) for i in range(widget.base_rule.native.count())]
-    assert labels == ["keep salient regions", "keep the stronger detail", "average the sources"]
+    assert labels == ["keep salient regions", "keep the stronger detail", "average the sources",
+                      "keep the source that is not black",
+                      "keep the stronger detail, black as zero"]
     assert widget.code_gain.label == "contrast gain"
     for combo in (widget.base_rule, widget.detail_rule):
         assert "slow" not in combo.tooltip and "fast" not in combo.tooltip
@@ -428,10 +430,12 @@ def test_presets_set_the_expert_fields_and_a_run_uses_them(ivf_setup, qtbot):
     assert widget.preset.value.startswith("custom")
 
     _d, med = dock(viewer, MEDICAL)
-    assert med.preset.value == "MRI + PET/SPECT" and med.code_gain.value == 1.0
-    med.preset.value = "MRI + CT"
+    assert med.preset.value == "MRI + CT, PET or SPECT"
     assert (med.base_rule.value, med.detail_rule.value, med.code_gain.value) == (
-        "l1", "l1", 1.0)
+        "choose-max", "l1-black", 1.0)  # fuse_multimodal's defaults
+    med.preset.value = "Keep intensities (quantitative)"
+    assert (med.base_rule.value, med.detail_rule.value, med.code_gain.value) == (
+        "average", "l1", 1.0)
 
 
 # --- look before you trust --------------------------------------------------------------------

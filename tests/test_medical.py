@@ -18,7 +18,13 @@ from napari_cscfusion.engine.alignment import (
     transform_matrix,
 )
 from napari_cscfusion.engine.ivf import fuse_grey_sources
-from napari_cscfusion.engine.medical import MedicalVolume, MultimodalSources, fuse_multimodal
+from napari_cscfusion.engine.medical import (
+    MEDICAL_BASE_RULE,
+    MEDICAL_DETAIL_RULE,
+    MedicalVolume,
+    MultimodalSources,
+    fuse_multimodal,
+)
 from napari_cscfusion.engine.planes import PlaneAssembler, plane_indices
 from napari_cscfusion.engine.registry import load_model, packaged_weights_path
 from napari_cscfusion.models.color import rgb_to_ycbcr, ycbcr_to_rgb
@@ -87,7 +93,7 @@ def test_three_sources(model, brain):
     # identical to the engine's N-source fusion called directly
     direct, _, _ = fuse_grey_sources(
         {k: (v / np.float64(255)).astype(np.float32) for k, v in srcs.items()}, model,
-        "saliency", "l1", torch.device("cpu"), False, code_gain=1.0)
+        MEDICAL_BASE_RULE, MEDICAL_DETAIL_RULE, torch.device("cpu"), False, code_gain=1.0)
     np.testing.assert_allclose(res.image, direct, atol=1e-6)
     two = fuse_multimodal([t1, pd], model=model, device="cpu")
     assert np.abs(two.image - res.image).mean() > 1e-3  # the third source changed the result

@@ -30,7 +30,7 @@ def test_fusing_the_sample_keeps_the_anatomy_and_the_function():
     t1 = np.asarray(iio.imread(sample_path("mni152_t1.png")))
     pet = np.asarray(iio.imread(sample_path("simulated_pet.png")))
     assert t1.shape == pet.shape[:2] and pet.shape[-1] == 3
-    # the widget's and the function's defaults (saliency base rule, code gain 1)
+    # the widget's and the function's defaults (choose-max / l1-black, code gain 1)
     fused = fuse_multimodal({"T1": t1, "PET": pet}, device="cpu").image
     assert fused.shape == pet.shape
     y_f, y_p = _ycbcr(fused), _ycbcr(pet / 255.0)
@@ -39,21 +39,28 @@ def test_fusing_the_sample_keeps_the_anatomy_and_the_function():
     assert hot.sum() > 100 and brain[hot].all()
 
     # function: the fused chroma follows the PET map's over the brain, and in the lesion it
-    # keeps the map's hue (yellow-orange) and most of its saturation
-    for c in (1, 2):
-        assert _corr(y_f[..., c], y_p[..., c], brain) > 0.85
+    # keeps the map's hue (yellow-orange) and half its saturation or more. The T1 is brighter
+    # than this map's colours (lesion: luma 0.78 vs 0.46), so the fused luminance takes the
+    # T1's there and the map's colours, saturated at a low luminance, fit the RGB cube only
+    # desaturated: chroma correlation 0.82 / 0.65, lesion saturation 0.51 of the map's (0.95 /
+    # 0.92 and 0.67 with the former saliency / l1 defaults, whose luminance was darker and
+    # whose edges weaker: 0.84). On the real Harvard MRI/PET pairs, whose colour maps brighten
+    # with uptake, the defaults keep more saturation than the average (weights/README.md).
+    assert _corr(y_f[..., 1], y_p[..., 1], brain) > 0.75
+    assert _corr(y_f[..., 2], y_p[..., 2], brain) > 0.6
     hue_f = np.arctan2(y_f[..., 2] - 0.5, y_f[..., 1] - 0.5)
     hue_p = np.arctan2(y_p[..., 2] - 0.5, y_p[..., 1] - 0.5)
     assert np.degrees(np.abs(hue_f - hue_p)[hot]).mean() < 15
     sat_f = np.hypot(y_f[..., 1] - 0.5, y_f[..., 2] - 0.5)
     sat_p = np.hypot(y_p[..., 1] - 0.5, y_p[..., 2] - 0.5)
-    assert sat_f[hot].mean() > 0.6 * sat_p[hot].mean()
+    assert sat_f[hot].mean() > 0.45 * sat_p[hot].mean()
 
     # anatomy: the fused luminance has the T1 slice's edges (the blurred PET map has few)
     e_t1 = _edges(t1 / 255.0)
-    # 0.96 with the first-generation ivf.pt, 0.84 with the sparse second generation (#17):
-    # still far above the PET map's own edges (0.24, bound below)
-    assert _corr(e_t1, _edges(y_f[..., 0]), brain) > 0.8
+    # 0.98 with the sparse second-generation ivf.pt and the choose-max / l1-black defaults
+    # (#17; 0.84 with saliency / l1, 0.96 with the first generation): far above the PET map's
+    # own edges (0.24, bound below)
+    assert _corr(e_t1, _edges(y_f[..., 0]), brain) > 0.95
     assert _corr(e_t1, _edges(y_p[..., 0]), brain) < 0.4
     near_lesion = ndimage.binary_dilation(hot, iterations=5)
-    assert _corr(e_t1, _edges(y_f[..., 0]), near_lesion) > 0.5
+    assert _corr(e_t1, _edges(y_f[..., 0]), near_lesion) > 0.8  # 0.89 (saliency / l1: 0.60)

@@ -1,7 +1,8 @@
 """Second-generation packaged weights (issue 17): sparse codes by construction (every soft
 threshold >= 0, most codes exact zeros on real images), black stays black and a source fused
-with itself comes back, on every path (infrared/visible at any code gain, medical, MEF); and one
-real clinical MRI/PET pair where the medical defaults beat the pixel average."""
+with itself comes back, on every path (infrared/visible at any code gain, medical, MEF), what
+the code gain means; and one real clinical MRI/PET pair where the medical defaults beat the
+pixel average on SSIM and Qabf."""
 
 from __future__ import annotations
 
@@ -93,14 +94,60 @@ def test_mef_codes_are_sparse_on_memorial():
     assert _bracket_codes_zeros(stack) >= MEMORIAL_MIN_ZEROS
 
 
-@pytest.mark.parametrize("gain", [1.0, 1.5, 2.0, 4.0, 16.0])
-def test_ivf_black_in_black_out_at_code_gains_from_one(gain):
-    """Gains >= 1 (medical 1, the authors' 2): below 1 the gain stretches contrast towards the
-    pivot 2 dec(0) near mid-grey, which black cannot resist without codes of black that
-    dominate every fusion (weights/README.md)."""
+@pytest.mark.parametrize("gain", [0.1, 0.5, 1.0, 2.0, 4.0, 16.0])
+def test_ivf_and_medical_black_in_black_out_at_any_code_gain(gain):
+    """Gains from 1 up stretch the contrast about the decoder's zero-code mid-grey, far above
+    black's codes; gains below 1 scale the codes' distance from black's codes (a fade towards
+    black), so black stays black at every gain (0.1 is the GUI's smallest)."""
     black = np.zeros((40, 56), np.float32)
     assert fuse_infrared_visible(black, black, code_gain=gain, device="cpu").image.max() \
         <= ONE_GREY_LEVEL
+    assert fuse_multimodal([black, black], code_gain=gain, device="cpu").image.max() \
+        <= ONE_GREY_LEVEL
+
+
+def _decoded_with_gain(net, fused_base, fused_detail, gain, pivot):
+    """The reference network's image of fused codes (2-D arrays [q, H, W]) with the code gain
+    applied about ``pivot`` ((base, detail) codes of black, or None: about zero)."""
+    zb, zd = (torch.from_numpy(c)[None] for c in (fused_base, fused_detail))
+    if pivot is not None:
+        kb, kd = (p.view(1, -1, 1, 1) for p in pivot)
+        zb, zd = kb + gain * (zb - kb), kd + gain * (zd - kd)
+    else:
+        zb, zd = gain * zb, gain * zd
+    with torch.inference_mode():
+        return net.decode(zb, zd)[0, 0].numpy()
+
+
+@pytest.mark.parametrize("gain", [0.25, 0.5, 1.0, 2.0])
+def test_code_gain_pivots_at_black_below_one_for_the_packaged_weights_only(gain):
+    """What code_gain means, checked against the reference network on the fused codes: the
+    packaged weights (black decodes to black) scale the codes' distance from black's codes
+    below gain 1 and the codes themselves from 1 up; the authors' weights (black decodes to 14
+    grey levels) scale the codes at every gain, as they always did."""
+    from napari_cscfusion.engine.ivf import black_codes
+
+    from ._shared import CKPT
+
+    ir = _grey(sample("tno_01_ir.png"))[60:124, 80:160]
+    vis = _grey(sample("tno_01_vis.png"))[60:124, 80:160]
+    weights = {"packaged": load_model("ivf")}
+    if CKPT.is_dir():
+        weights["authors"] = load_model("ivf", CKPT)
+    for name, model in weights.items():
+        net = model.network
+        z_b, z_d, keeps_black = black_codes(net)
+        assert keeps_black == (name == "packaged")
+        res = fuse_infrared_visible(ir, vis, model, code_gain=gain, codes=True, device="cpu",
+                                    exact=True)
+        pivot = (z_b, z_d) if keeps_black and gain < 1 else None
+        want = _decoded_with_gain(net, res.codes["fused_base"], res.codes["fused_detail"],
+                                  gain, pivot)
+        np.testing.assert_allclose(res.image, want, atol=2e-6, rtol=0)
+        if keeps_black and gain < 1:  # and it is not the zero-code pivot
+            zero_pivot = _decoded_with_gain(net, res.codes["fused_base"],
+                                            res.codes["fused_detail"], gain, None)
+            assert np.abs(zero_pivot - res.image).mean() > 0.02
 
 
 def test_medical_and_mef_black_in_black_out():
@@ -135,11 +182,13 @@ def test_a_source_fused_with_itself_comes_back_and_its_black_border_stays_black(
     assert _psnr(mef, rgb) >= 40.0
 
 
-def test_harvard_mri_pet_pair_keeps_black_background_colour_and_structure():
-    """A real clinical pair (Harvard MRI/PET 11): the background stays black, the PET's colour
-    is kept, and the structure score is near the pixel average's (0.29 vs 0.70 with the
-    first-generation weights, whose lifted background wrecked it). The issue's target, beating
-    the average on SSIM and Qabf, is not met by the defaults (weights/README.md)."""
+def test_harvard_mri_pet_pair_beats_the_average_keeps_black_and_the_pet_colour():
+    """A real clinical pair (Harvard MRI/PET 11): the medical defaults (choose-max / l1-black,
+    gain 1) beat the pixel average of the luminances on SSIM and Qabf (0.715 vs 0.661, 0.786
+    vs 0.469; the first-generation weights with saliency / l1 had SSIM 0.29, the
+    second-generation ones 0.61 with a Qabf of 0.07), the background stays black and the PET's
+    colour is kept. The max of the luminances is not beaten on Qabf (0.915 here;
+    weights/README.md)."""
     folder = DATA / "medical" / "harvard" / "mri_pet"
     mri_path, pet_path = folder / "MRI" / "11.png", folder / "PET" / "11.png"
     if not (mri_path.is_file() and pet_path.is_file()):
@@ -153,8 +202,8 @@ def test_harvard_mri_pet_pair_keeps_black_background_colour_and_structure():
     fused_ycc = rgb_to_ycbcr(torch.from_numpy(fused.astype(np.float64)), dim=-1)
     fused_y = fused_ycc[..., 0].numpy()
     average = (mri + pet_y) / 2
-    assert ssim_fusion([mri, pet_y], fused_y) >= 0.9 * ssim_fusion([mri, pet_y], average)
-    assert qabf([mri, pet_y], fused_y) > 0.3
+    assert ssim_fusion([mri, pet_y], fused_y) > ssim_fusion([mri, pet_y], average) + 0.03
+    assert qabf([mri, pet_y], fused_y) > qabf([mri, pet_y], average) + 0.2
     background = (mri_u8 == 0) & (pet_y == 0)
     assert background.mean() > 0.3 and fused_y[background].mean() <= ONE_GREY_LEVEL
     # where the PET is clearly coloured, the fused pixel is coloured the same way

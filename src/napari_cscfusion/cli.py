@@ -100,6 +100,12 @@ def _lazy_grey(a):
     return a
 
 
+def _rule_options(args: argparse.Namespace) -> dict:
+    """The fusion rules given on the command line (the function's defaults when not given)."""
+    return {k: v for k, v in (("base_rule", args.base_rule), ("detail_rule", args.detail_rule))
+            if v is not None}
+
+
 def _ivf_options(args: argparse.Namespace) -> dict:
     """The ivf/medical-only options given on the command line (--code-gain: the function's
     default when not given); an error for the other tasks."""
@@ -127,9 +133,8 @@ def cmd_fuse_stream(args: argparse.Namespace, model) -> int:
         if len(inputs) != 2:
             raise SystemExit("cscfusion fuse ivf: needs exactly two images, IR then VIS")
         ir, vis = (_lazy_grey(a) for a in inputs)
-        result = fuse_infrared_visible(ir, vis, model=model, base_rule=args.base_rule,
-                                       detail_rule=args.detail_rule, **_ivf_options(args),
-                                       **common)
+        result = fuse_infrared_visible(ir, vis, model=model, **_rule_options(args),
+                                       **_ivf_options(args), **common)
     else:
         stack = inputs[0] if len(inputs) == 1 else da.stack(inputs)
         if stack.ndim >= 4 and stack.shape[-1] == 4:
@@ -282,10 +287,10 @@ def _fusion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="checkpoint file (or, for ivf and medical, the authors' "
                    "folder); default: the packaged weights")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    p.add_argument("--base-rule", default="saliency", choices=RULES,
-                   help="ivf, medical: base codes")
-    p.add_argument("--detail-rule", default="l1", choices=RULES,
-                   help="ivf, medical: detail codes")
+    p.add_argument("--base-rule", default=None, choices=RULES,
+                   help="ivf, medical: base codes (default: ivf saliency, medical choose-max)")
+    p.add_argument("--detail-rule", default=None, choices=RULES,
+                   help="ivf, medical: detail codes (default: ivf l1, medical l1-black)")
     p.add_argument("--code-gain", type=float, default=None, metavar="GAIN",
                    help="ivf, medical: factor on the fused base and detail codes before "
                    "decoding (default: ivf 2, the authors' infrared/visible heuristic, which "

@@ -140,22 +140,34 @@ def default_code_gain(task: str) -> float | None:
     return None if fuse is None else inspect.signature(fuse).parameters["code_gain"].default
 
 
+def default_rules(task: str) -> tuple[str, str] | None:
+    """The task's fusion function's default (base_rule, detail_rule) (ivf saliency / l1,
+    medical choose-max / l1-black; None for mef/mmf, which have none)."""
+    fuse = {"ivf": fuse_infrared_visible, "medical": fuse_multimodal}.get(task)
+    if fuse is None:
+        return None
+    params = inspect.signature(fuse).parameters
+    return params["base_rule"].default, params["detail_rule"].default
+
+
 def fuse_sources(task: str, sources, model: FusionModel | str | None = None, *,
-                 device="auto", base_rule: str = "saliency", detail_rule: str = "l1",
+                 device="auto", base_rule: str | None = None, detail_rule: str | None = None,
                  code_gain: float | None = None, tile=None, scheduler=None,
                  codes: bool = False, progress=None, exact: bool | None = None
                  ) -> FusionResult:
     """Fuse what read_inputs returned with the task's engine function, without weight maps
     (nothing here shows them; for IVF they are 16 B per pixel). Options a task does not have
-    (rules and code_gain for mef/mmf, tile for medical) are ignored; code_gain None: the
-    function's default (ivf 2, medical 1); exact None: the function's default path."""
+    (rules and code_gain for mef/mmf, tile for medical) are ignored; rules or code_gain None:
+    the function's default (ivf saliency / l1, gain 2; medical choose-max / l1-black, gain 1);
+    exact None: the function's default path."""
     path = {} if exact is None else {"exact": exact}
+    given = {k: v for k, v in (("base_rule", base_rule), ("detail_rule", detail_rule))
+             if v is not None}
     if task == "ivf":
         gain = {} if code_gain is None else {"code_gain": code_gain}
-        return fuse_infrared_visible(*sources, model=model, base_rule=base_rule,
-                                     detail_rule=detail_rule, device=device, codes=codes,
+        return fuse_infrared_visible(*sources, model=model, device=device, codes=codes,
                                      progress=progress, tile=tile, scheduler=scheduler,
-                                     weights=False, **gain, **path)
+                                     weights=False, **given, **gain, **path)
     if task == "mef":
         return fuse_exposures(sources[0], model=model, device=device, codes=codes,
                               progress=progress, tile=tile, scheduler=scheduler, weights=False,
@@ -164,8 +176,7 @@ def fuse_sources(task: str, sources, model: FusionModel | str | None = None, *,
         return fuse_guided(*sources, model=model, device=device, codes=codes, progress=progress,
                            tile=tile, **path)
     if task == "medical":
-        return fuse_multimodal(sources, model=model, base_rule=base_rule,
-                               detail_rule=detail_rule, device=device, codes=codes,
+        return fuse_multimodal(sources, model=model, device=device, codes=codes, **given,
                                progress=progress,
                                code_gain=MEDICAL_CODE_GAIN if code_gain is None else code_gain,
                                **path)

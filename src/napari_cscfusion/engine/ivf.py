@@ -31,6 +31,7 @@ from .planes import plane_indices
 from .registry import FusionModel, resolve_model
 from .result import FusionResult, base_metadata, plane_progress
 from .rules import (
+    REFERENCE_RULES,
     RULE_RADIUS,
     SALIENCY_EPS,
     SALIENCY_RADIUS,
@@ -57,6 +58,7 @@ from .tiling import (
 )
 
 IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per side
+BLACK_LEVEL = 1.0 / 255  # "black" for the black-pivot test of black_codes
 # Inner tiles on the CPU: the element-wise passes between convolutions (batch norm, padding,
 # soft threshold, residual) stream q maps per pixel and are memory-bound there, so the
 # encoders run on cache-sized pieces of each crop. Measured (benchmarks/README.md, 1 thread,
@@ -84,6 +86,18 @@ def check_code_gain(code_gain) -> float:
                      f"sources' intensity scale), got {code_gain!r}")
 
 
+def black_codes(net) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(base, detail, keeps_black): the codes [q] (float32) of an all-black image for the
+    CSC-IVFN ``net`` (a constant image encodes to constant maps: one pixel says it all), and
+    whether the weights decode them, at code gain 1, to <= 1/255 (the second-generation
+    weights; the authors' give 14 grey levels)."""
+    p = next(net.parameters())
+    with torch.inference_mode():
+        z_b, z_d = net.encode(torch.zeros(1, 1, 16, 16, device=p.device, dtype=p.dtype))
+        keeps = float(net.decode(z_b, z_d).max()) <= BLACK_LEVEL
+        return z_b[0, :, 8, 8].float(), z_d[0, :, 8, 8].float(), keeps
+
+
 class IVFKernel:
     """CSC-IVFN fusion of S grey sources on one crop [S, h, w].
 
@@ -99,6 +113,12 @@ class IVFKernel:
     decoder carries the authors' IVF_ALPHA = 2 (their infrared/visible heuristic); any other
     gain multiplies the summed fused codes by code_gain / IVF_ALPHA first (none for 2, so the
     default results are unchanged; 1 keeps a source fused with itself at its own scale).
+    Gains below 1, for weights that decode black to black (black_codes), scale the codes'
+    distance from the codes of black instead (z_black + g (z - z_black)): a fade towards
+    black rather than towards the mid-grey that the decoder gives zero codes, so black stays
+    black at any gain. Gains from 1 up keep the authors' pivot (zero codes, whose mid-grey
+    black's codes decode far below, so black stays black there too): pivoting at black would
+    turn a gain of 2 from a contrast stretch into a glare (mid-grey to white).
 
     ``exact``: the reference arithmetic (FoldedIVFN) even where the fast path applies; the
     fast path (engine/fast.py: weights with no negative soft threshold) runs the compiled
@@ -118,6 +138,15 @@ class IVFKernel:
         self.code_gain = check_code_gain(code_gain)
         # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
         self.code_scale = None if self.code_gain == IVF_ALPHA else self.code_gain / IVF_ALPHA
+        # the codes of black: the reference of the REFERENCE_RULES and the pivot of gains < 1
+        self.black = None
+        self.code_offset = None  # added to the scaled codes: (1 - g) / 2 * black's codes
+        if {base_rule, detail_rule} & REFERENCE_RULES or self.code_gain < 1.0:
+            z_b, z_d, keeps_black = black_codes(net)
+            self.black = {"base": z_b.to(device), "detail": z_d.to(device)}
+            if self.code_gain < 1.0 and keeps_black:
+                self.code_offset = ((1.0 - self.code_gain) / IVF_ALPHA * (z_b + z_d)).view(
+                    -1, 1, 1).to(device)
         self.fast = use_fast_path(net, exact)
         self.path = "fast" if self.fast else "exact"
         if self.fast:
@@ -211,8 +240,10 @@ class IVFKernel:
         radius + the rule's), so the [S, q] codes never exist for the whole window."""
         enc = self._encoder(which)
 
+        ref = self.reference(which, rule)
+
         def fn(piece: torch.Tensor) -> torch.Tensor:
-            fused, w = apply_rule(rule, enc(piece).float())
+            fused, w = apply_rule(rule, enc(piece).float(), reference=ref)
             return torch.cat((fused, w[:, 0]))[None]
 
         if self.fast and which == "detail" and rule == "l1" and self.dtype is None:
@@ -221,12 +252,24 @@ class IVFKernel:
                             tick, fixed=self.fixed)[0]
         return out[:self.q], out[self.q:, None]
 
+    def reference(self, which: str, rule: str) -> torch.Tensor | None:
+        """The codes of black of encoder ``which`` for a rule that needs them, else None."""
+        return self.black[which] if rule in REFERENCE_RULES else None
+
+    def apply_gain(self, z: torch.Tensor) -> torch.Tensor:
+        """The code gain on the summed fused codes z [..., q, h, w], in place (see the class
+        docstring); the folded decoder's x IVF_ALPHA does the rest."""
+        if self.code_scale is not None:
+            z.mul_(self.code_scale)
+        if self.code_offset is not None:
+            z.add_(self.code_offset.to(z.dtype))
+        return z
+
     def decode(self, z: torch.Tensor, window: Box) -> torch.Tensor:
         """The image [1, window] of the summed fused codes z [q, h, w] (z is scaled in place,
         once: the pieces overlap), decoder piece by piece (context 3 px): no decoder
         transients of the whole crop."""
-        if self.code_scale is not None:
-            z.mul_(self.code_scale)
+        self.apply_gain(z)
         return map_in_pieces(self.net.decode_sum, z[None], window, self.inner,
                              self.dec_radius, fixed=self.fixed)[0]
 
@@ -246,7 +289,8 @@ class IVFKernel:
             z_b = self.encode("base", x, wb, tick).float()
             st = None if stats is None else stats.to(self.device)
             f_b, w_b = apply_rule(self.base_rule, z_b, stats=st, exact=self.exact_rules,
-                                  mean_weights=True)
+                                  mean_weights=True,
+                                  reference=self.reference("base", self.base_rule))
             if self.base_rule != "saliency":
                 w_b = w_b.mean(1, keepdim=True)
             if self.weights:
@@ -258,7 +302,8 @@ class IVFKernel:
             f_b = cut(f_b, dec, wb).clone()
             del z_b, z_core, w_b
             z_d = self.encode("detail", x, wd, tick).float()
-            f_d, w_d = apply_rule(self.detail_rule, z_d)
+            f_d, w_d = apply_rule(self.detail_rule, z_d,
+                                  reference=self.reference("detail", self.detail_rule))
             if self.weights:
                 res["weights_detail"] = to_numpy(cut(w_d.mean(1), core, wd))
             z_core = cut(z_d, core, wd)
@@ -267,8 +312,8 @@ class IVFKernel:
             res["fused_detail"] = to_numpy(cut(f_d, core, wd))
             f_d = cut(f_d, dec, wd)
             del z_d, z_core, w_d
-            out = self.net.decode(f_b[None].to(x.dtype), f_d[None].to(x.dtype),
-                                  self.code_scale)
+            z = self.apply_gain(f_b[None].to(x.dtype) + f_d[None].to(x.dtype))
+            out = self.net.decode_sum(z)
             res["image"] = to_numpy(cut(out[0], core, dec))
         if tick is not None:
             tick()
@@ -408,7 +453,10 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     code_gain: the factor applied to the fused base and detail codes before decoding (a
     finite number > 0). The default 2 is the authors' test-time heuristic for infrared/visible
     (it stretches the contrast); 1 keeps the sources' intensity scale (an image fused with
-    itself comes back as it was), as fuse_multimodal does for medical images.
+    itself comes back as it was), as fuse_multimodal does for medical images. From 1 up the
+    codes are scaled about zero (a contrast stretch about the decoder's mid-grey); below 1,
+    for weights that decode black to black (the packaged ones), their distance from the codes
+    of an all-black image is scaled (a fade towards black: black stays black at any gain).
     progress(done, total) is called after every tile step and may raise Cancelled.
 
     Scale: ``tile`` is the tile side in pixels (None: the whole image when its working set

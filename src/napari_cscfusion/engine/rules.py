@@ -2,6 +2,12 @@
 
 Each rule takes codes [S, q, H, W] and returns (fused codes [q, H, W], weights). The
 two-source rules of CSC-IVFN are written for any S >= 2 (weights normalised over sources).
+
+The rules in REFERENCE_RULES measure a source's activity as the distance of its codes from the
+codes of an all-black image (``reference``, one value per channel) rather than from zero: the
+second-generation weights encode black to nonzero base (PReLU) and detail codes, and in medical
+scans black is "nothing here", so the source farthest from black is the one that shows
+something.
 """
 
 from __future__ import annotations
@@ -12,13 +18,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RULES = ("saliency", "l1", "average")
+RULES = ("saliency", "l1", "average", "choose-max", "l1-black")
+REFERENCE_RULES = frozenset({"choose-max", "l1-black"})  # need the codes of black
 SALIENCY_RADIUS = 45  # guided-filter refinement of the saliency weights (authors' r1)
 SALIENCY_EPS = 0.01  # guided-filter regulariser (authors' eps1)
+ACTIVITY_RADIUS = 1  # the l1 rules' activity: a 3x3 mean of sum_c |z - reference|
+# choose-max's consistency check (Li, Manjunath & Mitra 1995): each pixel takes the choice of
+# the majority of its 5x5 neighbours, so that isolated flips do not cut the anatomy
+VERIFY_RADIUS = 2
 # Each rule's halo: how far (px) a fused code reaches into the codes around it. Tiles add it to
 # the encoder's and decoder's context (ivf.IVFKernel). The saliency rule's guided filter is
-# applied twice (r = 45 each); l1 sums 3x3 windows; average is per pixel.
-RULE_RADIUS = {"saliency": 2 * SALIENCY_RADIUS, "l1": 1, "average": 0}
+# applied twice (r = 45 each); l1 and l1-black sum 3x3 windows; choose-max sums 3x3 windows
+# and then votes in 5x5 ones; average is per pixel.
+RULE_RADIUS = {"saliency": 2 * SALIENCY_RADIUS, "l1": ACTIVITY_RADIUS, "average": 0,
+               "choose-max": ACTIVITY_RADIUS + VERIFY_RADIUS, "l1-black": ACTIVITY_RADIUS}
 
 
 def check_rules(base_rule: str, detail_rule: str) -> None:
@@ -34,13 +47,23 @@ def average_rule(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return z.mean(0), w
 
 
-def l1_attention_weights(z: torch.Tensor) -> torch.Tensor:
-    """A_s = 3x3 mean (zero border) of sum_c |z_s|; w_s = A_s / sum_s A_s -> [S,1,H,W]."""
+def code_activity(z: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """A_s = 3x3 mean (zero border) of sum_c |z_s - reference| (reference [q], None: zero)
+    for codes [S,q,H,W] -> [S,1,H,W]."""
+    ref = None if reference is None else reference.to(z.dtype).view(-1, 1, 1)
     # sum_c |z_s| one source at a time: a [q,H,W] temporary instead of [S,q,H,W], and the
     # same reduction (bit for bit) as z.abs().sum(1)
-    act = torch.stack([z[s].abs().sum(0, keepdim=True) for s in range(z.shape[0])])
+    act = torch.stack([(z[s] if ref is None else z[s] - ref).abs().sum(0, keepdim=True)
+                       for s in range(z.shape[0])])
     # a 1/9 kernel convolution rather than avg_pool: the authors' arithmetic, bit for bit
-    activity = F.conv2d(act, z.new_full((1, 1, 3, 3), 1.0 / 9), padding=1)
+    k = 2 * ACTIVITY_RADIUS + 1
+    return F.conv2d(act, z.new_full((1, 1, k, k), 1.0 / (k * k)), padding=ACTIVITY_RADIUS)
+
+
+def l1_attention_weights(z: torch.Tensor, reference: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """w_s = A_s / sum_s A_s -> [S,1,H,W], A_s = code_activity (from ``reference``)."""
+    activity = code_activity(z, reference)
     total = activity.sum(0, keepdim=True)
     # Where every source is silent (0/0) fall back to equal weights instead of NaN.
     return torch.where(total > 0, activity / total.clamp_min(torch.finfo(z.dtype).tiny),
@@ -59,9 +82,31 @@ def weighted_sum(w: torch.Tensor, z: torch.Tensor, chunk: int = 8) -> torch.Tens
     return out
 
 
-def l1_rule(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = l1_attention_weights(z)
+def l1_rule(z: torch.Tensor, reference: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' l1 attention rule; with ``reference`` (the codes of black) the l1-black
+    rule, whose activity is the codes' distance from black."""
+    w = l1_attention_weights(z, reference)
     return weighted_sum(w, z), w
+
+
+def choose_max_rule(z: torch.Tensor, reference: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel, all codes of the source whose codes are farthest from the codes of black
+    (code_activity from ``reference``), the choices verified by a 5x5 majority vote (ties keep
+    the pixel's own choice) -> (fused [q,H,W], one-hot weights [S,1,H,W])."""
+    choice = code_activity(z, reference).argmax(0, keepdim=True)
+    one_hot = torch.zeros((z.shape[0], 1, *z.shape[-2:]), dtype=z.dtype, device=z.device)
+    one_hot.scatter_(0, choice, 1.0)
+    if VERIFY_RADIUS:
+        k = 2 * VERIFY_RADIUS + 1
+        # vote counts are small integers (exact in any float type); + 0.5 for the pixel's
+        # own choice breaks ties (near the border, where fewer neighbours vote) in its favour
+        votes = F.conv2d(one_hot, one_hot.new_ones((1, 1, k, k)), padding=VERIFY_RADIUS)
+        choice = (votes + 0.5 * one_hot).argmax(0, keepdim=True)
+        one_hot.zero_().scatter_(0, choice, 1.0)
+    fused = z.gather(0, choice.expand(1, *z.shape[1:]))[0]
+    return fused, one_hot
 
 
 def symmetric_index(n: int, pad: int, device=None) -> torch.Tensor:
@@ -356,17 +401,24 @@ def _saliency_rule_np(z: torch.Tensor, stats: SaliencyStats | None, mean_weights
 
 
 def apply_rule(name: str, z: torch.Tensor, stats: SaliencyStats | None = None,
-               exact: bool = False, mean_weights: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               exact: bool = False, mean_weights: bool = False,
+               reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fuse codes [S, q, H, W] -> (fused [q, H, W], weights [S, q or 1, H, W]).
 
     ``stats``: whole-image statistics for the saliency rule when ``z`` is a tile;
     ``exact``: the float64 reference saliency path; ``mean_weights``: return the weights
-    averaged over channels ([S, 1, H, W], what the engine reports)."""
+    averaged over channels ([S, 1, H, W], what the engine reports); ``reference``: the codes
+    of an all-black image ([q]), which the REFERENCE_RULES need."""
+    if name in REFERENCE_RULES and reference is None:
+        raise ValueError(f"fusion rule {name!r} needs the codes of black (reference)")
     if name == "saliency":
         return saliency_rule(z, stats=stats, exact=exact, mean_weights=mean_weights)
     if name == "l1":
         return l1_rule(z)
+    if name == "l1-black":
+        return l1_rule(z, reference)
+    if name == "choose-max":
+        return choose_max_rule(z, reference)
     if name == "average":
         return average_rule(z)
     raise ValueError(f"fusion rule must be one of {RULES}, got {name!r}")

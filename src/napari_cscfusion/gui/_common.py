@@ -41,12 +41,18 @@ CODE_CHOICES = [("don't show", "none"), ("one activity map per code", "summary")
 # time: the network, not the rule, takes most of a run (a TNO pair on a quiet CPU: saliency
 # 8.0 s, l1 6.7 s, average 6.5 s, issue 19), so the help says nothing about speed.
 RULE_CHOICES = [("keep salient regions", "saliency"), ("keep the stronger detail", "l1"),
-                ("average the sources", "average")]
+                ("average the sources", "average"),
+                ("keep the source that is not black", "choose-max"),
+                ("keep the stronger detail, black as zero", "l1-black")]
 RULE_HELP = ("how the sources' codes are combined. keep salient regions: the authors' rule for "
              "the base (coarse) codes, weights from a saliency map smoothed by a guided filter; "
              "keep the stronger detail: each source weighed by its local code activity (the "
-             "authors' rule for the detail codes); average the sources: equal weights. The "
-             "three take about the same time")
+             "authors' rule for the detail codes); average the sources: equal weights; keep "
+             "the source that is not black: per pixel the source whose codes are farthest from "
+             "those of a black image (the medical default for the coarse codes: in a scan black "
+             "is 'nothing here'); keep the stronger detail, black as zero: activity measured "
+             "from a black image's codes (the medical default for the fine codes). They take "
+             "about the same time")
 
 # Roles of the layers this plugin adds: not offered as inputs of a fusion
 OUTPUT_ROLES = frozenset({"fused", "codes", "weights"})
@@ -156,7 +162,8 @@ def rule_combo(label: str, value: str, what: str) -> ComboBox:
 CODE_GAIN_HELP = ("how strongly the fused image is drawn from the network's codes. 2: the "
                   "authors' infrared/visible setting, which stretches the contrast; 1: the fused "
                   "image keeps the sources' intensity scale (an image fused with itself comes "
-                  "back unchanged), for quantitative images such as MRI, CT or PET")
+                  "back unchanged), for quantitative images such as MRI, CT or PET; below 1 "
+                  "(packaged weights): the image fades towards black, black stays black")
 
 
 def code_gain_box(value: float) -> FloatSpinBox:

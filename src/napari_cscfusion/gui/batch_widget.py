@@ -32,6 +32,7 @@ from ..engine.batch import (
     BatchOutcome,
     BatchPlan,
     default_code_gain,
+    default_rules,
     plan_batch,
     run_batch,
 )
@@ -182,6 +183,9 @@ class BatchFusionWidget(RunState, Container):
                 edit.value = kept[i]
         self.add_folder.visible = task == "medical"
         self.base_rule.visible = task in ("ivf", "medical")
+        rules = default_rules(task)
+        if rules is not None:  # the task's own default (ivf saliency, medical choose-max)
+            self.base_rule.value = rules[0]
         gain = default_code_gain(task)
         self.code_gain.visible = gain is not None
         if gain is not None:

@@ -22,7 +22,12 @@ from ..engine.alignment import (
     estimate_misalignment,
 )
 from ..engine.ivf import IVF_ALPHA
-from ..engine.medical import MEDICAL_CODE_GAIN, MedicalVolume
+from ..engine.medical import (
+    MEDICAL_BASE_RULE,
+    MEDICAL_CODE_GAIN,
+    MEDICAL_DETAIL_RULE,
+    MedicalVolume,
+)
 from ._base import FusionWidget
 from ._common import (
     KEEP_INTENSITIES,
@@ -56,16 +61,17 @@ class MedicalFusionWidget(FusionWidget):
     title = "medical fusion"
     weight_folders = True
     PRESETS = {
-        "MRI + PET/SPECT": rules_preset("saliency", "l1", MEDICAL_CODE_GAIN),
-        "MRI + CT": rules_preset("l1", "l1", MEDICAL_CODE_GAIN),
+        "MRI + CT, PET or SPECT": rules_preset(MEDICAL_BASE_RULE, MEDICAL_DETAIL_RULE,
+                                               MEDICAL_CODE_GAIN),
         KEEP_INTENSITIES: rules_preset("average", "l1", 1.0),
         "Stretch contrast (as infrared + visible)": rules_preset("saliency", "l1", IVF_ALPHA),
     }
-    PRESET_HELP = ("MRI + PET/SPECT: salient anatomy kept, the colour of the functional layer "
-                   "kept, intensities on the sources' scale (gain 1). MRI + CT: coarse and fine "
-                   "structure each from the source that is stronger there (bone from CT, soft "
-                   "tissue from MRI). Keep intensities: the sources averaged at the coarse scale, "
-                   "gain 1. Stretch contrast: the authors' infrared + visible setting (gain 2)")
+    PRESET_HELP = ("MRI + CT, PET or SPECT: per pixel the coarse structure of the source "
+                   "that is not black there, fine detail from the stronger source (bone from "
+                   "CT, soft tissue from MRI, uptake from PET), the colour of the functional "
+                   "layer kept, intensities on the sources' scale (gain 1). Keep intensities: "
+                   "the sources averaged at the coarse scale, gain 1. Stretch contrast: the "
+                   "authors' infrared + visible setting (gain 2)")
 
     def make_inputs(self) -> None:
         self.sources = layer_select(self.viewer, "sources",
@@ -73,9 +79,9 @@ class MedicalFusionWidget(FusionWidget):
                                     "one): grey images or volumes (MRI, CT) and at most one "
                                     "colour (pseudo-coloured PET/SPECT) layer, whose colour is "
                                     "kept")
-        self.base_rule = rule_combo("coarse structure", "saliency",
+        self.base_rule = rule_combo("coarse structure", MEDICAL_BASE_RULE,
                                     "how the base (coarse) codes are combined")
-        self.detail_rule = rule_combo("fine detail", "l1",
+        self.detail_rule = rule_combo("fine detail", MEDICAL_DETAIL_RULE,
                                       "how the detail (fine) codes are combined")
         self.code_gain = code_gain_box(MEDICAL_CODE_GAIN)  # 1: the sources' intensity scale
         self.slice_axis = ComboBox(label="slice axis", choices=self._axis_choices,
