@@ -104,31 +104,17 @@ class FastMEF:
 
 class FastMMF:
     """CSC-MMFN in the fast form: what MMFKernel calls on its folded network (encoders and
-    decoder compiled), and ``whole`` (the untiled forward, clamped).
-
-    The fast guided filter between them runs uncompiled, as the model writes it: its
-    E[xy] - E[x]E[y] with eps = 1e-4 on code variances amplifies rounding, and inductor's
-    reordered box sums took a FLIR crop to 1.2e-3 from the exact path (over the 1e-3 the
-    fast path holds to; 4.8e-4 with the model's own arithmetic there)."""
+    decoder; compiled, or uncompiled in the encoders' ``lean`` form). The guided filter
+    between them is the kernel's (float64 statistics: engine/mmf.py)."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool):
         f = _prepared(fastpath.FastMMFN(net), net, dtype)
         wrap = _wrap(compile)
         self.radius_, self.eps = f.radius_, f.eps
         self.lr_radius, self.guide_radius = f.lr_encoder.radius, f.guide_encoder.radius
-        self.lr_encoder = wrap(f.lr_encoder)
-        self.guide_encoder = wrap(f.guide_encoder)
+        self.lr_encoder = wrap(f.lr_encoder) if compile else f.lr_encoder.lean
+        self.guide_encoder = wrap(f.guide_encoder) if compile else f.guide_encoder.lean
         self.decode_codes = wrap(f.decode_codes)
-
-    def whole(self, lr: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        from ..models.mmfn import fast_guided_filter, upsample
-
-        z_guide = self.guide_encoder(guide)
-        z_lr = self.lr_encoder(lr)
-        z_fused = fast_guided_filter(upsample(z_guide, lr.shape[-2:]), z_lr, z_guide,
-                                     self.radius_, self.eps)
-        out = self.decode_codes(z_fused) + upsample(lr, z_fused.shape[-2:])
-        return out.clamp(0.0, 1.0)
 
 
 def _prepared(f: nn.Module, net: nn.Module, dtype: torch.dtype | None) -> nn.Module:
