@@ -95,8 +95,8 @@ def resampled(x: torch.Tensor, at: tuple[int, int], rows: range, cols: range,
     """Output ``rows`` x ``cols`` of the bilinear (align_corners=True) resize src -> dst
     of an image of which x [N, C, ., .] holds the rows and columns from ``at`` on (the fast
     path's resampling): PyTorch's one-pass kernel where x is the whole image and the whole
-    output is asked for, else per axis two gathers and one ``lerp`` (three passes, not
-    interp_axis's five: the same positions and weights, rounded in another order)."""
+    output is asked for, else per axis two gathers and one ``lerp`` (three passes instead
+    of five: the same positions and weights, rounded in another order)."""
     dev = x.device
     if at == (0, 0) and tuple(x.shape[-2:]) == tuple(src) and \
             (rows.start, rows.stop, cols.start, cols.stop) == (0, dst[0], 0, dst[1]):
@@ -104,17 +104,8 @@ def resampled(x: torch.Tensor, at: tuple[int, int], rows: range, cols: range,
     out = x
     for dim, rng, off, n_in, n_out in ((3, cols, at[1], src[1], dst[1]),
                                        (2, rows, at[0], src[0], dst[0])):
-        pos = align_corners_positions(rng, n_in, n_out, dev)
-        i0 = torch.clamp(torch.floor(pos).long(), max=n_in - 1)
-        lam1 = torch.clamp(pos - i0.float(), 0.0, 1.0)
-        i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
-        shape = [1] * out.ndim
-        shape[dim] = -1
-        pick = [slice(None)] * out.ndim
-        pick[dim] = i0 - off
-        lo = out[tuple(pick)]
-        pick[dim] = i1 - off
-        out = lo.lerp_(out[tuple(pick)], lam1.view(shape).to(out.dtype))
+        out = interp_axis(out, dim, align_corners_positions(rng, n_in, n_out, dev), off, n_in,
+                          lerp=True)
     return out
 
 
