@@ -129,8 +129,8 @@ def test_mmf_fast_path_matches_exact_on_a_flir_pair():
     ir = grey(read(DATA / "ivf" / "flir_test" / "IR1.jpg"))[:96, :128]
     vis = grey(read(DATA / "ivf" / "flir_test" / "VIS1.jpg"))[:96, :128]
     low = cv2.resize(ir, (64, 48), interpolation=cv2.INTER_AREA)
-    exact = fuse_guided(low, vis, model, device="cpu", exact=True)
-    fast = fuse_guided(low, vis, model, device="cpu")  # MMF's default: the fast path
+    exact = fuse_guided(low, vis, model, device="cpu")  # 32 codes: the default is exact
+    fast = fuse_guided(low, vis, model, device="cpu", exact=False)
     assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
     assert_close(fast.image, exact.image)
 
@@ -152,7 +152,7 @@ def test_mmf_fast_path_is_float64_accurate_where_the_guided_filter_amplifies_rou
     ref = fuse_guided(low, g, model, device="cpu", tile=0, precision="fp64", exact=True).image
     whole = fuse_guided(low, g, model, device="cpu", tile=0)
     tiled = fuse_guided(low, g, model, device="cpu", tile=24).image
-    assert whole.metadata["path"] == "fast"
+    assert whole.metadata["path"] == "fast"  # 256 codes: the default is the fast path
     for img in (whole.image, tiled):
         err = np.abs(img - ref)
         assert err.max() < 2e-5 and err.mean() < 2e-6

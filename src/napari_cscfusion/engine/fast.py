@@ -32,8 +32,9 @@ def run_path(model, exact: bool) -> str:
 # (benchmarks/README.md, issue 18). Nowhere on a CPU: CSC-IVFN's compiled encoders were no
 # faster than the exact folded ones on its pieces; CSC-MMFN compiled came out 1.2e-3 from the
 # exact path on a FLIR crop (the guided filter, eps 1e-4 on code variances, amplified
-# rounding; its statistics are float64 since, compiled MMF not re-measured); CSC-MEFN's compiled crop pipeline was not measured to
-# the end, and its first call compiles for minutes on a busy machine. On a GPU: unmeasured.
+# rounding; its statistics are float64 since, compiled MMF not re-measured); CSC-MEFN's
+# compiled crop pipeline was not measured to the end, and its first call compiles for
+# minutes on a busy machine. On a GPU: unmeasured.
 AUTO_COMPILE = {"ivf": {"cpu": False, "gpu": True}, "mef": {"cpu": False, "gpu": True},
                 "mmf": {"cpu": False, "gpu": False}}
 

@@ -60,6 +60,10 @@ MMF_MIN_LOW_SIZE = 4  # the fast guided filter (r=1) needs more than 3 px per si
 # decoder (256 px: ~200 MB); whole-tile stages measured a little faster still, pieces bound
 # the memory (benchmarks/README.md, issue 18)
 MMF_STATS_PIECE, MMF_PIECE = 128, 256
+# exact=None (default) takes the fast path for networks with at least this many code
+# channels: measured faster than the naive forward for the authors' 256 (1.46x at 1 Mpx), but
+# 0.74x for the packaged 32-code network, whose default stays the exact path (issue 18)
+MMF_FAST_MIN_CODES = 128
 
 
 def _box_sum(t: torch.Tensor, r: int) -> torch.Tensor:
@@ -402,7 +406,7 @@ def _guided_layout(lr_shape: tuple, g_shape: tuple, net_c: int | None) -> tuple[
 def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
                 progress=None, *, tile=None, precision: str | None = None,
                 compile: bool | None = None, client=None, scheduler: str | None = None,
-                exact: bool = False) -> FusionResult:
+                exact: bool | None = None) -> FusionResult:
     """Super-resolve ``low_res`` (h,w) or (C,h,w) to the guide's size (H,W) with CSC-MMFN.
 
     guide: (H,W) grey or (H,W,3) RGB; a grey guide is repeated to RGB for a network trained
@@ -424,7 +428,10 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     own cumulative-sum box filter in float32 on a whole image, whose E[xy] - E[x]E[y] over
     the eps = 1e-4 of code variances is up to ~4e-3 from float64 on a 100x130 crop, more on
     larger images (benchmarks/README.md, issue 18). ``exact=True`` (or ``codes=True``): the
-    reference arithmetic. Dask runs take the same path.
+    reference arithmetic. ``exact=None`` (default): the fast path for networks with at least
+    ``MMF_FAST_MIN_CODES`` code channels (the authors' 256: measured faster than the naive
+    forward), the exact path for thinner ones (the packaged 32: measured slower). Dask runs
+    take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
     progress(done, total) is called after every tile and may raise Cancelled.
@@ -454,6 +461,8 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         raise ValueError(f"guide: must be at least as large as low_res; guide is {H}x{W}, "
                          f"low_res {h}x{w}")
     model = resolve_model(model, "mmf")
+    if exact is None:
+        exact = model.network.hparams["code_channels"] < MMF_FAST_MIN_CODES
     net_c, net_g = model.network.lr_channels, model.network.guide_channels
     c = lr_shape[nl] if chan else 1
     if c != net_c:
