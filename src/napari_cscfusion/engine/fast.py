@@ -32,10 +32,11 @@ def run_path(model, exact: bool) -> str:
 # Where compile=None compiles the fast path, measured on the shared 2-core CPU
 # (benchmarks/README.md, issue 18). Nowhere on a CPU: CSC-IVFN's compiled encoders were no
 # faster than the exact folded ones on its pieces; CSC-MMFN compiled came out 1.2e-3 from the
-# exact path on a FLIR crop (the guided filter, eps 1e-4 on code variances, amplifies
-# rounding), over the fast path's 1e-3; CSC-MEFN's compiled crop pipeline was not measured to
-# the end, and its first call compiles for minutes on a busy machine. (IVF's CPU fast path
-# runs numba kernels instead: FastIVF.) On a GPU: unmeasured.
+# exact path on a FLIR crop (the guided filter, eps 1e-4 on code variances, amplified
+# rounding; its statistics are float64 since, compiled MMF not re-measured); CSC-MEFN's
+# compiled crop pipeline was not measured to the end, and its first call compiles for
+# minutes on a busy machine. (The CPU fast paths of IVF and MEF run numba kernels instead:
+# FastIVF, engine/mef_cpu.py.) On a GPU: unmeasured.
 AUTO_COMPILE = {"ivf": {"cpu": False, "gpu": True}, "mef": {"cpu": False, "gpu": True},
                 "mmf": {"cpu": False, "gpu": False}}
 
@@ -140,31 +141,17 @@ class FastMEF:
 
 class FastMMF:
     """CSC-MMFN in the fast form: what MMFKernel calls on its folded network (encoders and
-    decoder compiled), and ``whole`` (the untiled forward, clamped).
-
-    The fast guided filter between them runs uncompiled, as the model writes it: its
-    E[xy] - E[x]E[y] with eps = 1e-4 on code variances amplifies rounding, and inductor's
-    reordered box sums took a FLIR crop to 1.2e-3 from the exact path (over the 1e-3 the
-    fast path holds to; 4.8e-4 with the model's own arithmetic there)."""
+    decoder; compiled, or uncompiled in the encoders' ``lean`` form). The guided filter
+    between them is the kernel's (float64 statistics: engine/mmf.py)."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool):
         f = _prepared(fastpath.FastMMFN(net), net, dtype)
         wrap = _wrap(compile)
         self.radius_, self.eps = f.radius_, f.eps
         self.lr_radius, self.guide_radius = f.lr_encoder.radius, f.guide_encoder.radius
-        self.lr_encoder = wrap(f.lr_encoder)
-        self.guide_encoder = wrap(f.guide_encoder)
+        self.lr_encoder = wrap(f.lr_encoder) if compile else f.lr_encoder.lean
+        self.guide_encoder = wrap(f.guide_encoder) if compile else f.guide_encoder.lean
         self.decode_codes = wrap(f.decode_codes)
-
-    def whole(self, lr: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        from ..models.mmfn import fast_guided_filter, upsample
-
-        z_guide = self.guide_encoder(guide)
-        z_lr = self.lr_encoder(lr)
-        z_fused = fast_guided_filter(upsample(z_guide, lr.shape[-2:]), z_lr, z_guide,
-                                     self.radius_, self.eps)
-        out = self.decode_codes(z_fused) + upsample(lr, z_fused.shape[-2:])
-        return out.clamp(0.0, 1.0)
 
 
 def _prepared(f: nn.Module, net: nn.Module, dtype: torch.dtype | None) -> nn.Module:

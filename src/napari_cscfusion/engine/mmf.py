@@ -54,6 +54,63 @@ from .tiling import (
 )
 
 MMF_MIN_LOW_SIZE = 4  # the fast guided filter (r=1) needs more than 3 px per side
+# sides of the fast path's pieces inside a tile, for the stages after the encoders (which
+# run on the whole tile: cutting them into pieces measured slower): the float64 statistics of
+# the guided filter (128 px: ~270 MB of temporaries for 256 channels) and the fused codes +
+# decoder (256 px: ~200 MB); whole-tile stages measured a little faster still, pieces bound
+# the memory (benchmarks/README.md, issue 18)
+MMF_STATS_PIECE, MMF_PIECE = 128, 256
+# exact=None (default) takes the fast path for networks with at least this many code
+# channels: measured faster than the naive forward for the authors' 256 (1.46x at 1 Mpx), but
+# 0.74x for the packaged 32-code network, whose default stays the exact path (issue 18)
+MMF_FAST_MIN_CODES = 128
+
+
+def _box_sum(t: torch.Tensor, r: int) -> torch.Tensor:
+    """Sums over (2r+1)^2 windows clipped at the border, by shifted in-place adds (in float64
+    several times faster here than avg_pool2d or cumulative sums; keeps channels_last)."""
+    for dim in (2, 3):
+        s, n = t.clone(), t.shape[dim]
+        for d in range(1, min(r, n - 1) + 1):
+            s.narrow(dim, d, n - d).add_(t.narrow(dim, 0, n - d))
+            s.narrow(dim, 0, n - d).add_(t.narrow(dim, d, n - d))
+        t = s
+    return t
+
+
+def guided_coefficients(z_g: torch.Tensor, z_l: torch.Tensor, radius: int,
+                        eps: float) -> torch.Tensor:
+    """The fast guided filter's coefficients [a, b] (channels concatenated) of guide codes
+    z_g and low-res codes z_l: box means with exact border counts, statistics in float64
+    (see ``MMFKernel.fast_image``), returned in z_l's dtype."""
+    x, y = z_g.to(torch.float64), z_l.to(torch.float64)
+    n = _box_sum(x.new_ones(1, 1, *x.shape[-2:]), radius)
+
+    def mean(t):
+        return _box_sum(t, radius).div_(n)
+
+    mean_x, mean_y = mean(x), mean(y)
+    a = (mean(x * y) - mean_x * mean_y) / (mean(x * x) - mean_x * mean_x + eps)
+    return torch.cat((a, mean_y - a * mean_x), 1).to(z_l.dtype)
+
+
+def resampled(x: torch.Tensor, at: tuple[int, int], rows: range, cols: range,
+              src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Output ``rows`` x ``cols`` of the bilinear (align_corners=True) resize src -> dst
+    of an image of which x [N, C, ., .] holds the rows and columns from ``at`` on (the fast
+    path's resampling): PyTorch's one-pass kernel where x is the whole image and the whole
+    output is asked for, else per axis two gathers and one ``lerp`` (three passes instead
+    of five: the same positions and weights, rounded in another order)."""
+    dev = x.device
+    if at == (0, 0) and tuple(x.shape[-2:]) == tuple(src) and \
+            (rows.start, rows.stop, cols.start, cols.stop) == (0, dst[0], 0, dst[1]):
+        return F.interpolate(x, size=dst, mode="bilinear", align_corners=True)
+    out = x
+    for dim, rng, off, n_in, n_out in ((3, cols, at[1], src[1], dst[1]),
+                                       (2, rows, at[0], src[0], dst[0])):
+        out = interp_axis(out, dim, align_corners_positions(rng, n_in, n_out, dev), off, n_in,
+                          lerp=True)
+    return out
 
 
 class MMFKernel:
@@ -75,7 +132,7 @@ class MMFKernel:
         self.dtype = precision_dtype(precision)
         self.fast = use_fast_path(net, exact)
         self.path = "fast" if self.fast else "exact"
-        if self.fast:  # compiled encoders and decoder (engine/fast.py)
+        if self.fast:  # encoders and decoder in the fast form, compiled or lean (fast.py)
             self.net = fast_network("mmf", net, self.dtype, compile=compile)
             self.r_lr, self.r_g = self.net.lr_radius, self.net.guide_radius
         else:
@@ -90,8 +147,18 @@ class MMFKernel:
         # context in output pixels (for the tile-size estimate only; crops are exact)
         self.halo = int(math.ceil((self.r_lr + self.box + 2) * scale)) + self.r_g + 2
         g_c = net.guide_channels
-        self.bytes_per_pixel = 4 * (self.q * 5 + g_c + 2 * self.c) \
-            + 4 * (self.q * 4 + self.c) / (scale * scale)
+        self.piece = MMF_PIECE
+        if self.fast:
+            # the tile holds the guide encoder's working set (z and two more code maps at
+            # full resolution), then the guide codes at full and z_g, z_L, [a, b] at low
+            # resolution; the later stages' temporaries live in pieces (fixed_bytes)
+            self.bytes_per_pixel = 4 * (max(3 * self.q, self.q + 4 * self.q / scale ** 2)
+                                        + g_c + 3 * self.c)
+            self.fixed_bytes = 8 * 8 * self.q * (MMF_STATS_PIECE + 2) ** 2 \
+                + 4 * 4 * self.q * (MMF_PIECE + 2) ** 2
+        else:
+            self.bytes_per_pixel = 4 * (self.q * 5 + g_c + 2 * self.c) \
+                + 4 * (self.q * 4 + self.c) / (scale * scale)
 
     def preferred_tile(self, device: torch.device) -> int | None:
         return None
@@ -111,11 +178,16 @@ class MMFKernel:
             la = align_corners_span(d[0], d[1], n_lr, n_hr)
             lbox = (max(0, la[0] - self.box), min(n_lr, la[1] + self.box))
             lcrop = (max(0, lbox[0] - self.r_lr), min(n_lr, lbox[1] + self.r_lr))
-            gneed = align_corners_span(lbox[0], lbox[1], n_hr, n_lr)
-            gall = (min(gneed[0], d[0]), max(gneed[1], d[1]))
+            gall = self.guide_span(ax, d, lbox)
             gcrop = (max(0, gall[0] - self.r_g), min(n_hr, gall[1] + self.r_g))
             out[ax] = (d, lbox, lcrop, gcrop)
         return out
+
+    def guide_span(self, ax: int, d: tuple[int, int], lbox: tuple[int, int]) -> tuple[int, int]:
+        """Guide rows (ax 0) or columns whose codes a tile reads: those the downsampled codes
+        interpolate at the low-res box window ``lbox``, and the decoder's context ``d``."""
+        gneed = align_corners_span(lbox[0], lbox[1], self.hr_shape[ax], self.lr_shape[ax])
+        return min(gneed[0], d[0]), max(gneed[1], d[1])
 
     def crop(self, x, t: Tile):
         lr, guide = x
@@ -126,6 +198,11 @@ class MMFKernel:
 
     def __call__(self, crop, core: Box, stats=None, tick=None) -> dict[str, np.ndarray]:
         lr_np, g_np, core = crop
+        if self.fast:
+            image = self.fast_image(lr_np, g_np, core)
+            if tick is not None:
+                tick()
+            return {"image": image}
         win = self.windows(core)
         dev, dt = self.device, self.dtype
         with torch.inference_mode():
@@ -170,6 +247,69 @@ class MMFKernel:
         if tick is not None:
             tick()
         return {"image": image}
+
+    def fast_image(self, lr_np: np.ndarray, g_np: np.ndarray, core: Box) -> np.ndarray:
+        """The fast path's tile: every 256-channel stage in cache-sized pieces (encoders with
+        their halo, the guided filter's coefficients with its box radius, the fused codes
+        with the decoder's pixel), the guided filter's statistics in float64.
+
+        Why float64: cov / (var + 1e-4) of E[xy] - E[x]E[y] amplifies rounding in flat code
+        regions (var ~ 0) by up to 1e4, so float32 statistics put any reordered arithmetic
+        (pieces, folded batch norm, channels_last) up to ~1e-3 from the float32 reference,
+        and the model's own cumulative sums up to ~1 on a 1 Mpx image (benchmarks/README.md,
+        issue 18). In float64 the coefficients are the same whatever the order (~1e-10)."""
+        win = self.windows(core)
+        dev, dt, piece = self.device, self.dtype, self.piece
+        work = torch.float64 if dt == torch.float64 else torch.float32
+        (dy, lby, lcy, gcy), (dx, lbx, lcx, gcx) = win[0], win[1]
+        gy, gx = self.guide_span(0, dy, lby), self.guide_span(1, dx, lbx)
+        (h, w), (H, W) = self.lr_shape, self.hr_shape
+        net = self.net
+        with torch.inference_mode():
+            lr = to_device(lr_np, dev, work)[None]
+            g = to_device(g_np, dev, dt)[None]
+            # guide codes on the rows/columns the tile reads; low-res codes on the box window
+            # (whole crops: cutting the encoders into pieces measured slower here)
+            z_G = net.guide_encoder(g)[..., gy[0] - gcy[0]:gy[1] - gcy[0],
+                                       gx[0] - gcx[0]:gx[1] - gcx[0]].to(work)
+            # one memory format throughout (mixed formats make element-wise passes slow):
+            # the encoders' channels_last where the tile is the whole image (PyTorch's
+            # resize keeps it), else NCHW (the gathers of a tile's resampling give NCHW)
+            fmt = torch.channels_last if (gy, gx, lby, lbx) == ((0, H), (0, W), (0, h), (0, w)) \
+                else torch.contiguous_format
+            z_G = z_G.contiguous(memory_format=fmt)
+            z_l = net.lr_encoder(lr.to(dt) if dt else lr)[
+                ..., lby[0] - lcy[0]:lby[1] - lcy[0], lbx[0] - lcx[0]:lbx[1] - lcx[0]].to(work)
+            z_g = resampled(z_G, (gy[0], gx[0]), range(*lby), range(*lbx), (H, W), (h, w))
+            # coefficients a (first q channels) and b on the box window, piece by piece
+            ab = torch.empty((1, 2 * self.q, *z_l.shape[-2:]), dtype=z_l.dtype, device=dev,
+                             memory_format=fmt)
+            for t in sub_tiles((0, *z_l.shape[-2:-1], 0, z_l.shape[-1]),
+                               (0, *z_l.shape[-2:-1], 0, z_l.shape[-1]), MMF_STATS_PIECE,
+                               self.box):
+                iy0, iy1, ix0, ix1 = t.inner
+                (cy0, cy1), (cx0, cx1) = t.crop[:2], t.crop[2:]
+                ab[..., t.core[0]:t.core[1], t.core[2]:t.core[3]] = guided_coefficients(
+                    z_g[..., cy0:cy1, cx0:cx1], z_l[..., cy0:cy1, cx0:cx1], self.box,
+                    net.eps)[..., iy0:iy1, ix0:ix1]
+            del z_g, z_l
+            out = lr.new_empty((1, self.c, core[1] - core[0], core[3] - core[2]))
+            for t in sub_tiles(core, (dy[0], dy[1], dx[0], dx[1]), piece, 1):  # decoder: 1 px
+                (y0, y1), (x0, x1) = t.crop[:2], t.crop[2:]
+                sy, sx = align_corners_span(y0, y1, h, H), align_corners_span(x0, x1, w, W)
+                c = resampled(ab[..., sy[0] - lby[0]:sy[1] - lby[0], sx[0] - lbx[0]:sx[1] - lbx[0]],
+                              (sy[0], sx[0]), range(y0, y1), range(x0, x1), (h, w), (H, W))
+                z_f = c[:, :self.q].mul_(z_G[..., y0 - gy[0]:y1 - gy[0], x0 - gx[0]:x1 - gx[0]])
+                dec = net.decode_codes(z_f.add_(c[:, self.q:]).to(dt) if dt
+                                       else z_f.add_(c[:, self.q:])).to(work)
+                del c, z_f
+                c0, c1, c2, c3 = t.core
+                up = resampled(lr, (lcy[0], lcx[0]), range(c0, c1), range(c2, c3), (h, w),
+                               (H, W))
+                iy0, iy1, ix0, ix1 = t.inner
+                out[..., c0 - core[0]:c1 - core[0], c2 - core[2]:c3 - core[2]] = \
+                    dec[..., iy0:iy1, ix0:ix1].add_(up)
+            return to_numpy(out[0].clamp_(0.0, 1.0))
 
     def plane_shape(self, x) -> tuple[int, int]:
         return self.hr_shape
@@ -282,7 +422,7 @@ def _guided_layout(lr_shape: tuple, g_shape: tuple, net_c: int | None) -> tuple[
 def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
                 progress=None, *, tile=None, precision: str | None = None,
                 compile: bool | None = None, client=None, scheduler: str | None = None,
-                exact: bool = True) -> FusionResult:
+                exact: bool | None = None) -> FusionResult:
     """Super-resolve ``low_res`` (h,w) or (C,h,w) to the guide's size (H,W) with CSC-MMFN.
 
     guide: (H,W) grey or (H,W,3) RGB; a grey guide is repeated to RGB for a network trained
@@ -297,11 +437,17 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     ``tile``: output tile side (None: from free memory; 0/False: whole image). Tiles are cut
     in the guide's coordinates; each crops both inputs with the context its pixels need and
     resamples at whole-image coordinates, so tiled and whole-image results agree (1e-5).
-    ``precision``, ``compile`` and the fast path as in fuse_infrared_visible, but ``exact``
-    defaults to True here: CSC-MMFN's fast form (``exact=False``; its thresholds are clamped
-    at >= 0, so it applies) measured no faster than the naive forward at 1 Mpx and its guided
-    filter (eps 1e-4 on code variances) amplifies the fast form's rounding to the edge of the
-    1e-3 tolerance (benchmarks/README.md, issue 18). Dask runs take the same path.
+    ``precision``, ``compile`` and the fast path as in fuse_infrared_visible (CSC-MMFN clamps
+    its thresholds at >= 0, so the fast path applies to every CSC-MMFN): folded encoders in
+    place and channels_last, and the guided filter's statistics in float64, which makes it
+    closer to float64 arithmetic (~5e-6) than the exact path itself: that runs the network's
+    own cumulative-sum box filter in float32 on a whole image, whose E[xy] - E[x]E[y] over
+    the eps = 1e-4 of code variances is up to ~4e-3 from float64 on a 100x130 crop, more on
+    larger images (benchmarks/README.md, issue 18). ``exact=True`` (or ``codes=True``): the
+    reference arithmetic. ``exact=None`` (default): the fast path for networks with at least
+    ``MMF_FAST_MIN_CODES`` code channels (the authors' 256: measured faster than the naive
+    forward), the exact path for thinner ones (the packaged 32: measured slower). Dask runs
+    take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
     Weights of the low_res geometry (``hparams['geometry']`` in their header; models/mmfn.py)
@@ -311,8 +457,9 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
 
     Dask: dask inputs (or ``client``/``scheduler``, as in fuse_infrared_visible) give a lazy
     image (..., [C,] H, W), chunked by plane and tile, each task reading only its crops of
-    both inputs; the values are those of the in-memory run with the same tile (the whole
-    image at once, tile=0, runs the network's own forward instead: up to ~1e-4 apart in fp32).
+    both inputs; the values are those of the in-memory run with the same tile (on the exact
+    path the whole image at once, tile=0, runs the network's own forward instead: up to ~1e-4
+    apart in fp32; on the fast path tiles and the whole image agree to ~2e-6).
     """
     t0 = time.perf_counter()
     notices.begin_run()
@@ -333,6 +480,8 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         raise ValueError(f"guide: must be at least as large as low_res; guide is {H}x{W}, "
                          f"low_res {h}x{w}")
     model = resolve_model(model, "mmf")
+    if exact is None:
+        exact = model.network.hparams["code_channels"] < MMF_FAST_MIN_CODES
     net_c, net_g = model.network.lr_channels, model.network.guide_channels
     c = lr_shape[nl] if chan else 1
     if c != net_c:
@@ -408,23 +557,19 @@ def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.
                             compile=auto_compile("mmf", fast, d) if compile is None
                             else compile, exact=exact)
         side = resolve_tile(tile, (H, W), kernel, d, held=result_bytes(kernel, (H, W)))
-        if codes or (side is None and precision in (None, "fp32")):
+        if codes or (side is None and precision in (None, "fp32") and not fast):
             # One pass through the whole image: on the exact path the network's own forward,
             # the authors' arithmetic exactly (the fast guided filter's E[xy] - E[x]E[y]
-            # cancels, so summation order shows in fp32); on the fast path its compiled form.
+            # cancels, so summation order shows in fp32). The fast path runs its kernel on
+            # one tile (pieces inside, float64 statistics).
             try:
                 with torch.inference_mode():
                     lr_t = torch.from_numpy(np.ascontiguousarray(lr))[None].to(d)
                     g_t = torch.from_numpy(np.ascontiguousarray(g))[None].to(d)
                     report(progress, 0, 1)
-                    code_maps = {}
-                    if fast:
-                        out = kernel.net.whole(lr_t, g_t)[0]
-                    else:
-                        z = net.encode(lr_t, g_t)
-                        out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
-                        if codes:
-                            code_maps = {k: to_numpy(v[0]) for k, v in z.items()}
+                    z = net.encode(lr_t, g_t)
+                    out = net.decode(z["fused"], lr_t).clamp(0.0, 1.0)[0]
+                    code_maps = {k: to_numpy(v[0]) for k, v in z.items()} if codes else {}
                 report(progress, 1, 1)
                 return to_numpy(out), code_maps
             except Exception as exc:

@@ -189,6 +189,53 @@ class FastEncoder(nn.Module):
             z = dcu(first_input if (i == 0 and first_input is not None) else x, z)
         return z
 
+    def lean(self, x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+        """``forward(x)`` eager, in fewer passes over the codes (for thick codes, CSC-MMFN's
+        256 channels): results written in place (no fresh page-faulted allocation per
+        operation) and the convolutions' inputs in channels_last (oneDNN's thin 3 <-> 256 and
+        31 <-> 256 convolutions ran 1.5-3x faster so, measured). The same arithmetic as
+        ``forward`` but for the convolutions' summation order."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        z = None
+        if self.has_stem:
+            v = F.conv2d(_pad(x).contiguous(memory_format=fmt), self.stem_w,
+                         self.stem_b.flatten())
+            z = _shrink_(v, self.stem_kind, self.stem_act)
+        for d in self.dcus:
+            if z is None:
+                v = F.conv2d(_pad(x).contiguous(memory_format=fmt), d.w1, d.b.flatten())
+            else:
+                r = x - reflect_conv(z, d.w0)
+                v = F.conv2d(_pad(r).contiguous(memory_format=fmt), d.w1, d.b.flatten())
+                v.addcmul_(z, d.s)
+                del z
+            z = _shrink_(v, d.kind, d.act)
+        return z
+
+
+def reflect_conv(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """3x3 convolution of z with reflection padding 1, without a padded copy of z (a pass over
+    thick codes): zero padding inside oneDNN, then the border ring corrected by what the
+    reflected rows and columns add (the same sum, in another order)."""
+    h, wd = z.shape[-2:]
+    out = F.conv2d(z, w, padding=1)
+    if h < 2 or wd < 2:
+        return F.conv2d(F.pad(z, (1, 1, 1, 1), mode="reflect"), w)
+    for row, dst, k in ((1, 0, 0), (h - 2, h - 1, 2)):  # padded row -1 = row 1, row h = h - 2
+        line = F.pad(z[..., row:row + 1, :], (1, 1, 0, 0), mode="reflect")
+        out[..., dst:dst + 1, :] += F.conv2d(line, w[:, :, k:k + 1, :])
+    for col, dst, k in ((1, 0, 0), (wd - 2, wd - 1, 2)):  # columns, rows inside only
+        out[..., dst:dst + 1] += F.conv2d(z[..., col:col + 1], w[:, :, :, k:k + 1],
+                                          padding=(1, 0))
+    return out
+
+
+def _shrink_(v: torch.Tensor, kind: str, param: torch.Tensor) -> torch.Tensor:
+    """``_shrink`` computed into v."""
+    if kind == "prelu":
+        return _shrink(v, kind, param)
+    return v.sub_(torch.clamp(v, -param, param))
+
 
 # --- whole-task fast forms ----------------------------------------------------------------
 
@@ -278,4 +325,6 @@ class FastMMFN(nn.Module):
         self.radius_, self.eps = net.radius, net.eps
 
     def decode_codes(self, z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(_pad(z), self.dec_w)
+        if torch.compiler.is_compiling():
+            return F.conv2d(_pad(z), self.dec_w)
+        return reflect_conv(z, self.dec_w)
