@@ -196,6 +196,18 @@ class MMFKernel:
         return ((lr[:, ly[0]:ly[1], lx[0]:lx[1]], guide[:, gy[0]:gy[1], gx[0]:gx[1]], t.core),
                 t.core)
 
+    def encode_crop(self, lr_np, g_np):
+        """(low-res crop [1, c, h, w], its codes, the guide crop's codes, the working dtype)
+        on the exact path: half precision for the networks only, the guided filter in float32
+        (or float64). Call under inference_mode."""
+        dev, dt = self.device, self.dtype
+        work = torch.float64 if dt == torch.float64 else torch.float32
+        lr = to_device(lr_np, dev, work)[None]
+        g = to_device(g_np, dev, dt)[None]
+        z_gc = self.net.guide_encoder(g).to(work)
+        z_lc = self.net.lr_encoder(lr.to(dt) if dt else lr).to(work)
+        return lr, z_lc, z_gc, work
+
     def __call__(self, crop, core: Box, stats=None, tick=None) -> dict[str, np.ndarray]:
         lr_np, g_np, core = crop
         if self.fast:
@@ -206,12 +218,7 @@ class MMFKernel:
         win = self.windows(core)
         dev, dt = self.device, self.dtype
         with torch.inference_mode():
-            # half precision for the networks only; the guided filter in float32 (or fp64)
-            work = torch.float64 if dt == torch.float64 else torch.float32
-            lr = to_device(lr_np, dev, work)[None]
-            g = to_device(g_np, dev, dt)[None]
-            z_gc = self.net.guide_encoder(g).to(work)  # guide crop codes
-            z_lc = self.net.lr_encoder(lr.to(dt) if dt else lr).to(work)
+            lr, z_lc, z_gc, work = self.encode_crop(lr_np, g_np)
             # low-res box window: z_L there, and z_G resampled to low-res positions
             (dy, lby, lcy, gcy), (dx, lbx, lcx, gcx) = win[0], win[1]
             z_l = z_lc[..., lby[0] - lcy[0]:lby[1] - lcy[0], lbx[0] - lcx[0]:lbx[1] - lcx[0]]

@@ -97,12 +97,7 @@ class LowResMMFKernel(MMFKernel):
         dev, dt = self.device, self.dtype
         (h, w), (H, W) = self.lr_shape, self.hr_shape
         with torch.inference_mode():
-            # half precision for the networks only; the guided filter in float32 (or fp64)
-            work = torch.float64 if dt == torch.float64 else torch.float32
-            lr = to_device(lr_np, dev, work)[None]
-            g = to_device(g_np, dev, dt)[None]
-            z_gc = self.net.guide_encoder(g).to(work)  # guide crop codes
-            z_lc = self.net.lr_encoder(lr.to(dt) if dt else lr).to(work)
+            lr, z_lc, z_gc, work = self.encode_crop(lr_np, g_np)
             z_l = z_lc[..., lby[0] - lcy[0]:lby[1] - lcy[0], lbx[0] - lcx[0]:lbx[1] - lcx[0]]
             # the guide's codes averaged over each low-res pixel of the box window
             my = area_matrix(lby, h, H, gcy[0], z_gc.shape[-2]).to(dev, work)
