@@ -43,3 +43,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"device: {str(device)!r} is not available on this machine; available: "
                          f"{', '.join(available_devices())} (or 'auto')")
     return dev
+
+
+def module_on_cpu(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net`` on the CPU, its parameters and buffers copied straight there (a
+    deepcopy first would allocate them again on a GPU that has just run out of memory)."""
+    import copy
+
+    cpu = torch.device("cpu")
+    memo = {id(t): (torch.nn.Parameter(t.detach().to(cpu), t.requires_grad)
+                    if isinstance(t, torch.nn.Parameter) else t.to(cpu))
+            for t in (*net.parameters(), *net.buffers())}
+    return copy.deepcopy(net, memo)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..models import fastpath
 from . import dcu_kernel, notices
+from .device import module_on_cpu
 
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -175,5 +176,14 @@ def fast_network(task: str, net: nn.Module, dtype: torch.dtype | None = None,
         per_net = _cache.setdefault(net, {})
         if key not in per_net:
             with torch.no_grad():
-                per_net[key] = _FAST[task](net, dtype, compile, **kw)
+                form = _FAST[task](net, dtype, compile, **kw)
+            form.source = (task, net, dtype, kw)  # for fast_on_cpu
+            per_net[key] = form
         return per_net[key]
+
+
+def fast_on_cpu(form):
+    """The fast form ``form`` (from fast_network) built again, uncompiled, from its network
+    copied to the CPU: the GPU out-of-memory fallback of lazy tasks (engine/lazy.py)."""
+    task, net, dtype, kw = form.source
+    return fast_network(task, module_on_cpu(net), dtype, compile=False, **kw)

@@ -30,6 +30,8 @@ from functools import partial
 import numpy as np
 import torch
 
+from .device import module_on_cpu
+from .fast import fast_on_cpu
 from .inputs import map_values, value_mapping
 from .notices import free_cached, is_oom, notify, release_freed_memory
 from .tiling import (
@@ -125,12 +127,10 @@ def _cpu_twin(kernel):
         if twin is None:
             cpu = torch.device("cpu")
             twin = copy.copy(kernel)
-            # parameters and buffers copied straight to the CPU (a deepcopy first would
-            # allocate them again on the GPU that just ran out of memory)
-            memo = {id(t): (torch.nn.Parameter(t.detach().to(cpu), t.requires_grad)
-                            if isinstance(t, torch.nn.Parameter) else t.to(cpu))
-                    for t in (*kernel.net.parameters(), *kernel.net.buffers())}
-            twin.net = copy.deepcopy(kernel.net, memo)
+            if isinstance(kernel.net, torch.nn.Module):
+                twin.net = module_on_cpu(kernel.net)
+            else:  # a fast form (engine/fast.py: closures over its tensors) is built again
+                twin.net = fast_on_cpu(kernel.net)
             twin.device = cpu
             if hasattr(kernel, "INNER_TILE"):
                 twin.inner = inner_tile(kernel.INNER_TILE, cpu)
