@@ -37,10 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:  # optional: without numba the PyTorch fast form runs
-    import numba
-except ImportError:  # pragma: no cover - exercised by the fallback test with a stub
-    numba = None
+from .numba_jit import jit as _jit
+from .numba_jit import numba
 
 TILE = 128  # output tile side (px): benchmarks/README.md (issue 18)
 
@@ -111,13 +109,6 @@ class DCUChain:
 
 
 # --- the kernel -------------------------------------------------------------------------------
-
-def _jit(fn):
-    """numba's njit as the kernel needs it (compiled on first call, cached on disk); without
-    numba the functions stay plain Python and are never called (``available()``)."""
-    if numba is None:
-        return fn
-    return numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")(fn)
 
 
 @_jit

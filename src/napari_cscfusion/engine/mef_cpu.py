@@ -17,22 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-try:  # optional: the PyTorch fast form runs without it
-    import numba
-except ImportError:  # pragma: no cover - exercised by the fallback test with a patch
-    numba = None
+from .numba_jit import jit as _jit
+from .numba_jit import numba
 
 _COMPILE_ERROR: Exception | None = None
-
-
-def _jit(fn):
-    if numba is None:
-        return fn
-    options = {"nogil": True, "fastmath": True, "error_model": "numpy"}
-    try:  # compiled once, then loaded from numba's on-disk cache
-        return numba.njit(cache=True, **options)(fn)
-    except RuntimeError:  # no writable cache location: compile in every process
-        return numba.njit(**options)(fn)
 
 
 # --- the network's parameters, folded ---------------------------------------------------------
