@@ -60,6 +60,8 @@ MMF_MIN_LOW_SIZE = 4  # the fast guided filter (r=1) needs more than 3 px per si
 # decoder (256 px: ~200 MB); whole-tile stages measured a little faster still, pieces bound
 # the memory (benchmarks/README.md, issue 18)
 MMF_STATS_PIECE, MMF_PIECE = 128, 256
+# output tile side of the numba kernels' runs (``MMFKernel.preferred_tile``)
+MMF_CPU_TILE = 384
 # exact=None (default) takes the fast path for networks with at least this many code
 # channels: measured faster than the naive forward for the authors' 256 (1.46x at 1 Mpx), but
 # its PyTorch form 0.74x for the packaged 32-code network; one-channel networks (the packaged
@@ -169,7 +171,9 @@ class MMFKernel:
                 + 4 * (self.q * 4 + self.c) / (scale * scale)
 
     def preferred_tile(self, device: torch.device) -> int | None:
-        return None
+        # the numba kernels: tiles whose code maps stay in the last-level cache between the
+        # stages measured faster than the whole image (1 Mpx: 4.1-4.5 s at 256-512 px vs 6.5 s)
+        return MMF_CPU_TILE if self.chains is not None else None
 
     def outputs(self) -> dict[str, int]:
         return {"image": self.c}
@@ -511,13 +515,17 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     larger images (benchmarks/README.md, issue 18). ``exact=True`` (or ``codes=True``): the
     reference arithmetic. ``exact=None`` (default): the fast path for networks with at least
     ``MMF_FAST_MIN_CODES`` code channels (the authors' 256: measured faster than the naive
-    forward), the exact path for thinner ones (the packaged 32: measured slower). Dask runs
+    forward) and, on the CPU in float32 uncompiled, for one-channel networks (1-band
+    low-res, grey guide: the packaged one), which run in numba kernels there (mmf_cpu.py;
+    ``metadata['fast_kernel']`` "numba"; float64 statistics as well); the exact path for the
+    others (thin networks in the PyTorch fast form measured slower than naive). Dask runs
     take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
     Weights of the low_res geometry (``hparams['geometry']`` in their header; models/mmfn.py)
-    take ``low_res`` as it is and run the exact path (tiles: ``mmf_lowres.LowResMMFKernel``);
-    their low-resolution codes are at the input's resolution.
+    take ``low_res`` as it is (tiles: ``mmf_lowres.LowResMMFKernel``); their low-resolution
+    codes are at the input's resolution. Their fast path is the numba kernels' (one-channel
+    networks on the CPU); elsewhere they run the exact path.
     progress(done, total) is called after every tile and may raise Cancelled.
 
     Dask: dask inputs (or ``client``/``scheduler``, as in fuse_infrared_visible) give a lazy
@@ -578,6 +586,7 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         meta = base_metadata(model, dev, lazy.notes)
         meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), lazy=lazy.is_lazy,
                     tile=lazy.tile, precision=precision, path=run_path(model, exact),
+                    fast_kernel=kernel_name(model, exact, cpu_kernels),
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, {}, meta)
     n_lr, n_g = normalise(lr_arr, "low_res"), normalise(g_arr, "guide")
@@ -605,8 +614,16 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     meta = base_metadata(model, dev, {"low_res": n_lr.note, "guide": n_g.note})
     meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), planes=len(planes),
                 tile=tile, precision=precision, path="exact" if codes else run_path(model, exact),
+                fast_kernel=None if codes else kernel_name(model, exact, cpu_kernels),
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {}, meta)
+
+
+def kernel_name(model: FusionModel, exact: bool, cpu_kernels: bool) -> str | None:
+    """What ran the fast path (metadata): "numba" (mmf_cpu.py), "torch", or None (exact)."""
+    if run_path(model, exact) != "fast":
+        return None
+    return "numba" if cpu_kernels else "torch"
 
 
 def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.device,

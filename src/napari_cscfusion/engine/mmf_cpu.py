@@ -179,7 +179,8 @@ def available() -> bool:
                     _smoke()
                     _state["ok"] = True
                 except Exception as exc:  # numba's errors have no common base; any: fall back
-                    _state["why"] = f"numba failed to compile the MMF kernels ({type(exc).__name__})"
+                    _state["why"] = (f"numba failed to compile the MMF kernels "
+                                     f"({type(exc).__name__})")
             else:
                 _state["why"] = dcu_kernel.unavailable_reason()
         return _state["ok"]
