@@ -368,11 +368,12 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu",
                 repeat)
             diff = np.abs(res.image - ref[0])
             say(f"mmf {mpx} Mpx ({model.weights_label}): engine {best:.2f} s (first call "
-                f"{first:.1f} s, path {res.metadata.get('path', 'exact')}, tile "
-                f"{res.metadata.get('tile')}), naive {naive:.2f} s: engine "
-                f"{naive / best:.2f}x faster (target >= 1.5x); |engine - naive| max "
-                f"{diff.max():.2g}, mean {diff.mean():.2g} (the naive forward's float32 "
-                f"cumulative-sum guided filter is the inaccurate side: benchmarks/README.md)")
+                f"{first:.1f} s, path {res.metadata.get('path', 'exact')}, kernel "
+                f"{res.metadata.get('fast_kernel')}, tile {res.metadata.get('tile')}), naive "
+                f"{naive:.2f} s: engine {naive / best:.2f}x faster (target >= 1.5x); "
+                f"|engine - naive| max {diff.max():.2g}, mean {diff.mean():.2g} (the naive "
+                f"forward's float32 cumulative-sum guided filter is the inaccurate side: "
+                f"benchmarks/README.md)")
     return lines
 
 
