@@ -556,8 +556,8 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     dev = resolve_device(device)
     # the numba kernels' networks (one-channel) on the CPU: the fast path by default, and the
     # only fast form of the low_res geometry
-    cpu_kernels = mmf_cpu.applies(model.network, precision_dtype(precision), dev,
-                                  bool(compile))
+    cpu_kernels = not exact and not codes and mmf_cpu.applies(
+        model.network, precision_dtype(precision), dev, bool(compile))
     if exact is None:
         exact = model.network.hparams["code_channels"] < MMF_FAST_MIN_CODES and not cpu_kernels
     net_c, net_g = model.network.lr_channels, model.network.guide_channels
