@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..models.color import luma
 from ..models.folded import folded
+from ..models.mmfn import LOW_RES_GEOMETRIES
 from . import notices
 from .device import resolve_device
 from .fast import auto_compile, fast_network, run_path, use_fast_path
@@ -331,8 +332,9 @@ def mmf_kernel(net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
                device: torch.device, precision: str | None = None, compile: bool = False,
                exact: bool = True):
     """The tile kernel of ``net``'s geometry: MMFKernel (the authors'), or LowResMMFKernel
-    (low_res; exact path only: the fast form is written for the authors' geometry)."""
-    if getattr(net, "geometry", "authors") == "low_res":
+    (low_res, low_res_detail; exact path only: the fast form is written for the authors'
+    geometry)."""
+    if getattr(net, "geometry", "authors") in LOW_RES_GEOMETRIES:
         from .mmf_lowres import LowResMMFKernel  # (it subclasses MMFKernel)
 
         dtype = precision_dtype(precision)
@@ -495,7 +497,7 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         raise ValueError(f"low_res: this {model.name} model expects {net_c} channel(s), got {c} "
                          f"(shape {lr_shape})")
     lr_input = model.info.get("header", {}).get("training", {}).get("lr_input")
-    if getattr(model.network, "geometry", "authors") == "low_res":
+    if getattr(model.network, "geometry", "authors") in LOW_RES_GEOMETRIES:
         exact = True  # the fast form is written for the authors' geometry only
     if lr_input not in (None, "native", "bicubic"):
         raise ValueError(f"model: low-res input preparation {lr_input!r} (recorded in "
