@@ -15,7 +15,7 @@ from napari_cscfusion.models import load_network, save_checkpoint
 from napari_cscfusion.models.checkpoints import CheckpointError
 from napari_cscfusion.models.mmfn import CSCMMFN
 
-from ._shared import CKPT, DATA, missing
+from ._shared import CKPT, DATA, MMF_AUTHORS_GEOMETRY, missing
 
 
 def _low_res_net(lr_channels=1, guide_channels=1, seed=0, geometry="low_res") -> CSCMMFN:
@@ -45,8 +45,10 @@ def test_geometry_is_a_header_field_and_older_files_keep_the_authors(tmp_path):
     model = _saved(_low_res_net(), tmp_path / "low.pt")
     assert model.network.geometry == "low_res"
     assert model.info["header"]["hparams"]["geometry"] == "low_res"
-    packaged, _ = load_network("mmf", packaged_weights_path("mmf"))
-    assert packaged.geometry == "authors" and "geometry" not in packaged.hparams
+    previous, _ = load_network("mmf", MMF_AUTHORS_GEOMETRY)  # a file of before the field
+    assert previous.geometry == "authors" and "geometry" not in previous.hparams
+    packaged, info = load_network("mmf", packaged_weights_path("mmf"))
+    assert packaged.geometry == "low_res_detail" == info["hparams"]["geometry"]
     authors = CKPT / "csc_mmfn_authors.pth"
     if authors.is_file():
         net, info = load_network("mmf", authors)
