@@ -18,15 +18,17 @@
 #      filter's fit leaves, so the IR's own detail reaches the decoder) from INIT= (default
 #      runs/guide/lr1.best.pt: no tensor depends on the geometry), 20 epochs from 5e-4
 #      -> runs/guide/lrd1.best.pt (2026-12-07; weights/README.md "A guide that matters, second
-#      try"); STAGE=5 the same from scratch (stage 1's recipe) -> runs/guide/lrd0.best.pt
-#   6. a continuation of a stage-4 file (INIT=, default runs/guide/lrd1.best.pt), a fresh
+#      try"); the same from scratch: STAGE=1 GEOMETRY=low_res_detail OUT=runs/guide/lrd0.pt
+#      -> runs/guide/lrd0.best.pt
+#   5. a continuation of a stage-4 file (INIT=, default runs/guide/lrd1.best.pt), a fresh
 #      cosine from ${LR:-2e-4} over ${EPOCHS:-15} epochs -> runs/guide/lrd2.best.pt
 set -e
 cd "$(dirname "$0")/.."
 mkdir -p runs/guide
 PY=".venv/bin/python -m napari_cscfusion.training.cli train mmf"
 if [ "${STAGE:-1}" = 1 ]; then
-  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res --out runs/guide/lr1.pt \
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry "${GEOMETRY:-low_res}" \
+    --out "${OUT:-runs/guide/lr1.pt}" \
     --epochs 20 --batch-size 16 --crop 64 --lr 1e-3 --schedule cosine --warmup-steps 10 \
     --max-grad-norm 1 --code-channels 32 --num-dcus 3 --nonnegative-thresholds --seed 0 \
     --threads 1 --no-progress "$@"
@@ -38,12 +40,6 @@ if [ "${STAGE:-1}" = 4 ]; then
     --threads 1 --no-progress "$@"
 fi
 if [ "${STAGE:-1}" = 5 ]; then
-  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res_detail --out runs/guide/lrd0.pt \
-    --epochs 20 --batch-size 16 --crop 64 --lr 1e-3 --schedule cosine --warmup-steps 10 \
-    --max-grad-norm 1 --code-channels 32 --num-dcus 3 --nonnegative-thresholds --seed 0 \
-    --threads 1 --no-progress "$@"
-fi
-if [ "${STAGE:-1}" = 6 ]; then
   OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res_detail --out "${OUT:-runs/guide/lrd2.pt}" \
     --init "${INIT:-runs/guide/lrd1.best.pt}" --epochs ${EPOCHS:-15} --batch-size 16 --crop 64 \
     --lr ${LR:-2e-4} --schedule cosine --warmup-steps 10 --max-grad-norm 1 \
