@@ -2,7 +2,7 @@
 Two CSC backbones code each input; a fast guided filter transfers the guide's codes to the
 low-resolution content; a decoder adds the result to the bilinear upsampling of the input.
 
-Two geometries (``hparams["geometry"]``, recorded in the weights file's header):
+Three geometries (``hparams["geometry"]``, recorded in the weights file's header):
 
 * ``"authors"`` (the default; the authors' checkpoint and every file without the field): codes
   resampled bilinearly with align_corners=True, guided-filter means by cumulative sums, base =

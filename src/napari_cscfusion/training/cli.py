@@ -51,8 +51,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="mmf: 'low_res' keeps the low-res input at its resolution, fits the "
                         "guided filter there and adds a bicubic base (models.mmfn; the input "
                         "is then the plain low-res crop); 'low_res_detail' adds the input's "
-                        "codes that the fit leaves; default 'authors' (bicubic "
-                        "pre-upsampled input, as the packaged mmf.pt)")
+                        "codes that the fit leaves (the packaged mmf.pt); default 'authors' "
+                        "(bicubic pre-upsampled input)")
     p.add_argument("--halo-weight", type=float, default=0.0, help="mef: weight of mean|grad Y|")
     p.add_argument("--counts", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="mef: exposures per training bracket, random in LO..HI (default 2 16)")
