@@ -7,7 +7,8 @@ x4, on thermal and non-thermal guided super-resolution.
 
 Sets (each image cropped to a multiple of 12 px so that every scale has whole low-res pixels;
 low-res = cv2.INTER_AREA downsampling of the target; the network input prepared as the
-weights' header says, ``training.data.prepare_mmf_lr``; bicubic = cv2.INTER_CUBIC, clipped):
+weights' header says, ``training.data.prepare_mmf_lr``; bicubic = cv2.INTER_CUBIC, clipped;
+guided filter = ``baselines.guided_filter_upsample`` with quality.py's settings, r 2, eps 1e-4):
 
 - ``val``: the flir_train validation split (pairs with index % 10 == 0), whole images: the only
   set used to choose weights.
@@ -34,8 +35,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from quality import ivf_pairs  # benchmarks/quality.py: FLIR-test pairs in index order
+from quality import GUIDED_EPS, GUIDED_R, ivf_pairs  # benchmarks/quality.py
 
+from napari_cscfusion import baselines as B
 from napari_cscfusion.models import load_network
 from napari_cscfusion.models.color import luma
 from napari_cscfusion.training import data as D
@@ -99,7 +101,7 @@ def psnr(pred: np.ndarray, target: np.ndarray, mask) -> float:
 
 @torch.no_grad()
 def evaluate(net, lr_input: str, items, scales) -> dict:
-    """{scale: (bicubic, real guide, flat guide) mean PSNR}."""
+    """{scale: (bicubic, guided filter, real guide, flat guide) mean PSNR}."""
     out = {}
     for s in scales:
         rows = []
@@ -108,7 +110,8 @@ def evaluate(net, lr_input: str, items, scales) -> dict:
             lr = D.area_downsample(target, s)
             bic = np.clip(cv2.resize(lr, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
             x = torch.from_numpy(D.prepare_mmf_lr(lr, (h, w), lr_input))[None, None]
-            row = [psnr(bic, target, mask)]
+            gf = B.guided_filter_upsample(lr, guide, (h, w), GUIDED_R, GUIDED_EPS)
+            row = [psnr(bic, target, mask), psnr(gf, target, mask)]
             for g in (guide, np.full_like(guide, guide.mean())):
                 pred = net(x, torch.from_numpy(np.ascontiguousarray(g))[None, None])
                 row.append(psnr(pred.clamp(0, 1)[0, 0].numpy(), target, mask))
@@ -134,12 +137,13 @@ def main(argv=None) -> None:
         lr_input = info.get("header", {}).get("training", {}).get("lr_input", "native")
         print(f"\n{path}: geometry {net.geometry}, lr_input {lr_input}, sha256 "
               f"{info['sha256'][:8]}")
-        print("| set | scale | bicubic | real guide | flat guide | real - bicubic "
-              "| real - flat |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| set | scale | bicubic | guided filter | real guide | flat guide "
+              "| real - bicubic | real - flat |\n| --- | --- | ---: | ---: | ---: | ---: | ---: "
+              "| ---: |")
         for name, items in sets.items():
-            for s, (bic, real, flat) in evaluate(net, lr_input, items, args.scales).items():
-                print(f"| {name} ({len(items)}) | x{s} | {bic:.2f} | {real:.2f} | {flat:.2f} "
-                      f"| {real - bic:+.2f} | {real - flat:+.2f} |", flush=True)
+            for s, (bic, gf, real, flat) in evaluate(net, lr_input, items, args.scales).items():
+                print(f"| {name} ({len(items)}) | x{s} | {bic:.2f} | {gf:.2f} | {real:.2f} "
+                      f"| {flat:.2f} | {real - bic:+.2f} | {real - flat:+.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -142,13 +142,15 @@ def _naive(task: str, model, inputs, device):
             return (w * y).sum(0).cpu().numpy()
         g = np.moveaxis(inputs[1], -1, 0).astype(np.float32) / 255
         lr = inputs[0]
-        if net.guide_channels == 1:  # the packaged network: grey guide, bicubic low-res input
+        if net.guide_channels == 1:  # the packaged network: grey guide, 1-band low-res input
             from napari_cscfusion.engine.resample import bicubic_resize
             from napari_cscfusion.models.color import luma
 
             g = luma(np.moveaxis(g, 0, -1))[None].astype(np.float32)
             lr = lr[None] if lr.ndim == 2 else lr
             if model.info.get("header", {}).get("training", {}).get("lr_input") == "bicubic":
+                # files trained on bicubic pre-upsampled input (the packaged one until
+                # 2026-12-07); low_res geometries take the low-res image as it is
                 lr = np.clip(bicubic_resize(lr, g.shape[-2:]), 0.0, 1.0).astype(np.float32)
         lr = torch.from_numpy(np.ascontiguousarray(lr))[None].to(device)
         g = torch.from_numpy(np.ascontiguousarray(g))[None]

@@ -14,22 +14,43 @@
 #   3. continuation of stage 1 (INIT=, default runs/guide/lr1.best.pt), batch statistics, a
 #      fresh cosine from 3e-4 over 20 epochs -> runs/guide/lr3.best.pt (2026-12-06: stopped
 #      after 3 epochs at 28.80-28.81 dB, to leave the CPU to benchmarks/mmf_ceiling.py)
+#   4. the low_res_detail geometry (models/mmfn.py: low_res plus the low-res codes the guided
+#      filter's fit leaves, so the IR's own detail reaches the decoder) from INIT= (default
+#      runs/guide/lr1.best.pt: no tensor depends on the geometry), 20 epochs from 5e-4
+#      -> runs/guide/lrd1.best.pt (2026-12-07; weights/README.md "A guide that matters, second
+#      try"); the same from scratch: STAGE=1 GEOMETRY=low_res_detail OUT=runs/guide/lrd0.pt
+#      -> runs/guide/lrd0.best.pt
+#   5. a continuation of a stage-4 file (INIT=, default runs/guide/lrd1.best.pt), a fresh
+#      cosine from ${LR:-2e-4} over ${EPOCHS:-15} epochs -> runs/guide/lrd2.best.pt
 set -e
 cd "$(dirname "$0")/.."
 mkdir -p runs/guide
-PY=".venv/bin/python -m napari_cscfusion.training.cli train mmf --geometry low_res"
+PY=".venv/bin/python -m napari_cscfusion.training.cli train mmf"
 if [ "${STAGE:-1}" = 1 ]; then
-  OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr1.pt \
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry "${GEOMETRY:-low_res}" \
+    --out "${OUT:-runs/guide/lr1.pt}" \
     --epochs 20 --batch-size 16 --crop 64 --lr 1e-3 --schedule cosine --warmup-steps 10 \
     --max-grad-norm 1 --code-channels 32 --num-dcus 3 --nonnegative-thresholds --seed 0 \
     --threads 1 --no-progress "$@"
 fi
+if [ "${STAGE:-1}" = 4 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res_detail --out runs/guide/lrd1.pt \
+    --init "${INIT:-runs/guide/lr1.best.pt}" --epochs 20 --batch-size 16 --crop 64 --lr 5e-4 \
+    --schedule cosine --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds --seed 5 \
+    --threads 1 --no-progress "$@"
+fi
+if [ "${STAGE:-1}" = 5 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res_detail --out "${OUT:-runs/guide/lrd2.pt}" \
+    --init "${INIT:-runs/guide/lrd1.best.pt}" --epochs ${EPOCHS:-15} --batch-size 16 --crop 64 \
+    --lr ${LR:-2e-4} --schedule cosine --warmup-steps 10 --max-grad-norm 1 \
+    --nonnegative-thresholds --seed ${SEED:-9} --threads 1 --no-progress "$@"
+fi
 if [ "${STAGE:-1}" = 3 ]; then
-  OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr3.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res --out runs/guide/lr3.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
     --epochs 20 --batch-size 16 --crop 64 --lr 3e-4 --schedule cosine --warmup-steps 10 \
     --max-grad-norm 1 --nonnegative-thresholds --seed 3 --threads 1 --no-progress "$@"
 fi
-OMP_NUM_THREADS=1 exec nice -n 19 $PY --out runs/guide/lr2.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
+OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res --out runs/guide/lr2.pt --init "${INIT:-runs/guide/lr1.best.pt}" \
   --freeze-bn --recalibrate-bn 20 --epochs ${EPOCHS:-15} --batch-size 16 --crop 64 --lr 5e-4 \
   --schedule cosine --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds --seed 1 \
   --threads 1 --no-progress "$@"

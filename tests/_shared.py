@@ -27,6 +27,11 @@ AUTHORS_WEIGHTS = {"ivf": "reference-checkpoints",
 BRAINWEB_SAMPLES = {"BrainT1Slice.png": "brainweb_t1.png",
                     "BrainProtonDensitySlice.png": "brainweb_pd.png"}
 
+# The packaged mmf.pt until 2026-12-07 (weights/README.md "mmf.pt"): CSC-MMFN in the authors'
+# geometry, trained on bicubic pre-upsampled input; the engine's fast path and bicubic-input
+# paths are tested with it (the packaged file is now of the low_res_detail geometry).
+MMF_AUTHORS_GEOMETRY = Path(__file__).resolve().parent / "data" / "mmf_authors_geometry.pt"
+
 NEEDS_SHARED = "needs the shared data"
 
 

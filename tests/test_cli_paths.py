@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_cscfusion import cli, fuse_guided, fuse_infrared_visible
+from napari_cscfusion import cli, fuse_guided, fuse_infrared_visible, load_model
 from napari_cscfusion.engine import Cancelled, batch
 from napari_cscfusion.engine.io import read_tiff_metadata
 
-from ._shared import SAMPLES, grey, read, shared_path
+from ._shared import MMF_AUTHORS_GEOMETRY, SAMPLES, grey, read, shared_path
 
 
 def _missing_device() -> str:
@@ -63,15 +63,33 @@ def test_fuse_mmf_writes_the_image_and_its_codes(mmf_inputs, tmp_path, capsys):
     np.testing.assert_allclose(image, want.image, atol=1e-6, rtol=0)
     meta = read_tiff_metadata(out)
     assert meta["network"] == "CSC-MMFN" and meta["scale"] == [4.0, 4.0]
-    # the packaged network's codes (of its bicubically upsampled low-res input, and fused)
-    # all have the guide's size: stacked in one file (name, q, H, W), the names in metadata
+    # the packaged network (low_res_detail geometry) codes the low-res input at its own
+    # size: codes of two sizes, one file per code kind, its name in the file's metadata
+    names = sorted(want.codes)
+    assert names == ["fused", "guide", "low_res"] and want.codes["low_res"].shape[1:] == low.shape
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"codes_{n}.tif" for n in names] \
+        + ["sr.tif"]
+    for n in names:
+        path = tmp_path / f"codes_{n}.tif"
+        np.testing.assert_allclose(tifffile.imread(path), want.codes[n], atol=1e-6, rtol=0)
+        assert read_tiff_metadata(path)["codes"] == [n]
+    # weights trained on bicubic pre-upsampled input (the previous packaged file): every code
+    # has the guide's size, stacked in one file (name, q, H, W), the names in its metadata
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    codes_out = previous / "codes.tif"
+    assert cli.main(["fuse", "mmf", str(low_path), str(guide_path), "-o",
+                     str(previous / "sr.tif"), "--codes-out", str(codes_out), "--device", "cpu",
+                     "--weights", str(MMF_AUTHORS_GEOMETRY), "-q"]) == 0
+    want = fuse_guided(low, guide, load_model("mmf", MMF_AUTHORS_GEOMETRY), device="cpu",
+                       codes=True)
     names = sorted(want.codes)
     assert len(names) >= 2 and {want.codes[n].shape[1:] for n in names} == {guide.shape}
     stacked = tifffile.imread(codes_out)  # pages: (names x q, H, W)
     np.testing.assert_allclose(stacked.reshape(len(names), -1, *guide.shape),
                                np.stack([want.codes[n] for n in names]), atol=1e-6, rtol=0)
     assert read_tiff_metadata(codes_out)["codes"] == names
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.tif", "sr.tif"]
+    assert sorted(p.name for p in previous.iterdir()) == ["codes.tif", "sr.tif"]
 
 
 def test_fuse_mmf_bad_input_is_exit_status_2_naming_the_argument(mmf_inputs, tmp_path,

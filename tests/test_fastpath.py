@@ -13,7 +13,7 @@ import torch
 from napari_cscfusion.engine import FusionModel, load_model, mmf_cpu
 from napari_cscfusion.models import fastpath
 
-from ._shared import DATA, authors_model, grey, needs_shared, read
+from ._shared import DATA, MMF_AUTHORS_GEOMETRY, authors_model, grey, needs_shared, read
 
 MAX_DIFF, MEAN_DIFF = 1e-3, 1e-5
 
@@ -297,7 +297,9 @@ def test_mmf_fast_path_matches_exact_on_a_flir_pair():
 
     from napari_cscfusion import fuse_guided
 
-    model = load_model("mmf")  # CSC-MMFN clamps its thresholds: the fast path applies
+    # the authors' geometry (the fast form is written for it); CSC-MMFN clamps its
+    # thresholds: the fast path applies
+    model = load_model("mmf", MMF_AUTHORS_GEOMETRY)
     ir = grey(read(DATA / "ivf" / "flir_test" / "IR1.jpg"))[:96, :128]
     vis = grey(read(DATA / "ivf" / "flir_test" / "VIS1.jpg"))[:96, :128]
     low = cv2.resize(ir, (64, 48), interpolation=cv2.INTER_AREA)

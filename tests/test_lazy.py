@@ -15,7 +15,7 @@ from napari_cscfusion.engine.lazy import close_clients, is_dask, normalise_block
 
 da = pytest.importorskip("dask.array")
 
-from ._shared import CKPT, DATA, needs_shared  # noqa: E402
+from ._shared import CKPT, DATA, MMF_AUTHORS_GEOMETRY, needs_shared  # noqa: E402
 
 
 def _read(path) -> np.ndarray:
@@ -217,8 +217,8 @@ def flir_guided() -> tuple[np.ndarray, np.ndarray]:
 
 
 @cache
-def packaged_mmf():
-    m = load_model("mmf")  # lr_channels=1, trained on bicubic-upsampled input
+def bicubic_input_mmf():
+    m = load_model("mmf", MMF_AUTHORS_GEOMETRY)  # lr_channels=1, bicubic-upsampled input
     assert m.info["header"]["training"]["lr_input"] == "bicubic"
     return m
 
@@ -247,7 +247,7 @@ def test_bicubic_window_is_the_whole_image_resize_from_a_crop():
 @needs_shared
 def test_guided_stack_is_fused_plane_by_plane_like_a_loop():
     low, guide = flir_guided()
-    m = packaged_mmf()
+    m = bicubic_input_mmf()
     stacked = fuse_guided(low, guide, m, device="cpu", tile=0)
     assert stacked.image.shape == guide.shape and stacked.metadata["planes"] == 3
     for t in range(3):
@@ -268,7 +268,7 @@ def test_guided_stack_is_fused_plane_by_plane_like_a_loop():
 @needs_shared
 def test_dask_guided_equals_the_in_memory_tiled_run():
     low, guide = flir_guided()
-    m = packaged_mmf()
+    m = bicubic_input_mmf()
     lazy = fuse_guided(da.from_array(low, chunks=(1, 6, 8)),
                        da.from_array(guide, chunks=(1, 24, 32)), m, device="cpu", tile=24)
     assert is_dask(lazy.image) and lazy.image.shape == guide.shape
@@ -308,7 +308,7 @@ def test_dask_guided_multiband_with_rgb_guides():
 def test_guided_on_a_local_cluster_gives_the_same_values():
     distributed = pytest.importorskip("distributed")
     low, guide = flir_guided()
-    m = packaged_mmf()
+    m = bicubic_input_mmf()
     ref = fuse_guided(low[1], guide[1], m, device="cpu", tile=24).image
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as cluster:

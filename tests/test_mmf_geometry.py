@@ -15,13 +15,13 @@ from napari_cscfusion.models import load_network, save_checkpoint
 from napari_cscfusion.models.checkpoints import CheckpointError
 from napari_cscfusion.models.mmfn import CSCMMFN
 
-from ._shared import CKPT, DATA, missing
+from ._shared import CKPT, DATA, MMF_AUTHORS_GEOMETRY, missing
 
 
-def _low_res_net(lr_channels=1, guide_channels=1, seed=0) -> CSCMMFN:
+def _low_res_net(lr_channels=1, guide_channels=1, seed=0, geometry="low_res") -> CSCMMFN:
     torch.manual_seed(seed)
     net = CSCMMFN(lr_channels, guide_channels, code_channels=8, num_dcus=2,
-                  geometry="low_res").eval()
+                  geometry=geometry).eval()
     with torch.no_grad():  # visible residuals, codes with structure (not all thresholded)
         net.decoder.weight.mul_(5)
     return net
@@ -45,8 +45,10 @@ def test_geometry_is_a_header_field_and_older_files_keep_the_authors(tmp_path):
     model = _saved(_low_res_net(), tmp_path / "low.pt")
     assert model.network.geometry == "low_res"
     assert model.info["header"]["hparams"]["geometry"] == "low_res"
-    packaged, _ = load_network("mmf", packaged_weights_path("mmf"))
-    assert packaged.geometry == "authors" and "geometry" not in packaged.hparams
+    previous, _ = load_network("mmf", MMF_AUTHORS_GEOMETRY)  # a file of before the field
+    assert previous.geometry == "authors" and "geometry" not in previous.hparams
+    packaged, info = load_network("mmf", packaged_weights_path("mmf"))
+    assert packaged.geometry == "low_res_detail" == info["hparams"]["geometry"]
     authors = CKPT / "csc_mmfn_authors.pth"
     if authors.is_file():
         net, info = load_network("mmf", authors)
@@ -76,10 +78,12 @@ def test_low_res_base_is_bicubic_of_the_low_res_input():
         assert np.abs(out[0, 0].numpy() - ref).max() < 1e-5
 
 
+@pytest.mark.parametrize("geometry", ["low_res", "low_res_detail"])
 @pytest.mark.parametrize("channels", [(1, 1), (3, 3)])
-def test_low_res_tiles_equal_the_whole_image(channels, tmp_path):
+def test_low_res_tiles_equal_the_whole_image(channels, geometry, tmp_path):
     c, g_c = channels
-    model = _saved(_low_res_net(c, g_c), tmp_path / "low.pt")
+    model = _saved(_low_res_net(c, g_c, geometry=geometry), tmp_path / "low.pt")
+    assert model.network.geometry == geometry
     guide = _scene(61, 77, 1)
     guide_in = guide if g_c == 1 else np.stack([guide, guide ** 2, 1 - guide], -1)
     for size in ((30, 38), (20, 25), (23, 31)):  # x2 (rounded), ~x3, non-integer x2.65/2.48
@@ -115,9 +119,43 @@ def test_low_res_tiles_equal_the_whole_image(channels, tmp_path):
             assert np.abs(whole.image - np.clip(base, 0, 1)).max() > 1e-2
 
 
-def test_low_res_lazy_equals_in_memory_tiles(tmp_path):
+def test_low_res_detail_keeps_the_inputs_own_codes_under_a_flat_guide():
+    """low_res_detail adds what the guided filter's fit leaves of the low-res codes: with a
+    flat guide (coefficient a = 0) the fused codes are the input's codes upsampled, where
+    low_res keeps only their 3x3 window mean; with a real guide the two differ by exactly
+    that residual, upsampled."""
+    import torch.nn.functional as F
+
+    from napari_cscfusion.models.mmfn import guided_coefficients, window_mean
+
+    target = _scene(48, 60)
+    lr = torch.from_numpy(cv2.resize(target, (20, 16), interpolation=cv2.INTER_AREA))[None, None]
+    flat = torch.full((1, 1, 48, 60), float(target.mean()))
+    real = torch.from_numpy(target)[None, None]
+    detail, plain = _low_res_net(geometry="low_res_detail"), _low_res_net()
+    with torch.no_grad():
+        z_lr = detail.lr_encoder(lr)
+        assert z_lr.std() > 1e-3  # codes with structure
+        up = F.interpolate(z_lr, size=(48, 60), mode="bilinear", align_corners=False)
+        z_d = detail.encode(lr, flat)["fused"]
+        z_p = plain.encode(lr, flat)["fused"]
+        assert torch.allclose(z_d, up, atol=1e-5)
+        smooth = F.interpolate(window_mean(z_lr, 1), size=(48, 60), mode="bilinear",
+                               align_corners=False)
+        assert torch.allclose(z_p, smooth, atol=1e-5)
+        assert (z_d - z_p).abs().max() > 1e-2
+        z_g = F.adaptive_avg_pool2d(plain.guide_encoder(real), (16, 20))
+        a, b = guided_coefficients(z_g, z_lr, 1, plain.eps)
+        residual = F.interpolate(z_lr - (a * z_g + b), size=(48, 60), mode="bilinear",
+                                 align_corners=False)
+        diff = detail.encode(lr, real)["fused"] - plain.encode(lr, real)["fused"]
+        assert torch.allclose(diff, residual, atol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", ["low_res", "low_res_detail"])
+def test_low_res_lazy_equals_in_memory_tiles(geometry, tmp_path):
     da = pytest.importorskip("dask.array")
-    model = _saved(_low_res_net(), tmp_path / "low.pt")
+    model = _saved(_low_res_net(geometry=geometry), tmp_path / "low.pt")
     guide = _scene(64, 80, 2)
     lr = cv2.resize(guide, (27, 22), interpolation=cv2.INTER_AREA)
     tiled = fuse_guided(lr, guide, model, device="cpu", tile=24).image

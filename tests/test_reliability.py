@@ -32,7 +32,7 @@ from napari_cscfusion.engine.io import read_image, read_tiff_metadata, write_tif
 from napari_cscfusion.engine.registry import packaged_weights_path
 from napari_cscfusion.models.checkpoints import CheckpointError, save_checkpoint
 
-from ._shared import CKPT, missing
+from ._shared import CKPT, MMF_AUTHORS_GEOMETRY, missing
 
 # A few examples per dtype in CI (the dtypes are parametrised so that every one is tried:
 # hypothesis alone draws the rarer combinations seldom); CSCFUSION_PROPERTY_EXAMPLES=100 for a
@@ -668,27 +668,32 @@ def test_out_of_memory_in_a_lazy_tile_task_is_retried_with_smaller_tiles(monkeyp
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("weights", ["packaged", "authors"])
+@pytest.mark.parametrize("weights", ["packaged", "bicubic input", "authors"])
 def test_out_of_memory_in_a_lazy_guided_tile_task_is_fused_in_parts(monkeypatch, weights):
     """dask in, CSC-MMFN: a tile task whose low-res and guide crops do not fit is fused in
     quarters inside the task, each from its part of both crops (the values of the in-memory
-    run with those tiles, and the OutOfMemoryRetry warning). Packaged weights: the low-res input is
-    bicubically upsampled in the task first; the authors': it stays at low resolution."""
+    run with those tiles, and the OutOfMemoryRetry warning). Packaged weights (low_res_detail
+    geometry): their own kernel; the previous packaged file: the low-res input is bicubically
+    upsampled in the task first; the authors': it stays at low resolution."""
     import dask
     import dask.array as da
 
     from napari_cscfusion import OutOfMemoryRetry
     from napari_cscfusion.engine import mmf
+    from napari_cscfusion.engine.mmf_lowres import LowResMMFKernel
 
     if weights == "authors" and not CKPT.is_dir():
         pytest.skip(missing("reference-checkpoints/"))
-    m = load_model("mmf") if weights == "packaged" else model("mmf")
+    m = {"packaged": lambda: load_model("mmf"),
+         "bicubic input": lambda: load_model("mmf", MMF_AUTHORS_GEOMETRY),
+         "authors": lambda: model("mmf")}[weights]()
+    kernel = LowResMMFKernel if weights == "packaged" else mmf.MMFKernel
     c = m.network.lr_channels
     low = RNG.random((c, 32, 32)).astype(np.float32)
     guide = RNG.random((128, 128) if m.network.guide_channels == 1 else (128, 128, 3))
     # the parts are the 32 px tiles of an in-memory run
     want = fuse_guided(low, guide, model=m, device="cpu", tile=32).image
-    real, too_big = mmf.MMFKernel.__call__, []
+    real, too_big = kernel.__call__, []
 
     def call(self, crop, core, stats=None, tick=None):
         g = crop[1]
@@ -697,7 +702,7 @@ def test_out_of_memory_in_a_lazy_guided_tile_task_is_fused_in_parts(monkeypatch,
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. (simulated)")
         return real(self, crop, core, stats, tick)
 
-    monkeypatch.setattr(mmf.MMFKernel, "__call__", call)
+    monkeypatch.setattr(kernel, "__call__", call)
     lazy = fuse_guided(da.from_array(low, chunks=(c, 16, 16)), da.from_array(guide, chunks=64),
                        model=m, device="cpu", tile=64)
     with warnings.catch_warnings(record=True) as record:

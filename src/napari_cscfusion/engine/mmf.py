@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..models.color import luma
 from ..models.folded import folded
+from ..models.mmfn import LOW_RES_GEOMETRIES
 from . import dcu_kernel, mmf_cpu, notices
 from .device import resolve_device
 from .fast import auto_compile, fast_network, run_path, use_fast_path
@@ -309,8 +310,15 @@ class MMFKernel:
         core (``d``: the decoder's rows and columns), clipped to [0, 1] -> [1, H', W']."""
         lby, lcy, lbx, lcx = lwin
         ch = self.chains
-        ab = mmf_cpu.guided_ab(z_g, g_at, z_L, (lby[0] - lcy[0], lbx[0] - lcx[0]),
-                               (lby[1] - lby[0], lbx[1] - lbx[0]), ch.radius, ch.eps)
+        l_at, shape = (lby[0] - lcy[0], lbx[0] - lcx[0]), (lby[1] - lby[0], lbx[1] - lbx[0])
+        ab = mmf_cpu.guided_ab(z_g, g_at, z_L, l_at, shape, ch.radius, ch.eps)
+        if getattr(self.net, "geometry", "authors") == "low_res_detail":
+            # b plus the fit's residual: b = z_L - a z_g (models/mmfn.py)
+            q = ch.q
+            win = (slice(None), slice(l_at[0], l_at[0] + shape[0]),
+                   slice(l_at[1], l_at[1] + shape[1]))
+            z_gw = z_g[:, g_at[0]:g_at[0] + shape[0], g_at[1]:g_at[1] + shape[1]]
+            np.subtract(z_L[win], ab[:q] * z_gw, out=ab[q:])
         out = mmf_cpu.fused_decode(z_G, (gy0, gx0), ab, rows, cols, ch.dec_taps, base, core,
                                    (*d[0], *d[1]), self.hr_shape)
         return np.clip(out, 0.0, 1.0, out=out)[None]
@@ -391,8 +399,9 @@ def mmf_kernel(net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
                device: torch.device, precision: str | None = None, compile: bool = False,
                exact: bool = True):
     """The tile kernel of ``net``'s geometry: MMFKernel (the authors'), or LowResMMFKernel
-    (low_res; exact path only: the fast form is written for the authors' geometry)."""
-    if getattr(net, "geometry", "authors") == "low_res":
+    (low_res, low_res_detail; exact path only: the fast form is written for the authors'
+    geometry)."""
+    if getattr(net, "geometry", "authors") in LOW_RES_GEOMETRIES:
         from .mmf_lowres import LowResMMFKernel  # (it subclasses MMFKernel)
 
         dtype = precision_dtype(precision)
@@ -566,7 +575,7 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         raise ValueError(f"low_res: this {model.name} model expects {net_c} channel(s), got {c} "
                          f"(shape {lr_shape})")
     lr_input = model.info.get("header", {}).get("training", {}).get("lr_input")
-    if getattr(model.network, "geometry", "authors") == "low_res" and not cpu_kernels:
+    if getattr(model.network, "geometry", "authors") in LOW_RES_GEOMETRIES and not cpu_kernels:
         exact = True  # the PyTorch fast form is written for the authors' geometry only
     if lr_input not in (None, "native", "bicubic"):
         raise ValueError(f"model: low-res input preparation {lr_input!r} (recorded in "

@@ -55,7 +55,8 @@ def area_matrix(low: tuple[int, int], n_low: int, n_high: int, offset: int,
 class LowResMMFKernel(MMFKernel):
     """CSC-MMFN (low_res geometry) on one high-resolution tile; ``net`` is the folded network
     (``models.folded``: encoders, ``decode_codes``, ``radius_``, ``eps``) of a CSCMMFN whose
-    ``geometry`` is 'low_res'. Tiles are cut in the guide's (output) coordinates."""
+    ``geometry`` is 'low_res' or 'low_res_detail'. Tiles are cut in the guide's (output)
+    coordinates."""
 
     def __init__(self, net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
                  device: torch.device, dtype: torch.dtype | None, c: int, q: int, g_c: int,
@@ -115,6 +116,8 @@ class LowResMMFKernel(MMFKernel):
             # window means clipped at the crop: right on the rows the coefficients are read
             # at (the box window is grown by the radius), as in the whole image
             a, b = guided_coefficients(z_g, z_l, self.box, self.net.eps)
+            if self.net.geometry == "low_res_detail":  # plus the fit's residual (models/mmfn.py)
+                b = z_l - a * z_g
             qy = half_pixel_positions(range(*dy), h, H, dev)
             qx = half_pixel_positions(range(*dx), w, W, dev)
 

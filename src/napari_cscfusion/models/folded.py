@@ -190,6 +190,7 @@ class FoldedMMFN(nn.Module):
         self.guide_encoder = FoldedEncoder(net.guide_encoder)
         self.register_buffer("dec_w", net.decoder.weight.detach().clone())
         self.radius_, self.eps = net.radius, net.eps
+        self.geometry = net.geometry
 
     def decode_codes(self, z: torch.Tensor) -> torch.Tensor:
         return F.conv2d(reflect_pad(z, 1), self.dec_w)

@@ -2,7 +2,7 @@
 Two CSC backbones code each input; a fast guided filter transfers the guide's codes to the
 low-resolution content; a decoder adds the result to the bilinear upsampling of the input.
 
-Two geometries (``hparams["geometry"]``, recorded in the weights file's header):
+Three geometries (``hparams["geometry"]``, recorded in the weights file's header):
 
 * ``"authors"`` (the default; the authors' checkpoint and every file without the field): codes
   resampled bilinearly with align_corners=True, guided-filter means by cumulative sums, base =
@@ -13,6 +13,11 @@ Two geometries (``hparams["geometry"]``, recorded in the weights file's header):
   (2r+1)² low-res pixels (window means with exact border counts) and upsampled bilinearly
   with half-pixel centres, and the base is the bicubic upsampling of the input (half-pixel
   centres, Keys a = -0.75, as cv2.INTER_CUBIC). The input comes in at its own resolution.
+* ``"low_res_detail"``: low_res, plus what the guided filter's fit leaves of the low-res codes
+  (z_lr - (a z_guide_low + b), upsampled as b is; so b becomes z_lr - a z_guide_low): with a
+  flat guide (a = 0) the fused codes are the input's own codes upsampled rather than their
+  3x3 window mean, so the decoder can sharpen the input by itself as the authors' geometry
+  does, and the guide's detail a (z_guide - z_guide_low) is added on top.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from torch import nn
 
 from .csc import CSCEncoder, ReflectConv2d, code_activation
 
-GEOMETRIES = ("authors", "low_res")
+GEOMETRIES = ("authors", "low_res", "low_res_detail")
+LOW_RES_GEOMETRIES = ("low_res", "low_res_detail")  # the input at its own resolution
 
 
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -126,9 +132,12 @@ class CSCMMFN(nn.Module):
         """Codes of both inputs and the fused high-resolution codes."""
         z_guide = self.guide_encoder(guide)
         z_lr = self.lr_encoder(lr)
-        if self.geometry == "low_res":
+        if self.geometry in LOW_RES_GEOMETRIES:
             z_guide_low = F.adaptive_avg_pool2d(z_guide, lr.shape[-2:])
             a, b = guided_coefficients(z_guide_low, z_lr, self.radius, self.eps)
+            if self.geometry == "low_res_detail":
+                # b plus the fit's residual z_lr - (a z_guide_low + b)
+                b = z_lr - a * z_guide_low
             size = z_guide.shape[-2:]
             z_fused = upsample_half_pixel(a, size) * z_guide + upsample_half_pixel(b, size)
             return {"guide": z_guide, "low_res": z_lr, "fused": z_fused}
@@ -138,7 +147,7 @@ class CSCMMFN(nn.Module):
 
     def decode(self, z_fused: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         # The authors upsample to (H, H), which breaks non-square images: use (H, W).
-        base = (upsample_bicubic if self.geometry == "low_res" else upsample)(
+        base = (upsample_bicubic if self.geometry in LOW_RES_GEOMETRIES else upsample)(
             lr, z_fused.shape[-2:])
         return self.decoder(z_fused) + base
 

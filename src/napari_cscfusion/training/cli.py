@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..models.mmfn import GEOMETRIES as MMF_GEOMETRIES
+from ..models.mmfn import LOW_RES_GEOMETRIES
 from .data import TASKS
 
 # Defaults per task: what produced the shipped weights (see weights/README.md).
@@ -45,11 +47,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--code-channels", type=int, default=None, help="architecture (mmf only)")
     p.add_argument("--num-dcus", type=int, default=None, help="architecture (mmf only)")
-    p.add_argument("--geometry", choices=("authors", "low_res"), default=None,
+    p.add_argument("--geometry", choices=MMF_GEOMETRIES, default=None,
                    help="mmf: 'low_res' keeps the low-res input at its resolution, fits the "
                         "guided filter there and adds a bicubic base (models.mmfn; the input "
-                        "is then the plain low-res crop); default 'authors' (bicubic "
-                        "pre-upsampled input, as the packaged mmf.pt)")
+                        "is then the plain low-res crop); 'low_res_detail' adds the input's "
+                        "codes that the fit leaves (the packaged mmf.pt); default 'authors' "
+                        "(bicubic pre-upsampled input)")
     p.add_argument("--halo-weight", type=float, default=0.0, help="mef: weight of mean|grad Y|")
     p.add_argument("--counts", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="mef: exposures per training bracket, random in LO..HI (default 2 16)")
@@ -119,7 +122,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.task != "mmf":
             raise SystemExit("--geometry is only for mmf")
         hparams["geometry"] = args.geometry
-        source["lr_input"] = "native" if args.geometry == "low_res" else "bicubic"
+        source["lr_input"] = "native" if args.geometry in LOW_RES_GEOMETRIES else "bicubic"
     for opt, key in (("counts", "counts"), ("spacing", "spacing"), ("black_level", "black"),
                      ("cover_prob", "cover_prob")):
         if getattr(args, opt) is not None:

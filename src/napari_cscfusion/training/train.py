@@ -31,6 +31,7 @@ from ..models import CSCIVFN, CSCMEFN, CSCMMFN, load_network, save_checkpoint
 from ..models.checkpoints import sha256_of
 from ..models.color import rgb_to_ycbcr
 from ..models.csc import SoftThreshold
+from ..models.mmfn import LOW_RES_GEOMETRIES
 from . import data as D
 from .losses import (
     code_l1,
@@ -539,7 +540,7 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
             net.hparams.pop("geometry", None)
             if geometry != "authors":
                 net.hparams["geometry"] = geometry
-        wanted = "native" if net.geometry == "low_res" else None
+        wanted = "native" if net.geometry in LOW_RES_GEOMETRIES else None
         if wanted and src.lr_input != wanted or not wanted and src.lr_input == "native":
             raise ValueError(f"mmf: the {net.geometry!r} geometry needs lr_input "
                              f"{wanted or 'bicubic'!r}, got {src.lr_input!r}")
