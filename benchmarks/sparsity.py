@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--ivf", nargs="*", default=None, help="IVF weights (default: packaged, "
                                                           "authors')")
     p.add_argument("--mef", nargs="*", default=None, help="MEF weights (default: packaged, "
-                                                          "authors')")
+                                                          "authors'; --mef alone: none)")
     p.add_argument("--pairs", type=int, default=4, help="TNO pairs (first N)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(a.threads)
     ivf = {w: w for w in a.ivf} if a.ivf else {"packaged ivf.pt": None, "authors'": CKPT}
-    mef = {w: w for w in a.mef} if a.mef else {"packaged mef.pt": None,
+    mef = {w: w for w in a.mef} if a.mef is not None else {"packaged mef.pt": None,
                                                 "authors'": CKPT / "csc_mefn_authors.pth"}
     pairs = _pairs(a.pairs)
     print(f"### CSC-IVFN: zeros of the codes (%), first {len(pairs)} TNO pairs, default "
@@ -156,6 +156,8 @@ def main(argv=None) -> None:
     print("| --- |" + " ---: |" * (4 + len(INTENSITY_BANDS)))
     for label, w in ivf.items():
         print(self_fusion_row(label, w, pairs[0][0]))
+    if not mef:
+        return
     print("\n### CSC-MEFN: zeros of the codes (%), Memorial (16 exposures); black in\n")
     print(f"| weights | codes zeros | dark exposures (mean luma < {DARK_EXPOSURE}, count) | "
           "the others | black (max, grey levels) |\n| --- | ---: | ---: | ---: | ---: |")

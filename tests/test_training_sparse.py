@@ -1,7 +1,7 @@
 """Training options for the second-generation weights (issue 17): thresholds projected at >= 0,
 the L1 sparsity term, the IVF black term, the threshold warm start, the sparsity floor for the
-best epoch, and training crops with black borders / clipped highlights. Tiny networks, a couple
-of steps (seconds)."""
+best epoch, training crops with black borders / clipped highlights, the flat-fidelity term and
+brightened crops. Tiny networks, a couple of steps (seconds)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import torch
 from napari_cscfusion.models import load_network, save_checkpoint
 from napari_cscfusion.models.csc import SoftThreshold
 from napari_cscfusion.training import data as D
-from napari_cscfusion.training.losses import BLACK_LEVEL, code_l1, ivf_black_term, ivf_loss
+from napari_cscfusion.training.losses import (
+    BLACK_LEVEL,
+    FLAT_LEVELS,
+    code_l1,
+    ivf_black_term,
+    ivf_flat_term,
+    ivf_loss,
+)
 from napari_cscfusion.training.train import build, compute_loss, train
 
 ROOT = D.default_data_root()
@@ -168,3 +175,58 @@ def test_threshold_floor_keeps_the_codes_sparse_while_training(tmp_path):
                   lr=1e-2, epochs=2)
     assert tr["threshold_floor"] == 0.9 and tr["val_sparsity"] > 0.6
     assert load_network("ivf", free)[1]["header"]["training"]["val_sparsity"] < 0.5
+
+
+def _constant_decoder(net, logit: float):
+    """Make ``net`` decode every input to sigmoid(logit) (the last convolution zeroed)."""
+    with torch.no_grad():
+        net.decoder.layers[-4].weight.zero_()
+        net.decoder.layers[-1].bias.fill_(logit / 2)  # dec(z) + dec(0): the bias counts twice
+
+
+def test_flat_term_measures_flat_levels_in_logits_and_white_below_white():
+    torch.manual_seed(0)
+    net = build("ivf", TINY_HP["ivf"]).eval()
+    _constant_decoder(net, 0.0)  # every flat level decodes to 0.5
+    targets = torch.logit(torch.tensor(FLAT_LEVELS))
+    white = float(torch.logit(torch.tensor(1 - BLACK_LEVEL, dtype=torch.float64)))
+    expected = float((targets ** 2).mean()) + white
+    assert float(ivf_flat_term(net).detach()) == pytest.approx(expected, rel=1e-5)
+    _constant_decoder(net, 20.0)  # white is white: only the levels' errors remain
+    assert float(ivf_flat_term(net).detach()) == pytest.approx(
+        float(((targets - 20.0) ** 2).mean()), rel=1e-5)
+    x = torch.rand(2, 1, 24, 24)
+    plain = compute_loss("ivf", net, {"image": x})
+    with_flat = compute_loss("ivf", net, {"image": x}, flat_weight=0.5)
+    assert torch.allclose(with_flat, plain + 0.5 * ivf_flat_term(net))
+    with pytest.raises(ValueError, match="flat_weight"):
+        _train("mef", "unused.pt", flat_weight=0.1)
+
+
+def test_photometric_crops_are_brighter_and_clipped_and_off_by_default(tmp_path):
+    rng = np.random.default_rng(0)
+    img = np.random.default_rng(1).uniform(0.0, 0.9, (48, 48)).astype(np.float32)
+    outs = [D.add_photometric(img, rng) for _ in range(40)]
+    for out in outs:
+        assert out.shape == img.shape and out.dtype == np.float32
+        assert (out >= img - 1e-6).all() and out.max() <= 1.0  # gamma <= 1, gain >= 1
+    assert np.mean([(o > 0.8).mean() for o in outs]) > 2 * (img > 0.8).mean()
+    assert any((o == 1.0).mean() > 0.05 for o in outs)
+    plain = D.IVFCrops(ROOT, crop=32, batch_size=8, seed=3, extremes=0.3).batch(0, 0)["image"]
+    same = D.IVFCrops(ROOT, crop=32, batch_size=8, seed=3, extremes=0.3,
+                      photometric=0.0).batch(0, 0)["image"]
+    assert torch.equal(plain, same)  # runs without it keep their batches
+    src = D.IVFCrops(ROOT, crop=32, batch_size=8, seed=3, photometric=1.0)
+    bright = src.batch(0, 0)["image"]
+    assert float((bright > 0.8).float().mean()) > float((plain > 0.8).float().mean())
+    assert "photometric" in src.describe()["augment"]
+    with pytest.raises(ValueError, match="photometric"):
+        D.IVFCrops(ROOT, crop=32, batch_size=8, photometric=-0.1)
+    out = _train("ivf", tmp_path / "k.pt", epochs=2, flat_weight=0.1, keep_epochs=True,
+                 source_options={"photometric": 0.5})
+    tr = load_network("ivf", out)[1]["header"]["training"]
+    assert tr["flat_weight"] == 0.1 and "photometric" in tr["augment"]
+    e1, e2 = (load_network("ivf", tmp_path / f"k.e{n}.pt")[0].state_dict() for n in (1, 2))
+    last = load_network("ivf", out)[0].state_dict()
+    assert all(torch.equal(e2[k], last[k]) for k in last)
+    assert not all(torch.equal(e1[k], last[k]) for k in last)

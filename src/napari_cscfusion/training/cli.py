@@ -82,6 +82,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--black-weight", type=float, default=0.0, metavar="W",
                    help="ivf: add W * the black term (two black sources must decode to at "
                         "most 0.5/255 at code gains >= 1)")
+    p.add_argument("--flat-weight", type=float, default=0.0, metavar="W",
+                   help="ivf: add W * the flat-fidelity term (flat greys 2-98 %% decode to "
+                        "themselves at code gain 1, white stays white)")
     p.add_argument("--min-val-sparsity", type=float, default=None, metavar="FRACTION",
                    help="epochs whose validation codes have fewer exact zeros are not "
                         "eligible as <out>.best.pt")
@@ -94,6 +97,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--extremes", type=float, default=None, metavar="P",
                    help="ivf: share of training crops given black borders/masks, clipped "
                         "highlights or flat areas (training.data.add_extremes; default 0)")
+    p.add_argument("--photometric", type=float, default=None, metavar="P",
+                   help="ivf: share of training crops brightened by a random gamma and gain, "
+                        "clipped at 1 (training.data.add_photometric; default 0)")
+    p.add_argument("--keep-epochs", action="store_true",
+                   help="also write every finished epoch's weights as <out>.e<N>.pt")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
@@ -129,10 +137,11 @@ def run_train(args: argparse.Namespace) -> int:
             if args.task != "mef":
                 raise SystemExit(f"--{opt.replace('_', '-')} is only for mef")
             source[key] = tuple(v) if isinstance(v := getattr(args, opt), list) else v
-    if args.extremes is not None:
-        if args.task != "ivf":
-            raise SystemExit("--extremes is only for ivf")
-        source["extremes"] = args.extremes
+    for opt in ("extremes", "photometric"):
+        if getattr(args, opt) is not None:
+            if args.task != "ivf":
+                raise SystemExit(f"--{opt} is only for ivf")
+            source[opt] = getattr(args, opt)
     path = train(TrainConfig(
         task=args.task, out=args.out, data_root=args.data_root,
         epochs=d["epochs"] if args.epochs is None else args.epochs,
@@ -146,8 +155,9 @@ def run_train(args: argparse.Namespace) -> int:
         source_options=source or None, exposure_prior_sigma=args.exposure_prior,
         max_grad_norm=args.max_grad_norm, nonnegative_thresholds=args.nonnegative_thresholds,
         sparsity_weight=args.sparsity_weight, black_weight=args.black_weight,
+        flat_weight=args.flat_weight,
         min_val_sparsity=args.min_val_sparsity, threshold_warm_start=args.threshold_warm_start,
-        threshold_floor=args.threshold_floor,
+        threshold_floor=args.threshold_floor, keep_epochs=args.keep_epochs,
     ))
     raw = torch.load(path, map_location="cpu", weights_only=True)
     print(f"wrote {path}")

@@ -234,6 +234,18 @@ def add_extremes(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def add_photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A grey [H,W] image in [0,1] brightened as an over-exposed or contrast-stretched frame:
+    a gamma in [0.3, 1] (lifts the mid-tones), then a gain in [1, 1.6] clipped at 1. FLIR
+    frames have few bright pixels (17.5 % above 0.8, 0.6 % at >= 0.99); with this on half the
+    crops about a third of those crops' pixels end above 0.8 and a tenth at 1, so that bright
+    tones and saturated plateaus decode to themselves (issue 17: self-fusion with clipped
+    highlights)."""
+    gamma = float(rng.uniform(0.3, 1.0))
+    gain = float(rng.uniform(1.0, 1.6))
+    return np.clip(gain * np.power(img.astype(np.float32), gamma), 0.0, 1.0)
+
+
 # --- batches ------------------------------------------------------------------------------
 
 class BatchSource:
@@ -256,9 +268,11 @@ class IVFCrops(BatchSource):
 
     def __init__(self, data_root=None, *, crop: int = 96, batch_size: int = 16, seed: int = 0,
                  split: str = "train", scale: tuple[float, float] | None = None,
-                 steps_per_epoch: int | None = None, extremes: float = 0.0):
-        if not 0.0 <= extremes <= 1.0:
-            raise ValueError(f"extremes: a probability in [0, 1], got {extremes!r}")
+                 steps_per_epoch: int | None = None, extremes: float = 0.0,
+                 photometric: float = 0.0):
+        for name, p in (("extremes", extremes), ("photometric", photometric)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name}: a probability in [0, 1], got {p!r}")
         if scale is None:
             # torchvision's default area range (0.08, 1) at the authors' 128 px crops; smaller
             # crops take proportionally smaller areas so the pixel scale stays the same.
@@ -270,6 +284,7 @@ class IVFCrops(BatchSource):
         self.steps_per_epoch = steps_per_epoch or max(1, len(self.files) // batch_size)
         self.split = split
         self.extremes = extremes
+        self.photometric = photometric
 
     def describe(self) -> dict:
         return {"data": f"ivf/flir_train ({self.split} split: {len(self.files)} images, IR and "
@@ -278,7 +293,10 @@ class IVFCrops(BatchSource):
                            f"{self.scale[0]:.3g}-{self.scale[1]:.3g}), flips, rot90"
                            + (f"; extremes with probability {self.extremes:g} "
                               f"(training.data.add_extremes: black borders/masks, clipped "
-                              f"highlights, flat crops)" if self.extremes else "")}
+                              f"highlights, flat crops)" if self.extremes else "")
+                           + (f"; photometric with probability {self.photometric:g} "
+                              f"(training.data.add_photometric: gamma 0.3-1, gain 1-1.6, "
+                              f"clipped)" if self.photometric else "")}
 
     def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         order = _rng(self.seed, 1, epoch).permutation(len(self.files))
@@ -288,6 +306,9 @@ class IVFCrops(BatchSource):
             rng = _rng(self.seed, 2, epoch, step, j)
             img = random_resized_crop(_cached_grey(self.files[i]), self.crop, rng, self.scale)
             (img,) = random_flip_rot([img], rng)
+            # drawn only when asked for, so runs without it keep their batches
+            if self.photometric and rng.random() < self.photometric:
+                img = add_photometric(img, rng)
             if self.extremes and rng.random() < self.extremes:
                 img = add_extremes(img, rng)
             out.append(img)

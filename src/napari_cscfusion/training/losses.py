@@ -122,3 +122,28 @@ def code_l1(codes: torch.Tensor) -> torch.Tensor:
     """Sparsity term: mean absolute code value (with nonnegative soft thresholds it drives
     codes to exact zeros)."""
     return codes.abs().mean()
+
+
+# Flat levels the flat-fidelity term checks: dark greys (where the black term alone pulled
+# 5 % grey down to ~1 grey level, crushing dark scenes at the default gain 2), mid-tones and
+# near-white, each a flat image that must decode to itself at code gain 1.
+FLAT_LEVELS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98)
+WHITE_LEVEL = 1.0 - BLACK_LEVEL  # what an all-white (saturated) input must decode to at least
+
+
+def ivf_flat_term(net, size: int = 16) -> torch.Tensor:
+    """How far flat images of ``FLAT_LEVELS`` decode from themselves at code gain 1, as the
+    mean squared error in logits (errors of dark and bright levels count as much as those of
+    mid-grey), plus the hinge of an all-white image below ``WHITE_LEVEL`` (saturated stays
+    saturated). Logits: the decoder's output before the sigmoid, so a level never saturates
+    the gradient. Reflection padding keeps a flat input flat through every layer, so a small
+    image is the whole plane."""
+    p = next(net.parameters())
+    levels = torch.tensor((*FLAT_LEVELS, 1.0), device=p.device, dtype=p.dtype)
+    x = levels[:, None, None, None].expand(-1, 1, size, size)
+    z_b, z_d = net.encode(x)
+    logits = (net.decoder(z_b + z_d) + net.decoder.offset()).mean((1, 2, 3))
+    target = torch.logit(levels[:-1])
+    fidelity = ((logits[:-1] - target) ** 2).mean()
+    white = F.relu(math.log(WHITE_LEVEL / (1.0 - WHITE_LEVEL)) - logits[-1])
+    return fidelity + white

@@ -34,8 +34,10 @@ from ..models.csc import SoftThreshold
 from ..models.mmfn import LOW_RES_GEOMETRIES
 from . import data as D
 from .losses import (
+    FLAT_LEVELS,
     code_l1,
     ivf_black_term,
+    ivf_flat_term,
     ivf_loss,
     mef_loss,
     mefn_fuse_batch,
@@ -110,13 +112,15 @@ def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str) 
 
 
 def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0,
-                 sparsity_weight: float = 0.0, black_weight: float = 0.0):
+                 sparsity_weight: float = 0.0, black_weight: float = 0.0,
+                 flat_weight: float = 0.0):
     """The task's loss, plus ``sparsity_weight`` * mean|codes| (ivf: the detail codes; mef: the
     codes after the last DCU; mmf: both backbones' codes) and, for ivf, ``black_weight`` *
-    ``ivf_black_term`` (two black sources must decode to black at any code gain)."""
+    ``ivf_black_term`` (two black sources must decode to black at any code gain) and
+    ``flat_weight`` * ``ivf_flat_term`` (flat greys and white decode to themselves)."""
     if task == "ivf":
         x = batch["image"]
-        if not (sparsity_weight or black_weight):
+        if not (sparsity_weight or black_weight or flat_weight):
             return ivf_loss(net(x), x)
         z_b, z_d = net.encode(x)
         loss = ivf_loss(net.decode(z_b, z_d), x)
@@ -124,6 +128,8 @@ def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.
             loss = loss + sparsity_weight * code_l1(z_d)
         if black_weight:
             loss = loss + black_weight * ivf_black_term(net)
+        if flat_weight:
+            loss = loss + flat_weight * ivf_flat_term(net)
         return loss
     codes: list[torch.Tensor] = []
     hooks = [enc.register_forward_hook(lambda _m, _i, out: codes.append(out))
@@ -394,9 +400,11 @@ class TrainConfig:
     nonnegative_thresholds: bool = False
     sparsity_weight: float = 0.0
     black_weight: float = 0.0
+    flat_weight: float = 0.0
     min_val_sparsity: float | None = None
     threshold_warm_start: float | None = None
     threshold_floor: float | None = None
+    keep_epochs: bool = False
 
 
 def train(config: TrainConfig | str, out: str | Path | None = None, **options) -> Path:
@@ -439,9 +447,11 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     nonnegative_thresholds: bool,
     sparsity_weight: float,
     black_weight: float,
+    flat_weight: float,
     min_val_sparsity: float | None,
     threshold_warm_start: float | None,
     threshold_floor: float | None,
+    keep_epochs: bool,
 ) -> Path:
     """Train the network for ``task`` ('ivf', 'mef' or 'mmf') and write it to ``out``.
 
@@ -466,12 +476,15 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     authors' and earlier weights have negative ones) and after every step (projected
     gradient): the codes are a true shrinkage, sparse by construction. ``sparsity_weight``:
     add that times mean|codes| to the loss (see ``compute_loss``); ``black_weight`` (ivf):
-    add that times ``losses.ivf_black_term``. ``min_val_sparsity``: an epoch whose validation
+    add that times ``losses.ivf_black_term``; ``flat_weight`` (ivf): that times
+    ``losses.ivf_flat_term``. ``min_val_sparsity``: an epoch whose validation
     codes have fewer exact zeros than this fraction is not eligible as ``<out>.best.pt``.
     ``threshold_warm_start`` (a fraction): before training, ``warm_start_thresholds`` raises
     the last units' thresholds so that about that fraction of the codes are zero.
     ``threshold_floor`` (a fraction): ``ThresholdFloor`` keeps them there after every step.
     The log gains a ``val_sparsity`` column whenever one of these options is used.
+    ``keep_epochs``: also write every finished epoch's weights as ``<out>.e<N>.pt`` (to choose
+    among epochs on more validation figures than the log's).
     A loss that is not finite stops the run with ``FloatingPointError`` before that step
     changes anything: the files of the last finished epoch stay as they were.
     Returns ``out`` (the latest weights; ``<out>.best.pt`` holds the best validated epoch).
@@ -486,11 +499,13 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                          f"{exposure_prior_sigma!r} for {task!r}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm: a number > 0 or None, got {max_grad_norm!r}")
-    for name, value in (("sparsity_weight", sparsity_weight), ("black_weight", black_weight)):
+    for name, value in (("sparsity_weight", sparsity_weight), ("black_weight", black_weight),
+                        ("flat_weight", flat_weight)):
         if not value >= 0:
             raise ValueError(f"{name}: a number >= 0, got {value!r}")
-    if black_weight and task != "ivf":
-        raise ValueError(f"black_weight: for 'ivf' only (got {black_weight!r} for {task!r})")
+    for name, value in (("black_weight", black_weight), ("flat_weight", flat_weight)):
+        if value and task != "ivf":
+            raise ValueError(f"{name}: for 'ivf' only (got {value!r} for {task!r})")
     if min_val_sparsity is not None and not 0 <= min_val_sparsity <= 1:
         raise ValueError(f"min_val_sparsity: a fraction in [0, 1] or None, got "
                          f"{min_val_sparsity!r}")
@@ -500,7 +515,7 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     if threshold_floor is not None and not 0 < threshold_floor < 1:
         raise ValueError(f"threshold_floor: a fraction in (0, 1) or None, got "
                          f"{threshold_floor!r}")
-    second_gen = bool(nonnegative_thresholds or sparsity_weight or black_weight
+    second_gen = bool(nonnegative_thresholds or sparsity_weight or black_weight or flat_weight
                       or min_val_sparsity is not None or threshold_warm_start
                       or threshold_floor)
     out = Path(out)
@@ -605,6 +620,11 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 "sparsity_term": "mean |codes| (" + {"ivf": "detail codes", "mef": "codes after "
                                  "the last DCU", "mmf": "both backbones' codes"}[task] + ")",
                 "black_weight": black_weight,
+                **({"flat_weight": flat_weight,
+                    "flat_term": "losses.ivf_flat_term (flat images of levels "
+                                 f"{FLAT_LEVELS} decode to themselves at code gain 1, "
+                                 "squared logit error; all-white to at least 1 - 0.5/255)"}
+                   if flat_weight else {}),
                 "min_val_sparsity": min_val_sparsity, "val_sparsity": val_sparsity,
                 "threshold_warm_start": threshold_warm_start,
                 "threshold_floor": threshold_floor,
@@ -680,7 +700,7 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 batch = _to(src.batch(epoch, step), dev)
                 batch.pop("scale", None)
                 loss = compute_loss(task, net, batch, halo_weight, sparsity_weight,
-                                    black_weight)
+                                    black_weight, flat_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"training {task}: the loss is {float(loss.detach())} at epoch "
@@ -713,6 +733,10 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 best, best_epoch = val, epoch + 1
                 save_checkpoint(net, side["best"], task, header(epoch + 1, val))
             save_checkpoint(net, out, task, header(epoch_done, val))
+            if keep_epochs and not stopped:
+                save_checkpoint(net, side["best"].with_name(
+                    side["best"].name.replace(".best.pt", f".e{epoch + 1}.pt")), task,
+                    header(epoch + 1, val))
             if stopped:
                 save_state(epoch, step)
             else:
