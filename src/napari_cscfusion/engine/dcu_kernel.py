@@ -71,6 +71,15 @@ class DCUChain:
         """Context (px) of an output code beyond the start layer's own 3x3 (read from x)."""
         return 2 * (self.layers - 1)
 
+    def clip_form(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k, lo, hi) [L, q]: each layer's activation as v - k clip(v, lo, hi) (``shrink``)."""
+        pl = self.prelu.astype(bool)[:, None]
+        one = np.float32(1.0)
+        k = np.where(pl, one - self.act, one).astype(np.float32)
+        lo = np.where(pl, np.finfo(np.float32).min, -self.act).astype(np.float32)
+        hi = np.where(pl, np.float32(0.0), self.act).astype(np.float32)
+        return k, lo, hi
+
     @classmethod
     def from_fast_encoder(cls, enc) -> DCUChain:
         """From a ``models.fastpath.FastEncoder`` of a one-channel network (its folding)."""
@@ -120,11 +129,11 @@ def refl(i, n):
     return i
 
 @_jit
-def shrink(v, a, prelu):
-    if prelu:
-        return v if v >= 0.0 else a * v
-    lo = -a
-    return v - (lo if v < lo else (a if v > a else v))
+def shrink(v, k, lo, hi):
+    """The activation in one branch-free form (``DCUChain.clip_form``): v - k clip(v, lo, hi),
+    the soft threshold (k = 1, lo = -theta, hi = theta) or a PReLU (k = 1 - slope, lo =
+    -FLT_MAX, hi = 0); min/max vectorise where the two activations' branches did not."""
+    return v - k * min(max(v, lo), hi)
 
 @_jit
 def fill_cols(buf, lr, b0, b1, ix0, W, q):
@@ -159,14 +168,16 @@ def residual_row(z, w, xrow, rrow, lr, lc0, lc1, xoff, q):
             m3, m4, m5 = zm[lc + 2, c], zm[lc + 3, c], zm[lc + 4, c]
             d0, d1, d2 = zd[lc - 1, c], zd[lc, c], zd[lc + 1, c]
             d3, d4, d5 = zd[lc + 2, c], zd[lc + 3, c], zd[lc + 4, c]
-            a0 += (w0 * u0 + w1 * u1 + w2 * u2 + w3 * m0 + w4 * m1 + w5 * m2
-                   + w6 * d0 + w7 * d1 + w8 * d2)
-            a1 += (w0 * u1 + w1 * u2 + w2 * u3 + w3 * m1 + w4 * m2 + w5 * m3
-                   + w6 * d1 + w7 * d2 + w8 * d3)
-            a2 += (w0 * u2 + w1 * u3 + w2 * u4 + w3 * m2 + w4 * m3 + w5 * m4
-                   + w6 * d2 + w7 * d3 + w8 * d4)
-            a3 += (w0 * u3 + w1 * u4 + w2 * u5 + w3 * m3 + w4 * m4 + w5 * m5
-                   + w6 * d3 + w7 * d4 + w8 * d5)
+            # three independent partial sums per pixel: a single chain of nine dependent
+            # FMAs is latency-bound
+            a0 += ((w0 * u0 + w1 * u1 + w2 * u2) + (w3 * m0 + w4 * m1 + w5 * m2)
+                   + (w6 * d0 + w7 * d1 + w8 * d2))
+            a1 += ((w0 * u1 + w1 * u2 + w2 * u3) + (w3 * m1 + w4 * m2 + w5 * m3)
+                   + (w6 * d1 + w7 * d2 + w8 * d3))
+            a2 += ((w0 * u2 + w1 * u3 + w2 * u4) + (w3 * m2 + w4 * m3 + w5 * m4)
+                   + (w6 * d2 + w7 * d3 + w8 * d4))
+            a3 += ((w0 * u3 + w1 * u4 + w2 * u5) + (w3 * m3 + w4 * m4 + w5 * m5)
+                   + (w6 * d3 + w7 * d4 + w8 * d5))
         rrow[lc] = xrow[lc + xoff] - a0
         rrow[lc + 1] = xrow[lc + 1 + xoff] - a1
         rrow[lc + 2] = xrow[lc + 2 + xoff] - a2
@@ -182,8 +193,8 @@ def residual_row(z, w, xrow, rrow, lr, lc0, lc1, xoff, q):
         lc += 1
 
 
-@_jit
-def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
+@_jit(reassociate=False)
+def update_row(zrow, dst, w, sc, bs, ak, alo, ahi, r, lr, lc0, lc1, q):
     """dst[lc] = f(s z[lr, lc] + b + (W1 * r)[lr, lc]) for local columns [lc0, lc1) (dst a
     row buffer of its own): the 1 -> q convolution as nine axpys over the q-vector, two
     pixels at a time (they share the taps' loads)."""
@@ -197,13 +208,15 @@ def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
             w0, w1, w2 = w[0, c], w[1, c], w[2, c]
             w3, w4, w5 = w[3, c], w[4, c], w[5, c]
             w6, w7, w8 = w[6, c], w[7, c], w[8, c]
-            s, b, a = sc[c], bs[c], act[c]
-            v0 = (s * zrow[lc, c] + b + w0 * p0 + w1 * p1 + w2 * p2 + w3 * m0 + w4 * m1
-                  + w5 * m2 + w6 * d0 + w7 * d1 + w8 * d2)
-            v1 = (s * zrow[lc + 1, c] + b + w0 * p1 + w1 * p2 + w2 * p3 + w3 * m1 + w4 * m2
-                  + w5 * m3 + w6 * d1 + w7 * d2 + w8 * d3)
-            dst[lc, c] = shrink(v0, a, prelu)
-            dst[lc + 1, c] = shrink(v1, a, prelu)
+            s, b = sc[c], bs[c]
+            # independent partial sums (one chain of ten dependent FMAs is latency-bound)
+            v0 = ((s * zrow[lc, c] + b + w0 * p0) + (w1 * p1 + w2 * p2 + w3 * m0)
+                  + (w4 * m1 + w5 * m2 + w6 * d0) + (w7 * d1 + w8 * d2))
+            v1 = ((s * zrow[lc + 1, c] + b + w0 * p1) + (w1 * p2 + w2 * p3 + w3 * m1)
+                  + (w4 * m2 + w5 * m3 + w6 * d1) + (w7 * d2 + w8 * d3))
+            k, lo, hi = ak[c], alo[c], ahi[c]
+            dst[lc, c] = shrink(v0, k, lo, hi)
+            dst[lc + 1, c] = shrink(v1, k, lo, hi)
         lc += 2
     while lc < lc1:
         p0, p1, p2 = ru[lc - 1], ru[lc], ru[lc + 1]
@@ -213,12 +226,12 @@ def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
             v0 = (sc[c] * zrow[lc, c] + bs[c] + w[0, c] * p0 + w[1, c] * p1 + w[2, c] * p2
                   + w[3, c] * m0 + w[4, c] * m1 + w[5, c] * m2 + w[6, c] * d0
                   + w[7, c] * d1 + w[8, c] * d2)
-            dst[lc, c] = shrink(v0, act[c], prelu)
+            dst[lc, c] = shrink(v0, ak[c], alo[c], ahi[c])
         lc += 1
 
 
 @_jit
-def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, n,
+def tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, n,
              oy0, oy1, ox0, ox1, z, r, v):
     H, W = x.shape[1], x.shape[2]
     L, _, q = w1.shape
@@ -242,7 +255,7 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
                 t = (bs[0, c] + w1[0, 0, c] * p0 + w1[0, 1, c] * p1 + w1[0, 2, c] * p2
                      + w1[0, 3, c] * p3 + w1[0, 4, c] * p4 + w1[0, 5, c] * p5
                      + w1[0, 6, c] * p6 + w1[0, 7, c] * p7 + w1[0, 8, c] * p8)
-                z[lr, lc, c] = shrink(t, act[0, c], prelu[0])
+                z[lr, lc, c] = shrink(t, ak[0, c], alo[0, c], ahi[0, c])
         fill_cols(z, lr, b0, b1, ix0, W, q)
     if a0 == 0:
         z[0, :] = z[2, :]
@@ -280,20 +293,19 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
             if uy < va0 or uy >= va1:
                 continue
             lr = uy - iy0 + 1
-            pl = prelu[layer] != 0
             if not last:
                 # into a row buffer, then copied: with z's row as its own destination the
                 # compiler's alias check sends the loop down its scalar path (6x slower)
                 c0, c1 = vb0 - ix0 + 1, vb1 - ix0 + 1
-                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
-                           c0, c1, q)
+                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], ak[layer], alo[layer],
+                           ahi[layer], r, lr, c0, c1, q)
                 for lc in range(c0, c1):
                     for c in range(q):
                         z[lr, lc, c] = v[lc, c]
             elif oy0 <= uy < oy1:
                 c0, c1 = ox0 - ix0 + 1, ox1 - ix0 + 1
-                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
-                           c0, c1, q)
+                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], ak[layer], alo[layer],
+                           ahi[layer], r, lr, c0, c1, q)
                 if use_head:
                     for lc in range(c0, c1):
                         acc = np.float32(0.0)
@@ -321,7 +333,7 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
         a0, a1, b0, b1 = va0, va1, vb0, vb1
 
 @_jit
-def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, tile,
+def run_jobs(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, tile,
              first, step):
     N, H, W = x.shape
     q = w1.shape[2]
@@ -337,7 +349,7 @@ def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
         k = job % (nty * ntx)
         oy0 = (k // ntx) * tile
         ox0 = (k % ntx) * tile
-        tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, n,
+        tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, n,
                  oy0, min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
 
 
@@ -366,13 +378,13 @@ def _compiled():
 
 
 def _smoke(fn) -> None:
-    """Compile every kernel for the types the calls use (float32 arrays, int8 flags) on tiny
-    inputs (from numba's disk cache after the first session)."""
+    """Compile every kernel for the types the calls use (float32 arrays) on tiny inputs (from
+    numba's disk cache after the first session)."""
     q = 2
     x = np.zeros((1, 4, 4), np.float32)
     w = np.zeros((2, 9, q), np.float32)
     v = np.zeros((2, q), np.float32)
-    fn(x, x, w, w, v, v, v, np.zeros(2, np.int8), np.zeros((1, q, 4, 4), np.float32),
+    fn(x, x, w, w, v, v, v, v, v, np.zeros((1, q, 4, 4), np.float32),
        np.zeros(q, np.float32), False, x, False, 8, 0, 1)
     _box_mean_rows(x, x.copy(), 1, 0, 1)
     _box_mean_cols(x, x.copy(), 1, 0, 1)
@@ -440,7 +452,7 @@ def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = No
         raise ValueError(f"head: expected {chain.q} weights, got {hv.shape}")
     out = np.empty((N, 1 if use_head else chain.q, H, W), np.float32)
     absum = np.empty((N, H, W) if l1 else (1, 1, 1), np.float32)
-    args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, chain.act, chain.prelu, out,
+    args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, *chain.clip_form(), out,
             hv, use_head, absum, bool(l1), int(tile))
     jobs = N * (-(-H // tile)) * (-(-W // tile))
     n = max(1, min(threads or _threads(), jobs))
