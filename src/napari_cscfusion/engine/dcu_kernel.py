@@ -568,78 +568,88 @@ def _sym(i, n):
 
 
 @_jit
-def _hsum(a, b, r, ta, tb, ab, tab, aa, taa, both):
-    """Horizontal (2r+1)-sums (float64, BORDER_REFLECT) of the maps a and b [H, W] into ta,
-    tb, and with ``both`` also of a*b and a*a (ab, aa: scratch rows) into tab, taa."""
-    H, W = a.shape
-    for y in range(H):
-        sa = 0.0
-        sb = 0.0
-        sab = 0.0
-        saa = 0.0
-        for d in range(-r, r + 1):
-            j = _sym(d, W)
-            sa += a[y, j]
-            sb += b[y, j]
-            if both:
-                sab += a[y, j] * b[y, j]
-                saa += a[y, j] * a[y, j]
+def _box_row(col, m, r, idx, pre, out):
+    """Horizontal (2r+1)-sums of the first ``m`` (2 or 4) rows of col [4, W] (float64) with
+    BORDER_REFLECT (``idx``: the padded row's source columns) into out [4, W], by prefix
+    sums: the chains' running sums stay in registers, the differences vectorise."""
+    W = col.shape[1]
+    s0 = s1 = s2 = s3 = 0.0
+    pre[0, 0] = pre[1, 0] = pre[2, 0] = pre[3, 0] = 0.0
+    if m == 4:
+        for j in range(W + 2 * r):
+            i = idx[j]
+            s0 += col[0, i]
+            s1 += col[1, i]
+            s2 += col[2, i]
+            s3 += col[3, i]
+            pre[0, j + 1] = s0
+            pre[1, j + 1] = s1
+            pre[2, j + 1] = s2
+            pre[3, j + 1] = s3
+    else:
+        for j in range(W + 2 * r):
+            i = idx[j]
+            s0 += col[0, i]
+            s1 += col[1, i]
+            pre[0, j + 1] = s0
+            pre[1, j + 1] = s1
+    w = 2 * r + 1
+    for k in range(m):
         for x in range(W):
-            ta[y, x] = sa
-            tb[y, x] = sb
-            if both:
-                tab[y, x] = sab
-                taa[y, x] = saa
-            i, o = _sym(x + r + 1, W), _sym(x - r, W)
-            sa += a[y, i] - a[y, o]
-            sb += b[y, i] - b[y, o]
-            if both:
-                sab += a[y, i] * b[y, i] - a[y, o] * b[y, o]
-                saa += a[y, i] * a[y, i] - a[y, o] * a[y, o]
+            out[k, x] = pre[k, x + w] - pre[k, x]
 
 
 @_jit
-def _guided(guide, src, r, eps, out, ta, tb, tab, taa, ca, cb, cab, caa, fa, fb):
+def _guided(guide, src, r, eps, out, fa, fb, col, box, pre, idx):
     """He et al.'s guided filter of one float32 map (grey guide), box means with
-    BORDER_REFLECT summed in double (rules.guided_filter_map's values to rounding); the four
-    first box means in one sweep, the two last in another."""
+    BORDER_REFLECT summed in double (rules.guided_filter_map's values to rounding). Streamed
+    row by row: column sums over the window's rows are updated by the row entering and the
+    row leaving (vectorised over columns), each row's box sums are then prefix-sum
+    differences along the row: no full-size intermediate but the coefficients fa, fb."""
     H, W = guide.shape
     inv = 1.0 / ((2 * r + 1) * (2 * r + 1))
-    _hsum(guide, src, r, ta, tb, ta, tab, ta, taa, True)
-    for k in range(2):  # k = 0: a and b from the means; k = 1: the output from a's, b's means
-        for x in range(W):
-            ca[x] = 0.0
-            cb[x] = 0.0
-            cab[x] = 0.0
-            caa[x] = 0.0
-        for d in range(-r, r + 1):
-            j = _sym(d, H)
+    for j in range(W + 2 * r):
+        idx[j] = _sym(j - r, W)
+    for k in range(2):  # k = 0: a, b from the means of I, p, Ip, II; k = 1: the output
+        m = 4 if k == 0 else 2
+        for kk in range(m):
             for x in range(W):
-                ca[x] += ta[j, x]
-                cb[x] += tb[j, x]
-                if k == 0:
-                    cab[x] += tab[j, x]
-                    caa[x] += taa[j, x]
+                col[kk, x] = 0.0
+        for d in range(-r, r + 1):
+            _add_rows(guide, src, fa, fb, col, _sym(d, H), 1.0, k == 0)
         for y in range(H):
+            _box_row(col, m, r, idx, pre, box)
             if k == 0:
                 for x in range(W):
-                    mi = ca[x] * inv
-                    mp = cb[x] * inv
-                    a = (cab[x] * inv - mi * mp) / (caa[x] * inv - mi * mi + eps)
+                    mi = box[0, x] * inv
+                    mp = box[1, x] * inv
+                    a = (box[2, x] * inv - mi * mp) / (box[3, x] * inv - mi * mi + eps)
                     fa[y, x] = a
                     fb[y, x] = mp - a * mi
             else:
                 for x in range(W):
-                    out[y, x] = np.float32(ca[x] * inv * guide[y, x] + cb[x] * inv)
-            i, o = _sym(y + r + 1, H), _sym(y - r, H)
-            for x in range(W):
-                ca[x] += ta[i, x] - ta[o, x]
-                cb[x] += tb[i, x] - tb[o, x]
-                if k == 0:
-                    cab[x] += tab[i, x] - tab[o, x]
-                    caa[x] += taa[i, x] - taa[o, x]
-        if k == 0:
-            _hsum(fa, fb, r, ta, tb, ta, tab, ta, taa, False)
+                    out[y, x] = np.float32(box[0, x] * inv * guide[y, x] + box[1, x] * inv)
+            if y + 1 < H:
+                _add_rows(guide, src, fa, fb, col, _sym(y + r + 1, H), 1.0, k == 0)
+                _add_rows(guide, src, fa, fb, col, _sym(y - r, H), -1.0, k == 0)
+
+
+@_jit
+def _add_rows(guide, src, fa, fb, col, y, sign, first):
+    """col += sign * (row y of I, p, I p, I I) (``first``) or of fa, fb."""
+    W = guide.shape[1]
+    if first:
+        for x in range(W):
+            i = np.float64(guide[y, x])
+            p = np.float64(src[y, x])
+            col[0, x] += sign * i
+            col[1, x] += sign * p
+            col[2, x] += sign * (i * p)
+            col[3, x] += sign * (i * i)
+    else:
+        for x in range(W):
+            col[0, x] += sign * fa[y, x]
+            col[1, x] += sign * fb[y, x]
 
 
 @_jit
@@ -651,10 +661,10 @@ def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, fir
     lev = np.empty((S, H, W), np.int32)
     w32 = np.empty((S, H, W), np.float32)
     ref = np.empty((S, H, W), np.float32)
-    ta, tb = np.empty((H, W)), np.empty((H, W))
-    tab, taa = np.empty((H, W)), np.empty((H, W))
-    ca, cb, cab, caa = np.empty(W), np.empty(W), np.empty(W), np.empty(W)
     fa, fb = np.empty((H, W)), np.empty((H, W))
+    col, box = np.empty((4, W)), np.empty((4, W))
+    pre = np.empty((4, W + 2 * r + 1))
+    idx = np.empty(W + 2 * r, np.uint32)  # unsigned: no wraparound check per access
     table = np.empty((S, 256))
     counts = np.empty(256)
     for c in range(first, q, step):
@@ -691,7 +701,7 @@ def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, fir
                 for s in range(S):
                     w32[s, y, x] = np.float32(table[s, lev[s, y, x]] / t)
         for s in range(S):
-            _guided(nrm[s], w32[s], r, eps, ref[s], ta, tb, tab, taa, ca, cb, cab, caa, fa, fb)
+            _guided(nrm[s], w32[s], r, eps, ref[s], fa, fb, col, box, pre, idx)
         for y in range(H):
             for x in range(W):
                 t = np.float32(0.0)
