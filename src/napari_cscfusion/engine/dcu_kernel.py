@@ -22,23 +22,22 @@ tiles are independent and the result equals the whole image's), its codes channe
 buffer of its own, and inside a DCU the residual row r = x - W0 * z is computed one row ahead of
 the in-place update of z: each DCU streams the tile's codes once. Both convolutions are 9-tap
 dot products / axpys over the contiguous q-vector of a pixel (SIMD). Tiles run on a thread
-pool (numba ``nogil``), as many threads as torch uses.
+pool (numba ``nogil``), as many threads as torch uses (engine/numba_jit.py).
 
-numba is optional: ``available()`` says whether it imported and the kernel compiled; callers
-fall back to the PyTorch fast form otherwise (engine/fast.py).
+numba is optional: ``available()`` says whether it imported, is not switched off
+(CSCFUSION_NO_NUMBA) and the kernel compiled; callers fall back to the PyTorch fast form
+otherwise (engine/fast.py).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from .numba_jit import Kernels, on_threads, pool, wait_all
 from .numba_jit import jit as _jit
-from .numba_jit import numba
+from .numba_jit import threads as _threads
 
 TILE = 128  # output tile side (px): benchmarks/README.md (issue 18)
 
@@ -353,38 +352,14 @@ def run_jobs(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, us
                  oy0, min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
 
 
-_lock = threading.Lock()
-_state: dict = {}
-
-
-def _compiled():
-    """The compiled kernel, or None (numba missing, or it failed to compile: the reason is in
-    ``unavailable_reason()``)."""
-    with _lock:
-        if "fn" not in _state:
-            _state["fn"], _state["why"] = None, None
-            if numba is None:
-                _state["why"] = "numba is not installed"
-            elif os.environ.get("CSCFUSION_NO_NUMBA"):
-                _state["why"] = "CSCFUSION_NO_NUMBA is set"
-            else:
-                try:
-                    fn = run_jobs
-                    _smoke(fn)
-                    _state["fn"] = fn
-                except Exception as exc:  # numba's errors have no common base; any: fall back
-                    _state["why"] = f"numba failed to compile the DCU kernel ({type(exc).__name__})"
-        return _state["fn"]
-
-
-def _smoke(fn) -> None:
+def _smoke() -> None:
     """Compile every kernel for the types the calls use (float32 arrays) on tiny inputs (from
     numba's disk cache after the first session)."""
     q = 2
     x = np.zeros((1, 4, 4), np.float32)
     w = np.zeros((2, 9, q), np.float32)
     v = np.zeros((2, q), np.float32)
-    fn(x, x, w, w, v, v, v, v, v, np.zeros((1, q, 4, 4), np.float32),
+    run_jobs(x, x, w, w, v, v, v, v, v, np.zeros((1, q, 4, 4), np.float32),
        np.zeros(q, np.float32), False, x, False, 8, 0, 1)
     _box_mean_rows(x, x.copy(), 1, 0, 1)
     _box_mean_cols(x, x.copy(), 1, 0, 1)
@@ -400,34 +375,17 @@ def _smoke(fn) -> None:
                        0, 1)
 
 
+_kernels = Kernels("the DCU kernel", _smoke)
+
+
 def available() -> bool:
-    """Whether the kernel can run here (numba imported and compiled it)."""
-    return _compiled() is not None
+    """Whether the kernel can run here (numba imported, not switched off, compiled)."""
+    return _kernels.available()
 
 
 def unavailable_reason() -> str | None:
     """Why ``available()`` is False (None when it is True)."""
-    _compiled()
-    return _state.get("why")
-
-
-def _threads() -> int:
-    try:
-        import torch
-
-        return max(1, torch.get_num_threads())
-    except ImportError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    with _lock:
-        if n not in _pools:
-            _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="cscfusion-dcu")
-        return _pools[n]
+    return _kernels.why()
 
 
 def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = None, *,
@@ -438,7 +396,7 @@ def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = No
     ``l1``: also return each pixel's sum_c |z_c| [N, H, W] (the l1 fusion rule's activity),
     as a second value. See the module docstring for what is computed. RuntimeError when the
     kernel is not available (``available()``)."""
-    fn = _compiled_or_raise()
+    _kernels.check()
     x = np.ascontiguousarray(x, dtype=np.float32)
     xf = x if x_first is None else np.ascontiguousarray(x_first, dtype=np.float32)
     if x.ndim != 3 or xf.shape != x.shape or min(x.shape[1:]) < 2:
@@ -457,17 +415,11 @@ def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = No
     jobs = N * (-(-H // tile)) * (-(-W // tile))
     n = max(1, min(threads or _threads(), jobs))
     if n == 1:
-        fn(*args, 0, 1)
+        run_jobs(*args, 0, 1)
     else:
-        _on_threads(n, fn, args)
+        on_threads(n, run_jobs, args)
     out = out[:, 0] if use_head else out
     return (out, absum) if l1 else out
-
-
-def _on_threads(n: int, fn, args) -> None:
-    """fn(*args, i, n) for i < n on the pool's threads (numba releases the GIL)."""
-    for f in [_pool(n).submit(fn, *args, i, n) for i in range(n)]:
-        f.result()
 
 
 # --- CSC-IVFN's other per-pixel steps around the kernel ----------------------------------------
@@ -506,12 +458,12 @@ def _box_mean_cols(tmp, out, r, first, step):
 def box_mean(x: np.ndarray, r: int, threads: int | None = None) -> np.ndarray:
     """Mean over (2r+1)^2 windows with reflection borders (c b | a b c) of x [N, H, W]
     (float32, H and W > r): CSC-IVFN's low-pass (r = 5), as models.ivfn.box_blur."""
-    _compiled_or_raise()
+    _kernels.check()
     x = np.ascontiguousarray(x, dtype=np.float32)
     tmp, out = np.empty_like(x), np.empty_like(x)
     n = max(1, min(threads or _threads(), x.shape[1]))
-    _on_threads(n, _box_mean_rows, (x, tmp, r))
-    _on_threads(n, _box_mean_cols, (tmp, out, r))
+    on_threads(n, _box_mean_rows, (x, tmp, r))
+    on_threads(n, _box_mean_cols, (tmp, out, r))
     return out
 
 
@@ -547,11 +499,11 @@ def l1_fuse(z: np.ndarray, absum: np.ndarray, threads: int | None = None) -> np.
     """The l1 rule on codes z [S, q, H, W] given their sum_c |z| [S, H, W] (``encode_chain``
     with ``l1=True``) -> [q + S, H, W]: the fused codes, then the weights (rules.l1_rule's
     values to rounding)."""
-    _compiled_or_raise()
+    _kernels.check()
     S, q, H, W = z.shape
     out = np.empty((q + S, H, W), np.float32)
     n = max(1, min(threads or _threads(), H))
-    _on_threads(n, _l1_fuse_rows, (z, absum, out))
+    on_threads(n, _l1_fuse_rows, (z, absum, out))
     return out
 
 
@@ -727,7 +679,7 @@ def saliency_fuse(z: np.ndarray, lo: np.ndarray, hi: np.ndarray, hist: np.ndarra
     extremes lo, hi [S, q] and, for tiles, the whole image's normalised histograms
     hist [S, q, 256]: (fused codes [q, H, W], channel-mean weights [S, 1, H, W]). Channels run
     in parallel."""
-    _compiled_or_raise()
+    _kernels.check()
     S, q, H, W = z.shape
     z = np.ascontiguousarray(z, dtype=np.float32)
     lo = np.ascontiguousarray(lo, dtype=np.float32)
@@ -737,19 +689,10 @@ def saliency_fuse(z: np.ndarray, lo: np.ndarray, hi: np.ndarray, hist: np.ndarra
     fused = np.empty((q, H, W), np.float32)
     n = max(1, min(threads or _threads(), q))
     sums = [np.zeros((S, H, W), np.float32) for _ in range(n)]
-    futures = [_pool(n).submit(_saliency_channels, z, lo, hi, h, has_hist, _DISTANCE, radius,
-                               float(eps), fused, sums[i], i, n) for i in range(n)]
-    for f in futures:
-        f.result()
+    wait_all([pool(n).submit(_saliency_channels, z, lo, hi, h, has_hist, _DISTANCE, radius,
+                             float(eps), fused, sums[i], i, n) for i in range(n)])
     wsum = sums[0]
     for extra in sums[1:]:
         wsum += extra
     wsum /= q
     return fused, wsum[:, None]
-
-
-def _compiled_or_raise():
-    fn = _compiled()
-    if fn is None:
-        raise RuntimeError(f"the DCU kernel is not available: {unavailable_reason()}")
-    return fn
