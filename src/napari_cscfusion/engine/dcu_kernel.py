@@ -365,6 +365,8 @@ def _smoke() -> None:
     _box_mean_cols(x, x.copy(), 1, 0, 1)
     _l1_fuse_rows(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
                   np.zeros((q + 2, 4, 4), np.float32), 0, 1)
+    _conv7_rows(np.zeros((q, 8, 8), np.float32), np.zeros((q, 7, 7), np.float32),
+                np.zeros((8, 8), np.float32), 0, 1)
     _saliency_channels(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, q), np.float32),
                        np.ones((2, q), np.float32), np.zeros((1, 1, 1)), False, _DISTANCE, 1,
                        0.01, np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
@@ -504,6 +506,47 @@ def l1_fuse(z: np.ndarray, absum: np.ndarray, threads: int | None = None) -> np.
     out = np.empty((q + S, H, W), np.float32)
     n = max(1, min(threads or _threads(), H))
     on_threads(n, _l1_fuse_rows, (z, absum, out))
+    return out
+
+
+@_jit
+def _conv7_rows(z, w, out, first, step):
+    """out[y, x] = sum_c sum_{dy, dx} w[c, dy, dx] z[c, y + dy - 3, x + dx - 3] for the
+    interior 3 <= y < H - 3, 3 <= x < W - 3 (no padding), rows first, step: a q -> 1 7x7
+    convolution, each (channel, kernel row) one pass over the output row, vectorised along
+    it."""
+    q, H, W = z.shape
+    acc = np.empty(W, np.float32)
+    for y in range(3 + first, H - 3, step):
+        for x in range(W):
+            acc[x] = 0.0
+        for c in range(q):
+            for dy in range(7):
+                row = z[c, y + dy - 3]
+                w0, w1, w2, w3 = w[c, dy, 0], w[c, dy, 1], w[c, dy, 2], w[c, dy, 3]
+                w4, w5, w6 = w[c, dy, 4], w[c, dy, 5], w[c, dy, 6]
+                for x in range(3, W - 3):
+                    acc[x] += ((w0 * row[x - 3] + w1 * row[x - 2] + w2 * row[x - 1])
+                               + (w3 * row[x] + w4 * row[x + 1])
+                               + (w5 * row[x + 2] + w6 * row[x + 3]))
+        for x in range(3, W - 3):
+            out[y, x] = acc[x]
+
+
+def conv7_interior(z: np.ndarray, w: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """The q -> 1 7x7 convolution of z [q, H, W] (float32) with w [q, 7, 7] on the interior
+    (pixels >= 3 px from the border; the border frame of the result is left unset): CSC-IVFN's
+    decoder composed into one convolution (models.fastpath.FastIVFN.composite_decoder), a
+    seventh of its three layers' multiply-adds."""
+    _kernels.check()
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    q, H, W = z.shape
+    if w.shape != (q, 7, 7):
+        raise ValueError(f"w: expected [{q}, 7, 7], got {w.shape}")
+    out = np.empty((H, W), np.float32)
+    n = max(1, min(threads or _threads(), H))
+    on_threads(n, _conv7_rows, (z, w, out))
     return out
 
 
