@@ -82,8 +82,9 @@ class FastIVF:
     network, each compiled (``compile``), plus ``detail_l1`` (detail codes + l1 rule).
 
     On the CPU in float32 and uncompiled, the encoders run the fused DCU-chain kernel
-    (engine/dcu_kernel.py, numba; ``form`` "kernel") and the decoder stays oneDNN; where that
-    kernel is unavailable, the PyTorch fast form (``form`` "torch", ``fallback`` says why)."""
+    (engine/dcu_kernel.py, numba; ``form`` "kernel") and the decoder its composition into one
+    convolution (``_composite_decode``); where the kernels are unavailable, the PyTorch fast
+    form (``form`` "torch", ``fallback`` says why)."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool):
         f = _prepared(fastpath.FastIVFN(net), net, dtype)
