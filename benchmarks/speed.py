@@ -147,7 +147,9 @@ def _naive(task: str, model, inputs, device):
             from napari_cscfusion.models.color import luma
 
             g = luma(np.moveaxis(g, 0, -1))[None].astype(np.float32)
-            lr = np.clip(bicubic_resize(lr[None], g.shape[-2:]), 0.0, 1.0).astype(np.float32)
+            lr = lr[None] if lr.ndim == 2 else lr
+            if model.info.get("header", {}).get("training", {}).get("lr_input") == "bicubic":
+                lr = np.clip(bicubic_resize(lr, g.shape[-2:]), 0.0, 1.0).astype(np.float32)
         lr = torch.from_numpy(np.ascontiguousarray(lr))[None].to(device)
         g = torch.from_numpy(np.ascontiguousarray(g))[None]
         return net(lr, g.to(device)).clamp(0, 1).cpu().numpy()
@@ -292,7 +294,8 @@ def _exact_kw(fn, exact: bool) -> dict:
     return {"exact": exact} if "exact" in inspect.signature(fn).parameters else {}
 
 
-def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") -> list[str]:
+def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu",
+            mmf_weights: str | None = None) -> list[str]:
     """Issue 18's ratios, each pair measured back to back in this process."""
     import numpy as np
     import torch
@@ -335,8 +338,14 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") 
         # clamped at >= 0 by design: the fast path applies to it); with ``--weights
         # packaged`` the packaged thermal network (1-band low-res, grey guide, 32 codes: its
         # naive forward fits in memory at 4 Mpx) on a grey low-res stand-in
-        packaged = weights == "packaged"
-        model = target_model("mmf", "packaged" if packaged else "authors")
+        # ``mmf_weights``: a weights file (e.g. a low_res-geometry candidate), grey inputs
+        packaged = weights == "packaged" or mmf_weights is not None
+        if mmf_weights is not None:
+            from napari_cscfusion.engine import load_model
+
+            model = load_model("mmf", mmf_weights)
+        else:
+            model = target_model("mmf", "packaged" if packaged else "authors")
         kw = _exact_kw(fuse_guided, exact)
         for mpx in (1, 4):
             lr, guide = make_inputs("mmf", mpx)
@@ -359,11 +368,13 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu") 
                 repeat)
             diff = np.abs(res.image - ref[0])
             say(f"mmf {mpx} Mpx ({model.weights_label}): engine {best:.2f} s (first call "
-                f"{first:.1f} s, path {res.metadata.get('path', 'exact')}, tile "
-                f"{res.metadata.get('tile')}), naive {naive:.2f} s: engine "
-                f"{naive / best:.2f}x faster (target >= 1.5x); |engine - naive| max "
-                f"{diff.max():.2g}, mean {diff.mean():.2g} (the naive forward's float32 "
-                f"cumulative-sum guided filter is the inaccurate side: benchmarks/README.md)")
+                f"{first:.1f} s, path {res.metadata.get('path', 'exact')}, kernel "
+                f"{res.metadata.get('fast_kernel')}, tile {res.metadata.get('tile')}), naive "
+                f"{naive:.2f} s: engine {naive / best:.2f}x faster (target >= 1.5x); "
+                f"|engine - naive| max {diff.max():.2g}, mean {diff.mean():.2g}"
+                + ("" if getattr(model.network, "geometry", "authors") == "low_res" else
+                   " (the naive forward's float32 cumulative-sum guided filter is the "
+                   "inaccurate side: benchmarks/README.md)"))
     return lines
 
 
@@ -478,6 +489,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None, choices=("clamped", "packaged", "authors"),
                     help="networks (default: authors' for the rows, clamped for --targets; "
                     "MMF always the authors')")
+    ap.add_argument("--mmf-weights", help="--targets: the MMF network from this weights file "
+                    "(grey inputs, as --weights packaged)")
     ap.add_argument("--exact", action="store_true", help="--targets on the exact path")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -489,7 +502,8 @@ def main(argv=None) -> int:
                                  a.weights or "authors")))
         return 0
     if a.targets:
-        targets(a.repeat, a.weights or "clamped", a.exact, a.tasks.split(","), a.device)
+        targets(a.repeat, a.weights or "clamped", a.exact, a.tasks.split(","), a.device,
+                a.mmf_weights)
         return 0
     sizes = [1.0] if a.quick else [_size(s) for s in a.sizes.split(",")]
     variants = a.variants.split(",")

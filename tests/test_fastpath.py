@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_cscfusion.engine import FusionModel, load_model
+from napari_cscfusion.engine import FusionModel, load_model, mmf_cpu
 from napari_cscfusion.models import fastpath
 
 from ._shared import DATA, authors_model, grey, needs_shared, read
@@ -337,10 +337,51 @@ def test_mmf_fast_path_matches_exact_on_a_flir_pair():
     ir = grey(read(DATA / "ivf" / "flir_test" / "IR1.jpg"))[:96, :128]
     vis = grey(read(DATA / "ivf" / "flir_test" / "VIS1.jpg"))[:96, :128]
     low = cv2.resize(ir, (64, 48), interpolation=cv2.INTER_AREA)
-    exact = fuse_guided(low, vis, model, device="cpu")  # 32 codes: the default is exact
-    fast = fuse_guided(low, vis, model, device="cpu", exact=False)
+    exact = fuse_guided(low, vis, model, device="cpu", exact=True)
+    # the default: the numba kernels where numba is at hand (mmf_cpu), else the exact path
+    default = fuse_guided(low, vis, model, device="cpu")
+    with pytest.MonkeyPatch.context() as mp:  # the PyTorch fast form (no numba kernels)
+        mp.setattr(mmf_cpu, "applies", lambda *a: False)
+        fast = fuse_guided(low, vis, model, device="cpu", exact=False)
     assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
+    assert default.metadata["path"] == ("fast" if mmf_cpu.available() else "exact")
     assert_close(fast.image, exact.image)
+    assert_close(default.image, exact.image)
+
+
+@needs_shared
+def test_mmf_numba_kernels_match_float64_on_a_flir_pair_tiled_or_whole():
+    """The packaged network (one channel, 32 codes) in the numba kernels (mmf_cpu.py, the
+    CPU default): within 1e-6 of the float64 reference on a 192x256 FLIR crop, tiles equal to
+    the whole image, and as close to the PyTorch fast form as both are to float64. The exact
+    path's whole-image forward is the inaccurate one there (its float32 cumulative-sum box
+    filter: ~2e-2 from float64 on this crop), so the comparison is with float64."""
+    import cv2
+
+    from napari_cscfusion import fuse_guided
+
+    if not mmf_cpu.available():
+        pytest.skip(f"numba kernels unavailable: {mmf_cpu.unavailable_reason()}")
+    model = load_model("mmf")
+    ir = grey(read(DATA / "ivf" / "flir_test" / "IR1.jpg"))[:192, :256]
+    vis = grey(read(DATA / "ivf" / "flir_test" / "VIS1.jpg"))[:192, :256]
+    low = cv2.resize(ir, (128, 96), interpolation=cv2.INTER_AREA)
+    ref = fuse_guided(low, vis, model, device="cpu", exact=True, precision="fp64",
+                      tile=0).image
+    whole = fuse_guided(low, vis, model, device="cpu", tile=0)
+    tiled = fuse_guided(low, vis, model, device="cpu", tile=40).image
+    assert whole.metadata["path"] == "fast" and whole.metadata["fast_kernel"] == "numba"
+    for img in (whole.image, tiled):
+        err = np.abs(img.astype(np.float64) - ref)
+        assert err.max() < 1e-6 and err.mean() < 1e-7, (err.max(), err.mean())
+    assert np.abs(whole.image - tiled).max() < 1e-6
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mmf_cpu, "applies", lambda *a: False)
+        torch_form = fuse_guided(low, vis, model, device="cpu", tile=0, exact=False).image
+    assert np.abs(torch_form - whole.image).max() < 1e-5
+    # the exact path's tiles (window means in float32) are within the tolerance of float64
+    exact_tiled = fuse_guided(low, vis, model, device="cpu", exact=True, tile=64).image
+    assert_close(whole.image, exact_tiled)
 
 
 @needs_shared

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..models.color import luma
 from ..models.folded import folded
-from . import notices
+from . import dcu_kernel, mmf_cpu, notices
 from .device import resolve_device
 from .fast import auto_compile, fast_network, run_path, use_fast_path
 from .inputs import check_frames, check_min_size, check_ndim, normalise
@@ -60,9 +60,13 @@ MMF_MIN_LOW_SIZE = 4  # the fast guided filter (r=1) needs more than 3 px per si
 # decoder (256 px: ~200 MB); whole-tile stages measured a little faster still, pieces bound
 # the memory (benchmarks/README.md, issue 18)
 MMF_STATS_PIECE, MMF_PIECE = 128, 256
+# output tile side of the numba kernels' runs (``MMFKernel.preferred_tile``)
+MMF_CPU_TILE = 384
 # exact=None (default) takes the fast path for networks with at least this many code
 # channels: measured faster than the naive forward for the authors' 256 (1.46x at 1 Mpx), but
-# 0.74x for the packaged 32-code network, whose default stays the exact path (issue 18)
+# its PyTorch form 0.74x for the packaged 32-code network; one-channel networks (the packaged
+# one, the low_res geometry's) take it on the CPU in numba kernels instead (mmf_cpu.py), else
+# the exact path (issue 18)
 MMF_FAST_MIN_CODES = 128
 
 
@@ -132,6 +136,9 @@ class MMFKernel:
         self.dtype = precision_dtype(precision)
         self.fast = use_fast_path(net, exact)
         self.path = "fast" if self.fast else "exact"
+        # one-channel networks on the CPU: the numba kernels (mmf_cpu.py)
+        self.chains = mmf_cpu.MMFChains(net) if self.fast and mmf_cpu.applies(
+            net, self.dtype, device, compile) else None
         if self.fast:  # encoders and decoder in the fast form, compiled or lean (fast.py)
             self.net = fast_network("mmf", net, self.dtype, compile=compile)
             self.r_lr, self.r_g = self.net.lr_radius, self.net.guide_radius
@@ -148,7 +155,10 @@ class MMFKernel:
         self.halo = int(math.ceil((self.r_lr + self.box + 2) * scale)) + self.r_g + 2
         g_c = net.guide_channels
         self.piece = MMF_PIECE
-        if self.fast:
+        if self.chains is not None:
+            # the guide's codes at full resolution, z_L, z_g and [a, b] at low resolution
+            self.bytes_per_pixel = 4 * (self.q + 4 * self.q / scale ** 2 + g_c + 3 * self.c)
+        elif self.fast:
             # the tile holds the guide encoder's working set (z and two more code maps at
             # full resolution), then the guide codes at full and z_g, z_L, [a, b] at low
             # resolution; the later stages' temporaries live in pieces (fixed_bytes)
@@ -161,7 +171,9 @@ class MMFKernel:
                 + 4 * (self.q * 4 + self.c) / (scale * scale)
 
     def preferred_tile(self, device: torch.device) -> int | None:
-        return None
+        # the numba kernels: tiles whose code maps stay in the last-level cache between the
+        # stages measured faster than the whole image (1 Mpx: 4.1-4.5 s at 256-512 px vs 6.5 s)
+        return MMF_CPU_TILE if self.chains is not None else None
 
     def outputs(self) -> dict[str, int]:
         return {"image": self.c}
@@ -211,7 +223,8 @@ class MMFKernel:
     def __call__(self, crop, core: Box, stats=None, tick=None) -> dict[str, np.ndarray]:
         lr_np, g_np, core = crop
         if self.fast:
-            image = self.fast_image(lr_np, g_np, core)
+            image = (self.fast_image if self.chains is None else self.cpu_image)(
+                lr_np, g_np, core)
             if tick is not None:
                 tick()
             return {"image": image}
@@ -254,6 +267,53 @@ class MMFKernel:
         if tick is not None:
             tick()
         return {"image": image}
+
+    def cpu_image(self, lr_np: np.ndarray, g_np: np.ndarray, core: Box) -> np.ndarray:
+        """The fast path's tile in the numba kernels (mmf_cpu.py): both encoders, the guide's
+        codes resampled to the low-res box window (none where the grids are the same: the
+        packaged network's bicubic-prepared input), the coefficients with float64 statistics,
+        then the fused codes and the decoder in one pass."""
+        (dy, lby, lcy, gcy), (dx, lbx, lcx, gcx) = self.windows(core).values()
+        (h, w), (H, W) = self.lr_shape, self.hr_shape
+        z_G, z_L = self.encode_cpu(lr_np, g_np)
+        if (h, w) == (H, W):  # align_corners resampling between equal grids is the identity
+            z_g, g_at = z_G, (lby[0] - gcy[0], lbx[0] - gcx[0])
+            base = lr_np[0, core[0] - lcy[0]:core[1] - lcy[0], core[2] - lcx[0]:core[3] - lcx[0]]
+        else:
+            cpu = torch.device("cpu")
+            py = align_corners_positions(range(*lby), H, h, cpu)
+            px = align_corners_positions(range(*lbx), W, w, cpu)
+            z_g = interp_axis(interp_axis(torch.from_numpy(z_G), 2, px, gcx[0], W), 1, py,
+                              gcy[0], H).contiguous().numpy()
+            g_at = (0, 0)
+            qy = align_corners_positions(range(core[0], core[1]), h, H, cpu)
+            qx = align_corners_positions(range(core[2], core[3]), w, W, cpu)
+            base = interp_axis(interp_axis(torch.from_numpy(lr_np[0]), 1, qx, lcx[0], w), 0,
+                               qy, lcy[0], h).numpy()
+        rows = mmf_cpu.interp_table(align_corners_positions(range(*dy), h, H,
+                                                            torch.device("cpu")), h, lby[0])
+        cols = mmf_cpu.interp_table(align_corners_positions(range(*dx), w, W,
+                                                            torch.device("cpu")), w, lbx[0])
+        return self.decode_cpu(z_G, gcy[0], gcx[0], z_g, g_at, z_L, (lby, lcy, lbx, lcx),
+                               rows, cols, base, core, (dy, dx))
+
+    def encode_cpu(self, lr_np: np.ndarray, g_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The guide crop's and the low-res crop's codes [q, ., .] by the DCU-chain kernel."""
+        return (dcu_kernel.encode_chain(self.chains.guide, g_np[:1])[0],
+                dcu_kernel.encode_chain(self.chains.lr, lr_np[:1])[0])
+
+    def decode_cpu(self, z_G, gy0, gx0, z_g, g_at, z_L, lwin, rows, cols, base, core,
+                   d) -> np.ndarray:
+        """The coefficients on the low-res box window (``lwin``: its rows, the low-res crop's
+        rows, its columns, the crop's columns), then base + decoder of the fused codes on the
+        core (``d``: the decoder's rows and columns), clipped to [0, 1] -> [1, H', W']."""
+        lby, lcy, lbx, lcx = lwin
+        ch = self.chains
+        ab = mmf_cpu.guided_ab(z_g, g_at, z_L, (lby[0] - lcy[0], lbx[0] - lcx[0]),
+                               (lby[1] - lby[0], lbx[1] - lbx[0]), ch.radius, ch.eps)
+        out = mmf_cpu.fused_decode(z_G, (gy0, gx0), ab, rows, cols, ch.dec_taps, base, core,
+                                   (*d[0], *d[1]), self.hr_shape)
+        return np.clip(out, 0.0, 1.0, out=out)[None]
 
     def fast_image(self, lr_np: np.ndarray, g_np: np.ndarray, core: Box) -> np.ndarray:
         """The fast path's tile: every 256-channel stage in cache-sized pieces (encoders with
@@ -336,9 +396,11 @@ def mmf_kernel(net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
         from .mmf_lowres import LowResMMFKernel  # (it subclasses MMFKernel)
 
         dtype = precision_dtype(precision)
+        chains = mmf_cpu.MMFChains(net) if use_fast_path(net, exact) and mmf_cpu.applies(
+            net, dtype, device, compile) else None
         return LowResMMFKernel(folded("mmf", net, dtype, compile), lr_shape, hr_shape, device,
                                dtype, net.lr_channels, net.hparams["code_channels"],
-                               net.guide_channels)
+                               net.guide_channels, chains)
     return MMFKernel(net, lr_shape, hr_shape, device, precision=precision, compile=compile,
                      exact=exact)
 
@@ -453,13 +515,17 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     larger images (benchmarks/README.md, issue 18). ``exact=True`` (or ``codes=True``): the
     reference arithmetic. ``exact=None`` (default): the fast path for networks with at least
     ``MMF_FAST_MIN_CODES`` code channels (the authors' 256: measured faster than the naive
-    forward), the exact path for thinner ones (the packaged 32: measured slower). Dask runs
+    forward) and, on the CPU in float32 uncompiled, for one-channel networks (1-band
+    low-res, grey guide: the packaged one), which run in numba kernels there (mmf_cpu.py;
+    ``metadata['fast_kernel']`` "numba"; float64 statistics as well); the exact path for the
+    others (thin networks in the PyTorch fast form measured slower than naive). Dask runs
     take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
     Weights of the low_res geometry (``hparams['geometry']`` in their header; models/mmfn.py)
-    take ``low_res`` as it is and run the exact path (tiles: ``mmf_lowres.LowResMMFKernel``);
-    their low-resolution codes are at the input's resolution.
+    take ``low_res`` as it is (tiles: ``mmf_lowres.LowResMMFKernel``); their low-resolution
+    codes are at the input's resolution. Their fast path is the numba kernels' (one-channel
+    networks on the CPU); elsewhere they run the exact path.
     progress(done, total) is called after every tile and may raise Cancelled.
 
     Dask: dask inputs (or ``client``/``scheduler``, as in fuse_infrared_visible) give a lazy
@@ -487,22 +553,26 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         raise ValueError(f"guide: must be at least as large as low_res; guide is {H}x{W}, "
                          f"low_res {h}x{w}")
     model = resolve_model(model, "mmf")
+    dev = resolve_device(device)
+    # the numba kernels' networks (one-channel) on the CPU: the fast path by default, and the
+    # only fast form of the low_res geometry
+    cpu_kernels = not exact and not codes and mmf_cpu.applies(
+        model.network, precision_dtype(precision), dev, bool(compile))
     if exact is None:
-        exact = model.network.hparams["code_channels"] < MMF_FAST_MIN_CODES
+        exact = model.network.hparams["code_channels"] < MMF_FAST_MIN_CODES and not cpu_kernels
     net_c, net_g = model.network.lr_channels, model.network.guide_channels
     c = lr_shape[nl] if chan else 1
     if c != net_c:
         raise ValueError(f"low_res: this {model.name} model expects {net_c} channel(s), got {c} "
                          f"(shape {lr_shape})")
     lr_input = model.info.get("header", {}).get("training", {}).get("lr_input")
-    if getattr(model.network, "geometry", "authors") == "low_res":
-        exact = True  # the fast form is written for the authors' geometry only
+    if getattr(model.network, "geometry", "authors") == "low_res" and not cpu_kernels:
+        exact = True  # the PyTorch fast form is written for the authors' geometry only
     if lr_input not in (None, "native", "bicubic"):
         raise ValueError(f"model: low-res input preparation {lr_input!r} (recorded in "
                          f"{model.weights_label}) is not supported for inference; train with "
                          f"the default 'bicubic'")
     prepare_guide = partial(_guide_for_network, net_g=net_g, network=model.name)
-    dev = resolve_device(device)
     if not chan:  # one channel axis for every layout: (..., C, h, w)
         lr_arr = lr_arr[..., None, :, :]
     if lazy_requested(client, scheduler, low_res, guide):
@@ -516,6 +586,7 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         meta = base_metadata(model, dev, lazy.notes)
         meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), lazy=lazy.is_lazy,
                     tile=lazy.tile, precision=precision, path=run_path(model, exact),
+                    fast_kernel=kernel_name(model, exact, cpu_kernels),
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, {}, meta)
     n_lr, n_g = normalise(lr_arr, "low_res"), normalise(g_arr, "guide")
@@ -543,8 +614,16 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     meta = base_metadata(model, dev, {"low_res": n_lr.note, "guide": n_g.note})
     meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), planes=len(planes),
                 tile=tile, precision=precision, path="exact" if codes else run_path(model, exact),
+                fast_kernel=None if codes else kernel_name(model, exact, cpu_kernels),
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {}, meta)
+
+
+def kernel_name(model: FusionModel, exact: bool, cpu_kernels: bool) -> str | None:
+    """What ran the fast path (metadata): "numba" (mmf_cpu.py), "torch", or None (exact)."""
+    if run_path(model, exact) != "fast":
+        return None
+    return "numba" if cpu_kernels else "torch"
 
 
 def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.device,

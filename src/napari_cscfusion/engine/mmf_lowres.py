@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..models.mmfn import guided_coefficients
+from . import mmf_cpu
 from .mmf import MMFKernel
 from .resample import bicubic_span, bicubic_window, interp_axis
 from .tiling import Box, to_device, to_numpy
@@ -56,13 +57,14 @@ class LowResMMFKernel(MMFKernel):
     (``models.folded``: encoders, ``decode_codes``, ``radius_``, ``eps``) of a CSCMMFN whose
     ``geometry`` is 'low_res'. Tiles are cut in the guide's (output) coordinates."""
 
-    path = "exact"
-    fast = False
-
     def __init__(self, net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
-                 device: torch.device, dtype: torch.dtype | None, c: int, q: int, g_c: int):
-        # not MMFKernel.__init__: that prepares the authors' geometry (fast form, halo)
-        self.net, self.dtype, self.c = net, dtype, c
+                 device: torch.device, dtype: torch.dtype | None, c: int, q: int, g_c: int,
+                 chains=None):
+        # not MMFKernel.__init__: that prepares the authors' geometry (fast form, halo).
+        # ``chains`` (mmf_cpu.MMFChains): the fast path in the numba kernels, else exact
+        self.net, self.dtype, self.c, self.chains = net, dtype, c, chains
+        self.fast = chains is not None
+        self.path = "fast" if self.fast else "exact"
         self.r_lr, self.r_g = net.lr_encoder.radius, net.guide_encoder.radius
         self.lr_shape, self.hr_shape, self.device = tuple(lr_shape), tuple(hr_shape), device
         self.box = net.radius_
@@ -70,6 +72,8 @@ class LowResMMFKernel(MMFKernel):
         # context in output pixels (for the tile-size estimate only; crops are exact)
         self.halo = int(np.ceil((self.r_lr + self.box + 2) * scale)) + self.r_g + 2
         self.bytes_per_pixel = 4 * (q * 4 + g_c + 2 * c) + 4 * (q * 6 + 2 * c) / (scale * scale)
+        if self.fast:  # the guide's codes; z_L, z_g, [a, b] at low resolution
+            self.bytes_per_pixel = 4 * (q + g_c + 2 * c) + 4 * (q * 4 + 2 * c) / (scale * scale)
 
     def windows(self, core: Box) -> dict[int, tuple[tuple[int, int], ...]]:
         """Per axis (y then x), global: D (core +- 1, the decoder's context), the low-res box
@@ -93,6 +97,11 @@ class LowResMMFKernel(MMFKernel):
 
     def __call__(self, crop, core: Box, stats=None, tick=None) -> dict[str, np.ndarray]:
         lr_np, g_np, core = crop
+        if self.fast:
+            image = self.cpu_image(lr_np, g_np, core)
+            if tick is not None:
+                tick()
+            return {"image": image}
         (dy, lby, lcy, gcy), (dx, lbx, lcx, gcx) = self.windows(core).values()
         dev, dt = self.device, self.dtype
         (h, w), (H, W) = self.lr_shape, self.hr_shape
@@ -123,3 +132,23 @@ class LowResMMFKernel(MMFKernel):
         if tick is not None:
             tick()
         return {"image": image}
+
+    def cpu_image(self, lr_np: np.ndarray, g_np: np.ndarray, core: Box) -> np.ndarray:
+        """The fast path's tile in the numba kernels (mmf_cpu.py): both encoders, the guide's
+        codes area-averaged to the low-res box window, the coefficients (float64 statistics),
+        then the fused codes and the decoder in one pass, plus the bicubic base."""
+        (dy, lby, lcy, gcy), (dx, lbx, lcx, gcx) = self.windows(core).values()
+        (h, w), (H, W) = self.lr_shape, self.hr_shape
+        z_G, z_L = self.encode_cpu(lr_np, g_np)
+
+        def spans(low, n_low, n_high, offset):
+            b = np.array([area_bounds(i, n_low, n_high) for i in range(*low)], np.int64)
+            return b[:, 0] - offset, b[:, 1] - offset
+
+        z_g = mmf_cpu.area_means(z_G, spans(lby, h, H, gcy[0]), spans(lbx, w, W, gcx[0]))
+        cpu = torch.device("cpu")
+        rows = mmf_cpu.interp_table(half_pixel_positions(range(*dy), h, H, cpu), h, lby[0])
+        cols = mmf_cpu.interp_table(half_pixel_positions(range(*dx), w, W, cpu), w, lbx[0])
+        base = bicubic_window(lr_np, (lcy[0], lcx[0]), (h, w), (H, W), core)[0]
+        return self.decode_cpu(z_G, gcy[0], gcx[0], z_g, (0, 0), z_L, (lby, lcy, lbx, lcx),
+                               rows, cols, base, core, (dy, dx))
