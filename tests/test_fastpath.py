@@ -150,8 +150,8 @@ def test_ivf_without_the_kernel_runs_the_torch_fast_form_with_a_notice(monkeypat
 
 @needs_shared
 def test_no_numba_switch_turns_both_kernels_off_with_a_notice(monkeypatch):
-    # CSCFUSION_NO_NUMBA: one switch (engine/numba_jit.py) for the DCU kernel (IVF) and the
-    # fused MEF kernel, read at each run, not remembered once unset
+    # CSCFUSION_NO_NUMBA: one switch (engine/numba_jit.py) for the DCU kernel (IVF), the
+    # fused MEF kernel and the MMF kernels, read at each run, not remembered once unset
     from napari_cscfusion import fuse_exposures, fuse_infrared_visible
     from napari_cscfusion.engine import dcu_kernel, mef_cpu
     from napari_cscfusion.engine.notices import FastPathFallback
@@ -161,7 +161,9 @@ def test_no_numba_switch_turns_both_kernels_off_with_a_notice(monkeypatch):
     stack = memorial(3, 8, 13)[:, :48, :64]
     monkeypatch.setenv("CSCFUSION_NO_NUMBA", "1")
     assert not dcu_kernel.available() and not mef_cpu.available(stack.dtype)
-    for reason in (dcu_kernel.unavailable_reason(), mef_cpu.unavailable_reason()):
+    assert not mmf_cpu.available()  # (MMF's kernels: their own tests below)
+    for reason in (dcu_kernel.unavailable_reason(), mef_cpu.unavailable_reason(),
+                   mmf_cpu.unavailable_reason()):
         assert reason == "CSCFUSION_NO_NUMBA is set"
     with pytest.warns(FastPathFallback, match="CSCFUSION_NO_NUMBA is set"):
         ivf = fuse_infrared_visible(ir, vis, clamped("ivf"), device="cpu")
@@ -174,6 +176,7 @@ def test_no_numba_switch_turns_both_kernels_off_with_a_notice(monkeypatch):
     monkeypatch.delenv("CSCFUSION_NO_NUMBA")
     if numba_installed():
         assert dcu_kernel.available() and mef_cpu.available(stack.dtype)
+        assert mmf_cpu.available()
         again = fuse_exposures(stack, clamped("mef"), device="cpu")
         assert again.metadata["fast_kernel"] == "numba" and not again.metadata["notices"]
         assert_close(again.image, mef.image)
