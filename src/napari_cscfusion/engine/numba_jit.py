@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 try:
     import numba
@@ -117,7 +117,8 @@ def on_threads(n: int, fn, args) -> None:
 
 def wait_all(futures: list[Future], tick=None) -> None:
     """Wait for ``futures`` in order, ``tick()`` after each; on an error (or a tick raising
-    to cancel) the futures not yet started are dropped and it is raised."""
+    to cancel) the futures not yet started are dropped, the running ones finished (nothing
+    of the call goes on in the background), and it is raised."""
     try:
         for f in futures:
             f.result()
@@ -126,4 +127,5 @@ def wait_all(futures: list[Future], tick=None) -> None:
     except BaseException:
         for f in futures:
             f.cancel()
+        wait(futures)
         raise
