@@ -388,7 +388,8 @@ def mef_target(model, repeat: int, exact: bool, device: str = "cpu") -> str:
     import cv2
     import numpy as np
 
-    from napari_cscfusion.engine import fuse_exposures, mef_cpu
+    from napari_cscfusion.engine import fuse_exposures
+    from napari_cscfusion.engine.numba_jit import NO_NUMBA_ENV
 
     stack = make_inputs("mef", 12)[0]  # (3, H, W, 3) uint8, as a camera gives them
     frames = [np.ascontiguousarray(f[..., ::-1]) for f in stack]  # BGR for OpenCV
@@ -402,12 +403,12 @@ def mef_target(model, repeat: int, exact: bool, device: str = "cpu") -> str:
     kernel = res.metadata.get("fast_kernel")
     torch_s = torch_diff = None
     if kernel == "numba":
-        numba_module, mef_cpu.numba = mef_cpu.numba, None
+        os.environ[NO_NUMBA_ENV] = "1"  # the PyTorch fast form, for comparison
         try:
             torch_s, _, torch_res = _timed(
                 lambda: fuse_exposures(stack, model, device=device, **kw), 0)
         finally:
-            mef_cpu.numba = numba_module
+            del os.environ[NO_NUMBA_ENV]
         torch_diff = np.abs(torch_res.image - res.image).max()
     ref_s, _, ref = _timed(lambda: fuse_exposures(stack, model, device=device, exact=True), 0)
     diff = np.abs(res.image - ref.image)

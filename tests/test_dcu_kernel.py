@@ -130,3 +130,21 @@ def test_ivf_steps_around_the_kernel_match_the_torch_rules():
                                     stats.hist.numpy(), 45, 0.01)
     np.testing.assert_allclose(w, ref_w.numpy(), atol=1e-5)
     np.testing.assert_allclose(f, ref_f.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(37, 45), (18, 80), (12, 30)])
+def test_composite_decoder_matches_the_decoder_layers(shape):
+    # CSC-IVFN's affine decoder as one 7x7 convolution inside, its layers on the edge strips
+    # (engine/fast.py): the layers' values everywhere, borders included; a code gain too
+    from napari_cscfusion.engine.fast import _composite_decode
+
+    net = fastpath.FastIVFN(load_model("ivf").network).eval()
+    decode = _composite_decode(net)
+    rng = np.random.default_rng(5)
+    z = torch.from_numpy(rng.normal(0, 0.3, (1, 64, *shape)).astype(np.float32))
+    with torch.inference_mode():
+        for scale in (None, 0.5):
+            ref = net.decode_sum(z.clone(), scale)
+            got = decode(z.clone(), scale)
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=2e-6)

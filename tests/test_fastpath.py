@@ -132,11 +132,10 @@ def test_ivf_kernel_matches_exact_on_a_flir_pair(which):
 @needs_shared
 def test_ivf_without_the_kernel_runs_the_torch_fast_form_with_a_notice(monkeypatch):
     from napari_cscfusion import fuse_infrared_visible
-    from napari_cscfusion.engine import dcu_kernel
+    from napari_cscfusion.engine import numba_jit
     from napari_cscfusion.engine.notices import FastPathFallback
 
-    # as if numba were missing (or failed to compile): the kernel's state says so
-    monkeypatch.setattr(dcu_kernel, "_state", {"fn": None, "why": "numba is not installed"})
+    monkeypatch.setattr(numba_jit, "numba", None)  # as if numba were missing
     model = clamped("ivf")  # a network of its own: no cached fast form
     ir, vis = (grey(read(DATA / "ivf" / "tno" / f"{n}1.png"))[200:280, 300:400]
                for n in ("IR", "VIS"))
@@ -147,6 +146,46 @@ def test_ivf_without_the_kernel_runs_the_torch_fast_form_with_a_notice(monkeypat
     exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
     assert_close(fast.image, exact.image)
     assert not exact.metadata["notices"]  # the exact path needs no kernel
+
+
+@needs_shared
+def test_no_numba_switch_turns_both_kernels_off_with_a_notice(monkeypatch):
+    # CSCFUSION_NO_NUMBA: one switch (engine/numba_jit.py) for the DCU kernel (IVF), the
+    # fused MEF kernel and the MMF kernels, read at each run, not remembered once unset
+    from napari_cscfusion import fuse_exposures, fuse_infrared_visible
+    from napari_cscfusion.engine import dcu_kernel, mef_cpu
+    from napari_cscfusion.engine.notices import FastPathFallback
+
+    ir, vis = (grey(read(DATA / "ivf" / "tno" / f"{n}1.png"))[200:264, 300:380]
+               for n in ("IR", "VIS"))
+    stack = memorial(3, 8, 13)[:, :48, :64]
+    monkeypatch.setenv("CSCFUSION_NO_NUMBA", "1")
+    assert not dcu_kernel.available() and not mef_cpu.available(stack.dtype)
+    assert not mmf_cpu.available()  # (MMF's kernels: their own tests below)
+    for reason in (dcu_kernel.unavailable_reason(), mef_cpu.unavailable_reason(),
+                   mmf_cpu.unavailable_reason()):
+        assert reason == "CSCFUSION_NO_NUMBA is set"
+    with pytest.warns(FastPathFallback, match="CSCFUSION_NO_NUMBA is set"):
+        ivf = fuse_infrared_visible(ir, vis, clamped("ivf"), device="cpu")
+    with pytest.warns(FastPathFallback, match="CSCFUSION_NO_NUMBA is set"):
+        mef = fuse_exposures(stack, clamped("mef"), device="cpu")
+    assert mef.metadata["fast_kernel"] == "pytorch"
+    for res in (ivf, mef):
+        assert res.metadata["path"] == "fast"
+        assert any("CSCFUSION_NO_NUMBA is set" in n for n in res.metadata["notices"])
+    monkeypatch.delenv("CSCFUSION_NO_NUMBA")
+    if numba_installed():
+        assert dcu_kernel.available() and mef_cpu.available(stack.dtype)
+        assert mmf_cpu.available()
+        again = fuse_exposures(stack, clamped("mef"), device="cpu")
+        assert again.metadata["fast_kernel"] == "numba" and not again.metadata["notices"]
+        assert_close(again.image, mef.image)
+
+
+def numba_installed() -> bool:
+    from napari_cscfusion.engine import numba_jit
+
+    return numba_jit.numba is not None
 
 
 @needs_shared
@@ -243,9 +282,9 @@ def test_mef_numba_kernel_is_generic_over_code_channels_and_dcus():
 @needs_shared
 def test_mef_without_numba_falls_back_to_pytorch_with_a_notice(monkeypatch):
     from napari_cscfusion import fuse_exposures
-    from napari_cscfusion.engine import mef_cpu
+    from napari_cscfusion.engine import numba_jit
 
-    monkeypatch.setattr(mef_cpu, "numba", None)
+    monkeypatch.setattr(numba_jit, "numba", None)  # as if numba were missing
     model = weights_for("mef", "clamped")
     stack = memorial(3, 8, 13)
     exact = fuse_exposures(stack, model, device="cpu", exact=True)

@@ -22,23 +22,22 @@ tiles are independent and the result equals the whole image's), its codes channe
 buffer of its own, and inside a DCU the residual row r = x - W0 * z is computed one row ahead of
 the in-place update of z: each DCU streams the tile's codes once. Both convolutions are 9-tap
 dot products / axpys over the contiguous q-vector of a pixel (SIMD). Tiles run on a thread
-pool (numba ``nogil``), as many threads as torch uses.
+pool (numba ``nogil``), as many threads as torch uses (engine/numba_jit.py).
 
-numba is optional: ``available()`` says whether it imported and the kernel compiled; callers
-fall back to the PyTorch fast form otherwise (engine/fast.py).
+numba is optional: ``available()`` says whether it imported, is not switched off
+(CSCFUSION_NO_NUMBA) and the kernel compiled; callers fall back to the PyTorch fast form
+otherwise (engine/fast.py).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from .numba_jit import Kernels, on_threads, pool, wait_all
 from .numba_jit import jit as _jit
-from .numba_jit import numba
+from .numba_jit import threads as _threads
 
 TILE = 128  # output tile side (px): benchmarks/README.md (issue 18)
 
@@ -70,6 +69,15 @@ class DCUChain:
     def halo(self) -> int:
         """Context (px) of an output code beyond the start layer's own 3x3 (read from x)."""
         return 2 * (self.layers - 1)
+
+    def clip_form(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k, lo, hi) [L, q]: each layer's activation as v - k clip(v, lo, hi) (``shrink``)."""
+        pl = self.prelu.astype(bool)[:, None]
+        one = np.float32(1.0)
+        k = np.where(pl, one - self.act, one).astype(np.float32)
+        lo = np.where(pl, np.finfo(np.float32).min, -self.act).astype(np.float32)
+        hi = np.where(pl, np.float32(0.0), self.act).astype(np.float32)
+        return k, lo, hi
 
     @classmethod
     def from_fast_encoder(cls, enc) -> DCUChain:
@@ -120,11 +128,11 @@ def refl(i, n):
     return i
 
 @_jit
-def shrink(v, a, prelu):
-    if prelu:
-        return v if v >= 0.0 else a * v
-    lo = -a
-    return v - (lo if v < lo else (a if v > a else v))
+def shrink(v, k, lo, hi):
+    """The activation in one branch-free form (``DCUChain.clip_form``): v - k clip(v, lo, hi),
+    the soft threshold (k = 1, lo = -theta, hi = theta) or a PReLU (k = 1 - slope, lo =
+    -FLT_MAX, hi = 0); min/max vectorise where the two activations' branches did not."""
+    return v - k * min(max(v, lo), hi)
 
 @_jit
 def fill_cols(buf, lr, b0, b1, ix0, W, q):
@@ -159,14 +167,16 @@ def residual_row(z, w, xrow, rrow, lr, lc0, lc1, xoff, q):
             m3, m4, m5 = zm[lc + 2, c], zm[lc + 3, c], zm[lc + 4, c]
             d0, d1, d2 = zd[lc - 1, c], zd[lc, c], zd[lc + 1, c]
             d3, d4, d5 = zd[lc + 2, c], zd[lc + 3, c], zd[lc + 4, c]
-            a0 += (w0 * u0 + w1 * u1 + w2 * u2 + w3 * m0 + w4 * m1 + w5 * m2
-                   + w6 * d0 + w7 * d1 + w8 * d2)
-            a1 += (w0 * u1 + w1 * u2 + w2 * u3 + w3 * m1 + w4 * m2 + w5 * m3
-                   + w6 * d1 + w7 * d2 + w8 * d3)
-            a2 += (w0 * u2 + w1 * u3 + w2 * u4 + w3 * m2 + w4 * m3 + w5 * m4
-                   + w6 * d2 + w7 * d3 + w8 * d4)
-            a3 += (w0 * u3 + w1 * u4 + w2 * u5 + w3 * m3 + w4 * m4 + w5 * m5
-                   + w6 * d3 + w7 * d4 + w8 * d5)
+            # three independent partial sums per pixel: a single chain of nine dependent
+            # FMAs is latency-bound
+            a0 += ((w0 * u0 + w1 * u1 + w2 * u2) + (w3 * m0 + w4 * m1 + w5 * m2)
+                   + (w6 * d0 + w7 * d1 + w8 * d2))
+            a1 += ((w0 * u1 + w1 * u2 + w2 * u3) + (w3 * m1 + w4 * m2 + w5 * m3)
+                   + (w6 * d1 + w7 * d2 + w8 * d3))
+            a2 += ((w0 * u2 + w1 * u3 + w2 * u4) + (w3 * m2 + w4 * m3 + w5 * m4)
+                   + (w6 * d2 + w7 * d3 + w8 * d4))
+            a3 += ((w0 * u3 + w1 * u4 + w2 * u5) + (w3 * m3 + w4 * m4 + w5 * m5)
+                   + (w6 * d3 + w7 * d4 + w8 * d5))
         rrow[lc] = xrow[lc + xoff] - a0
         rrow[lc + 1] = xrow[lc + 1 + xoff] - a1
         rrow[lc + 2] = xrow[lc + 2 + xoff] - a2
@@ -182,8 +192,8 @@ def residual_row(z, w, xrow, rrow, lr, lc0, lc1, xoff, q):
         lc += 1
 
 
-@_jit
-def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
+@_jit(reassociate=False)
+def update_row(zrow, dst, w, sc, bs, ak, alo, ahi, r, lr, lc0, lc1, q):
     """dst[lc] = f(s z[lr, lc] + b + (W1 * r)[lr, lc]) for local columns [lc0, lc1) (dst a
     row buffer of its own): the 1 -> q convolution as nine axpys over the q-vector, two
     pixels at a time (they share the taps' loads)."""
@@ -197,13 +207,15 @@ def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
             w0, w1, w2 = w[0, c], w[1, c], w[2, c]
             w3, w4, w5 = w[3, c], w[4, c], w[5, c]
             w6, w7, w8 = w[6, c], w[7, c], w[8, c]
-            s, b, a = sc[c], bs[c], act[c]
-            v0 = (s * zrow[lc, c] + b + w0 * p0 + w1 * p1 + w2 * p2 + w3 * m0 + w4 * m1
-                  + w5 * m2 + w6 * d0 + w7 * d1 + w8 * d2)
-            v1 = (s * zrow[lc + 1, c] + b + w0 * p1 + w1 * p2 + w2 * p3 + w3 * m1 + w4 * m2
-                  + w5 * m3 + w6 * d1 + w7 * d2 + w8 * d3)
-            dst[lc, c] = shrink(v0, a, prelu)
-            dst[lc + 1, c] = shrink(v1, a, prelu)
+            s, b = sc[c], bs[c]
+            # independent partial sums (one chain of ten dependent FMAs is latency-bound)
+            v0 = ((s * zrow[lc, c] + b + w0 * p0) + (w1 * p1 + w2 * p2 + w3 * m0)
+                  + (w4 * m1 + w5 * m2 + w6 * d0) + (w7 * d1 + w8 * d2))
+            v1 = ((s * zrow[lc + 1, c] + b + w0 * p1) + (w1 * p2 + w2 * p3 + w3 * m1)
+                  + (w4 * m2 + w5 * m3 + w6 * d1) + (w7 * d2 + w8 * d3))
+            k, lo, hi = ak[c], alo[c], ahi[c]
+            dst[lc, c] = shrink(v0, k, lo, hi)
+            dst[lc + 1, c] = shrink(v1, k, lo, hi)
         lc += 2
     while lc < lc1:
         p0, p1, p2 = ru[lc - 1], ru[lc], ru[lc + 1]
@@ -213,12 +225,12 @@ def update_row(zrow, dst, w, sc, bs, act, prelu, r, lr, lc0, lc1, q):
             v0 = (sc[c] * zrow[lc, c] + bs[c] + w[0, c] * p0 + w[1, c] * p1 + w[2, c] * p2
                   + w[3, c] * m0 + w[4, c] * m1 + w[5, c] * m2 + w[6, c] * d0
                   + w[7, c] * d1 + w[8, c] * d2)
-            dst[lc, c] = shrink(v0, act[c], prelu)
+            dst[lc, c] = shrink(v0, ak[c], alo[c], ahi[c])
         lc += 1
 
 
 @_jit
-def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, n,
+def tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, n,
              oy0, oy1, ox0, ox1, z, r, v):
     H, W = x.shape[1], x.shape[2]
     L, _, q = w1.shape
@@ -242,7 +254,7 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
                 t = (bs[0, c] + w1[0, 0, c] * p0 + w1[0, 1, c] * p1 + w1[0, 2, c] * p2
                      + w1[0, 3, c] * p3 + w1[0, 4, c] * p4 + w1[0, 5, c] * p5
                      + w1[0, 6, c] * p6 + w1[0, 7, c] * p7 + w1[0, 8, c] * p8)
-                z[lr, lc, c] = shrink(t, act[0, c], prelu[0])
+                z[lr, lc, c] = shrink(t, ak[0, c], alo[0, c], ahi[0, c])
         fill_cols(z, lr, b0, b1, ix0, W, q)
     if a0 == 0:
         z[0, :] = z[2, :]
@@ -280,20 +292,19 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
             if uy < va0 or uy >= va1:
                 continue
             lr = uy - iy0 + 1
-            pl = prelu[layer] != 0
             if not last:
                 # into a row buffer, then copied: with z's row as its own destination the
                 # compiler's alias check sends the loop down its scalar path (6x slower)
                 c0, c1 = vb0 - ix0 + 1, vb1 - ix0 + 1
-                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
-                           c0, c1, q)
+                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], ak[layer], alo[layer],
+                           ahi[layer], r, lr, c0, c1, q)
                 for lc in range(c0, c1):
                     for c in range(q):
                         z[lr, lc, c] = v[lc, c]
             elif oy0 <= uy < oy1:
                 c0, c1 = ox0 - ix0 + 1, ox1 - ix0 + 1
-                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], act[layer], pl, r, lr,
-                           c0, c1, q)
+                update_row(z[lr], v, w1[layer], sc[layer], bs[layer], ak[layer], alo[layer],
+                           ahi[layer], r, lr, c0, c1, q)
                 if use_head:
                     for lc in range(c0, c1):
                         acc = np.float32(0.0)
@@ -321,7 +332,7 @@ def tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
         a0, a1, b0, b1 = va0, va1, vb0, vb1
 
 @_jit
-def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, tile,
+def run_jobs(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, tile,
              first, step):
     N, H, W = x.shape
     q = w1.shape[2]
@@ -337,47 +348,25 @@ def run_jobs(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_
         k = job % (nty * ntx)
         oy0 = (k // ntx) * tile
         ox0 = (k % ntx) * tile
-        tile_job(x, xf, w1, w0, sc, bs, act, prelu, out, head, use_head, absum, use_absum, n,
+        tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, n,
                  oy0, min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
 
 
-_lock = threading.Lock()
-_state: dict = {}
-
-
-def _compiled():
-    """The compiled kernel, or None (numba missing, or it failed to compile: the reason is in
-    ``unavailable_reason()``)."""
-    with _lock:
-        if "fn" not in _state:
-            _state["fn"], _state["why"] = None, None
-            if numba is None:
-                _state["why"] = "numba is not installed"
-            elif os.environ.get("CSCFUSION_NO_NUMBA"):
-                _state["why"] = "CSCFUSION_NO_NUMBA is set"
-            else:
-                try:
-                    fn = run_jobs
-                    _smoke(fn)
-                    _state["fn"] = fn
-                except Exception as exc:  # numba's errors have no common base; any: fall back
-                    _state["why"] = f"numba failed to compile the DCU kernel ({type(exc).__name__})"
-        return _state["fn"]
-
-
-def _smoke(fn) -> None:
-    """Compile every kernel for the types the calls use (float32 arrays, int8 flags) on tiny
-    inputs (from numba's disk cache after the first session)."""
+def _smoke() -> None:
+    """Compile every kernel for the types the calls use (float32 arrays) on tiny inputs (from
+    numba's disk cache after the first session)."""
     q = 2
     x = np.zeros((1, 4, 4), np.float32)
     w = np.zeros((2, 9, q), np.float32)
     v = np.zeros((2, q), np.float32)
-    fn(x, x, w, w, v, v, v, np.zeros(2, np.int8), np.zeros((1, q, 4, 4), np.float32),
+    run_jobs(x, x, w, w, v, v, v, v, v, np.zeros((1, q, 4, 4), np.float32),
        np.zeros(q, np.float32), False, x, False, 8, 0, 1)
     _box_mean_rows(x, x.copy(), 1, 0, 1)
     _box_mean_cols(x, x.copy(), 1, 0, 1)
     _l1_fuse_rows(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
                   np.zeros((q + 2, 4, 4), np.float32), 0, 1)
+    _conv7_rows(np.zeros((q, 8, 8), np.float32), np.zeros((q, 7, 7), np.float32),
+                np.zeros((8, 8), np.float32), 0, 1)
     _saliency_channels(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, q), np.float32),
                        np.ones((2, q), np.float32), np.zeros((1, 1, 1)), False, _DISTANCE, 1,
                        0.01, np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
@@ -388,34 +377,17 @@ def _smoke(fn) -> None:
                        0, 1)
 
 
+_kernels = Kernels("the DCU kernel", _smoke)
+
+
 def available() -> bool:
-    """Whether the kernel can run here (numba imported and compiled it)."""
-    return _compiled() is not None
+    """Whether the kernel can run here (numba imported, not switched off, compiled)."""
+    return _kernels.available()
 
 
 def unavailable_reason() -> str | None:
     """Why ``available()`` is False (None when it is True)."""
-    _compiled()
-    return _state.get("why")
-
-
-def _threads() -> int:
-    try:
-        import torch
-
-        return max(1, torch.get_num_threads())
-    except ImportError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    with _lock:
-        if n not in _pools:
-            _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="cscfusion-dcu")
-        return _pools[n]
+    return _kernels.why()
 
 
 def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = None, *,
@@ -426,7 +398,7 @@ def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = No
     ``l1``: also return each pixel's sum_c |z_c| [N, H, W] (the l1 fusion rule's activity),
     as a second value. See the module docstring for what is computed. RuntimeError when the
     kernel is not available (``available()``)."""
-    fn = _compiled_or_raise()
+    _kernels.check()
     x = np.ascontiguousarray(x, dtype=np.float32)
     xf = x if x_first is None else np.ascontiguousarray(x_first, dtype=np.float32)
     if x.ndim != 3 or xf.shape != x.shape or min(x.shape[1:]) < 2:
@@ -440,22 +412,16 @@ def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = No
         raise ValueError(f"head: expected {chain.q} weights, got {hv.shape}")
     out = np.empty((N, 1 if use_head else chain.q, H, W), np.float32)
     absum = np.empty((N, H, W) if l1 else (1, 1, 1), np.float32)
-    args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, chain.act, chain.prelu, out,
+    args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, *chain.clip_form(), out,
             hv, use_head, absum, bool(l1), int(tile))
     jobs = N * (-(-H // tile)) * (-(-W // tile))
     n = max(1, min(threads or _threads(), jobs))
     if n == 1:
-        fn(*args, 0, 1)
+        run_jobs(*args, 0, 1)
     else:
-        _on_threads(n, fn, args)
+        on_threads(n, run_jobs, args)
     out = out[:, 0] if use_head else out
     return (out, absum) if l1 else out
-
-
-def _on_threads(n: int, fn, args) -> None:
-    """fn(*args, i, n) for i < n on the pool's threads (numba releases the GIL)."""
-    for f in [_pool(n).submit(fn, *args, i, n) for i in range(n)]:
-        f.result()
 
 
 # --- CSC-IVFN's other per-pixel steps around the kernel ----------------------------------------
@@ -494,12 +460,12 @@ def _box_mean_cols(tmp, out, r, first, step):
 def box_mean(x: np.ndarray, r: int, threads: int | None = None) -> np.ndarray:
     """Mean over (2r+1)^2 windows with reflection borders (c b | a b c) of x [N, H, W]
     (float32, H and W > r): CSC-IVFN's low-pass (r = 5), as models.ivfn.box_blur."""
-    _compiled_or_raise()
+    _kernels.check()
     x = np.ascontiguousarray(x, dtype=np.float32)
     tmp, out = np.empty_like(x), np.empty_like(x)
     n = max(1, min(threads or _threads(), x.shape[1]))
-    _on_threads(n, _box_mean_rows, (x, tmp, r))
-    _on_threads(n, _box_mean_cols, (tmp, out, r))
+    on_threads(n, _box_mean_rows, (x, tmp, r))
+    on_threads(n, _box_mean_cols, (tmp, out, r))
     return out
 
 
@@ -535,11 +501,52 @@ def l1_fuse(z: np.ndarray, absum: np.ndarray, threads: int | None = None) -> np.
     """The l1 rule on codes z [S, q, H, W] given their sum_c |z| [S, H, W] (``encode_chain``
     with ``l1=True``) -> [q + S, H, W]: the fused codes, then the weights (rules.l1_rule's
     values to rounding)."""
-    _compiled_or_raise()
+    _kernels.check()
     S, q, H, W = z.shape
     out = np.empty((q + S, H, W), np.float32)
     n = max(1, min(threads or _threads(), H))
-    _on_threads(n, _l1_fuse_rows, (z, absum, out))
+    on_threads(n, _l1_fuse_rows, (z, absum, out))
+    return out
+
+
+@_jit
+def _conv7_rows(z, w, out, first, step):
+    """out[y, x] = sum_c sum_{dy, dx} w[c, dy, dx] z[c, y + dy - 3, x + dx - 3] for the
+    interior 3 <= y < H - 3, 3 <= x < W - 3 (no padding), rows first, step: a q -> 1 7x7
+    convolution, each (channel, kernel row) one pass over the output row, vectorised along
+    it."""
+    q, H, W = z.shape
+    acc = np.empty(W, np.float32)
+    for y in range(3 + first, H - 3, step):
+        for x in range(W):
+            acc[x] = 0.0
+        for c in range(q):
+            for dy in range(7):
+                row = z[c, y + dy - 3]
+                w0, w1, w2, w3 = w[c, dy, 0], w[c, dy, 1], w[c, dy, 2], w[c, dy, 3]
+                w4, w5, w6 = w[c, dy, 4], w[c, dy, 5], w[c, dy, 6]
+                for x in range(3, W - 3):
+                    acc[x] += ((w0 * row[x - 3] + w1 * row[x - 2] + w2 * row[x - 1])
+                               + (w3 * row[x] + w4 * row[x + 1])
+                               + (w5 * row[x + 2] + w6 * row[x + 3]))
+        for x in range(3, W - 3):
+            out[y, x] = acc[x]
+
+
+def conv7_interior(z: np.ndarray, w: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """The q -> 1 7x7 convolution of z [q, H, W] (float32) with w [q, 7, 7] on the interior
+    (pixels >= 3 px from the border; the border frame of the result is left unset): CSC-IVFN's
+    decoder composed into one convolution (models.fastpath.FastIVFN.composite_decoder), a
+    seventh of its three layers' multiply-adds."""
+    _kernels.check()
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    q, H, W = z.shape
+    if w.shape != (q, 7, 7):
+        raise ValueError(f"w: expected [{q}, 7, 7], got {w.shape}")
+    out = np.empty((H, W), np.float32)
+    n = max(1, min(threads or _threads(), H))
+    on_threads(n, _conv7_rows, (z, w, out))
     return out
 
 
@@ -556,78 +563,88 @@ def _sym(i, n):
 
 
 @_jit
-def _hsum(a, b, r, ta, tb, ab, tab, aa, taa, both):
-    """Horizontal (2r+1)-sums (float64, BORDER_REFLECT) of the maps a and b [H, W] into ta,
-    tb, and with ``both`` also of a*b and a*a (ab, aa: scratch rows) into tab, taa."""
-    H, W = a.shape
-    for y in range(H):
-        sa = 0.0
-        sb = 0.0
-        sab = 0.0
-        saa = 0.0
-        for d in range(-r, r + 1):
-            j = _sym(d, W)
-            sa += a[y, j]
-            sb += b[y, j]
-            if both:
-                sab += a[y, j] * b[y, j]
-                saa += a[y, j] * a[y, j]
+def _box_row(col, m, r, idx, pre, out):
+    """Horizontal (2r+1)-sums of the first ``m`` (2 or 4) rows of col [4, W] (float64) with
+    BORDER_REFLECT (``idx``: the padded row's source columns) into out [4, W], by prefix
+    sums: the chains' running sums stay in registers, the differences vectorise."""
+    W = col.shape[1]
+    s0 = s1 = s2 = s3 = 0.0
+    pre[0, 0] = pre[1, 0] = pre[2, 0] = pre[3, 0] = 0.0
+    if m == 4:
+        for j in range(W + 2 * r):
+            i = idx[j]
+            s0 += col[0, i]
+            s1 += col[1, i]
+            s2 += col[2, i]
+            s3 += col[3, i]
+            pre[0, j + 1] = s0
+            pre[1, j + 1] = s1
+            pre[2, j + 1] = s2
+            pre[3, j + 1] = s3
+    else:
+        for j in range(W + 2 * r):
+            i = idx[j]
+            s0 += col[0, i]
+            s1 += col[1, i]
+            pre[0, j + 1] = s0
+            pre[1, j + 1] = s1
+    w = 2 * r + 1
+    for k in range(m):
         for x in range(W):
-            ta[y, x] = sa
-            tb[y, x] = sb
-            if both:
-                tab[y, x] = sab
-                taa[y, x] = saa
-            i, o = _sym(x + r + 1, W), _sym(x - r, W)
-            sa += a[y, i] - a[y, o]
-            sb += b[y, i] - b[y, o]
-            if both:
-                sab += a[y, i] * b[y, i] - a[y, o] * b[y, o]
-                saa += a[y, i] * a[y, i] - a[y, o] * a[y, o]
+            out[k, x] = pre[k, x + w] - pre[k, x]
 
 
 @_jit
-def _guided(guide, src, r, eps, out, ta, tb, tab, taa, ca, cb, cab, caa, fa, fb):
+def _guided(guide, src, r, eps, out, fa, fb, col, box, pre, idx):
     """He et al.'s guided filter of one float32 map (grey guide), box means with
-    BORDER_REFLECT summed in double (rules.guided_filter_map's values to rounding); the four
-    first box means in one sweep, the two last in another."""
+    BORDER_REFLECT summed in double (rules.guided_filter_map's values to rounding). Streamed
+    row by row: column sums over the window's rows are updated by the row entering and the
+    row leaving (vectorised over columns), each row's box sums are then prefix-sum
+    differences along the row: no full-size intermediate but the coefficients fa, fb."""
     H, W = guide.shape
     inv = 1.0 / ((2 * r + 1) * (2 * r + 1))
-    _hsum(guide, src, r, ta, tb, ta, tab, ta, taa, True)
-    for k in range(2):  # k = 0: a and b from the means; k = 1: the output from a's, b's means
-        for x in range(W):
-            ca[x] = 0.0
-            cb[x] = 0.0
-            cab[x] = 0.0
-            caa[x] = 0.0
-        for d in range(-r, r + 1):
-            j = _sym(d, H)
+    for j in range(W + 2 * r):
+        idx[j] = _sym(j - r, W)
+    for k in range(2):  # k = 0: a, b from the means of I, p, Ip, II; k = 1: the output
+        m = 4 if k == 0 else 2
+        for kk in range(m):
             for x in range(W):
-                ca[x] += ta[j, x]
-                cb[x] += tb[j, x]
-                if k == 0:
-                    cab[x] += tab[j, x]
-                    caa[x] += taa[j, x]
+                col[kk, x] = 0.0
+        for d in range(-r, r + 1):
+            _add_rows(guide, src, fa, fb, col, _sym(d, H), 1.0, k == 0)
         for y in range(H):
+            _box_row(col, m, r, idx, pre, box)
             if k == 0:
                 for x in range(W):
-                    mi = ca[x] * inv
-                    mp = cb[x] * inv
-                    a = (cab[x] * inv - mi * mp) / (caa[x] * inv - mi * mi + eps)
+                    mi = box[0, x] * inv
+                    mp = box[1, x] * inv
+                    a = (box[2, x] * inv - mi * mp) / (box[3, x] * inv - mi * mi + eps)
                     fa[y, x] = a
                     fb[y, x] = mp - a * mi
             else:
                 for x in range(W):
-                    out[y, x] = np.float32(ca[x] * inv * guide[y, x] + cb[x] * inv)
-            i, o = _sym(y + r + 1, H), _sym(y - r, H)
-            for x in range(W):
-                ca[x] += ta[i, x] - ta[o, x]
-                cb[x] += tb[i, x] - tb[o, x]
-                if k == 0:
-                    cab[x] += tab[i, x] - tab[o, x]
-                    caa[x] += taa[i, x] - taa[o, x]
-        if k == 0:
-            _hsum(fa, fb, r, ta, tb, ta, tab, ta, taa, False)
+                    out[y, x] = np.float32(box[0, x] * inv * guide[y, x] + box[1, x] * inv)
+            if y + 1 < H:
+                _add_rows(guide, src, fa, fb, col, _sym(y + r + 1, H), 1.0, k == 0)
+                _add_rows(guide, src, fa, fb, col, _sym(y - r, H), -1.0, k == 0)
+
+
+@_jit
+def _add_rows(guide, src, fa, fb, col, y, sign, first):
+    """col += sign * (row y of I, p, I p, I I) (``first``) or of fa, fb."""
+    W = guide.shape[1]
+    if first:
+        for x in range(W):
+            i = np.float64(guide[y, x])
+            p = np.float64(src[y, x])
+            col[0, x] += sign * i
+            col[1, x] += sign * p
+            col[2, x] += sign * (i * p)
+            col[3, x] += sign * (i * i)
+    else:
+        for x in range(W):
+            col[0, x] += sign * fa[y, x]
+            col[1, x] += sign * fb[y, x]
 
 
 @_jit
@@ -639,10 +656,10 @@ def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, fir
     lev = np.empty((S, H, W), np.int32)
     w32 = np.empty((S, H, W), np.float32)
     ref = np.empty((S, H, W), np.float32)
-    ta, tb = np.empty((H, W)), np.empty((H, W))
-    tab, taa = np.empty((H, W)), np.empty((H, W))
-    ca, cb, cab, caa = np.empty(W), np.empty(W), np.empty(W), np.empty(W)
     fa, fb = np.empty((H, W)), np.empty((H, W))
+    col, box = np.empty((4, W)), np.empty((4, W))
+    pre = np.empty((4, W + 2 * r + 1))
+    idx = np.empty(W + 2 * r, np.uint32)  # unsigned: no wraparound check per access
     table = np.empty((S, 256))
     counts = np.empty(256)
     for c in range(first, q, step):
@@ -679,7 +696,7 @@ def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, fir
                 for s in range(S):
                     w32[s, y, x] = np.float32(table[s, lev[s, y, x]] / t)
         for s in range(S):
-            _guided(nrm[s], w32[s], r, eps, ref[s], ta, tb, tab, taa, ca, cb, cab, caa, fa, fb)
+            _guided(nrm[s], w32[s], r, eps, ref[s], fa, fb, col, box, pre, idx)
         for y in range(H):
             for x in range(W):
                 t = np.float32(0.0)
@@ -705,7 +722,7 @@ def saliency_fuse(z: np.ndarray, lo: np.ndarray, hi: np.ndarray, hist: np.ndarra
     extremes lo, hi [S, q] and, for tiles, the whole image's normalised histograms
     hist [S, q, 256]: (fused codes [q, H, W], channel-mean weights [S, 1, H, W]). Channels run
     in parallel."""
-    _compiled_or_raise()
+    _kernels.check()
     S, q, H, W = z.shape
     z = np.ascontiguousarray(z, dtype=np.float32)
     lo = np.ascontiguousarray(lo, dtype=np.float32)
@@ -715,19 +732,10 @@ def saliency_fuse(z: np.ndarray, lo: np.ndarray, hi: np.ndarray, hist: np.ndarra
     fused = np.empty((q, H, W), np.float32)
     n = max(1, min(threads or _threads(), q))
     sums = [np.zeros((S, H, W), np.float32) for _ in range(n)]
-    futures = [_pool(n).submit(_saliency_channels, z, lo, hi, h, has_hist, _DISTANCE, radius,
-                               float(eps), fused, sums[i], i, n) for i in range(n)]
-    for f in futures:
-        f.result()
+    wait_all([pool(n).submit(_saliency_channels, z, lo, hi, h, has_hist, _DISTANCE, radius,
+                             float(eps), fused, sums[i], i, n) for i in range(n)])
     wsum = sums[0]
     for extra in sums[1:]:
         wsum += extra
     wsum /= q
     return fused, wsum[:, None]
-
-
-def _compiled_or_raise():
-    fn = _compiled()
-    if fn is None:
-        raise RuntimeError(f"the DCU kernel is not available: {unavailable_reason()}")
-    return fn

@@ -82,8 +82,9 @@ class FastIVF:
     network, each compiled (``compile``), plus ``detail_l1`` (detail codes + l1 rule).
 
     On the CPU in float32 and uncompiled, the encoders run the fused DCU-chain kernel
-    (engine/dcu_kernel.py, numba; ``form`` "kernel") and the decoder stays oneDNN; where that
-    kernel is unavailable, the PyTorch fast form (``form`` "torch", ``fallback`` says why)."""
+    (engine/dcu_kernel.py, numba; ``form`` "kernel") and the decoder its composition into one
+    convolution (``_composite_decode``); where the kernels are unavailable, the PyTorch fast
+    form (``form`` "torch", ``fallback`` says why)."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype | None, compile: bool):
         f = _prepared(fastpath.FastIVFN(net), net, dtype)
@@ -103,10 +104,7 @@ class FastIVF:
             self.encode_detail = lambda x: torch.from_numpy(_chain_codes(detail, x, False))
             self.detail_l1 = lambda x: torch.from_numpy(
                 dcu_kernel.l1_fuse(*_chain_codes(detail, x, False, l1=True)))[None]
-            # oneDNN's 64 -> 32 convolution channels-last: measured 1.2-2x faster than NCHW,
-            # conversion included (benchmarks/README.md, issue 18)
-            self.decode_sum = lambda z, scale=None: f.decode_sum(
-                z.contiguous(memory_format=torch.channels_last), scale)
+            self.decode_sum = _composite_decode(f)
         else:
             self.encode_base = wrap(f.encode_base)
             self.encode_detail = wrap(f.encode_detail)
@@ -115,6 +113,39 @@ class FastIVF:
 
     def decode(self, fused_base, fused_detail, scale=None):
         return self.decode_sum(fused_base + fused_detail, scale)
+
+
+def _composite_decode(f):
+    """FastIVFN's ``decode_sum`` (z [1, q, h, w] -> image [1, 1, h, w]) on the CPU: its affine
+    decoder as one 7x7 convolution in the interior (numba, a seventh of the multiply-adds:
+    FastIVFN.composite_decoder), the layers themselves on 9 px strips along the four edges,
+    where their reflection paddings differ (benchmarks/README.md, issue 18). Other decoder
+    depths: the layers, channels-last (measured 1.2-2x faster than NCHW there)."""
+    if f.n_dec != 3:
+        return lambda z, scale=None: f.decode_sum(
+            z.contiguous(memory_format=torch.channels_last), scale)
+    w, offset = f.composite_decoder()
+    w = w.numpy()
+    edge = 9  # a strip's 3 px at the edge are as in the whole map (the layers' context: 3 px)
+
+    def decode_sum(z: torch.Tensor, scale=None) -> torch.Tensor:
+        if scale is not None:
+            z.mul_(scale)
+        h, wd = z.shape[-2:]
+        if min(h, wd) < 2 * edge or z.shape[0] != 1:
+            return f.decode_sum(z)
+        out = torch.from_numpy(dcu_kernel.conv7_interior(z[0].numpy(), w))
+        out += offset  # = the layers' _dec(z) in the interior
+        # opposite strips as one batch of one shape (oneDNN prepares each new shape anew)
+        rows = f._dec(torch.cat((z[..., :edge, :], z[..., h - edge:, :])).contiguous(
+            memory_format=torch.channels_last))[:, 0]
+        out[:3], out[h - 3:] = rows[0, :3], rows[1, edge - 3:]
+        cols = f._dec(torch.cat((z[..., :edge], z[..., wd - edge:])).contiguous(
+            memory_format=torch.channels_last))[:, 0]
+        out[:, :3], out[:, wd - 3:] = cols[0, :, :3], cols[1, :, edge - 3:]
+        return torch.sigmoid(out.add_(offset))[None, None]
+
+    return decode_sum
 
 
 def _chain_codes(chain, x: torch.Tensor, low_pass: bool, l1: bool = False):

@@ -68,8 +68,9 @@ INNER_TILE = {"cpu": 192, "gpu": 512}
 # The compiled fast path's pieces (crops of one shape): see benchmarks/README.md
 FAST_INNER_TILE = {"cpu": 128, "gpu": 512}
 # The DCU kernel's pieces (it tiles them itself for the cache; bigger pieces recompute less
-# halo): see benchmarks/README.md (issue 18)
-KERNEL_INNER_TILE = {"cpu": 512, "gpu": 512}
+# halo and copy less: 768 px took 15-20% less CPU time than 512 on the TNO pair, which it
+# encodes in one piece): see benchmarks/README.md (issue 18)
+KERNEL_INNER_TILE = {"cpu": 768, "gpu": 512}
 
 
 def check_code_gain(code_gain) -> float:
@@ -162,8 +163,9 @@ class IVFKernel:
         # encoder pieces: cache-sized on the CPU (see INNER_TILE); None picks by device
         # compiled graphs want crops of one shape (fixed), and cache-sized ones
         self.fixed = self.fast and bool(compile)
+        self.net_form = self.net.form if self.fast else "torch"
         sides = FAST_INNER_TILE if self.fixed else INNER_TILE
-        if self.fast and self.net.form == "kernel" and detail_rule != "saliency":
+        if self.net_form == "kernel" and detail_rule != "saliency":
             # (saliency as the DETAIL rule takes its statistics per piece, so its result
             # depends on the pieces: the exact path's, to agree with it)
             sides = KERNEL_INNER_TILE
@@ -183,7 +185,10 @@ class IVFKernel:
         self.bytes_per_pixel = 4 * self.q * held + 16 * self.S + 64
         if self.inner:
             side = self.inner + 2 * self.enc_radius
-            self.fixed_bytes = 4 * 4 * self.q * self.S * side * side
+            # a piece's transients: the PyTorch encoders' few code maps per source; the DCU
+            # kernel's output codes of the sources and the l1 rule's fused codes
+            per_pixel = (self.S + 1 if self.net_form == "kernel" else 4 * self.S) * self.q
+            self.fixed_bytes = 4 * per_pixel * side * side
         else:  # the encoders' transients span the whole crop
             self.fixed_bytes = 0
             self.bytes_per_pixel += 4 * 4 * self.q * self.S
@@ -352,7 +357,7 @@ class IVFKernel:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The saliency rule with channel-mean weights: with the DCU kernel, its numba form
         (channels in parallel, the guided filter's box means in two sweeps)."""
-        if (self.fast and self.net.form == "kernel" and not self.exact_rules
+        if (self.net_form == "kernel" and not self.exact_rules
                 and min(z.shape[-2:]) > SALIENCY_RADIUS):
             if stats is None:
                 lo, hi = SaliencyStats.extremes(z)

@@ -227,7 +227,7 @@ def fuse_exposure_stack_fast(stack: np.ndarray, scale: float, model: FusionModel
         if mef_cpu.available(stack.dtype, stack.ndim == 4):
             return (*_fuse_stack_numba(stack, scale, model, sigma, progress, tile, weights),
                     "numba")
-        notices.notify(f"the fused CPU kernel is unavailable ({mef_cpu.failure()}); the "
+        notices.notify(f"the fused CPU kernel is unavailable ({mef_cpu.unavailable_reason()}); the "
                        f"fast path runs in PyTorch (slower)", notices.FastPathFallback)
     prior = np.zeros(K, np.float32) if sigma is None else exposure_prior_logits(
         exposure_channel_sums(stack) * scale, H * W, sigma)

@@ -9,19 +9,17 @@ cache), the logits, the softmax over exposures with the global exposure prior, t
 blend and the RGB output, and writes the image and the weight maps in place: nothing of the
 bracket is converted to float32 as a whole. Tiles run on threads (the kernel releases the GIL).
 
-numba is optional: ``available()`` says whether it imports and compiles here; the engine
-falls back to the PyTorch fast form (models/fastpath.py) with a notice otherwise.
+numba is optional: ``available()`` says whether it imports, is not switched off
+(CSCFUSION_NO_NUMBA) and compiles here (engine/numba_jit.py); the engine falls back to the
+PyTorch fast form (models/fastpath.py) with a notice otherwise.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .numba_jit import Kernels, pool, wait_all
 from .numba_jit import jit as _jit
-from .numba_jit import numba
-
-_COMPILE_ERROR: Exception | None = None
-
 
 # --- the network's parameters, folded ---------------------------------------------------------
 
@@ -313,36 +311,7 @@ def _channel_sums(stack, out, zero):
 
 # --- the driver -------------------------------------------------------------------------------
 
-def available(dtype=np.float32, rgb: bool = True) -> bool:
-    """Whether the fused kernel runs here for frames of ``dtype`` (grey or ``rgb``): numba
-    imports and the kernels compile, or load from numba's cache, for that input (once per
-    process; a failure is remembered, its reason in ``failure()``)."""
-    global _COMPILE_ERROR
-    if numba is None or _COMPILE_ERROR is not None:
-        return False
-    key = (np.dtype(dtype).str, bool(rgb))
-    if key in _compiled:
-        return True
-    try:
-        _compile_for(np.dtype(dtype), rgb)
-    except Exception as exc:  # numba's errors have no common public base
-        _COMPILE_ERROR = exc
-        return False
-    _compiled.add(key)
-    return True
-
-
-def failure() -> str:
-    """Why ``available()`` is False, in a few words."""
-    if numba is None:
-        return "numba is not installed"
-    return f"{type(_COMPILE_ERROR).__name__}: {_COMPILE_ERROR}"
-
-
-_compiled: set = set()
-
-
-def _compile_for(dtype: np.dtype, rgb: bool) -> None:
+def _compile_for(dtype: str, rgb: bool) -> None:
     """Run the kernels once on a tiny bracket of ``dtype``: compiles them (or loads them from
     numba's cache) for that input."""
     q = 2
@@ -355,6 +324,22 @@ def _compile_for(dtype: np.dtype, rgb: bool) -> None:
                per_channel, taps[None], taps[None], per_dcu, per_dcu, per_dcu, per_channel,
                0, 4, 0, 4, 0, 4, 0, 4, image, weights, True)
     channel_sums(stack)
+
+
+_kernels = Kernels("the fused MEF kernel", _compile_for)
+
+
+def available(dtype=np.float32, rgb: bool = True) -> bool:
+    """Whether the fused kernel runs here for frames of ``dtype`` (grey or ``rgb``): numba
+    imports, is not switched off, and the kernels compile, or load from numba's cache, for
+    that input (once per process; a failure is remembered, its reason in
+    ``unavailable_reason()``)."""
+    return _kernels.available(np.dtype(dtype).str, bool(rgb))
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False, in a few words (None where it is True)."""
+    return _kernels.why()
 
 
 def channel_sums(stack: np.ndarray) -> np.ndarray:
@@ -375,8 +360,6 @@ def fuse_bracket(stack: np.ndarray, scale: float, params: MEFParams, prior: np.n
     tiling.Tile list (cores partitioning the image, crops = cores + the network's radius);
     ``tick()`` after each tile (it may raise to cancel: the tiles not yet started are
     dropped)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     K, H, W = stack.shape[:3]
     rgb = stack.ndim == 4
     src = np.ascontiguousarray(stack if rgb else stack[..., None])
@@ -397,15 +380,5 @@ def fuse_bracket(stack: np.ndarray, scale: float, params: MEFParams, prior: np.n
             if tick is not None:
                 tick()
     else:
-        with ThreadPoolExecutor(threads) as pool:
-            futures = [pool.submit(run, t) for t in tiles]
-            try:
-                for f in futures:
-                    f.result()
-                    if tick is not None:
-                        tick()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        wait_all([pool(threads).submit(run, t) for t in tiles], tick)
     return (image if rgb else image[..., 0]), (w_out if weights else None)

@@ -18,20 +18,21 @@ and the rest in element-wise passes, cumulative sums and padding, and the PyTorc
   decoder's 1 px reflection margin) are made in a cache-sized buffer and never stored; the
   decoder is dcu_kernel's q -> 1 row convolution with negated taps, so base + decoder.
 
-numba is optional: ``available()`` says whether it imported and compiled; without it the
-engine runs the exact path (or the PyTorch fast form where asked).
+numba is optional: ``available()`` says whether it imported, is not switched off
+(CSCFUSION_NO_NUMBA) and compiled (engine/numba_jit.py); without it the engine runs the exact
+path (or the PyTorch fast form where asked).
 """
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 import torch
 
 from . import dcu_kernel
 from .dcu_kernel import residual_row
+from .numba_jit import Kernels, on_threads
 from .numba_jit import jit as _jit
+from .numba_jit import threads as _threads
 
 # output tile of ``fused_decode`` (rows x columns): its fused codes, (32 + 2) x (128 + 2) x q
 # floats, stay in L2 for q = 32
@@ -165,34 +166,11 @@ def _fused_decode_jobs(zG, gy0, gx0, ab, ry0, ry1, rl, cx0, cx1, cl, wneg, base,
 
 # --- compiled once ----------------------------------------------------------------------------
 
-_lock = threading.Lock()
-_state: dict = {}
-
-
-def available() -> bool:
-    """Whether the kernels run here (numba imported and compiled them, and the DCU kernel)."""
-    with _lock:
-        if "ok" not in _state:
-            _state["ok"] = False
-            if dcu_kernel.available():
-                try:
-                    _smoke()
-                    _state["ok"] = True
-                except Exception as exc:  # numba's errors have no common base; any: fall back
-                    _state["why"] = (f"numba failed to compile the MMF kernels "
-                                     f"({type(exc).__name__})")
-            else:
-                _state["why"] = dcu_kernel.unavailable_reason()
-        return _state["ok"]
-
-
-def unavailable_reason() -> str | None:
-    available()
-    return _state.get("why")
-
-
 def _smoke() -> None:
-    """Compile every kernel for the types the calls use, on tiny inputs."""
+    """Compile every kernel for the types the calls use, on tiny inputs (the encoders are
+    the DCU kernel's: it must be available too)."""
+    if not dcu_kernel.available():
+        raise RuntimeError(dcu_kernel.unavailable_reason())
     q, z = 2, np.zeros((2, 4, 4), np.float32)
     ab = np.zeros((2 * q, 4, 4), np.float32)
     _guided_ab_channels(z, 0, 0, z, 0, 0, 4, 4, 1, 1e-4, ab, 0, 1)
@@ -205,12 +183,25 @@ def _smoke() -> None:
                        4, 4, 0, 1)
 
 
+_kernels = Kernels("the MMF kernels", _smoke)
+
+
+def available() -> bool:
+    """Whether the kernels run here (numba imported, not switched off, compiled them and the
+    DCU kernel)."""
+    return _kernels.available()
+
+
+def unavailable_reason() -> str | None:
+    return _kernels.why()
+
+
 def _run(fn, args, parts: int) -> None:
-    n = max(1, min(dcu_kernel._threads(), parts))
+    n = max(1, min(_threads(), parts))
     if n == 1:
         fn(*args, 0, 1)
     else:
-        dcu_kernel._on_threads(n, fn, args)
+        on_threads(n, fn, args)
 
 
 # --- the calls --------------------------------------------------------------------------------

@@ -296,6 +296,27 @@ class FastIVFN(FoldedIVFN):
         self.encoder_radius = BLUR_SIZE // 2 + net.base.receptive_radius
         self.n_dec = register_folded_decoder(self, net.decoder)
 
+    def composite_decoder(self) -> tuple[torch.Tensor, float]:
+        """The folded decoder as ONE convolution: its layers are affine (convolutions with
+        batch norm folded, no activation before the sigmoid), so away from the image border
+        ``_dec(z) = conv(z, w) + offset`` with w [q, k, k] (k = 2 n_dec + 1, float32, summed
+        in float64: the layers' 3x3 kernels composed) and offset = ``_dec`` of zero codes.
+        Within n_dec px of a border the layers' reflection paddings differ from it."""
+        p = self.dw0
+        q, k = p.shape[1], 2 * self.n_dec + 1
+        c = k + 2 * self.n_dec  # impulses far enough from the zero-padded border
+        with torch.no_grad():
+            y = torch.zeros(q, q, c, c, dtype=torch.float64, device=p.device)
+            y[torch.arange(q), torch.arange(q), c // 2, c // 2] = 1.0
+            for i in range(self.n_dec):
+                y = F.conv2d(y, getattr(self, f"dw{i}").double(), padding=1)
+            # the response to an impulse at p is w[p - y] (conv2d correlates): flipped
+            lo = c // 2 - k // 2
+            w = y[:, 0, lo:lo + k, lo:lo + k].flip(-1, -2).float().contiguous()
+            offset = float(self._dec(torch.zeros(1, q, 2, 2, dtype=p.dtype,
+                                                 device=p.device))[0, 0, 0, 0])
+        return w, offset
+
     def detail_l1(self, x: torch.Tensor) -> torch.Tensor:
         """Detail codes of S sources [S, 1, h, w] fused by the l1 rule -> [1, q + S, h, w]:
         the fused codes then the weights (the engine's ``fuse_in_pieces`` layout)."""
