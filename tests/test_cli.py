@@ -34,7 +34,7 @@ def test_fuse_mef_writes_tiff_with_metadata_and_codes(tmp_path, capsys):
     assert meta["network"] == "CSC-MEFN" and meta["device"] == "cpu"
     assert len(meta["weights_sha256"]) == 64
     assert read_tiff_metadata(codes)["codes"] == ["exposure_0", "exposure_1", "exposure_2"]
-    assert tifffile.imread(codes).size == 3 * 24 * 48 * 40
+    assert tifffile.imread(codes).shape == (3, 24, 48, 40)  # (exposure, q, H, W)
     assert "wrote" in capsys.readouterr().out
 
 

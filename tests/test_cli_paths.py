@@ -64,17 +64,21 @@ def test_fuse_mmf_writes_the_image_and_its_codes(mmf_inputs, tmp_path, capsys):
     meta = read_tiff_metadata(out)
     assert meta["network"] == "CSC-MMFN" and meta["scale"] == [4.0, 4.0]
     # the packaged network (low_res_detail geometry) codes the low-res input at its own
-    # size: codes of two sizes, one file per code kind, its name in the file's metadata
+    # size: codes of two sizes, one file per code kind, each (1, q, H, W), its name in the
+    # file's metadata
     names = sorted(want.codes)
     assert names == ["fused", "guide", "low_res"] and want.codes["low_res"].shape[1:] == low.shape
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"codes_{n}.tif" for n in names] \
         + ["sr.tif"]
     for n in names:
         path = tmp_path / f"codes_{n}.tif"
-        np.testing.assert_allclose(tifffile.imread(path), want.codes[n], atol=1e-6, rtol=0)
+        got = tifffile.imread(path)
+        assert got.shape == (1, *want.codes[n].shape)
+        np.testing.assert_allclose(got[0], want.codes[n], atol=1e-6, rtol=0)
         assert read_tiff_metadata(path)["codes"] == [n]
     # weights trained on bicubic pre-upsampled input (the previous packaged file): every code
-    # has the guide's size, stacked in one file (name, q, H, W), the names in its metadata
+    # has the guide's size: one (name, q, H, W) array, read back in that shape, the names in
+    # the metadata in the order of its first axis
     previous = tmp_path / "previous"
     previous.mkdir()
     codes_out = previous / "codes.tif"
@@ -85,11 +89,31 @@ def test_fuse_mmf_writes_the_image_and_its_codes(mmf_inputs, tmp_path, capsys):
                        codes=True)
     names = sorted(want.codes)
     assert len(names) >= 2 and {want.codes[n].shape[1:] for n in names} == {guide.shape}
-    stacked = tifffile.imread(codes_out)  # pages: (names x q, H, W)
-    np.testing.assert_allclose(stacked.reshape(len(names), -1, *guide.shape),
-                               np.stack([want.codes[n] for n in names]), atol=1e-6, rtol=0)
-    assert read_tiff_metadata(codes_out)["codes"] == names
+    stacked = tifffile.imread(codes_out)
+    q = want.codes[names[0]].shape[0]
+    assert stacked.shape == (len(names), q, *guide.shape)
+    np.testing.assert_allclose(stacked, np.stack([want.codes[n] for n in names]), atol=1e-6,
+                               rtol=0)
+    meta = read_tiff_metadata(codes_out)
+    assert meta["codes"] == names and meta["axes"] == "ICYX"
     assert sorted(p.name for p in previous.iterdir()) == ["codes.tif", "sr.tif"]
+
+
+def test_codes_of_several_shapes_go_one_file_per_name(tmp_path):
+    """(The packaged CSC-MMFN makes codes of two sizes: its low-res codes.) Each
+    file holds (1, q, H, W) and names its code."""
+    from napari_cscfusion.engine.io import write_codes
+
+    rng = np.random.default_rng(0)
+    codes = {"low": rng.standard_normal((4, 6, 8), np.float32),
+             "fused": rng.standard_normal((3, 12, 16), np.float32)}
+    written = write_codes(tmp_path / "codes.tif", codes, {"network": "X"})
+    assert sorted(p.name for p in written) == ["codes_fused.tif", "codes_low.tif"]
+    for name, code in codes.items():
+        path = tmp_path / f"codes_{name}.tif"
+        np.testing.assert_array_equal(tifffile.imread(path), code[None])
+        meta = read_tiff_metadata(path)
+        assert meta["codes"] == [name] and meta["network"] == "X"
 
 
 def test_fuse_mmf_bad_input_is_exit_status_2_naming_the_argument(mmf_inputs, tmp_path,

@@ -107,3 +107,50 @@ def test_mmf_on_a_process_cluster(client):
         got = within(120, fuse_guided, low, guide, device="cpu", tile=32, client=client)
     np.testing.assert_allclose(got.image, want, atol=1e-6, rtol=0)
     ran_on_worker_processes(client, stream, at_least=6)  # 2 x 3 tiles
+
+
+class _LoadsOnlyHere:
+    """An object that unpickles only in the process that made it: in a worker it fails as a
+    network would there without this package (or with another torch)."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def __reduce__(self):
+        return _loads_only_in, (self.pid,)
+
+
+def _loads_only_in(pid):
+    if os.getpid() != pid:
+        raise ModuleNotFoundError("No module named 'simulated_missing_package'")
+    return _LoadsOnlyHere()
+
+
+def test_a_network_the_workers_cannot_load_fails_at_once_naming_the_cause(client,
+                                                                           monkeypatch):
+    """Without the check the client waited for ever (the worker drops the task it cannot
+    unpickle): now a RuntimeError in seconds, with the worker's reason; the cluster goes on
+    working."""
+    import time
+
+    from napari_cscfusion.engine import ivf
+
+    built = ivf.IVFKernel.__init__
+
+    def init(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        self.unloadable = _LoadsOnlyHere()
+
+    monkeypatch.setattr(ivf.IVFKernel, "__init__", init)
+    ir, vis = ivf_pair()
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="workers cannot load the fusion network .*"
+                                           "simulated_missing_package.*napari-cscfusion"):
+        within(60, fuse_infrared_visible, ir, vis, base_rule="l1", device="cpu", tile=32,
+               client=client)
+    assert time.perf_counter() - t0 < 30
+    monkeypatch.undo()
+    got = within(120, fuse_infrared_visible, ir, vis, base_rule="l1", device="cpu", tile=32,
+                 client=client)
+    want = fuse_infrared_visible(ir, vis, base_rule="l1", device="cpu", tile=32).image
+    np.testing.assert_allclose(got.image, want, atol=1e-5, rtol=0)

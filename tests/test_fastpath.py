@@ -72,33 +72,6 @@ def test_clamped_copy_leaves_the_network_alone():
 
 # --- fast vs exact on real images -----------------------------------------------------------------
 
-def ivf_fast_matches_exact(ir, vis, model: FusionModel) -> None:
-    """Default rules: the fast path's image and weights within the tolerance of the exact."""
-    from napari_cscfusion import fuse_infrared_visible
-
-    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
-    fast = fuse_infrared_visible(ir, vis, model, device="cpu")
-    assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
-    assert_close(fast.image, exact.image)
-    for key in ("base", "detail"):
-        assert_close(fast.weights[key], exact.weights[key])
-
-
-@needs_shared
-@pytest.mark.parametrize("which", ["clamped", "packaged"])
-def test_ivf_fast_path_matches_exact_on_a_tno_crop(which):
-    from napari_cscfusion import fuse_infrared_visible
-
-    model = weights_for("ivf", which)
-    ir, vis = (grey(read(DATA / "ivf" / "tno" / f"{n}1.png"))[200:330, 300:460]
-               for n in ("IR", "VIS"))
-    ivf_fast_matches_exact(ir, vis, model)
-    # tiled = untiled on the fast path too (tiles of 48 px with their halo)
-    tiled = fuse_infrared_visible(ir, vis, model, device="cpu", base_rule="l1", tile=48)
-    whole = fuse_infrared_visible(ir, vis, model, device="cpu", base_rule="l1", tile=0)
-    np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5)
-
-
 def kernel_ran(model: FusionModel) -> bool:
     """Whether the IVF fast path's encoders are the numba DCU kernel (engine/dcu_kernel.py)."""
     from napari_cscfusion.engine.fast import fast_network
@@ -106,27 +79,44 @@ def kernel_ran(model: FusionModel) -> bool:
     return fast_network("ivf", model.network, None, compile=False).form == "kernel"
 
 
+# real pairs: (file under ivf/ with {} for IR/VIS, crop, rules checked besides the defaults,
+# tile side for tiled = untiled)
+IVF_PAIRS = {
+    "tno": ("tno/{}1.png", np.s_[200:330, 300:460], [("l1", "l1")], 48),
+    # the other rules through the kernel; saliency as the detail rule fuses with whole-image
+    # statistics of the detail codes, as of the base codes, so it tiles too
+    "flir": ("flir_test/{}3.jpg", np.s_[40:250, 60:330],
+             [("l1", "average"), ("average", "saliency")], 96),
+}
+
+
 @needs_shared
 @pytest.mark.parametrize("which", ["clamped", "packaged"])
-def test_ivf_kernel_matches_exact_on_a_flir_pair(which):
+@pytest.mark.parametrize("pair", list(IVF_PAIRS))
+def test_ivf_fast_path_matches_exact_and_tiles_agree(pair, which):
+    """Default rules: the fast path's image and weights within the tolerance of the exact
+    path (through the numba kernel where it is available); other rules: the image within it
+    too, and tiles (with their halo) equal to the whole image on the fast path."""
     from napari_cscfusion import fuse_infrared_visible
     from napari_cscfusion.engine import dcu_kernel
 
+    pattern, crop, rules, tile = IVF_PAIRS[pair]
     model = weights_for("ivf", which)
-    ir, vis = (grey(read(DATA / "ivf" / "flir_test" / f"{n}3.jpg"))[40:250, 60:330]
-               for n in ("IR", "VIS"))
-    ivf_fast_matches_exact(ir, vis, model)
+    ir, vis = (grey(read(DATA / "ivf" / pattern.format(n)))[crop] for n in ("IR", "VIS"))
+    exact = fuse_infrared_visible(ir, vis, model, device="cpu", exact=True)
+    fast = fuse_infrared_visible(ir, vis, model, device="cpu")
+    assert exact.metadata["path"] == "exact" and fast.metadata["path"] == "fast"
+    assert_close(fast.image, exact.image)
+    for key in ("base", "detail"):
+        assert_close(fast.weights[key], exact.weights[key])
     assert kernel_ran(model) == dcu_kernel.available()
-    # the other rules through the kernel, and tiled = untiled (not for saliency as the
-    # detail rule: it takes its statistics per encoder piece, on either path)
-    for base_rule, detail_rule in (("l1", "average"), ("average", "saliency")):
+    for base_rule, detail_rule in rules:
         kw = dict(base_rule=base_rule, detail_rule=detail_rule, device="cpu")
         exact = fuse_infrared_visible(ir, vis, model, exact=True, **kw)
         whole = fuse_infrared_visible(ir, vis, model, tile=0, **kw)
         assert_close(whole.image, exact.image)
-        if detail_rule != "saliency":
-            tiled = fuse_infrared_visible(ir, vis, model, tile=96, **kw)
-            np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5)
+        tiled = fuse_infrared_visible(ir, vis, model, tile=tile, **kw)
+        np.testing.assert_allclose(tiled.image, whole.image, atol=1e-5)
 
 
 @needs_shared

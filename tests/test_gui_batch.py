@@ -170,3 +170,43 @@ def test_results_of_another_size_are_named_not_stacked(qtbot, batch_widget, tmp_
     np.testing.assert_array_equal(np.asarray(layer.data[0]),
                                   tifffile.imread(tmp_path / "out" / "p0.tif"))
     assert widget.status.value.endswith("not opened (other sizes): wide.tif")
+
+
+def test_rules_gain_and_tile_side_are_advanced_settings_and_reach_the_run(qtbot, batch_widget,
+                                                                          tmp_path):
+    """The options of ``cscfusion batch``: both rules, the gain and the tile side, folded
+    under "Advanced settings" with the weights and device, shown per task, and passed on."""
+    from napari_cscfusion import fuse_infrared_visible
+
+    _viewer, widget = batch_widget
+    expert = [widget.base_rule, widget.detail_rule, widget.code_gain, widget.tile,
+              widget.device]
+    assert all(w in list(widget.advanced) for w in expert)
+    assert widget.advanced.native.isHidden()  # folded until asked for
+    widget.show_advanced.value = True
+    assert not widget.advanced.native.isHidden()
+    # plain labels, as the fusion widgets; the task's own default rules
+    assert (widget.base_rule.label, widget.detail_rule.label) == ("coarse structure",
+                                                                  "fine detail")
+    assert widget.detail_rule.value == "l1"
+    widget.task.value = "medical"
+    assert (widget.base_rule.value, widget.detail_rule.value) == ("choose-max", "l1-black")
+    assert widget.tile.native.isHidden()  # the medical fusion takes no tile side
+    widget.task.value = "mef"
+    assert widget.detail_rule.native.isHidden() and not widget.tile.native.isHidden()
+    assert widget.weights.source in list(widget.advanced)  # remade for CSC-MEFN, still there
+    widget.task.value = "ivf"
+    assert widget.tile.value == "auto"  # from free memory, as the CLI without --tile
+
+    ir, vis = pairs(tmp_path, 1)
+    widget.base_rule.value, widget.detail_rule.value = "l1", "average"
+    widget.tile.value = 256
+    widget.set_folders([ir, vis], tmp_path / "out")
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("1 written"), widget.status.value
+    meta = read_tiff_metadata(tmp_path / "out" / "p0.tif")
+    assert (meta["base_rule"], meta["detail_rule"], meta["tile"]) == ("l1", "average", 256)
+    want = fuse_infrared_visible(iio.imread(ir / "p0.png"), iio.imread(vis / "p0.png"),
+                                 base_rule="l1", detail_rule="average", device="cpu")
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "out" / "p0.tif"), want.image,
+                               atol=1e-5, rtol=0)

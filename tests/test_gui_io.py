@@ -108,6 +108,36 @@ def test_writer_round_trip_fused_and_codes(make_napari_viewer, tmp_path):
     np.testing.assert_allclose(c2.colormap.colors, DIVERGING.colors)
 
 
+def test_reader_opens_cli_codes_one_layer_per_code(make_napari_viewer, tmp_path):
+    """``cscfusion fuse --codes-out`` writes (names, q, H, W); the reader gives one layer per
+    code name with its q channels and the run's metadata (not an exposure stack)."""
+    import imageio.v3 as iio
+
+    from napari_cscfusion import cli, fuse_infrared_visible
+
+    from ._shared import SAMPLES, grey, read
+
+    ir = grey(read(SAMPLES / "tno_01_ir.png"))[200:232, 300:340]
+    vis = grey(read(SAMPLES / "tno_01_vis.png"))[200:232, 300:340]
+    iio.imwrite(tmp_path / "ir.png", ir)
+    iio.imwrite(tmp_path / "vis.png", vis)
+    out, codes_out = tmp_path / "fused.tif", tmp_path / "codes.tif"
+    assert cli.main(["fuse", "ivf", str(tmp_path / "ir.png"), str(tmp_path / "vis.png"),
+                     "-o", str(out), "--codes-out", str(codes_out), "--base-rule", "l1",
+                     "--device", "cpu", "-q"]) == 0
+    want = fuse_infrared_visible(ir, vis, base_rule="l1", device="cpu", codes=True)
+    assert _reader.get_reader(str(codes_out)) is _reader.read_codes_tiff
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(codes_out), plugin=PLUGIN)
+    assert len(layers) == len(want.codes) == 6  # infrared/visible/fused x base/detail
+    for layer in layers:
+        meta = layer.metadata["cscfusion"]
+        assert meta["role"] == "codes" and meta["run"]["network"] == "CSC-IVFN"
+        assert layer.name == f"{meta['code'].replace('_', ' ')} codes · codes"
+        np.testing.assert_allclose(layer.data, want.codes[meta["code"]], atol=1e-6, rtol=0)
+    assert {lay.metadata["cscfusion"]["code"] for lay in layers} == set(want.codes)
+
+
 def test_writer_leaves_no_partial_file_on_failure(tmp_path):
     class Boom:
         shape, dtype, ndim, nbytes = (4, 4), np.dtype("float32"), 2, 64

@@ -121,12 +121,13 @@ def test_dask_code_gain_same_values_as_in_memory():
 
 
 @needs_shared
-def test_dask_saliency_computes_whole_image_statistics_first():
+@pytest.mark.parametrize("base_rule,detail_rule", [("saliency", "l1"), ("l1", "saliency")])
+def test_dask_saliency_computes_whole_image_statistics_first(base_rule, detail_rule):
     ir, vis = tno_stack()
-    ref = fuse_infrared_visible(ir[0], vis[0], model("ivf"), "saliency", "l1", device="cpu",
-                                tile=0)
+    ref = fuse_infrared_visible(ir[0], vis[0], model("ivf"), base_rule, detail_rule,
+                                device="cpu", tile=0)
     lazy = fuse_infrared_visible(da.from_array(ir[0]), da.from_array(vis[0]), model("ivf"),
-                                 "saliency", "l1", device="cpu", tile=28)
+                                 base_rule, detail_rule, device="cpu", tile=28)
     assert len(lazy.image.chunks[0]) == 2 and len(lazy.image.chunks[1]) == 3
     np.testing.assert_allclose(lazy.image.compute(), ref.image, atol=1e-5, rtol=0)
 

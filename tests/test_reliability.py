@@ -612,15 +612,15 @@ def test_out_of_memory_in_the_statistics_pass_is_measured_in_parts(monkeypatch, 
 
     ir, vis = RNG.random((128, 128)), RNG.random((128, 128))
     want = fuse_infrared_visible(ir, vis, model=model("ivf"), device="cpu", tile=64).image
-    real, too_big = ivf.IVFKernel.base_codes, []
+    real, too_big = ivf.IVFKernel.stats_codes, []
 
-    def base_codes(self, crop, core):  # only the statistics passes encode through here
+    def stats_codes(self, which, crop, core):  # only the statistics passes encode here
         if crop.shape[-2] * crop.shape[-1] > 80 * 80:  # 64 px cores + 20 px halo: 84 px
             too_big.append(crop.shape)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. (simulated)")
-        return real(self, crop, core)
+        return real(self, which, crop, core)
 
-    monkeypatch.setattr(ivf.IVFKernel, "base_codes", base_codes)
+    monkeypatch.setattr(ivf.IVFKernel, "stats_codes", stats_codes)
     if lazy:
         ir, vis = da.from_array(ir, chunks=64), da.from_array(vis, chunks=64)
     with warnings.catch_warnings(record=True) as record:

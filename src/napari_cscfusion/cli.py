@@ -18,7 +18,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ._version import __version__
@@ -39,7 +38,7 @@ from .engine.batch import (
     read_inputs,
     run_batch,
 )
-from .engine.io import write_tiff
+from .engine.io import write_codes, write_tiff
 from .engine.registry import load_model
 from .engine.rules import RULES
 from .models.color import luma
@@ -52,16 +51,7 @@ def _model(task: str, weights: str | None):
 def _write(result, out: Path, codes_out: Path | None, quiet: bool) -> None:
     write_tiff(out, result.image, result.metadata)
     if codes_out is not None:
-        names = sorted(result.codes)
-        # codes of one shape are stacked (name, q, H, W); the names go in the metadata
-        shapes = {result.codes[n].shape for n in names}
-        if len(shapes) == 1:
-            write_tiff(codes_out, np.stack([result.codes[n] for n in names]),
-                       {"codes": names, **result.metadata})
-        else:
-            for n in names:
-                p = codes_out.with_name(f"{codes_out.stem}_{n}{codes_out.suffix}")
-                write_tiff(p, result.codes[n], {"codes": [n], **result.metadata})
+        write_codes(codes_out, result.codes, result.metadata)
     if not quiet:
         t = result.metadata.get("timings", {})
         secs = sum(v for v in t.values() if isinstance(v, (int, float)))

@@ -128,8 +128,14 @@ def replaced_on_success(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
+def write_tiff(path: str | Path, image, metadata: dict | None = None,
+               axes: str | None = None) -> Path:
     """Write ``image`` to a TIFF with ``metadata`` as JSON in the image description.
+
+    ``axes`` (tifffile's letters, one per axis of ``image``, e.g. 'ICYX'): the description is
+    tifffile's shaped one instead, ``metadata`` with the array's shape and these axes added
+    (read_tiff_metadata returns them too), so that tifffile reads the array back in its
+    shape rather than as a flat stack of pages.
 
     Written to a temporary file in the same folder, flushed to disk, then renamed over
     ``path`` (``replaced_on_success``): a failure (unwritable folder, full disk, interruption)
@@ -138,15 +144,41 @@ def write_tiff(path: str | Path, image, metadata: dict | None = None) -> Path:
     import tifffile
 
     path = Path(path)
-    description = json.dumps(jsonable(metadata or {}))
     arr = np.asarray(image)
+    if axes is None:
+        description, shaped = json.dumps(jsonable(metadata or {})), None
+    else:
+        if len(axes) != arr.ndim:
+            raise ValueError(f"axes: one letter per axis of the {arr.shape} array, got {axes!r}")
+        description, shaped = None, {**jsonable(metadata or {}), "axes": axes}
     photometric = "rgb" if arr.ndim == 3 and arr.shape[-1] == 3 else "minisblack"
     with replaced_on_success(path) as tmp, open(tmp, "wb") as fh:
         tifffile.imwrite(fh, arr, description=description, photometric=photometric,
-                         bigtiff=arr.nbytes > 2**31, metadata=None)
+                         bigtiff=arr.nbytes > 2**31, metadata=shaped)
         fh.flush()
         os.fsync(fh.fileno())  # a full disk may only show here
     return path
+
+
+CODES_AXES = "ICYX"  # (code name, code channel, H, W) in tifffile's letters
+
+
+def write_codes(path: str | Path, codes: dict, metadata: dict | None = None) -> list[Path]:
+    """Write a result's codes (name -> (q, H, W)) to TIFF, the (name, channel) split kept: codes
+    of one shape as one (names, q, H, W) array (``CODES_AXES``), the names in the metadata's
+    "codes" in the order of the first axis; codes of several shapes (the packaged
+    CSC-MMFN's: its low-res codes) one file per name, ``<stem>_<name><suffix>``, each
+    (1, q, H, W) with its name. ``metadata`` (the run's) goes with them. Returns the paths written."""
+    path = Path(path)
+    names = sorted(codes)
+    meta = dict(metadata or {})
+    if len({np.shape(codes[n]) for n in names}) == 1:
+        groups = [(path, names)]
+    else:
+        groups = [(path.with_name(f"{path.stem}_{n}{path.suffix}"), [n]) for n in names]
+    return [write_tiff(p, np.stack([np.asarray(codes[n], np.float32) for n in group]),
+                       {**meta, "codes": group}, axes=CODES_AXES)
+            for p, group in groups]
 
 
 EIGHT_BIT_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}

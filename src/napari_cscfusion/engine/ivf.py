@@ -165,9 +165,7 @@ class IVFKernel:
         self.fixed = self.fast and bool(compile)
         self.net_form = self.net.form if self.fast else "torch"
         sides = FAST_INNER_TILE if self.fixed else INNER_TILE
-        if self.net_form == "kernel" and detail_rule != "saliency":
-            # (saliency as the DETAIL rule takes its statistics per piece, so its result
-            # depends on the pieces: the exact path's, to agree with it)
+        if self.net_form == "kernel":
             sides = KERNEL_INNER_TILE
         self.inner = inner_tile(sides, device) if inner is None else inner
         self.exact_rules = exact_rules
@@ -175,13 +173,22 @@ class IVFKernel:
         self.dec_radius = 3
         self.halo = (self.enc_radius + self.dec_radius
                      + max(RULE_RADIUS[base_rule], RULE_RADIUS[detail_rule]))
-        self.needs_stats = base_rule == "saliency"
+        # the encoders whose codes the saliency rule fuses: it needs their whole-image
+        # statistics (extremes, histograms), whose channels are those encoders' in this order
+        self.stats_encoders = tuple(which for which, rule in (("base", base_rule),
+                                                              ("detail", detail_rule))
+                                    if rule == "saliency")
+        self.needs_stats = bool(self.stats_encoders)
         # per crop pixel, what a crop holds at once (+ small maps; the encoders' transients
         # are bounded by the inner tile): with codes, one encoder's codes of all sources +
-        # fused base and detail codes; else the saliency rule's base codes of all sources +
-        # their fusion, or (local base rules) the two fused code maps: detail codes, local
-        # rules and the decoder run piece by piece
-        held = self.S + 2 if codes else (self.S + 1 if base_rule == "saliency" else 2)
+        # fused base and detail codes; else, for the saliency rule, one encoder's codes of
+        # all sources + their fusion (+ the fused base codes, for the detail rule), or
+        # (local rules) the two fused code maps: detail codes, local rules and the decoder
+        # run piece by piece
+        if codes or detail_rule == "saliency":
+            held = self.S + 2
+        else:
+            held = self.S + 1 if base_rule == "saliency" else 2
         self.bytes_per_pixel = 4 * self.q * held + 16 * self.S + 64
         if self.inner:
             side = self.inner + 2 * self.enc_radius
@@ -291,32 +298,8 @@ class IVFKernel:
         # with codes: every source's base and detail codes of the core are results anyway
         res: dict[str, np.ndarray] = {}
         with torch.inference_mode():
-            z_b = self.encode("base", x, wb, tick).float()
-            st = None if stats is None else stats.to(self.device)
-            f_b, w_b = apply_rule(self.base_rule, z_b, stats=st, exact=self.exact_rules,
-                                  mean_weights=True,
-                                  reference=self.reference("base", self.base_rule))
-            if self.base_rule != "saliency":
-                w_b = w_b.mean(1, keepdim=True)
-            if self.weights:
-                res["weights_base"] = to_numpy(cut(w_b, core, wb)[:, 0])
-            z_core = cut(z_b, core, wb)
-            for i, n in enumerate(self.names):
-                res[f"{n}_base"] = to_numpy(z_core[i])
-            res["fused_base"] = to_numpy(cut(f_b, core, wb))
-            f_b = cut(f_b, dec, wb).clone()
-            del z_b, z_core, w_b
-            z_d = self.encode("detail", x, wd, tick).float()
-            f_d, w_d = apply_rule(self.detail_rule, z_d,
-                                  reference=self.reference("detail", self.detail_rule))
-            if self.weights:
-                res["weights_detail"] = to_numpy(cut(w_d.mean(1), core, wd))
-            z_core = cut(z_d, core, wd)
-            for i, n in enumerate(self.names):
-                res[f"{n}_detail"] = to_numpy(z_core[i])
-            res["fused_detail"] = to_numpy(cut(f_d, core, wd))
-            f_d = cut(f_d, dec, wd)
-            del z_d, z_core, w_d
+            f_b = self._stage_with_codes("base", x, wb, core, dec, stats, tick, res)
+            f_d = self._stage_with_codes("detail", x, wd, core, dec, stats, tick, res)
             z = self.apply_gain(f_b[None].to(x.dtype) + f_d[None].to(x.dtype))
             out = self.net.decode_sum(z)
             res["image"] = to_numpy(cut(out[0], core, dec))
@@ -324,26 +307,41 @@ class IVFKernel:
             tick()
         return res
 
+    def _stage_with_codes(self, which: str, x: torch.Tensor, window: Box, core: Box,
+                          dec: Box, stats: SaliencyStats | None, tick, res: dict
+                          ) -> torch.Tensor:
+        """Encoder ``which`` and its rule on ``window`` (codes of all sources held): the
+        core's codes, fused codes and channel-mean weights go into ``res``; returns the fused
+        codes of the decoder's window ``dec``."""
+        rule = self.base_rule if which == "base" else self.detail_rule
+        z = self.encode(which, x, window, tick).float()
+        fused, w = apply_rule(rule, z, stats=self.stats_of(which, stats),
+                              exact=self.exact_rules, mean_weights=True,
+                              reference=self.reference(which, rule))
+        if rule != "saliency":  # (the saliency rule averages its weights itself)
+            w = w.mean(1, keepdim=True)
+        if self.weights:
+            res[f"weights_{which}"] = to_numpy(cut(w, core, window)[:, 0])
+        z_core = cut(z, core, window)
+        for i, n in enumerate(self.names):
+            res[f"{n}_{which}"] = to_numpy(z_core[i])
+        res[f"fused_{which}"] = to_numpy(cut(fused, core, window))
+        return cut(fused, dec, window).clone()  # not a view: the rest is freed
+
     def _fuse(self, x: torch.Tensor, core: Box, dec: Box, wb: Box, wd: Box,
               stats: SaliencyStats | None, tick) -> dict[str, np.ndarray]:
-        """__call__ without codes, holding less: the saliency rule needs the base codes of the
-        whole window (its guided filter reaches 90 px), the local rules and the decoder work
-        piece by piece. The same values as the staged path (the same operations per pixel)."""
+        """__call__ without codes, holding less: the saliency rule needs the codes of the whole
+        window (its guided filter reaches 90 px), the local rules and the decoder work piece
+        by piece. The same values as the staged path (the same operations per pixel)."""
         res: dict[str, np.ndarray] = {}
         with torch.inference_mode():
-            if self.base_rule == "saliency":
-                z_b = self.encode("base", x, wb, tick).float()
-                st = None if stats is None else stats.to(self.device)
-                f_b, w_b = self._saliency(z_b, st)
-                del z_b
-            else:
-                f_b, w_b = self.fuse_in_pieces("base", self.base_rule, x, wb, tick)
+            f_b, w_b = self.fuse_window("base", x, wb, stats, tick)
             if self.weights:
                 res["weights_base"] = to_numpy(cut(w_b, core, wb)[:, 0])
             # the sum of the fused codes goes here, in the networks' precision
             f_b = cut(f_b, dec, wb).to(x.dtype, copy=True)
             del w_b
-            f_d, w_d = self.fuse_in_pieces("detail", self.detail_rule, x, wd, tick)
+            f_d, w_d = self.fuse_window("detail", x, wd, stats, tick)
             if self.weights:
                 res["weights_detail"] = to_numpy(cut(w_d, core, wd)[:, 0])
             f_b.add_(cut(f_d, dec, wd).to(x.dtype))
@@ -352,6 +350,32 @@ class IVFKernel:
         if tick is not None:
             tick()
         return res
+
+    def fuse_window(self, which: str, x: torch.Tensor, window: Box,
+                    stats: SaliencyStats | None, tick) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused codes [q, window], channel-mean weights [S, 1, window]) of encoder
+        ``which`` with its rule: the saliency rule on the codes of the whole window with
+        the whole image's statistics (``stats``, None: the window is the image), a local
+        rule piece by piece."""
+        rule = self.base_rule if which == "base" else self.detail_rule
+        if rule != "saliency":
+            return self.fuse_in_pieces(which, rule, x, window, tick)
+        z = self.encode(which, x, window, tick).float()
+        if which == "detail":
+            # not the numba form: its guided filter rounds otherwise, and on the sparse
+            # detail codes the weights' normalisation magnifies that (fused codes 0.04 apart
+            # on a FLIR pair) past the fast path's tolerance; numpy's, as the exact path
+            return apply_rule("saliency", z, stats=self.stats_of(which, stats),
+                              exact=self.exact_rules, mean_weights=True)
+        return self._saliency(z, self.stats_of(which, stats))
+
+    def stats_of(self, which: str, stats: SaliencyStats | None) -> SaliencyStats | None:
+        """The channels of ``stats`` (those of every encoder in ``stats_encoders``) that
+        belong to encoder ``which``, on the device; None for None."""
+        if stats is None or which not in self.stats_encoders:
+            return None
+        i = self.stats_encoders.index(which)
+        return stats.channels(slice(i * self.q, (i + 1) * self.q)).to(self.device)
 
     def _saliency(self, z: torch.Tensor, stats: SaliencyStats | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,20 +395,24 @@ class IVFKernel:
         return apply_rule("saliency", z, stats=stats, exact=self.exact_rules,
                           mean_weights=True)
 
-    # whole-image statistics of the base codes (saliency rule), by passes over tiles
+    # whole-image statistics of the codes the saliency rule fuses, by passes over tiles: the
+    # channels of each encoder in ``stats_encoders`` one after the other ([S, q] per encoder)
     def stats_tiles(self, shape: tuple[int, int], tile: int | None) -> list[Tile]:
         return tile_grid(shape, tile, self.enc_radius)
 
-    def base_codes(self, crop: np.ndarray, core: Box) -> torch.Tensor:
+    def stats_codes(self, which: str, crop: np.ndarray, core: Box) -> torch.Tensor:
         x = to_device(crop, self.device, self.dtype)[:, None]
         with torch.inference_mode():
-            return self.encode("base", x, core).float()
+            return self.encode(which, x, core).float()
 
     def extremes(self, crop: np.ndarray, core: Box) -> tuple[torch.Tensor, torch.Tensor]:
-        return SaliencyStats.extremes(self.base_codes(crop, core))
+        parts = [SaliencyStats.extremes(self.stats_codes(which, crop, core))
+                 for which in self.stats_encoders]  # one encoder's codes at a time
+        return tuple(torch.cat(p, 1) for p in zip(*parts, strict=True))
 
     def counts(self, crop: np.ndarray, core: Box, stats: SaliencyStats) -> torch.Tensor:
-        return stats.to(self.device).counts(self.base_codes(crop, core))
+        return torch.cat([self.stats_of(which, stats).counts(
+            self.stats_codes(which, crop, core)) for which in self.stats_encoders], 1)
 
 
 # --- infrared + visible (and any N grey sources) with CSC-IVFN ----------------------------
@@ -468,8 +496,9 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     fits the available memory, else tiles chosen from it, GPU memory on CUDA; on the CPU the
     tile and the results then share 2 GiB; 0 or False: the whole image at once). Tiles carry
     a halo as wide as the network's and the rules' context (113 px with the saliency rule,
-    whose whole-image statistics are computed first in a separate pass), so tiled and
-    whole-image results agree to float rounding. A tile that runs out of memory is split and
+    whose whole-image statistics, of the base or detail codes it fuses, are computed first
+    in a separate pass), so tiled and whole-image results agree to float rounding, whatever
+    the rules. A tile that runs out of memory is split and
     retried (down to 32 px), and when even that fails on a GPU the run goes on on the CPU;
     either way with an OutOfMemoryRetry warning and a line in ``metadata["notices"]``
     (``metadata["device"]`` is then "cpu").

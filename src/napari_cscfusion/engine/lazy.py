@@ -274,6 +274,35 @@ def _parallel_tiles(client, scheduler) -> int:
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
+def _load(blob: bytes) -> None:
+    from distributed.protocol.pickle import loads
+
+    loads(blob)
+
+
+def check_workers_load(kernel, client) -> None:
+    """RuntimeError unless every worker of ``client``'s cluster can unpickle ``kernel`` (the
+    network and its weights; a worker without this package, or without torch, cannot).
+
+    A task a worker cannot unpickle leaves the client waiting for ever: the worker drops the
+    message it cannot read and the scheduler waits for the task (dask/distributed#3558,
+    #6705). Sent first as bytes, unpickled inside a function that ``client.run`` calls, the
+    same failure comes back at once as an error. Workers that join later are not checked."""
+    from distributed.protocol.pickle import dumps
+
+    try:
+        client.run(_load, dumps(kernel))
+    except OSError:  # the cluster itself (connection, timeout): as it is
+        raise
+    except Exception as exc:
+        from .._version import __version__
+
+        raise RuntimeError(
+            f"client/scheduler: the dask cluster's workers cannot load the fusion network "
+            f"({type(exc).__name__}: {exc}); they need napari-cscfusion {__version__} and "
+            f"torch {torch.__version__.split('+')[0]} installed, as this process has") from exc
+
+
 def close_clients() -> None:
     """Close the dask.distributed clients opened for ``scheduler=`` addresses."""
     while _CLIENTS:
@@ -297,6 +326,8 @@ def planes_graph(kernel, device, tile, lead: tuple, shape: tuple[int, int], crop
     import dask.array as da
 
     side = resolve_tile(tile, shape, kernel, device, parallel=_parallel_tiles(client, scheduler))
+    if client is not None or scheduler is not None:
+        check_workers_load(kernel, client if client is not None else _client_for(scheduler))
     key = _kernel_key(kernel)
     planes = [_plane_graph(kernel, key, partial(crop_of, idx), shape, side,
                            None if stats_of is None else stats_of(idx))

@@ -335,8 +335,9 @@ def measured_in_parts(kernel, measure, crop: np.ndarray, core) -> list:
 
 def saliency_statistics(kernel, x: np.ndarray, tile: int | None,
                         ticker: Ticker | None = None) -> SaliencyStats:
-    """Whole-image extremes, then histograms, of the base codes: two passes over tiles (each
-    with the encoder's 20 px halo only)."""
+    """Whole-image extremes, then histograms, of the codes the saliency rule fuses (the
+    kernel's ``extremes``/``counts``): two passes over tiles (each with the encoders' 20 px
+    halo only)."""
     tiles = kernel.stats_tiles(x.shape[-2:], tile)
     parts = []
     for t in tiles:

@@ -1,5 +1,6 @@
 """Reader: a folder of exposure images (or several image files chosen together) or a
-multi-page TIFF -> one exposure stack layer; a TIFF written by this plugin -> its layers back.
+multi-page TIFF -> one exposure stack layer; a TIFF written by this plugin -> its layers back;
+a codes TIFF of ``cscfusion fuse --codes-out`` (engine.io.write_codes) -> one layer per code.
 
 Single-page TIFFs and folders with fewer than two images are left to other readers (None).
 """
@@ -12,20 +13,25 @@ import numpy as np
 
 from ..engine.batch import IMAGE_SUFFIXES
 from ..engine.batch import image_files as _image_files
-from ..engine.io import TIFF_SUFFIXES, read_image
-from ._common import META_KEY
+from ..engine.io import CODES_AXES, TIFF_SUFFIXES, read_image
+from ..engine.planes import symmetric_limits
+from ._common import DIVERGING, META_KEY, plain_key
 
 WRITER_KEY = "napari_cscfusion"  # our entry in the TIFF description written by _writer
 
 
 def _tiff_kind(path: Path) -> str | None:
-    """'ours' (written by this plugin), 'stack' (one series (K, H, W[, S]), K >= 2) or None."""
+    """'ours' (written by this plugin), 'codes' (``--codes-out``), 'stack' (one series
+    (K, H, W[, S]), K >= 2) or None."""
     import tifffile
     try:
         with tifffile.TiffFile(path) as tif:
             shaped = tif.shaped_metadata or ()
             if any(isinstance(m, dict) and WRITER_KEY in m for m in shaped):
                 return "ours"
+            if (len(shaped) == 1 and isinstance(shaped[0], dict)
+                    and shaped[0].get("axes") == CODES_AXES and "codes" in shaped[0]):
+                return "codes"
             series = tif.series
             if len(series) == 1:
                 shape, axes = series[0].shape, series[0].axes
@@ -52,6 +58,8 @@ def get_reader(path):
         kind = _tiff_kind(p)
         if kind == "ours":
             return read_plugin_tiff
+        if kind == "codes":
+            return read_codes_tiff
         if kind == "stack":
             return read_exposure_tiff
     return None
@@ -108,6 +116,28 @@ def read_plugin_tiff(path):
             if "colormap" in info and not info.get("rgb"):
                 kwargs["colormap"] = _colormap(info["colormap"])
             out.append((data, kwargs, "image"))
+    return out
+
+
+def read_codes_tiff(path):
+    """A ``--codes-out`` TIFF (names, q, H, W): one layer per code name, its q channels on a
+    slider, diverging colours centred on zero as the widgets show codes."""
+    import tifffile
+    p = Path(path)
+    with tifffile.TiffFile(p) as tif:
+        run = dict(tif.shaped_metadata[0])
+        codes = tif.series[0].asarray()
+    names = run.pop("codes")
+    for key in ("shape", "axes"):
+        run.pop(key, None)
+    if codes.shape[0] != len(names):
+        raise ValueError(f"{str(p)!r}: {len(names)} code names for {codes.shape[0]} codes")
+    out = []
+    for name, code in zip(names, codes, strict=True):
+        meta = {"role": "codes", "code": name, "file": str(p), "run": run}
+        out.append((code, {"name": f"{plain_key(name)} codes · {p.stem}",
+                           "metadata": {META_KEY: meta}, "colormap": DIVERGING,
+                           "contrast_limits": symmetric_limits(code)}, "image"))
     return out
 
 

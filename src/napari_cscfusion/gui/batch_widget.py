@@ -1,6 +1,7 @@
-"""Batch fusion of whole folders: the same pairing and writing as ``cscfusion batch``
+"""Batch fusion of whole folders: the same pairing, writing and options as ``cscfusion batch``
 (engine.batch), run in the background with progress and cancel, the failures listed, and the
-results opened as one stack layer.
+results opened as one stack layer. The expert options (the fusion rules, contrast gain, tile
+side, weights, device) are folded under "Advanced settings" as in the fusion widgets.
 
 Folder plumbing only: pairing, fusing and writing are engine.batch's.
 """
@@ -38,8 +39,14 @@ from ..engine.batch import (
 )
 from ..engine.io import read_image
 from ..engine.notices import recorded_only
-from ..engine.rules import RULES
-from ._common import META_KEY, WeightsChooser, code_gain_box, device_combo
+from ._common import (
+    META_KEY,
+    WeightsChooser,
+    code_gain_box,
+    device_combo,
+    narrow_combo,
+    rule_combo,
+)
 from ._running import PROGRESS_STEPS, RunState
 from ._state import MODELS, CancelToken
 from ._worker import CancelMode
@@ -58,6 +65,14 @@ FOLDER_HELP = {"ivf": "files are paired by name (IR/scene1.png with VIS/scene1.p
                "mmf": "files are paired by name (LOW/x.png with GUIDE/x.png)",
                "medical": "one folder per modality, files paired by name; at most one "
                           "modality pseudo-coloured (PET/SPECT)"}
+RULE_TASKS = ("ivf", "medical")  # the CSC-IVFN tasks: fusion rules and a contrast gain
+TILE_TASKS = ("ivf", "mef", "mmf")  # the medical fusion takes no tile side (fuse_sources)
+TILE_HELP = ("the side (px) of the tiles an image is fused in, each with the context its "
+             "pixels need, so the result is the same: smaller tiles take less memory. auto: "
+             "from the free memory (the whole image when it fits); whole image: one tile")
+# the engine's tile= values (cscfusion batch --tile): "auto" (None), 0 (one tile) or a side
+TILE_CHOICES = [("auto", "auto"), ("whole image", 0),
+                *((f"{side} px", side) for side in (4096, 2048, 1024, 512, 256))]
 
 
 @dataclass
@@ -125,13 +140,24 @@ class BatchFusionWidget(RunState, Container):
                                        "8-bit, the metadata as a PNG text / JPEG comment")
         self.overwrite = CheckBox(text="redo results that exist", value=False,
                                   tooltip="off: items whose output file exists are skipped")
-        self.base_rule = ComboBox(label="base rule", choices=list(RULES), value="saliency",
-                                  tooltip="infrared + visible and medical: how the base codes "
-                                          "are fused")
-        self.code_gain = code_gain_box(default_code_gain("ivf"))  # set for each task
+        self.open_when_done = CheckBox(text="open the results as a stack when done", value=True)
+        # expert options, as the fusion widgets name them; the rules and gain set per task
+        self.base_rule = rule_combo("coarse structure", "saliency",
+                                    "how the base (coarse, low-frequency) codes are combined")
+        self.detail_rule = rule_combo("fine detail", "l1",
+                                      "how the detail (fine, high-frequency) codes are combined")
+        self.code_gain = code_gain_box(default_code_gain("ivf"))
+        self.tile = narrow_combo(ComboBox(label="tiles", choices=TILE_CHOICES, value="auto",
+                                          tooltip=TILE_HELP))
         self.weights = WeightsChooser("ivf", folders=True)  # remade for each task
         self.device = device_combo()
-        self.open_when_done = CheckBox(text="open the results as a stack when done", value=True)
+        self.show_advanced = CheckBox(text="Advanced settings", value=False,
+                                      tooltip="the fusion rules, contrast gain, tile side, "
+                                              "weights and device")
+        self.advanced = Container(widgets=[self.base_rule, self.detail_rule, self.code_gain,
+                                           self.tile, *self.weights.widgets, self.device],
+                                  labels=True, visible=False)
+        self.advanced.margins = (0, 0, 0, 0)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.open_button = PushButton(text="Open results", enabled=False)
@@ -146,10 +172,9 @@ class BatchFusionWidget(RunState, Container):
                             layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)
         self.extend([self.task, self.add_folder, self.output, self.format,
-                     self.overwrite, self.base_rule, self.code_gain, *self.weights.widgets,
-                     self.device,
-                     self.open_when_done, buttons,
-                     self.progress, self.status, self.failures])
+                     self.overwrite, self.open_when_done, self.show_advanced, self.advanced,
+                     buttons, self.progress, self.status, self.failures])
+        self.show_advanced.changed.connect(self._sync_advanced)
         self.task.changed.connect(self._task_changed)
         self.add_folder.changed.connect(lambda *_: self._add_folder_edit())
         self.run_button.changed.connect(self.run)
@@ -182,22 +207,26 @@ class BatchFusionWidget(RunState, Container):
             if i < len(kept) and kept[i]:
                 edit.value = kept[i]
         self.add_folder.visible = task == "medical"
-        self.base_rule.visible = task in ("ivf", "medical")
+        self.base_rule.visible = self.detail_rule.visible = task in RULE_TASKS
+        self.tile.visible = task in TILE_TASKS
         rules = default_rules(task)
-        if rules is not None:  # the task's own default (ivf saliency, medical choose-max)
-            self.base_rule.value = rules[0]
+        if rules is not None:  # the task's own defaults (ivf saliency / l1, medical
+            self.base_rule.value, self.detail_rule.value = rules  # choose-max / l1-black)
         gain = default_code_gain(task)
         self.code_gain.visible = gain is not None
         if gain is not None:
             self.code_gain.value = gain
         model_task = MODEL_TASK[task]
         if self.weights.task != model_task:  # the chooser names the network's packaged file
-            at = self.index(self.weights.source)
+            at = self.advanced.index(self.weights.source)
             for w in self.weights.widgets:
-                self.remove(w)
+                self.advanced.remove(w)
             self.weights = WeightsChooser(model_task, folders=model_task == "ivf")
             for k, w in enumerate(self.weights.widgets):
-                self.insert(at + k, w)
+                self.advanced.insert(at + k, w)
+
+    def _sync_advanced(self, *_) -> None:
+        self.advanced.visible = bool(self.show_advanced.value)
 
     @staticmethod
     def _folder_text(edit: FileEdit) -> str:
@@ -240,8 +269,11 @@ class BatchFusionWidget(RunState, Container):
             self.status.value = f"error: {exc}"
             return
         options = {"device": self.device.value}
-        if plan.task in ("ivf", "medical"):
-            options.update(base_rule=self.base_rule.value, code_gain=self.code_gain.value)
+        if plan.task in RULE_TASKS:
+            options.update(base_rule=self.base_rule.value, detail_rule=self.detail_rule.value,
+                           code_gain=self.code_gain.value)
+        if plan.task in TILE_TASKS and self.tile.value != "auto":
+            options["tile"] = self.tile.value
         token = CancelToken()
         worker = create_worker(run_plan, plan, token, weights, bool(self.overwrite.value), options,
                                _start_thread=False, _ignore_errors=True)
