@@ -168,7 +168,8 @@ def write_codes(path: str | Path, codes: dict, metadata: dict | None = None) -> 
     of one shape as one (names, q, H, W) array (``CODES_AXES``), the names in the metadata's
     "codes" in the order of the first axis; codes of several shapes (the packaged
     CSC-MMFN's: its low-res codes) one file per name, ``<stem>_<name><suffix>``, each
-    (1, q, H, W) with its name. ``metadata`` (the run's) goes with them. Returns the paths written."""
+    (1, q, H, W) with its name. ``metadata`` (the run's) goes with them. Returns the paths
+    written."""
     path = Path(path)
     names = sorted(codes)
     meta = dict(metadata or {})
