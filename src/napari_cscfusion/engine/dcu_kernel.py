@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .numba_jit import Kernels, on_threads, pool, wait_all
+from .numba_jit import Kernels, pool, split, wait_all
 from .numba_jit import jit as _jit
 from .numba_jit import threads as _threads
 
@@ -415,11 +415,7 @@ def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = No
     args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, *chain.clip_form(), out,
             hv, use_head, absum, bool(l1), int(tile))
     jobs = N * (-(-H // tile)) * (-(-W // tile))
-    n = max(1, min(threads or _threads(), jobs))
-    if n == 1:
-        run_jobs(*args, 0, 1)
-    else:
-        on_threads(n, run_jobs, args)
+    split(run_jobs, args, jobs, threads)
     out = out[:, 0] if use_head else out
     return (out, absum) if l1 else out
 
@@ -463,9 +459,8 @@ def box_mean(x: np.ndarray, r: int, threads: int | None = None) -> np.ndarray:
     _kernels.check()
     x = np.ascontiguousarray(x, dtype=np.float32)
     tmp, out = np.empty_like(x), np.empty_like(x)
-    n = max(1, min(threads or _threads(), x.shape[1]))
-    on_threads(n, _box_mean_rows, (x, tmp, r))
-    on_threads(n, _box_mean_cols, (tmp, out, r))
+    split(_box_mean_rows, (x, tmp, r), x.shape[1], threads)
+    split(_box_mean_cols, (tmp, out, r), x.shape[1], threads)
     return out
 
 
@@ -504,8 +499,7 @@ def l1_fuse(z: np.ndarray, absum: np.ndarray, threads: int | None = None) -> np.
     _kernels.check()
     S, q, H, W = z.shape
     out = np.empty((q + S, H, W), np.float32)
-    n = max(1, min(threads or _threads(), H))
-    on_threads(n, _l1_fuse_rows, (z, absum, out))
+    split(_l1_fuse_rows, (z, absum, out), H, threads)
     return out
 
 
@@ -545,8 +539,7 @@ def conv7_interior(z: np.ndarray, w: np.ndarray, threads: int | None = None) -> 
     if w.shape != (q, 7, 7):
         raise ValueError(f"w: expected [{q}, 7, 7], got {w.shape}")
     out = np.empty((H, W), np.float32)
-    n = max(1, min(threads or _threads(), H))
-    on_threads(n, _conv7_rows, (z, w, out))
+    split(_conv7_rows, (z, w, out), H, threads)
     return out
 
 

@@ -30,9 +30,8 @@ import torch
 
 from . import dcu_kernel
 from .dcu_kernel import residual_row
-from .numba_jit import Kernels, on_threads
+from .numba_jit import Kernels, split
 from .numba_jit import jit as _jit
-from .numba_jit import threads as _threads
 
 # output tile of ``fused_decode`` (rows x columns): its fused codes, (32 + 2) x (128 + 2) x q
 # floats, stay in L2 for q = 32
@@ -196,14 +195,6 @@ def unavailable_reason() -> str | None:
     return _kernels.why()
 
 
-def _run(fn, args, parts: int) -> None:
-    n = max(1, min(_threads(), parts))
-    if n == 1:
-        fn(*args, 0, 1)
-    else:
-        on_threads(n, fn, args)
-
-
 # --- the calls --------------------------------------------------------------------------------
 
 def guided_ab(zg: np.ndarray, g_at: tuple[int, int], zl: np.ndarray, l_at: tuple[int, int],
@@ -213,7 +204,7 @@ def guided_ab(zg: np.ndarray, g_at: tuple[int, int], zl: np.ndarray, l_at: tuple
     ``l_at``), both float32 and on the same grid: box means clipped at the window."""
     q = zl.shape[0]
     ab = np.empty((2 * q, *shape), np.float32)
-    _run(_guided_ab_channels, (zg, *g_at, zl, *l_at, *shape, int(radius), float(eps), ab), q)
+    split(_guided_ab_channels, (zg, *g_at, zl, *l_at, *shape, int(radius), float(eps), ab), q)
     return ab
 
 
@@ -223,7 +214,7 @@ def area_means(z: np.ndarray, rows: tuple[np.ndarray, np.ndarray],
     indices into z): the low_res geometry's ``adaptive_avg_pool2d`` of the guide's codes."""
     q = z.shape[0]
     out = np.empty((q, len(rows[0]), len(cols[0])), np.float32)
-    _run(_area_means_channels, (z, *rows, *cols, out), q)
+    split(_area_means_channels, (z, *rows, *cols, out), q)
     return out
 
 
@@ -249,7 +240,7 @@ def fused_decode(zG: np.ndarray, g_at: tuple[int, int], ab: np.ndarray, rows, co
     out = np.empty((core[1] - core[0], core[3] - core[2]), np.float32)
     jobs = -(-(core[1] - core[0]) // DECODE_ROWS) * -(-(core[3] - core[2]) // DECODE_COLS)
     wneg = np.ascontiguousarray(-dec_taps, np.float32)
-    _run(_fused_decode_jobs, (zG, *g_at, ab, *rows, *cols, wneg,
+    split(_fused_decode_jobs, (zG, *g_at, ab, *rows, *cols, wneg,
                               np.ascontiguousarray(base, np.float32), out,
                               np.asarray(core, np.int64), np.asarray(d_box, np.int64),
                               int(shape[0]), int(shape[1])), jobs)

@@ -115,6 +115,16 @@ def on_threads(n: int, fn, args) -> None:
     wait_all([pool(n).submit(fn, *args, i, n) for i in range(n)])
 
 
+def split(fn, args, jobs: int, threads_: int | None = None) -> None:
+    """fn(*args, i, n) for i < n, n = min(``threads_`` (default ``threads()``), ``jobs``):
+    in this thread for n = 1, else on the pool."""
+    n = max(1, min(threads_ or threads(), jobs))
+    if n == 1:
+        fn(*args, 0, 1)
+    else:
+        on_threads(n, fn, args)
+
+
 def wait_all(futures: list[Future], tick=None) -> None:
     """Wait for ``futures`` in order, ``tick()`` after each; on an error (or a tick raising
     to cancel) the futures not yet started are dropped, the running ones finished (nothing
