@@ -6,6 +6,8 @@ brightened crops. Tiny networks, a couple of steps (seconds)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -111,6 +113,50 @@ def test_black_term_is_zero_exactly_when_black_decodes_below_the_level():
     with torch.no_grad():
         last_bn.bias.fill_(0.0)  # black decodes to sigmoid(0) = 0.5 at every gain
     assert float(ivf_black_term(net).detach()) > 5.0
+
+
+def test_black_target_moves_the_hinge_from_the_command_line_to_the_loss_and_header(
+        tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    net = build("ivf", TINY_HP["ivf"]).eval()
+    black = float(torch.logit(torch.tensor(0.3 / 255, dtype=torch.float64)))
+    _constant_decoder(net, black)  # black decodes to 0.3/255 at every gain
+    assert float(ivf_black_term(net).detach()) == 0.0  # default hinge 0.5/255: below it
+    low = float(torch.logit(torch.tensor(0.1 / 255, dtype=torch.float64)))
+    assert float(ivf_black_term(net, level=0.1 / 255).detach()) == pytest.approx(
+        black - low, rel=1e-4)  # the mean hinge in logits, the same at gains 1, 2, 4
+    x = torch.rand(2, 1, 24, 24)
+    plain = compute_loss("ivf", net, {"image": x})
+    lowered = compute_loss("ivf", net, {"image": x}, black_weight=2.0, black_target=0.1 / 255)
+    assert float(lowered - plain) == pytest.approx(2.0 * (black - low), rel=1e-4)
+
+    # cscfusion train ivf --black-target 0.1 (grey levels): the run's black term and header
+    from napari_cscfusion.training import cli
+
+    T = importlib.import_module("napari_cscfusion.training.train")  # the module, not train()
+
+    levels = []
+    real_term, real_train = T.ivf_black_term, T.train
+    monkeypatch.setattr(T, "ivf_black_term",
+                        lambda n, **kw: levels.append(kw.get("level")) or real_term(n, **kw))
+    monkeypatch.setattr(T, "train", lambda config: real_train(dataclasses.replace(
+        config, hparams=TINY_HP["ivf"], val_items=2, device="cpu")))
+    out = tmp_path / "b.pt"
+    argv = ["train", "ivf", "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
+            "--batch-size", "2", "--crop", "24", "--black-weight", "0.1", "--no-progress"]
+    assert cli.main([*argv, "--black-target", "0.1"]) == 0
+    assert levels == [0.1 / 255] * 2
+    tr = load_network("ivf", out)[1]["header"]["training"]
+    assert tr["black_target"] == 0.1 / 255 and "at most 0.1/255" in tr["black_term"]
+    levels.clear()
+    assert cli.main(argv) == 0  # the default: today's 0.5/255
+    assert levels == [BLACK_LEVEL] * 2
+    tr = load_network("ivf", out)[1]["header"]["training"]
+    assert tr["black_target"] == BLACK_LEVEL and "at most 0.5/255" in tr["black_term"]
+    with pytest.raises(SystemExit, match="black-target"):
+        cli.main(["train", "mef", "--out", str(out), "--black-target", "0.1"])
+    with pytest.raises(ValueError, match="black_target"):
+        _train("ivf", tmp_path / "x.pt", black_target=1.5)
 
 
 @pytest.mark.parametrize("task", ["ivf", "mef"])

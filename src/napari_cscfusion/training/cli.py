@@ -81,7 +81,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "the last DCU; mmf: both backbones)")
     p.add_argument("--black-weight", type=float, default=0.0, metavar="W",
                    help="ivf: add W * the black term (two black sources must decode to at "
-                        "most 0.5/255 at code gains >= 1)")
+                        "most --black-target at code gains >= 1)")
+    p.add_argument("--black-target", type=float, default=None, metavar="GREY_LEVELS",
+                   help="ivf: the black term's hinge in grey levels of 255, i.e. 0.1 means "
+                        "black must decode to at most 0.1/255 (default 0.5, recorded in the "
+                        "header as a fraction of 1: black_target)")
     p.add_argument("--flat-weight", type=float, default=0.0, metavar="W",
                    help="ivf: add W * the flat-fidelity term (flat greys 2-98 %% decode to "
                         "themselves at code gain 1, white stays white)")
@@ -142,6 +146,11 @@ def run_train(args: argparse.Namespace) -> int:
             if args.task != "ivf":
                 raise SystemExit(f"--{opt} is only for ivf")
             source[opt] = getattr(args, opt)
+    if args.black_target is not None:
+        if args.task != "ivf":
+            raise SystemExit("--black-target is only for ivf")
+        if not 0 < args.black_target < 255:
+            raise SystemExit(f"--black-target: grey levels in (0, 255), got {args.black_target}")
     path = train(TrainConfig(
         task=args.task, out=args.out, data_root=args.data_root,
         epochs=d["epochs"] if args.epochs is None else args.epochs,
@@ -156,6 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm, nonnegative_thresholds=args.nonnegative_thresholds,
         sparsity_weight=args.sparsity_weight, black_weight=args.black_weight,
         flat_weight=args.flat_weight,
+        **({"black_target": args.black_target / 255} if args.black_target is not None else {}),
         min_val_sparsity=args.min_val_sparsity, threshold_warm_start=args.threshold_warm_start,
         threshold_floor=args.threshold_floor, keep_epochs=args.keep_epochs,
     ))

@@ -93,7 +93,7 @@ def mmf_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # --- second-generation terms (issue 17): sparse codes, black stays black -----------------
 
-BLACK_LEVEL = 0.5 / 255  # what an all-black input may decode to at most (half a grey level)
+BLACK_LEVEL = 0.5 / 255  # default of what an all-black input may decode to at most (half a grey level)
 # Code gains the black term checks: 1 (medical, a source fused with itself) and up. Below 1
 # the code gain stretches contrast towards the pivot 2 dec(0) (mid-grey for the authors' look
 # at gain 2): holding black there needs codes of black so strong that they dominate every
@@ -102,16 +102,19 @@ BLACK_LEVEL = 0.5 / 255  # what an all-black input may decode to at most (half a
 BLACK_GAINS = (1.0, 2.0, 4.0)
 
 
-def ivf_black_term(net, size: int = 24) -> torch.Tensor:
-    """How far two all-black sources fused at code gain g decode above ``BLACK_LEVEL``, in
-    logits, for g in ``BLACK_GAINS`` (mean hinge). The decoded logit of black is affine in g:
+def ivf_black_term(net, size: int = 24, level: float = BLACK_LEVEL) -> torch.Tensor:
+    """How far two all-black sources fused at code gain g decode above ``level`` (a grey
+    level in [0, 1], default ``BLACK_LEVEL``), in logits, for g in ``BLACK_GAINS`` (mean
+    hinge). The decoded logit of black is affine in g:
     g * L(z_black) + 2 dec(0), so it holds for every g >= 1 once it holds at 1 with
     L(z_black) < 0. The pivot 2 dec(0), around which the code gain stretches the contrast of
     every image (the look of the authors' gain 2), is detached: this term moves the codes of
     black, not the pivot."""
     p = next(net.parameters())
     z_b, z_d = net.encode(torch.zeros(1, 1, size, size, device=p.device, dtype=p.dtype))
-    limit = math.log(BLACK_LEVEL / (1.0 - BLACK_LEVEL))
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"ivf_black_term: level must be a grey level in (0, 1), got {level!r}")
+    limit = math.log(level / (1.0 - level))
     offset = net.decoder.offset().detach()
     slope = net.decoder(z_b + z_d) - offset  # L(z_black): the decoder without its constant
     terms = [F.relu(g * slope + 2.0 * offset - limit).mean() for g in BLACK_GAINS]
@@ -128,7 +131,7 @@ def code_l1(codes: torch.Tensor) -> torch.Tensor:
 # 5 % grey down to ~1 grey level, crushing dark scenes at the default gain 2), mid-tones and
 # near-white, each a flat image that must decode to itself at code gain 1.
 FLAT_LEVELS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98)
-WHITE_LEVEL = 1.0 - BLACK_LEVEL  # what an all-white (saturated) input must decode to at least
+WHITE_LEVEL = 1.0 - 0.5 / 255  # what an all-white (saturated) input must decode to at least
 
 
 def ivf_flat_term(net, size: int = 16) -> torch.Tensor:

@@ -34,6 +34,7 @@ from ..models.csc import SoftThreshold
 from ..models.mmfn import LOW_RES_GEOMETRIES
 from . import data as D
 from .losses import (
+    BLACK_LEVEL,
     FLAT_LEVELS,
     code_l1,
     ivf_black_term,
@@ -113,10 +114,11 @@ def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str) 
 
 def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0,
                  sparsity_weight: float = 0.0, black_weight: float = 0.0,
-                 flat_weight: float = 0.0):
+                 flat_weight: float = 0.0, black_target: float = BLACK_LEVEL):
     """The task's loss, plus ``sparsity_weight`` * mean|codes| (ivf: the detail codes; mef: the
     codes after the last DCU; mmf: both backbones' codes) and, for ivf, ``black_weight`` *
-    ``ivf_black_term`` (two black sources must decode to black at any code gain) and
+    ``ivf_black_term`` (two black sources must decode to at most ``black_target``, a grey
+    level in [0, 1], at code gains >= 1) and
     ``flat_weight`` * ``ivf_flat_term`` (flat greys and white decode to themselves)."""
     if task == "ivf":
         x = batch["image"]
@@ -127,7 +129,7 @@ def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.
         if sparsity_weight:
             loss = loss + sparsity_weight * code_l1(z_d)
         if black_weight:
-            loss = loss + black_weight * ivf_black_term(net)
+            loss = loss + black_weight * ivf_black_term(net, level=black_target)
         if flat_weight:
             loss = loss + flat_weight * ivf_flat_term(net)
         return loss
@@ -401,6 +403,7 @@ class TrainConfig:
     sparsity_weight: float = 0.0
     black_weight: float = 0.0
     flat_weight: float = 0.0
+    black_target: float = BLACK_LEVEL
     min_val_sparsity: float | None = None
     threshold_warm_start: float | None = None
     threshold_floor: float | None = None
@@ -448,6 +451,7 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     sparsity_weight: float,
     black_weight: float,
     flat_weight: float,
+    black_target: float,
     min_val_sparsity: float | None,
     threshold_warm_start: float | None,
     threshold_floor: float | None,
@@ -476,7 +480,8 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     authors' and earlier weights have negative ones) and after every step (projected
     gradient): the codes are a true shrinkage, sparse by construction. ``sparsity_weight``:
     add that times mean|codes| to the loss (see ``compute_loss``); ``black_weight`` (ivf):
-    add that times ``losses.ivf_black_term``; ``flat_weight`` (ivf): that times
+    add that times ``losses.ivf_black_term`` with its hinge at ``black_target`` (a grey level
+    in [0, 1]; default 0.5/255; recorded in the header); ``flat_weight`` (ivf): that times
     ``losses.ivf_flat_term``. ``min_val_sparsity``: an epoch whose validation
     codes have fewer exact zeros than this fraction is not eligible as ``<out>.best.pt``.
     ``threshold_warm_start`` (a fraction): before training, ``warm_start_thresholds`` raises
@@ -506,6 +511,9 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     for name, value in (("black_weight", black_weight), ("flat_weight", flat_weight)):
         if value and task != "ivf":
             raise ValueError(f"{name}: for 'ivf' only (got {value!r} for {task!r})")
+    if not 0 < black_target < 1 or black_target != BLACK_LEVEL and task != "ivf":
+        raise ValueError(f"black_target: a grey level in (0, 1) for 'ivf' only (default "
+                         f"{BLACK_LEVEL!r}), got {black_target!r} for {task!r}")
     if min_val_sparsity is not None and not 0 <= min_val_sparsity <= 1:
         raise ValueError(f"min_val_sparsity: a fraction in [0, 1] or None, got "
                          f"{min_val_sparsity!r}")
@@ -629,8 +637,9 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 "threshold_warm_start": threshold_warm_start,
                 "threshold_floor": threshold_floor,
                 "warm_start_mean_thresholds": warm_thresholds,
-                **({"black_term": "losses.ivf_black_term (two black sources decode to at most "
-                                  "0.5/255 at code gains 1, 2, 4; the pivot "
+                **({"black_target": black_target,
+                    "black_term": "losses.ivf_black_term (two black sources decode to at most "
+                                  f"{black_target * 255:g}/255 at code gains 1, 2, 4; the pivot "
                                   "2 dec(0) detached)"} if task == "ivf" else {})}
                if second_gen else {}),
             **({"exposure_prior_sigma": exposure_prior_sigma,
@@ -700,7 +709,7 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 batch = _to(src.batch(epoch, step), dev)
                 batch.pop("scale", None)
                 loss = compute_loss(task, net, batch, halo_weight, sparsity_weight,
-                                    black_weight, flat_weight)
+                                    black_weight, flat_weight, black_target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"training {task}: the loss is {float(loss.detach())} at epoch "
