@@ -93,7 +93,7 @@ def mmf_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # --- second-generation terms (issue 17): sparse codes, black stays black -----------------
 
-BLACK_LEVEL = 0.5 / 255  # default of what an all-black input may decode to at most (half a grey level)
+BLACK_LEVEL = 0.5 / 255  # default hinge of the black term (half a grey level; --black-target)
 # Code gains the black term checks: 1 (medical, a source fused with itself) and up. Below 1
 # the code gain stretches contrast towards the pivot 2 dec(0) (mid-grey for the authors' look
 # at gain 2): holding black there needs codes of black so strong that they dominate every
