@@ -20,6 +20,7 @@ from napari_cscfusion.training.losses import (
     BLACK_LEVEL,
     FLAT_LEVELS,
     code_l1,
+    halo_term,
     ivf_black_term,
     ivf_flat_term,
     ivf_loss,
@@ -98,6 +99,26 @@ def test_sparsity_and_black_terms_are_added_to_the_ivf_loss():
     assert code_l1(z_d) > 0
     with_black = compute_loss("ivf", net, {"image": x}, black_weight=2.0)
     assert torch.allclose(with_black, plain + 2.0 * ivf_black_term(net))
+    recon = net.decode(z_b, z_d)
+    with_edges = compute_loss("ivf", net, {"image": x}, edge_weight=3.0)
+    assert torch.allclose(with_edges, plain + 3.0 * halo_term(recon - x))
+    assert float(halo_term(recon - x)) > 0
+
+
+def test_edge_term_sees_lost_edges_not_a_tone_shift(tmp_path):
+    x = torch.zeros(1, 1, 16, 16)
+    x[..., 8:] = 1.0  # one vertical edge
+    assert float(halo_term((x + 0.1) - x)) == pytest.approx(0.0, abs=1e-7)
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1,
+                                             count_include_pad=False)
+    # the error is +1/3, -1/3 on the two columns at the edge: its differences 1/3, 2/3, 1/3
+    # per row, over 15 column differences (vertical ones are 0)
+    assert float(halo_term(blurred - x)) == pytest.approx((4 / 3) / 15, rel=1e-5)
+    out = _train("ivf", tmp_path / "g.pt", edge_weight=0.5)
+    tr = load_network("ivf", out)[1]["header"]["training"]
+    assert tr["edge_weight"] == 0.5 and "grad" in tr["edge_term"]
+    with pytest.raises(ValueError, match="edge_weight"):
+        _train("mef", "unused.pt", edge_weight=0.1)
 
 
 def test_black_term_is_zero_exactly_when_black_decodes_below_the_level():

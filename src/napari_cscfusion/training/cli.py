@@ -86,6 +86,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="ivf: the black term's hinge in grey levels of 255, i.e. 0.1 means "
                         "black must decode to at most 0.1/255 (default 0.5, recorded in the "
                         "header as a fraction of 1: black_target)")
+    p.add_argument("--edge-weight", type=float, default=0.0, metavar="W",
+                   help="ivf: add W * mean|grad recon - grad x| (edges and detail kept in the "
+                        "reconstruction; the authors' loss has only MSE and SSIM)")
     p.add_argument("--flat-weight", type=float, default=0.0, metavar="W",
                    help="ivf: add W * the flat-fidelity term (flat greys 2-98 %% decode to "
                         "themselves at code gain 1, white stays white)")
@@ -164,7 +167,7 @@ def run_train(args: argparse.Namespace) -> int:
         source_options=source or None, exposure_prior_sigma=args.exposure_prior,
         max_grad_norm=args.max_grad_norm, nonnegative_thresholds=args.nonnegative_thresholds,
         sparsity_weight=args.sparsity_weight, black_weight=args.black_weight,
-        flat_weight=args.flat_weight,
+        flat_weight=args.flat_weight, edge_weight=args.edge_weight,
         **({"black_target": args.black_target / 255} if args.black_target is not None else {}),
         min_val_sparsity=args.min_val_sparsity, threshold_warm_start=args.threshold_warm_start,
         threshold_floor=args.threshold_floor, keep_epochs=args.keep_epochs,
