@@ -28,7 +28,8 @@
 #   7. (2026-12-07, issue 17 items 2 and 5) the black hinge lowered with --black-target
 #      (BLACK= grey levels, default 0.1, i.e. 0.1/255) and a heavier flat term (FLAT=, default
 #      0.2) so that flat dark greys keep decoding to themselves while black stays ~0.1 grey
-#      levels; SPARSITY= (default 0.1) lighter to spend the zeros above 70 % on detail (item 5).
+#      levels; SPARSITY= (default 0.1) lighter to spend the zeros above 70 % on detail (item 5),
+#      EDGE= (default 0) the weight of the gradient term (--edge-weight: edges kept, item 5).
 #      INIT= a STAGE=6 file (A, epoch 6) or its hinge-0.1 fine-tuning (D, epoch 1); 6 epochs of
 #      25 steps, every epoch kept (runs/g5/ivf_<NAME>.e<N>.pt), chosen with ivf_val_choice.py
 # Run with STAGE=1, 2, 3, 4 in turn (each reads the previous stage's file).
@@ -70,6 +71,7 @@ case "${STAGE:-4}" in
        --init "${INIT:?INIT= a STAGE=6 ivf file}" \
        --freeze-bn --nonnegative-thresholds --sparsity-weight "${SPARSITY:-0.1}" \
        --black-weight 0.1 --black-target "${BLACK:-0.1}" --flat-weight "${FLAT:-0.2}" \
+       --edge-weight "${EDGE:-0}" \
        --extremes 0.3 --photometric 0.3 --min-val-sparsity 0.72 \
        --epochs "${EPOCHS:-6}" --steps-per-epoch 25 --batch-size 8 --crop 48 \
        --lr "${LR:-2e-4}" --schedule cosine --warmup-steps 5 --seed "${SEED:-23}" \
