@@ -2,15 +2,15 @@
 issue 17 no-regression check: MI, VIF, Qabf, SSIM within 1 % of the previous weights).
 
     .venv/bin/python benchmarks/ivf_weights_compare.py LABEL=PATH [LABEL=PATH ...] \
-        [--limit N] [--cache runs/ivf_compare.json] [--max-baseline]
+        [--limit N] [--cache runs/ivf_compare.json] [--max-baseline] [--average-baseline]
 
 fuse_infrared_visible with its defaults (the engine's rules, code gain 2), grey sources read as
 benchmarks/quality.py reads them. Per-pair scores are kept in ``--cache`` (keyed by the weights'
 sha256), so a new candidate costs only its own fusions. Markdown to stdout: the mean per set and
 the change against the first file in per cent. ``--max-baseline`` adds the row of the max of
 the luminances (the pixel maximum of the two sources, ``baselines.max_abs_fusion`` in intensity
-mode), which leads most deep methods on MI, VIF and Qabf. Measured after the choice, never to
-choose.
+mode), which leads most deep methods on MI, VIF and Qabf; ``--average-baseline`` the row of the
+pixel average of the two sources. Measured after the choice, never to choose.
 """
 
 from __future__ import annotations
@@ -34,13 +34,17 @@ KEYS = ("MI", "VIF", "Qabf", "SSIM")
 
 
 MAX_LABEL = "max of the luminances"
+AVERAGE_LABEL = "average"
 
 
 def score_pair(model, ir_path: Path, vis_path: Path) -> dict[str, float]:
-    """Scores of the fusion by ``model``, or of the max of the luminances for None."""
+    """Scores of the fusion by ``model``, of the max of the luminances for None, of the pixel
+    average for ``AVERAGE_LABEL``."""
     ir, vis = read_grey(ir_path), read_grey(vis_path)
     if model is None:
         fused = np.asarray(baselines.max_abs_fusion([ir, vis], mode="intensity"), np.float64)
+    elif isinstance(model, str) and model == AVERAGE_LABEL:
+        fused = np.asarray(baselines.average_fusion([ir, vis]), np.float64)
     else:
         fused = np.asarray(fuse_infrared_visible(ir, vis, model=model, device="cpu").image,
                            np.float64)
@@ -58,16 +62,20 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-baseline", action="store_true",
                    help="add the max of the luminances as a last row")
+    p.add_argument("--average-baseline", action="store_true",
+                   help="add the pixel average of the two sources as a row")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
     cache = json.loads(a.cache.read_text()) if a.cache.is_file() else {}
-    files = [w.split("=", 1) for w in a.weights] + ([[MAX_LABEL, None]] if a.max_baseline
-                                                     else [])
+    files = ([w.split("=", 1) for w in a.weights]
+             + ([[AVERAGE_LABEL, AVERAGE_LABEL]] if a.average_baseline else [])
+             + ([[MAX_LABEL, None]] if a.max_baseline else []))
     means: dict[str, dict[str, dict[str, float]]] = {}
     for label, path in files:
-        digest = "max" if path is None else sha256_of(path)
+        digest = ("max" if path is None else AVERAGE_LABEL if path == AVERAGE_LABEL
+                  else sha256_of(path))
         model = None
         for name, sub in SETS:
             pairs = ivf_pairs(a.data / "ivf" / sub)
@@ -76,7 +84,8 @@ def main(argv=None) -> None:
             for ir_p, vis_p in pairs:
                 key = f"{digest}:{sub}:{ir_p.name}"
                 if key not in cache:
-                    model = model or (path and load_model("ivf", path))
+                    model = model or (path if path == AVERAGE_LABEL
+                                      else path and load_model("ivf", path))
                     cache[key] = score_pair(model, ir_p, vis_p)
                     a.cache.parent.mkdir(parents=True, exist_ok=True)
                     a.cache.write_text(json.dumps(cache))
