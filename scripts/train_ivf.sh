@@ -31,7 +31,9 @@
 #      levels; SPARSITY= (default 0.1) lighter to spend the zeros above 70 % on detail (item 5),
 #      EDGE= (default 0) the weight of the gradient term (--edge-weight: edges kept, item 5).
 #      INIT= a STAGE=6 file (A, epoch 6) or its hinge-0.1 fine-tuning (D, epoch 1); 6 epochs of
-#      25 steps, every epoch kept (runs/g5/ivf_<NAME>.e<N>.pt), chosen with ivf_val_choice.py
+#      25 steps, every epoch kept (runs/g5/ivf_<NAME>.e<N>.pt), chosen with ivf_val_choice.py.
+#      Measured, NOT shipped (weights/README.md): run H (EDGE=2 SPARSITY=0.03 SEED=26, epoch 1)
+#      keeps items 1 and 3, self-fusion with clipped highlights 39.2 dB, but TNO Qabf -6.9 %
 # Run with STAGE=1, 2, 3, 4 in turn (each reads the previous stage's file).
 set -e
 cd "$(dirname "$0")/.."
