@@ -90,6 +90,80 @@ def test_ivf_encoders_match_on_a_tno_crop_for_any_tile():
         np.testing.assert_allclose(tiles[0], tiles[2], atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("shape,tile,threads", [((2, 37, 45), 8, 1), ((3, 19, 64), 64, 2)])
+def test_blocked_codes_are_the_codes_in_blocks_of_lanes(shape, tile, threads):
+    # encode_chain(blocked=True) writes the codes channel-blocked for the saliency kernel:
+    # the same values, 16 channels per block, the lanes past q (20 here) zero
+    enc = fastpath.FastEncoder(random_encoder(20, 3, stem=False, seed=6))
+    chain = dcu_kernel.DCUChain.from_fast_encoder(enc)
+    x = np.random.default_rng(1).random(shape, dtype=np.float32)
+    ref = dcu_kernel.encode_chain(chain, x, tile=tile, threads=threads)
+    got = dcu_kernel.encode_chain(chain, x, tile=tile, threads=threads, blocked=True)
+    lanes = dcu_kernel.SALIENCY_LANES
+    assert got.shape == (shape[0], 2, *shape[1:], lanes)
+    np.testing.assert_array_equal(got, dcu_kernel.to_blocks(ref))
+    np.testing.assert_array_equal(got[:, 1, ..., 20 - lanes:], 0.0)
+    np.testing.assert_array_equal(got[:, 0].transpose(0, 3, 1, 2), ref[:, :lanes])
+
+
+@needs_shared
+@pytest.mark.parametrize("crop,threads", [((slice(100, 197), slice(200, 323)), 1),
+                                          ((slice(0, 64), slice(0, 768)), 2),
+                                          ((slice(520, 576), slice(700, 768)), 2)])
+def test_saliency_kernel_matches_the_rule_on_real_codes(crop, threads):
+    # the saliency rule's kernel (blocks of 16 channels in the SIMD lanes, streamed rows)
+    # against rules.saliency_rule (float32 numpy, and the float64 reference) on the
+    # packaged network's base codes of TNO crops: odd sizes, the image's borders and corners
+    from napari_cscfusion.engine.rules import saliency_rule
+
+    net = fastpath.FastIVFN(load_model("ivf").network)
+    x = np.stack([grey(read(DATA / "ivf" / "tno" / f"{n}1.png"))[crop]
+                  for n in ("IR", "VIS")]).astype(np.float32)
+    chain = dcu_kernel.DCUChain.from_fast_encoder(net.base)
+    low = dcu_kernel.box_mean(x, 5)
+    z = dcu_kernel.encode_chain(chain, x, low)
+    zb = dcu_kernel.encode_chain(chain, x, low, blocked=True)
+    scale = np.abs(z).max()
+    ref_f, ref_w = saliency_rule(torch.from_numpy(z), mean_weights=True)
+    ex_f, ex_w = saliency_rule(torch.from_numpy(z), mean_weights=True, exact=True)
+    lo, hi = z.min(axis=(2, 3)), z.max(axis=(2, 3))
+    for got_f, got_w in (dcu_kernel.saliency_fuse(z, lo, hi, None, 45, 0.01, threads),
+                         dcu_kernel.saliency_fuse(zb, None, None, None, 45, 0.01, threads,
+                                                  q=64)):
+        assert got_f.shape == z.shape[1:] and got_w.shape == (2, 1, *z.shape[2:])
+        np.testing.assert_allclose(got_w, ref_w.numpy(), atol=1e-5)
+        np.testing.assert_allclose(got_f, ref_f.numpy(), atol=1e-5 * scale)
+        np.testing.assert_allclose(got_w, ex_w.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got_f, ex_f.numpy(), atol=1e-4 * scale)
+
+
+def test_saliency_kernel_pads_a_last_block_and_takes_tile_statistics():
+    # q = 20: a second block of 4 channels and 12 padding lanes; constant channels; a tile's
+    # statistics (wider extremes, given histograms); one and two threads agree
+    from napari_cscfusion.engine.rules import SaliencyStats, saliency_rule
+
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(2, 20, 51, 73)).astype(np.float32)
+    z[0, 3] = 0.25
+    z[1, 17] = -1.0
+    hist = rng.random((2, 20, 256))
+    stats = SaliencyStats(torch.from_numpy(z.min(axis=(2, 3)) - 0.5),
+                          torch.from_numpy(z.max(axis=(2, 3)) + 0.5),
+                          torch.from_numpy(hist / hist.sum(-1, keepdims=True)))
+    for st in (None, stats):
+        ref_f, ref_w = saliency_rule(torch.from_numpy(z), stats=st, mean_weights=True)
+        lo, hi = (z.min(axis=(2, 3)), z.max(axis=(2, 3))) if st is None else (
+            st.lo.numpy(), st.hi.numpy())
+        h = None if st is None else st.hist.numpy()
+        outs = [dcu_kernel.saliency_fuse(z, lo, hi, h, 45, 0.01, threads=t) for t in (1, 2)]
+        for f, w in outs:
+            np.testing.assert_allclose(w, ref_w.numpy(), atol=1e-5)
+            np.testing.assert_allclose(f, ref_f.numpy(), atol=1e-4)
+        np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    with pytest.raises(ValueError, match="both sides > 45"):
+        dcu_kernel.saliency_fuse(z[..., :45], None, None, None, 45, 0.01)
+
+
 def test_bad_shapes_are_refused():
     enc = fastpath.FastEncoder(random_encoder(4, 2, stem=False, seed=2))
     chain = dcu_kernel.DCUChain.from_fast_encoder(enc)

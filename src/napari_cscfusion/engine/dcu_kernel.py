@@ -41,6 +41,12 @@ from .numba_jit import threads as _threads
 
 TILE = 128  # output tile side (px): benchmarks/README.md (issue 18)
 
+# code channels per block of the saliency kernel: its inner loops run over them (vectorised;
+# their count is read from the arrays at run time: LLVM unrolls a loop of a constant 16 trips
+# into scalar code, which its SLP vectoriser then cannot prove free of aliasing); blocks are
+# the parallel jobs
+SALIENCY_LANES = 16
+
 
 @dataclass(frozen=True)
 class DCUChain:
@@ -230,8 +236,8 @@ def update_row(zrow, dst, w, sc, bs, ak, alo, ahi, r, lr, lc0, lc1, q):
 
 
 @_jit
-def tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, n,
-             oy0, oy1, ox0, ox1, z, r, v):
+def tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum,
+             blocked, n, oy0, oy1, ox0, ox1, z, r, v):
     H, W = x.shape[1], x.shape[2]
     L, _, q = w1.shape
     halo = 2 * (L - 1)
@@ -311,6 +317,16 @@ def tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, us
                         for c in range(q):
                             acc += head[c] * v[lc, c]
                         out[n, 0, uy, lc + ix0 - 1] = acc
+                elif blocked:  # out [N, nb, H, W L]: channel b L + c at x L + c of block b
+                    nbk = out.shape[1]
+                    lanes = out.shape[3] // W
+                    for b in range(nbk):
+                        cq = min(lanes, q - b * lanes)
+                        orow = out[n, b, uy]
+                        for lc in range(c0, c1):
+                            o = (lc + ix0 - 1) * lanes
+                            for c in range(cq):
+                                orow[o + c] = v[lc, b * lanes + c]
                 else:  # transposed in blocks of 16 pixels, which stay in L1
                     for b0 in range(c0, c1, 16):
                         b1 = min(b0 + 16, c1)
@@ -332,8 +348,8 @@ def tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, us
         a0, a1, b0, b1 = va0, va1, vb0, vb1
 
 @_jit
-def run_jobs(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, tile,
-             first, step):
+def run_jobs(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum,
+             blocked, tile, first, step):
     N, H, W = x.shape
     q = w1.shape[2]
     halo = 2 * (w1.shape[0] - 1)
@@ -348,8 +364,8 @@ def run_jobs(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, us
         k = job % (nty * ntx)
         oy0 = (k // ntx) * tile
         ox0 = (k % ntx) * tile
-        tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum, n,
-                 oy0, min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
+        tile_job(x, xf, w1, w0, sc, bs, ak, alo, ahi, out, head, use_head, absum, use_absum,
+                 blocked, n, oy0, min(H, oy0 + tile), ox0, min(W, ox0 + tile), z, r, v)
 
 
 def _smoke() -> None:
@@ -359,22 +375,22 @@ def _smoke() -> None:
     x = np.zeros((1, 4, 4), np.float32)
     w = np.zeros((2, 9, q), np.float32)
     v = np.zeros((2, q), np.float32)
-    run_jobs(x, x, w, w, v, v, v, v, v, np.zeros((1, q, 4, 4), np.float32),
-       np.zeros(q, np.float32), False, x, False, 8, 0, 1)
+    for blocked in (False, True):
+        run_jobs(x, x, w, w, v, v, v, v, v, np.zeros((1, q, 4, 4), np.float32),
+                 np.zeros(q, np.float32), False, x, False, blocked, 8, 0, 1)
     _box_mean_rows(x, x.copy(), 1, 0, 1)
     _box_mean_cols(x, x.copy(), 1, 0, 1)
     _l1_fuse_rows(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
                   np.zeros((q + 2, 4, 4), np.float32), 0, 1)
     _conv7_rows(np.zeros((q, 8, 8), np.float32), np.zeros((q, 7, 7), np.float32),
                 np.zeros((8, 8), np.float32), 0, 1)
-    _saliency_channels(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, q), np.float32),
-                       np.ones((2, q), np.float32), np.zeros((1, 1, 1)), False, _DISTANCE, 1,
-                       0.01, np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
-                       0, 1)
-    _saliency_channels(np.zeros((2, q, 4, 4), np.float32), np.zeros((2, q), np.float32),
-                       np.ones((2, q), np.float32), np.zeros((2, q, 256)), True, _DISTANCE, 1,
-                       0.01, np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
-                       0, 1)
+    for hist in (np.zeros((1, 1, 1)), np.zeros((2, q, 256))):
+        for ext in (False, True):
+            _saliency_blocks(np.zeros((2, 1, 4, 4 * 16), np.float32),
+                             np.zeros((2, q), np.float32), np.ones((2, q), np.float32), ext,
+                             hist, hist.shape[0] == 2, _DISTANCE, 1, 0.01,
+                             np.zeros((q, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32),
+                             0, 1)
 
 
 _kernels = Kernels("the DCU kernel", _smoke)
@@ -392,12 +408,15 @@ def unavailable_reason() -> str | None:
 
 def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = None, *,
                  head: np.ndarray | None = None, tile: int = TILE,
-                 threads: int | None = None, l1: bool = False):
+                 threads: int | None = None, l1: bool = False, blocked: bool = False):
     """The chain's codes of x [N, H, W] (float32; H, W >= 2): [N, q, H, W], or with ``head``
     (q,) the projection [N, H, W]. ``x_first`` [N, H, W] feeds the start layer (None: x).
     ``l1``: also return each pixel's sum_c |z_c| [N, H, W] (the l1 fusion rule's activity),
-    as a second value. See the module docstring for what is computed. RuntimeError when the
-    kernel is not available (``available()``)."""
+    as a second value. ``blocked``: the codes channel-blocked for ``saliency_fuse``,
+    [N, nb, H, W, L] (L = SALIENCY_LANES, lanes past q zero; what ``to_blocks`` makes of
+    [N, q, H, W]), written so directly: contiguous runs of L channels per pixel. See the
+    module docstring for what is computed. RuntimeError when the kernel is not available
+    (``available()``)."""
     _kernels.check()
     x = np.ascontiguousarray(x, dtype=np.float32)
     xf = x if x_first is None else np.ascontiguousarray(x_first, dtype=np.float32)
@@ -410,12 +429,20 @@ def encode_chain(chain: DCUChain, x: np.ndarray, x_first: np.ndarray | None = No
           else np.zeros(chain.q, np.float32))
     if hv.shape != (chain.q,):
         raise ValueError(f"head: expected {chain.q} weights, got {hv.shape}")
-    out = np.empty((N, 1 if use_head else chain.q, H, W), np.float32)
+    blocked = blocked and not use_head
+    if blocked:
+        lanes, q = SALIENCY_LANES, chain.q
+        nb = -(-q // lanes)
+        out = (np.empty if q % lanes == 0 else np.zeros)((N, nb, H, W * lanes), np.float32)
+    else:
+        out = np.empty((N, 1 if use_head else chain.q, H, W), np.float32)
     absum = np.empty((N, H, W) if l1 else (1, 1, 1), np.float32)
     args = (x, xf, chain.w1, chain.w0, chain.scale, chain.bias, *chain.clip_form(), out,
-            hv, use_head, absum, bool(l1), int(tile))
+            hv, use_head, absum, bool(l1), blocked, int(tile))
     jobs = N * (-(-H // tile)) * (-(-W // tile))
     split(run_jobs, args, jobs, threads)
+    if blocked:
+        out = out.reshape(N, nb, H, W, lanes)
     out = out[:, 0] if use_head else out
     return (out, absum) if l1 else out
 
@@ -543,7 +570,7 @@ def conv7_interior(z: np.ndarray, w: np.ndarray, threads: int | None = None) -> 
     return out
 
 
-# --- the saliency rule (CSC-IVFN's base rule), per channel ------------------------------------
+# --- the saliency rule (CSC-IVFN's base rule), code channels in the SIMD lanes ---------------
 
 @_jit
 def _sym(i, n):
@@ -556,177 +583,339 @@ def _sym(i, n):
 
 
 @_jit
-def _box_row(col, m, r, idx, pre, out):
-    """Horizontal (2r+1)-sums of the first ``m`` (2 or 4) rows of col [4, W] (float64) with
-    BORDER_REFLECT (``idx``: the padded row's source columns) into out [4, W], by prefix
-    sums: the chains' running sums stay in registers, the differences vectorise."""
-    W = col.shape[1]
-    s0 = s1 = s2 = s3 = 0.0
-    pre[0, 0] = pre[1, 0] = pre[2, 0] = pre[3, 0] = 0.0
-    if m == 4:
-        for j in range(W + 2 * r):
-            i = idx[j]
-            s0 += col[0, i]
-            s1 += col[1, i]
-            s2 += col[2, i]
-            s3 += col[3, i]
-            pre[0, j + 1] = s0
-            pre[1, j + 1] = s1
-            pre[2, j + 1] = s2
-            pre[3, j + 1] = s3
-    else:
-        for j in range(W + 2 * r):
-            i = idx[j]
-            s0 += col[0, i]
-            s1 += col[1, i]
-            pre[0, j + 1] = s0
-            pre[1, j + 1] = s1
-    w = 2 * r + 1
-    for k in range(m):
-        for x in range(W):
-            out[k, x] = pre[k, x + w] - pre[k, x]
+def _sal_levels(zs, lo, span, ok, nrm, lev):
+    """One row zs [W L] of one source's block of L = SALIENCY_LANES code channels (channel-
+    minor: element x L + c): the normalised map nrm = (z - lo) / span (0 where a channel is
+    constant) and its histogram levels lev; lo, span, ok: each lane's values repeated along
+    the row (one loop over the row: loops of L trips per pixel vectorise poorly)."""
+    for e in range(zs.shape[0]):
+        v = (zs[e] - lo[e]) / span[e] * ok[e]
+        nrm[e] = v
+        lev[e] = min(255, max(0, np.int32(np.floor(v * np.float32(255.0)))))
 
 
 @_jit
-def _guided(guide, src, r, eps, out, fa, fb, col, box, pre, idx):
-    """He et al.'s guided filter of one float32 map (grey guide), box means with
-    BORDER_REFLECT summed in double (rules.guided_filter_map's values to rounding). Streamed
-    row by row: column sums over the window's rows are updated by the row entering and the
-    row leaving (vectorised over columns), each row's box sums are then prefix-sum
-    differences along the row: no full-size intermediate but the coefficients fa, fb."""
-    H, W = guide.shape
+def _sal_row(zb, y, lo, span, ok, lane, table, nrm, pw, lev, tsum):
+    """_sal_levels of row y of every source's block zb [S, H, W L], and the saliency weights
+    pw [S, W L]: each source's table [256 L] at its level (lane: each element's lane),
+    normalised over the sources."""
+    S, m = zb.shape[0], zb.shape[2]
+    L = table.shape[1] // 256
+    for s in range(S):
+        _sal_levels(zb[s, y], lo[s], span[s], ok[s], nrm[s], lev[s])
+        ts, ls, ps = table[s], lev[s], pw[s]
+        for e in range(m):
+            ps[e] = ts[ls[e] * L + lane[e]]
+    for e in range(m):
+        tsum[e] = pw[0, e]
+    for s in range(1, S):
+        for e in range(m):
+            tsum[e] += pw[s, e]
+    for s in range(S):
+        for e in range(m):
+            pw[s, e] /= tsum[e]
+
+
+@_jit
+def _sal_prefix(col, k_n, L, idx, pre):
+    """Prefix sums along the row (BORDER_REFLECT through idx, the padded row's source
+    columns) of col[:k_n] [k, W L], channel-minor: a pixel's box sum is pre[x + 2r + 1] -
+    pre[x], the running sums one per channel lane (vectorised across the lanes)."""
+    for k in range(k_n):
+        for c in range(L):
+            pre[k, c] = 0.0
+    for j in range(idx.shape[0]):
+        src, d = idx[j] * L, j * L
+        for k in range(k_n):
+            for c in range(L):
+                pre[k, d + L + c] = pre[k, d + c] + col[k, src + c]
+
+
+@_jit
+def _sal_pass1(col, update, ni, pi, no, po, idx, r, inv, eps, pre, fa, fb):
+    """The guided filter's first pass on one row of one source: its column sums col [4, W L]
+    (double) += (I, p, I p, I I) of the row entering the window (I = ni, p = pi) - (...) of
+    the row leaving it (``update``), their box sums along the row as prefix-sum
+    differences, and a, b of every pixel of the row into fa, fb [W L]. Loops over whole
+    rows: loops of L trips per pixel vectorise poorly (alias checks per call)."""
+    m = fa.shape[0]
+    L = pre.shape[1] // (idx.shape[0] + 1)
+    if update:
+        for e in range(m):
+            i, p = np.float64(ni[e]), np.float64(pi[e])
+            j, u = np.float64(no[e]), np.float64(po[e])
+            col[0, e] += i - j
+            col[1, e] += p - u
+            col[2, e] += i * p - j * u
+            col[3, e] += i * i - j * j
+    _sal_prefix(col, 4, L, idx, pre)
+    off = (2 * r + 1) * L
+    # views at both ends of the boxes: indexed by e alone, the loads stay contiguous (e + off
+    # with off of unknown sign compiles to gathers)
+    i0, i1, p0, p1 = pre[0, :m], pre[0, off:off + m], pre[1, :m], pre[1, off:off + m]
+    c0, c1, v0, v1 = pre[2, :m], pre[2, off:off + m], pre[3, :m], pre[3, off:off + m]
+    for e in range(m):
+        mi = (i1[e] - i0[e]) * inv
+        mp = (p1[e] - p0[e]) * inv
+        # the covariances in double (differences of near values); their ratio in single
+        a = np.float32((c1[e] - c0[e]) * inv - mi * mp) / np.float32(
+            (v1[e] - v0[e]) * inv - mi * mi + eps)
+        fa[e] = a
+        fb[e] = mp - a * mi
+
+
+@_jit
+def _sal_pass2(col, update, ai, bi, ao, bo, g, idx, r, inv, pre, ref):
+    """The guided filter's second pass on one row of one source (as _sal_pass1, on a, b;
+    ai, bi / ao, bo: the rows entering / leaving the window): its output mean(a) I + mean(b)
+    into ref [W L] (float32; I = g, the normalised map)."""
+    m = ref.shape[0]
+    L = pre.shape[1] // (idx.shape[0] + 1)
+    if update:
+        for e in range(m):
+            col[0, e] += np.float64(ai[e]) - np.float64(ao[e])
+            col[1, e] += np.float64(bi[e]) - np.float64(bo[e])
+    _sal_prefix(col, 2, L, idx, pre)
+    off = (2 * r + 1) * L
+    a0, a1, b0, b1 = pre[0, :m], pre[0, off:off + m], pre[1, :m], pre[1, off:off + m]
+    for e in range(m):
+        ref[e] = np.float32((a1[e] - a0[e]) * inv * g[e] + (b1[e] - b0[e]) * inv)
+
+
+@_jit
+def _saliency_blocks(zb, lo, hi, has_ext, hist, has_hist, dist, r, eps, fused, wsum, first,
+                     step):
+    """The saliency rule for blocks first, step of codes zb [S, nb, H, W L] (channel-blocked,
+    L = SALIENCY_LANES: channel b L + c of pixel x is zb[s, b, y, x L + c]; channels past q
+    are padding): fused [q, H, W] and the channel sum of the weights (added to wsum
+    [S, H, W], this thread's own). ``has_ext``: each source's and channel's extremes lo, hi
+    [S, q] are given, else taken from the block. A block's channels sit in the SIMD lanes,
+    so the guided filter's running sums along a row vectorise across channels, and a
+    block's rows are contiguous. Streamed row by row: the first pass (a, b from the box
+    means of I, p, I p, I I) keeps column sums over the window's rows, the second (box means
+    of a, b) runs r rows behind it on a ring of 2r + 2 rows of a, b; each output row is
+    fused as soon as it is filtered. Box sums in double (rules.guided_filter_map's values to
+    rounding)."""
+    S, nb, H, m = zb.shape
+    q, W = fused.shape[0], fused.shape[2]
+    L = m // W
+    R = 2 * r + 2
     inv = 1.0 / ((2 * r + 1) * (2 * r + 1))
+    # each row's normalised maps and saliency weights, computed once, on a ring of R rows
+    # (the first pass's window and the second pass's row)
+    ring_n = np.empty((R, S, m), np.float32)
+    ring_p = np.empty((R, S, m), np.float32)
+    lev = np.empty((S, m), np.int32)
+    nrm1 = np.empty(m, np.float32)
+    tsum = np.empty(m, np.float32)
+    col1 = np.empty((S, 4, m))
+    col2 = np.empty((S, 2, m))
+    pre = np.empty((4, (W + 2 * r + 1) * L))
+    ring_a = np.empty((S, R, m), np.float32)
+    ring_b = np.empty((S, R, m), np.float32)
+    ref = np.empty((S, m), np.float32)
+    frow = np.empty(m, np.float32)
+    idx = np.empty(W + 2 * r, np.uint32)  # unsigned: no wraparound check per access
     for j in range(W + 2 * r):
         idx[j] = _sym(j - r, W)
-    for k in range(2):  # k = 0: a, b from the means of I, p, Ip, II; k = 1: the output
-        m = 4 if k == 0 else 2
-        for kk in range(m):
-            for x in range(W):
-                col[kk, x] = 0.0
-        for d in range(-r, r + 1):
-            _add_rows(guide, src, fa, fb, col, _sym(d, H), 1.0, k == 0)
-        for y in range(H):
-            _box_row(col, m, r, idx, pre, box)
-            if k == 0:
-                for x in range(W):
-                    mi = box[0, x] * inv
-                    mp = box[1, x] * inv
-                    a = (box[2, x] * inv - mi * mp) / (box[3, x] * inv - mi * mi + eps)
-                    fa[y, x] = a
-                    fb[y, x] = mp - a * mi
-            else:
-                for x in range(W):
-                    out[y, x] = np.float32(box[0, x] * inv * guide[y, x] + box[1, x] * inv)
-            if y + 1 < H:
-                _add_rows(guide, src, fa, fb, col, _sym(y + r + 1, H), 1.0, k == 0)
-                _add_rows(guide, src, fa, fb, col, _sym(y - r, H), -1.0, k == 0)
-
-
-@_jit
-def _add_rows(guide, src, fa, fb, col, y, sign, first):
-    """col += sign * (row y of I, p, I p, I I) (``first``) or of fa, fb."""
-    W = guide.shape[1]
-    if first:
-        for x in range(W):
-            i = np.float64(guide[y, x])
-            p = np.float64(src[y, x])
-            col[0, x] += sign * i
-            col[1, x] += sign * p
-            col[2, x] += sign * (i * p)
-            col[3, x] += sign * (i * i)
-    else:
-        for x in range(W):
-            col[0, x] += sign * fa[y, x]
-            col[1, x] += sign * fb[y, x]
-
-
-@_jit
-def _saliency_channels(z, lo, hi, hist, has_hist, dist, r, eps, fused, wsum, first, step):
-    """The saliency rule for channels first, step of codes z [S, q, H, W]: fused[c] and the
-    channel sum of the weights (added to wsum [S, H, W], this thread's own)."""
-    S, q, H, W = z.shape
-    nrm = np.empty((S, H, W), np.float32)
-    lev = np.empty((S, H, W), np.int32)
-    w32 = np.empty((S, H, W), np.float32)
-    ref = np.empty((S, H, W), np.float32)
-    fa, fb = np.empty((H, W)), np.empty((H, W))
-    col, box = np.empty((4, W)), np.empty((4, W))
-    pre = np.empty((4, W + 2 * r + 1))
-    idx = np.empty(W + 2 * r, np.uint32)  # unsigned: no wraparound check per access
-    table = np.empty((S, 256))
-    counts = np.empty(256)
-    for c in range(first, q, step):
+    table64 = np.empty(256 * L)
+    table = np.empty((S, 256 * L), np.float32)
+    counts = np.empty(4 * 256 * L)  # four histograms (pixel x mod 4): shorter store chains
+    lo_l = np.empty((S, L), np.float32)
+    hi_l = np.empty((S, L), np.float32)
+    span = np.empty((S, L), np.float32)
+    ok = np.empty((S, L), np.float32)
+    lo_r = np.empty((S, m), np.float32)  # the lanes' values repeated along a row
+    span_r = np.empty((S, m), np.float32)
+    ok_r = np.empty((S, m), np.float32)
+    lane = np.empty(m, np.int32)
+    for e in range(m):
+        lane[e] = e % L
+    for blk in range(first, nb, step):
+        c0 = blk * L
+        cb = min(L, q - c0)  # the block's channels (the rest: padding)
+        zbk = zb[:, blk]
         for s in range(S):
-            span = hi[s, c] - lo[s, c]
-            for y in range(H):
-                for x in range(W):
-                    v = (z[s, c, y, x] - lo[s, c]) / span if span > 0 else np.float32(0.0)
-                    nrm[s, y, x] = v
-                    k = np.int32(np.floor(v * np.float32(255.0)))
-                    lev[s, y, x] = min(255, max(0, k))
-            if has_hist:
-                for j in range(256):
-                    counts[j] = hist[s, c, j]
+            if has_ext:
+                for c in range(L):
+                    lo_l[s, c] = lo[s, c0 + c] if c < cb else np.float32(0.0)
+                    hi_l[s, c] = hi[s, c0 + c] if c < cb else np.float32(0.0)
             else:
-                for j in range(256):
-                    counts[j] = 0.0
+                lo_l[s] = zbk[s, 0, :L]
+                hi_l[s] = zbk[s, 0, :L]
                 for y in range(H):
+                    zs = zbk[s, y]
                     for x in range(W):
-                        counts[lev[s, y, x]] += 1.0
-                tot = counts.sum()
-                for j in range(256):
-                    counts[j] /= tot
-            for j in range(256):
-                acc = 0.0
-                for i in range(256):
-                    acc += counts[i] * dist[i, j]
-                table[s, j] = acc + 1e-12
-        for y in range(H):
-            for x in range(W):
-                t = 0.0
-                for s in range(S):
-                    t += table[s, lev[s, y, x]]
-                for s in range(S):
-                    w32[s, y, x] = np.float32(table[s, lev[s, y, x]] / t)
+                        for c in range(L):
+                            lo_l[s, c] = min(lo_l[s, c], zs[x * L + c])
+                            hi_l[s, c] = max(hi_l[s, c], zs[x * L + c])
+            for c in range(L):
+                sp = hi_l[s, c] - lo_l[s, c]
+                span[s, c] = sp if sp > 0 else np.float32(1.0)
+                ok[s, c] = np.float32(1.0) if sp > 0 and c < cb else np.float32(0.0)
+            for e in range(m):
+                lo_r[s, e] = lo_l[s, lane[e]]
+                span_r[s, e] = span[s, lane[e]]
+                ok_r[s, e] = ok[s, lane[e]]
+        # each source's table: sum_i hist[i] |i - j| over the levels j (+ 1e-12)
         for s in range(S):
-            _guided(nrm[s], w32[s], r, eps, ref[s], fa, fb, col, box, pre, idx)
-        for y in range(H):
-            for x in range(W):
-                t = np.float32(0.0)
-                for s in range(S):
-                    t += ref[s, y, x] + np.float32(1e-12)
-                inv = np.float32(1.0) / t
-                f = np.float32(0.0)
-                for s in range(S):
-                    wv = (ref[s, y, x] + np.float32(1e-12)) * inv
-                    f += wv * z[s, c, y, x]
-                    wsum[s, y, x] += wv
-                fused[c, y, x] = f
+            counts[:] = 0.0
+            n4 = 256 * L
+            if has_hist:
+                for i in range(256):
+                    for c in range(cb):
+                        counts[i * L + c] = hist[s, c0 + c, i]
+            else:
+                lv = lev[0]
+                for y in range(H):
+                    _sal_levels(zbk[s, y], lo_r[s], span_r[s], ok_r[s], nrm1, lv)
+                    for e in range(m):
+                        counts[((e // L) & 3) * n4 + lv[e] * L + lane[e]] += 1.0
+                tot = np.float64(H * W)
+                for e in range(n4):
+                    counts[e] = (counts[e] + counts[n4 + e] + counts[2 * n4 + e]
+                                 + counts[3 * n4 + e]) / tot
+            table64[:] = 0.0
+            for i in range(256):
+                for j in range(256):
+                    dd = dist[i, j]
+                    for c in range(L):
+                        table64[j * L + c] += counts[i * L + c] * dd
+            for e in range(256 * L):
+                table[s, e] = np.float32(table64[e] + 1e-12)
+        for y in range(H + r):
+            if y < H:  # first pass, row y
+                if y == 0:  # the window of row 0: rows r .. 1, 0 | 0, 1 .. r
+                    col1[:] = 0.0
+                    for j in range(r + 1):
+                        _sal_row(zbk, j, lo_r, span_r, ok_r, lane, table, ring_n[j % R],
+                                 ring_p[j % R], lev, tsum)
+                        w = 2.0 if j < r else 1.0
+                        for s in range(S):
+                            ni, pi, cs = ring_n[j % R, s], ring_p[j % R, s], col1[s]
+                            for e in range(m):
+                                i, p = np.float64(ni[e]), np.float64(pi[e])
+                                cs[0, e] += w * i
+                                cs[1, e] += w * p
+                                cs[2, e] += w * (i * p)
+                                cs[3, e] += w * (i * i)
+                    for s in range(S):
+                        _sal_pass1(col1[s], False, ring_n[0, s], ring_p[0, s], ring_n[0, s],
+                                   ring_p[0, s], idx, r, inv, eps, pre, ring_a[s, 0],
+                                   ring_b[s, 0])
+                else:
+                    if y + r < H:
+                        sl = (y + r) % R
+                        _sal_row(zbk, y + r, lo_r, span_r, ok_r, lane, table, ring_n[sl],
+                                 ring_p[sl], lev, tsum)
+                    # the rows entering and leaving the window (reflected at the borders:
+                    # rows still on the ring)
+                    ji, jo = _sym(y + r, H) % R, _sym(y - r - 1, H) % R
+                    for s in range(S):
+                        _sal_pass1(col1[s], True, ring_n[ji, s], ring_p[ji, s], ring_n[jo, s],
+                                   ring_p[jo, s], idx, r, inv, eps, pre, ring_a[s, y % R],
+                                   ring_b[s, y % R])
+            y2 = y - r  # second pass, row y2 (its window's rows of a, b are done)
+            if y2 < 0:
+                continue
+            ji, jo = _sym(y2 + r, H) % R, _sym(y2 - r - 1, H) % R
+            for s in range(S):
+                if y2 == 0:
+                    col2[s] = 0.0
+                    for j in range(r + 1):
+                        w = 2.0 if j < r else 1.0
+                        ra, rb = ring_a[s, j % R], ring_b[s, j % R]
+                        for e in range(m):
+                            col2[s, 0, e] += w * ra[e]
+                            col2[s, 1, e] += w * rb[e]
+                _sal_pass2(col2[s], y2 > 0, ring_a[s, ji], ring_b[s, ji], ring_a[s, jo],
+                           ring_b[s, jo], ring_n[y2 % R, s], idx, r, inv, pre, ref[s])
+            # the refined weights normalised over the sources; the fused row
+            for e in range(m):
+                tsum[e] = ref[0, e] + np.float32(1e-12)
+            for s in range(1, S):
+                for e in range(m):
+                    tsum[e] += ref[s, e] + np.float32(1e-12)
+            for e in range(m):
+                tsum[e] = np.float32(1.0) / tsum[e]
+            frow[:] = 0.0
+            for s in range(S):
+                rs, zs = ref[s], zbk[s, y2]
+                for e in range(m):
+                    wv = (rs[e] + np.float32(1e-12)) * tsum[e]
+                    frow[e] += wv * zs[e]
+                    rs[e] = wv
+            for c in range(cb):
+                out_row = fused[c0 + c, y2]
+                for x in range(W):
+                    out_row[x] = frow[x * L + c]
+            for s in range(S):
+                rs, ws = ref[s], wsum[s, y2]
+                if cb == 16 == L:  # written out: a 16-trip loop per pixel is slow
+                    for x in range(W):
+                        e = x * 16
+                        ws[x] += ((((rs[e] + rs[e + 1]) + (rs[e + 2] + rs[e + 3]))
+                                   + ((rs[e + 4] + rs[e + 5]) + (rs[e + 6] + rs[e + 7])))
+                                  + (((rs[e + 8] + rs[e + 9]) + (rs[e + 10] + rs[e + 11]))
+                                     + ((rs[e + 12] + rs[e + 13]) + (rs[e + 14] + rs[e + 15]))))
+                else:
+                    for x in range(W):
+                        acc = np.float32(0.0)
+                        for c in range(cb):
+                            acc += rs[x * L + c]
+                        ws[x] += acc
 
 
 _DISTANCE = np.abs(np.arange(256.0)[:, None] - np.arange(256.0)[None, :])
 
 
-def saliency_fuse(z: np.ndarray, lo: np.ndarray, hi: np.ndarray, hist: np.ndarray | None,
-                  radius: int, eps: float, threads: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """CSC-IVFN's saliency rule (rules.saliency_rule's values to rounding) on base codes
-    z [S, q, H, W] float32 with min(H, W) > radius, given each source's and channel's
-    extremes lo, hi [S, q] and, for tiles, the whole image's normalised histograms
-    hist [S, q, 256]: (fused codes [q, H, W], channel-mean weights [S, 1, H, W]). Channels run
-    in parallel."""
-    _kernels.check()
+def to_blocks(z: np.ndarray) -> np.ndarray:
+    """Codes z [S, q, H, W] channel-blocked for ``saliency_fuse``: [S, nb, H, W, L] with
+    L = SALIENCY_LANES, the lanes past q zero (``encode_chain(blocked=True)`` writes this
+    layout directly)."""
     S, q, H, W = z.shape
-    z = np.ascontiguousarray(z, dtype=np.float32)
-    lo = np.ascontiguousarray(lo, dtype=np.float32)
-    hi = np.ascontiguousarray(hi, dtype=np.float32)
+    lanes = SALIENCY_LANES
+    nb = -(-q // lanes)
+    out = np.zeros((S, nb, H, W, lanes), np.float32)
+    for b in range(nb):
+        c0, c1 = b * lanes, min(q, (b + 1) * lanes)
+        out[:, b, :, :, :c1 - c0] = z[:, c0:c1].transpose(0, 2, 3, 1)
+    return out
+
+
+def saliency_fuse(z: np.ndarray, lo: np.ndarray | None, hi: np.ndarray | None,
+                  hist: np.ndarray | None, radius: int, eps: float, threads: int | None = None,
+                  q: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CSC-IVFN's saliency rule (rules.saliency_rule's values to rounding) on base codes
+    z [S, q, H, W] or channel-blocked [S, nb, H, W, L] (``to_blocks``; then ``q`` says
+    how many channels are codes), float32, min(H, W) > radius, given each source's and
+    channel's extremes lo, hi [S, q] (None: the codes' own) and, for tiles, the whole
+    image's normalised histograms hist [S, q, 256]: (fused codes [q, H, W], channel-mean
+    weights [S, 1, H, W]). Blocks of channels run in parallel."""
+    _kernels.check()
+    if z.ndim == 4:
+        q = z.shape[1]
+        z = to_blocks(z)
+    S, nb, H, W, lanes = z.shape
+    if lanes != SALIENCY_LANES:
+        raise ValueError(f"z: expected {SALIENCY_LANES} channels per block, got {lanes}")
+    q = nb * lanes if q is None else q
+    if min(H, W) <= radius:
+        raise ValueError(f"z: the saliency rule needs both sides > {radius} px, got {H}x{W}")
+    zb = np.ascontiguousarray(z, dtype=np.float32).reshape(S, nb, H, W * lanes)
+    has_ext = lo is not None
+    if has_ext:
+        lo = np.ascontiguousarray(lo, dtype=np.float32)
+        hi = np.ascontiguousarray(hi, dtype=np.float32)
+    else:
+        lo = hi = np.zeros((1, 1), np.float32)
     has_hist = hist is not None
     h = np.ascontiguousarray(hist, dtype=np.float64) if has_hist else np.zeros((1, 1, 1))
     fused = np.empty((q, H, W), np.float32)
-    n = max(1, min(threads or _threads(), q))
+    n = max(1, min(threads or _threads(), nb))
     sums = [np.zeros((S, H, W), np.float32) for _ in range(n)]
-    wait_all([pool(n).submit(_saliency_channels, z, lo, hi, h, has_hist, _DISTANCE, radius,
-                             float(eps), fused, sums[i], i, n) for i in range(n)])
+    wait_all([pool(n).submit(_saliency_blocks, zb, lo, hi, has_ext, h, has_hist, _DISTANCE,
+                             radius, float(eps), fused, sums[i], i, n) for i in range(n)])
     wsum = sums[0]
     for extra in sums[1:]:
         wsum += extra

@@ -101,6 +101,9 @@ class FastIVF:
             base = dcu_kernel.DCUChain.from_fast_encoder(f.base)
             detail = dcu_kernel.DCUChain.from_fast_encoder(f.detail)
             self.encode_base = lambda x: torch.from_numpy(_chain_codes(base, x, True))
+            # channel-blocked for the saliency kernel (dcu_kernel.saliency_fuse)
+            self.encode_base_blocked = lambda x: torch.from_numpy(
+                _chain_codes(base, x, True, blocked=True))
             self.encode_detail = lambda x: torch.from_numpy(_chain_codes(detail, x, False))
             self.detail_l1 = lambda x: torch.from_numpy(
                 dcu_kernel.l1_fuse(*_chain_codes(detail, x, False, l1=True)))[None]
@@ -148,15 +151,18 @@ def _composite_decode(f):
     return decode_sum
 
 
-def _chain_codes(chain, x: torch.Tensor, low_pass: bool, l1: bool = False):
+def _chain_codes(chain, x: torch.Tensor, low_pass: bool, l1: bool = False,
+                 blocked: bool = False):
     """CSC-IVFN encoder codes [S, q, h, w] of x [S, 1, h, w] (CPU, float32) by the DCU kernel
-    (numpy; with ``l1`` also their sum_c |z| [S, h, w]): the first DCU gets the 11x11 box mean
-    (base) or x minus it (detail), later ones x."""
+    (numpy; with ``l1`` also their sum_c |z| [S, h, w]; ``blocked``: channel-blocked, see
+    dcu_kernel.encode_chain): the first DCU gets the 11x11 box mean (base) or x minus it
+    (detail), later ones x."""
     from ..models.ivfn import BLUR_SIZE
 
     xn = np.ascontiguousarray(x[:, 0].numpy())
     low = dcu_kernel.box_mean(xn, BLUR_SIZE // 2)
-    return dcu_kernel.encode_chain(chain, xn, low if low_pass else xn - low, l1=l1)
+    return dcu_kernel.encode_chain(chain, xn, low if low_pass else xn - low, l1=l1,
+                                   blocked=blocked)
 
 
 class FastMEF:

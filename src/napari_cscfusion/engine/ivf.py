@@ -338,8 +338,12 @@ class IVFKernel:
             f_b, w_b = self.fuse_window("base", x, wb, stats, tick)
             if self.weights:
                 res["weights_base"] = to_numpy(cut(w_b, core, wb)[:, 0])
-            # the sum of the fused codes goes here, in the networks' precision
-            f_b = cut(f_b, dec, wb).to(x.dtype, copy=True)
+            # the sum of the fused codes goes here, in the networks' precision (a copy where
+            # the decoder's window is smaller, so the rest is freed; the rule's own output
+            # where it is the whole window)
+            f_dec = cut(f_b, dec, wb)
+            f_b = f_dec if f_dec.shape == f_b.shape and f_b.dtype == x.dtype else f_dec.to(
+                x.dtype, copy=True)
             del w_b
             f_d, w_d = self.fuse_window("detail", x, wd, stats, tick)
             if self.weights:
@@ -360,6 +364,8 @@ class IVFKernel:
         rule = self.base_rule if which == "base" else self.detail_rule
         if rule != "saliency":
             return self.fuse_in_pieces(which, rule, x, window, tick)
+        if which == "base" and self._saliency_kernel(window):
+            return self._saliency_blocked(x, window, self.stats_of(which, stats), tick)
         z = self.encode(which, x, window, tick).float()
         if which == "detail":
             # not the numba form: its guided filter rounds otherwise, and on the sparse
@@ -377,12 +383,32 @@ class IVFKernel:
         i = self.stats_encoders.index(which)
         return stats.channels(slice(i * self.q, (i + 1) * self.q)).to(self.device)
 
+    def _saliency_kernel(self, window: Box) -> bool:
+        """Whether the saliency rule on codes of ``window`` runs the numba kernel."""
+        return (self.net_form == "kernel" and not self.exact_rules
+                and min(window[1] - window[0], window[3] - window[2]) > SALIENCY_RADIUS)
+
+    def _saliency_blocked(self, x: torch.Tensor, window: Box, stats: SaliencyStats | None,
+                          tick) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base encoder and the saliency rule's numba kernel on ``window``, the codes
+        channel-blocked between them (written so by the DCU kernel: the rule's kernel reads
+        contiguous runs of a block's channels); the codes' extremes (no ``stats``) are the
+        rule kernel's own pass."""
+        z = map_in_pieces(self.net.encode_base_blocked, x, window, self.inner,
+                          self.enc_radius, tick, fixed=self.fixed, blocked=True)
+        lo = hi = hist = None
+        if stats is not None:
+            lo, hi = stats.lo.numpy(), stats.hi.numpy()
+            hist = None if stats.hist is None else stats.hist.numpy()
+        fused, w = dcu_kernel.saliency_fuse(z.numpy(), lo, hi, hist, SALIENCY_RADIUS,
+                                            SALIENCY_EPS, q=self.q)
+        return torch.from_numpy(fused), torch.from_numpy(w)
+
     def _saliency(self, z: torch.Tensor, stats: SaliencyStats | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The saliency rule with channel-mean weights: with the DCU kernel, its numba form
-        (channels in parallel, the guided filter's box means in two sweeps)."""
-        if (self.net_form == "kernel" and not self.exact_rules
-                and min(z.shape[-2:]) > SALIENCY_RADIUS):
+        (blocks of channels in parallel, the guided filter's box means in two sweeps)."""
+        if self._saliency_kernel((0, z.shape[-2], 0, z.shape[-1])):
             if stats is None:
                 lo, hi = SaliencyStats.extremes(z)
                 hist = None

@@ -231,28 +231,42 @@ def resolve_tile(tile, shape: tuple[int, int], kernel, device: torch.device,
 # --- pieces inside a crop, tensors in and out -----------------------------------------------
 
 def map_in_pieces(fn, x: torch.Tensor, window: Box, piece: int | None, radius: int,
-                  tick=None, fixed: bool = False) -> torch.Tensor:
+                  tick=None, fixed: bool = False, blocked: bool = False) -> torch.Tensor:
     """fn (a local operation of context ``radius``: output pixel = f(input within radius),
     same size out as in, e.g. an encoder) applied to x [N, c, h, w] and cut to ``window``,
     computed piece by piece (cores of side ``piece``, each with its ``radius`` halo clipped
     to x): equal to fn(x)[..., window] because every piece sees its full context, and where
     a piece touches x's border its edge *is* that border (fn's reflection padding).
-    ``fixed``: crops of one shape (``grown``), for compiled ``fn``."""
+    ``fixed``: crops of one shape (``grown``), for compiled ``fn``. ``blocked``: fn's output
+    is channel-blocked, [N, nb, h, w, lanes] (dcu_kernel.encode_chain). Where one piece is
+    the whole window, fn's output itself is returned (no copy)."""
     bounds = (0, x.shape[-2], 0, x.shape[-1])
     side = piece + 2 * radius if piece else 0
     if fixed and piece and max(x.shape[-2:]) <= side:
         piece = None  # x is no larger than one grown crop: one piece
     out = None
-    for t in sub_tiles(window, bounds, piece, radius):
+    tiles = sub_tiles(window, bounds, piece, radius)
+    for t in tiles:
         if fixed and piece:
             t = grown(t, bounds, side)
         z = fn(x[..., t.crop_slices[0], t.crop_slices[1]])
         iy0, iy1, ix0, ix1 = t.inner
-        z = z[..., iy0:iy1, ix0:ix1]
-        if out is None:
-            out = z.new_empty((*z.shape[:2], window[1] - window[0], window[3] - window[2]))
-        out[..., t.core[0] - window[0]:t.core[1] - window[0],
-            t.core[2] - window[2]:t.core[3] - window[2]] = z
+        rows, cols = slice(iy0, iy1), slice(ix0, ix1)
+        spatial = z.shape[2:4] if blocked else z.shape[-2:]
+        if len(tiles) == 1 and (iy1 - iy0, ix1 - ix0) == tuple(spatial):
+            out = z  # the whole window in one piece
+        else:
+            z = z[:, :, rows, cols] if blocked else z[..., rows, cols]
+            if out is None:
+                h, w = window[1] - window[0], window[3] - window[2]
+                out = z.new_empty((*z.shape[:2], h, w, *z.shape[4:]) if blocked
+                                  else (*z.shape[:2], h, w))
+            core = (slice(t.core[0] - window[0], t.core[1] - window[0]),
+                    slice(t.core[2] - window[2], t.core[3] - window[2]))
+            if blocked:
+                out[:, :, core[0], core[1]] = z
+            else:
+                out[..., core[0], core[1]] = z
         if tick is not None:
             tick()
     return out
