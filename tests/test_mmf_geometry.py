@@ -106,7 +106,9 @@ def test_low_res_tiles_equal_the_whole_image(channels, geometry, tmp_path):
         assert fast.metadata["path"] == "fast"
         assert fast.metadata["fast_kernel"] == ("numba" if numba else "pytorch")
         assert np.abs(fast.image - w64).max() < 1e-5
-        assert np.abs(fast_tiled - fast.image).max() < 1e-6
+        # (the PyTorch form's float32 convolutions round per crop shape, which the 5x
+        # decoder amplifies: 1.5e-6 for three channels; the numba kernels' do not)
+        assert np.abs(fast_tiled - fast.image).max() < (1e-6 if numba else 1e-5)
         # the default on the CPU: the numba kernels, else the exact path (mmf.mmf_form)
         default = fuse_guided(lr, guide_in, model, device="cpu", tile=0)
         assert default.metadata["path"] == ("fast" if numba else "exact")
