@@ -374,10 +374,36 @@ def targets(repeat: int, weights: str, exact: bool, tasks, device: str = "cpu",
                 f"{res.metadata.get('fast_kernel')}, tile {res.metadata.get('tile')}), naive "
                 f"{naive:.2f} s: engine {naive / best:.2f}x faster (target >= 1.5x); "
                 f"|engine - naive| max {diff.max():.2g}, mean {diff.mean():.2g}"
-                + ("" if getattr(model.network, "geometry", "authors") == "low_res" else
+                + ("" if getattr(model.network, "geometry", "authors") != "authors" else
                    " (the naive forward's float32 cumulative-sum guided filter is the "
                    "inaccurate side: benchmarks/README.md)"))
+            if res.metadata.get("fast_kernel") == "numba" and not exact:
+                say(mmf_without_numba(model, lr, guide, device, repeat))
     return lines
+
+
+def mmf_without_numba(model, lr, guide, device: str, repeat: int) -> str:
+    """What a CPU without numba runs (CSCFUSION_NO_NUMBA): the PyTorch fast form against the
+    exact path, best of ``repeat`` warm calls each, back to back (engine.mmf.mmf_form's
+    choice for the low_res geometries rests on it)."""
+    import numpy as np
+
+    from napari_cscfusion.engine import fuse_guided
+    from napari_cscfusion.engine.numba_jit import NO_NUMBA_ENV
+
+    os.environ[NO_NUMBA_ENV] = "1"
+    try:
+        first, fast_s, fast = _timed(lambda: fuse_guided(lr, guide, model, device=device,
+                                                         exact=False), repeat)
+        _, exact_s, ref = _timed(lambda: fuse_guided(lr, guide, model, device=device,
+                                                     exact=True), repeat)
+    finally:
+        del os.environ[NO_NUMBA_ENV]
+    diff = np.abs(fast.image - ref.image)
+    return (f"  numba off: PyTorch fast form {fast_s:.2f} s (first call {first:.1f} s, kernel "
+            f"{fast.metadata.get('fast_kernel')}), exact path {exact_s:.2f} s: PyTorch form "
+            f"{exact_s / fast_s:.2f}x faster than the exact path; |diff| max "
+            f"{diff.max():.2g}, mean {diff.mean():.2g}")
 
 
 def mef_target(model, repeat: int, exact: bool, device: str = "cpu") -> str:

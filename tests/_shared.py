@@ -3,8 +3,8 @@
 The data root is ``$CSCFUSION_SHARED`` when set, else ``../shared`` beside the repository.
 A test that needs a part of it skips with a reason starting with ``NEEDS_SHARED`` (naming
 the part and the root) when that part is absent; under ``CI=true`` conftest.py turns such a
-skip into a failure. The BrainWeb T1/PD slices also ship in the package (``SAMPLES``), so
-the tests that need only those never skip.
+skip into a failure. The BrainWeb T1/PD slices also ship in the package (``SAMPLES``) and the
+shifted/rotated PD slices are in tests/data, so the tests that need only those never skip.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ AUTHORS_WEIGHTS = {"ivf": "reference-checkpoints",
                    "mmf": "reference-checkpoints/csc_mmfn_authors.pth"}
 BRAINWEB_SAMPLES = {"BrainT1Slice.png": "brainweb_t1.png",
                     "BrainProtonDensitySlice.png": "brainweb_pd.png"}
+# the registration tests' moving slices, kept in the repository (tests/data/README.md: the
+# shared data's README marks them shippable), so those tests run in a bare clone
+TEST_DATA = Path(__file__).resolve().parent / "data"
+BRAINWEB_TEST_DATA = ("BrainProtonDensitySliceShifted13x17y.png",
+                      "BrainProtonDensitySliceR10X13Y17.png")
 
 # The packaged mmf.pt until 2026-12-07 (weights/README.md "mmf.pt"): CSC-MMFN in the authors'
 # geometry, trained on bicubic pre-upsampled input; the engine's fast path and bicubic-input
@@ -58,6 +63,8 @@ def medical_image(name: str) -> Path:
     from the shared data (skipping when absent)."""
     if name in BRAINWEB_SAMPLES:
         return SAMPLES / BRAINWEB_SAMPLES[name]
+    if name in BRAINWEB_TEST_DATA:
+        return TEST_DATA / name
     return shared_path(f"data/medical/{name}")
 
 
@@ -68,8 +75,7 @@ BRAINWEB_FILES = {"t1": "BrainT1Slice.png", "pd": "BrainProtonDensitySlice.png",
 
 class BrainWeb(dict):
     """The BrainWeb slices by short name (``BRAINWEB_FILES``), grey, read on first use: T1
-    and PD from the package's sample data, the shifted and rotated PD from the shared data
-    (the test using them skips when those are absent)."""
+    and PD from the package's sample data, the shifted and rotated PD from tests/data."""
 
     def __missing__(self, key: str) -> np.ndarray:
         image = grey(read(medical_image(BRAINWEB_FILES[key])))

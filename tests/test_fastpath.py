@@ -437,3 +437,90 @@ def test_ivf_compiled_fast_path_matches_exact_on_a_tno_crop():
     fast = fuse_infrared_visible(ir, vis, model, device="cpu", compile=True)
     assert fast.metadata["path"] == "fast"
     assert_close(fast.image, exact.image)
+
+
+# --- CSC-MMFN's low_res geometries (the packaged network) in PyTorch: a GPU's fast path ------
+
+@needs_shared
+@pytest.mark.parametrize("scale", [2, 4])
+def test_mmf_low_res_pytorch_form_matches_exact_on_a_flir_crop(monkeypatch, scale):
+    """On CUDA, and with exact=False where numba is missing or switched off, the packaged
+    network (low_res_detail geometry) runs the PyTorch fast form: batch norm folded, float64
+    statistics. On a real FLIR-test crop at x2 and x4 it is within the tolerance of the exact
+    path, closer than that to float64 arithmetic, and tiled = whole image; a notice says why
+    numba did not run."""
+    import cv2
+
+    from napari_cscfusion import fuse_guided
+    from napari_cscfusion.engine import mmf
+    from napari_cscfusion.engine.notices import FastPathFallback
+
+    model = load_model("mmf")
+    assert model.network.geometry == "low_res_detail"
+    ir = grey(read(DATA / "ivf" / "flir_test" / "IR3.jpg"))[:192, :256]
+    vis = grey(read(DATA / "ivf" / "flir_test" / "VIS3.jpg"))[:192, :256]
+    low = cv2.resize(ir, (256 // scale, 192 // scale), interpolation=cv2.INTER_AREA)
+    exact = fuse_guided(low, vis, model, device="cpu", exact=True, tile=0).image
+    ref = fuse_guided(low, vis, model, device="cpu", exact=True, precision="fp64",
+                      tile=0).image
+    monkeypatch.setenv("CSCFUSION_NO_NUMBA", "1")
+    with pytest.warns(FastPathFallback, match="CSCFUSION_NO_NUMBA is set"):
+        whole = fuse_guided(low, vis, model, device="cpu", tile=0, exact=False)
+    tiles = []
+    tiled = fuse_guided(low, vis, model, device="cpu", tile=64, exact=False,
+                        progress=lambda done, total: tiles.append(total)).image
+    assert tiles[-1] == 12  # 192x256 in 64 px tiles
+    assert whole.metadata["path"] == "fast" and whole.metadata["fast_kernel"] == "pytorch"
+    # the default without numba on the CPU: the exact path (not measured faster on 2 threads)
+    assert not mmf.LOW_RES_PYTORCH_ON_CPU
+    assert mmf.mmf_form(model.network, torch.device("cpu"), None, False, None) == "exact"
+    for img in (whole.image, tiled):
+        assert_close(img, exact)
+        err = np.abs(img.astype(np.float64) - ref)
+        assert err.max() < 1e-6 and err.mean() < 1e-7, (err.max(), err.mean())
+    assert np.abs(whole.image - tiled).max() < 1e-6
+
+
+def test_mmf_form_on_cuda_is_the_pytorch_fast_form_for_the_packaged_network(monkeypatch):
+    """The path choice on a GPU, without one: ``mmf_form`` itself, the kernel it builds for a
+    CUDA device, and fuse_guided's wiring with the device resolved to CUDA (the plane's run
+    replaced by a recorder: nothing runs on the device)."""
+    from napari_cscfusion import fuse_guided
+    from napari_cscfusion.engine import mmf
+    from napari_cscfusion.engine.mmf_lowres import LowResMMFKernel
+
+    cuda, mps, cpu = (torch.device(d) for d in ("cuda", "mps", "cpu"))
+    packaged = load_model("mmf").network  # low_res_detail, one channel, 32 codes
+    thin_authors = load_model("mmf", MMF_AUTHORS_GEOMETRY).network  # authors' geometry, 32
+    for exact, want in ((None, "pytorch"), (False, "pytorch"), (True, "exact")):
+        assert mmf.mmf_form(packaged, cuda, None, False, exact) == want
+        assert mmf.mmf_form(packaged, cuda, torch.float16, True, exact) == want
+    assert mmf.mmf_form(packaged, mps, None, False, None) == "exact"  # no float64 on MPS
+    assert mmf.mmf_form(thin_authors, cuda, None, False, None) == "exact"  # measured slower
+    assert mmf.mmf_form(thin_authors, cuda, None, False, False) == "pytorch"
+    if mmf_cpu.available():
+        assert mmf.mmf_form(packaged, cpu, None, False, None) == "numba"
+    monkeypatch.setenv("CSCFUSION_NO_NUMBA", "1")
+    assert mmf.mmf_form(packaged, cpu, None, False, False) == "pytorch"
+    monkeypatch.setattr(mmf, "LOW_RES_PYTORCH_ON_CPU", True)  # the switch, were it measured so
+    assert mmf.mmf_form(packaged, cpu, None, False, None) == "pytorch"
+    monkeypatch.delenv("CSCFUSION_NO_NUMBA")
+
+    kernel = mmf.mmf_kernel(packaged, (48, 64), (96, 128), cuda, exact=False)
+    assert isinstance(kernel, LowResMMFKernel)
+    assert kernel.form == "pytorch" and kernel.chains is None and kernel.path == "fast"
+
+    seen = {}
+
+    def plane(model, lr, g, dev, codes, progress=None, *, exact=False, **kw):
+        seen.update(device=dev, exact=exact, form=mmf.mmf_kernel(
+            model.network, lr.shape[-2:], g.shape[-2:], dev, exact=exact).form)
+        return np.zeros((1, *g.shape[-2:]), np.float32), {}
+
+    monkeypatch.setattr(mmf, "resolve_device", lambda device: cuda)
+    monkeypatch.setattr(mmf, "_guided_plane", plane)
+    rng = np.random.default_rng(0)
+    res = fuse_guided(rng.random((24, 32), np.float32), rng.random((96, 128), np.float32),
+                      device="cuda")
+    assert seen == {"device": cuda, "exact": False, "form": "pytorch"}
+    assert res.metadata["path"] == "fast" and res.metadata["fast_kernel"] == "pytorch"

@@ -50,3 +50,42 @@ def test_a_long_run_shows_elapsed_and_time_left(make_napari_viewer, qtbot, fusio
     # after the run: the usual final status, no timing left over by the timer
     qtbot.wait(300)
     assert "elapsed" not in widget.status.value
+
+
+@pytest.mark.gui
+def test_a_long_batch_shows_elapsed_and_time_left(make_napari_viewer, qtbot, tmp_path):
+    # the batch widget shares the run state (gui/_running.py): its status too carries the
+    # elapsed time and the estimate, item after item
+    import imageio.v3 as iio
+
+    from napari_cscfusion.gui.batch_widget import BatchFusionWidget
+
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Batch fusion of folders")
+    assert isinstance(widget, BatchFusionWidget)
+    rng = np.random.default_rng(4)
+    folders = [tmp_path / "IR", tmp_path / "VIS"]
+    for folder in folders:
+        folder.mkdir()
+        for i in range(8):
+            iio.imwrite(folder / f"p{i}.png", (rng.random((96, 96)) * 255).astype(np.uint8))
+    widget.set_folders(folders, tmp_path / "out")
+    widget.device.value = "cpu"
+    widget.base_rule.value = "saliency"  # slower items
+    widget.open_when_done.value = False
+    widget.run_button.native.click()
+    widget._started -= 10.0  # as above: the display logic, not the machine's speed
+
+    def shows_timing() -> bool:
+        return "elapsed" in widget.status.value and "left" in widget.status.value
+
+    qtbot.waitUntil(shows_timing, timeout=120_000)
+    text = widget.status.value
+    assert text.startswith("fusing 8 item(s)") or " of 8: p" in text
+    left = text.split("about ")[-1]
+    assert left.endswith(" left)") and left[0].isdigit()
+    with qtbot.waitSignal(widget.worker.finished, timeout=60_000):
+        widget.cancel()
+    assert not widget.running
+    qtbot.wait(300)
+    assert widget.status.value == "cancelled: results written so far are kept"

@@ -1,6 +1,6 @@
 """Medical / multi-modal fusion (engine.medical) and the alignment check / rigid registration
 (engine.alignment) on the BrainWeb T1/PD slices (ITK examples) that ship as sample data, and the
-shifted/rotated PD slices of the shared data."""
+shifted/rotated PD slices kept in tests/data (no shared data needed)."""
 
 from __future__ import annotations
 

@@ -65,10 +65,16 @@ MMF_STATS_PIECE, MMF_PIECE = 128, 256
 MMF_CPU_TILE = 384
 # exact=None (default) takes the fast path for networks with at least this many code
 # channels: measured faster than the naive forward for the authors' 256 (1.46x at 1 Mpx), but
-# its PyTorch form 0.74x for the packaged 32-code network; one-channel networks (the packaged
-# one, the low_res geometry's) take it on the CPU in numba kernels instead (mmf_cpu.py), else
-# the exact path (issue 18)
+# its PyTorch form 0.74x for the previous packaged 32-code network (authors' geometry);
+# one-channel networks (the packaged one, the low_res geometry's) take it on the CPU in numba
+# kernels instead (mmf_cpu.py); see ``mmf_form`` (issue 18)
 MMF_FAST_MIN_CODES = 128
+# exact=None on the CPU without numba: the low_res geometries' PyTorch fast form (True) or
+# their exact path (False). Measured (benchmarks/README.md, 2026-12-07, load 8-21): 1.3-2.3x
+# faster on one thread, 0.85-1.17x on two, so not shown faster as users run it: exact
+LOW_RES_PYTORCH_ON_CPU = False
+# metadata["fast_kernel"] of each form (as fuse_exposures names them)
+FAST_KERNEL = {"exact": None, "numba": "numba", "pytorch": "pytorch"}
 
 
 def _box_sum(t: torch.Tensor, r: int) -> torch.Tensor:
@@ -135,11 +141,13 @@ class MMFKernel:
                  device: torch.device, precision: str | None = None, compile: bool = False,
                  exact: bool = True):
         self.dtype = precision_dtype(precision)
-        self.fast = use_fast_path(net, exact)
+        self.form = mmf_form(net, device, self.dtype, compile, exact)
+        form_notice(net, self.form, device, self.dtype, compile)
+        self.fast = self.form != "exact"
         self.path = "fast" if self.fast else "exact"
+        self.geometry = "authors"
         # one-channel networks on the CPU: the numba kernels (mmf_cpu.py)
-        self.chains = mmf_cpu.MMFChains(net) if self.fast and mmf_cpu.applies(
-            net, self.dtype, device, compile) else None
+        self.chains = mmf_cpu.MMFChains(net) if self.form == "numba" else None
         if self.fast:  # encoders and decoder in the fast form, compiled or lean (fast.py)
             self.net = fast_network("mmf", net, self.dtype, compile=compile)
             self.r_lr, self.r_g = self.net.lr_radius, self.net.guide_radius
@@ -312,7 +320,7 @@ class MMFKernel:
         ch = self.chains
         l_at, shape = (lby[0] - lcy[0], lbx[0] - lcx[0]), (lby[1] - lby[0], lbx[1] - lbx[0])
         ab = mmf_cpu.guided_ab(z_g, g_at, z_L, l_at, shape, ch.radius, ch.eps)
-        if getattr(self.net, "geometry", "authors") == "low_res_detail":
+        if self.geometry == "low_res_detail":
             # b plus the fit's residual: b = z_L - a z_g (models/mmfn.py)
             q = ch.q
             win = (slice(None), slice(l_at[0], l_at[0] + shape[0]),
@@ -395,21 +403,53 @@ class MMFKernel:
         return {"image": guided_in_parts(self, crop)}
 
 
+def mmf_form(net, device: torch.device, dtype: torch.dtype | None, compile: bool,
+             exact: bool | None) -> str:
+    """The form a CSC-MMFN run of ``net`` takes on ``device`` (``exact`` as fuse_guided's):
+    "exact" (the reference arithmetic), "numba" (mmf_cpu.py: one-channel networks on the CPU
+    in float32, uncompiled, numba at hand) or "pytorch" (the PyTorch fast form: the authors'
+    geometry ``MMFKernel.fast_image``, the low_res ones ``LowResMMFKernel.torch_image``).
+
+    ``exact=False`` takes the fast path in the first of numba and PyTorch that applies.
+    ``exact=None`` (the default) too, except where the PyTorch form is not measured the
+    better: thin networks of the authors' geometry (0.74x the naive forward on the CPU), the
+    low_res geometries on the CPU without numba (``LOW_RES_PYTORCH_ON_CPU``), and any other
+    device than CUDA for them (MPS has no float64 for the statistics). On CUDA the low_res
+    geometries (the packaged network) take the PyTorch form: GPU speed unmeasured (no
+    device at hand), its arithmetic tested on the CPU."""
+    if not use_fast_path(net, bool(exact)):
+        return "exact"
+    if mmf_cpu.applies(net, dtype, device, compile):
+        return "numba"
+    if exact is False or net.hparams["code_channels"] >= MMF_FAST_MIN_CODES:
+        return "pytorch"
+    if getattr(net, "geometry", "authors") in LOW_RES_GEOMETRIES and (
+            device.type == "cuda" or (device.type == "cpu" and LOW_RES_PYTORCH_ON_CPU)):
+        return "pytorch"
+    return "exact"
+
+
+def form_notice(net, form: str, device: torch.device, dtype: torch.dtype | None,
+                compile: bool) -> None:
+    """A FastPathFallback notice when the PyTorch form runs where the numba kernels would
+    (numba missing, switched off or failing)."""
+    if form == "pytorch" and mmf_cpu.suits(net, dtype, device, compile) \
+            and not mmf_cpu.available():
+        notices.notify(f"the MMF numba kernels are unavailable "
+                       f"({mmf_cpu.unavailable_reason()}); the fast path runs in PyTorch "
+                       f"(slower)", notices.FastPathFallback)
+
+
 def mmf_kernel(net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
                device: torch.device, precision: str | None = None, compile: bool = False,
                exact: bool = True):
     """The tile kernel of ``net``'s geometry: MMFKernel (the authors'), or LowResMMFKernel
-    (low_res, low_res_detail; exact path only: the fast form is written for the authors'
-    geometry)."""
+    (low_res, low_res_detail); each runs the form ``mmf_form`` names."""
     if getattr(net, "geometry", "authors") in LOW_RES_GEOMETRIES:
         from .mmf_lowres import LowResMMFKernel  # (it subclasses MMFKernel)
 
-        dtype = precision_dtype(precision)
-        chains = mmf_cpu.MMFChains(net) if use_fast_path(net, exact) and mmf_cpu.applies(
-            net, dtype, device, compile) else None
-        return LowResMMFKernel(folded("mmf", net, dtype, compile), lr_shape, hr_shape, device,
-                               dtype, net.lr_channels, net.hparams["code_channels"],
-                               net.guide_channels, chains)
+        return LowResMMFKernel(net, lr_shape, hr_shape, device, precision=precision,
+                               compile=compile, exact=exact)
     return MMFKernel(net, lr_shape, hr_shape, device, precision=precision, compile=compile,
                      exact=exact)
 
@@ -522,19 +562,19 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     own cumulative-sum box filter in float32 on a whole image, whose E[xy] - E[x]E[y] over
     the eps = 1e-4 of code variances is up to ~4e-3 from float64 on a 100x130 crop, more on
     larger images (benchmarks/README.md, issue 18). ``exact=True`` (or ``codes=True``): the
-    reference arithmetic. ``exact=None`` (default): the fast path for networks with at least
-    ``MMF_FAST_MIN_CODES`` code channels (the authors' 256: measured faster than the naive
-    forward) and, on the CPU in float32 uncompiled, for one-channel networks (1-band
-    low-res, grey guide: the packaged one), which run in numba kernels there (mmf_cpu.py;
-    ``metadata['fast_kernel']`` "numba"; float64 statistics as well); the exact path for the
-    others (thin networks in the PyTorch fast form measured slower than naive). Dask runs
-    take the same path.
+    reference arithmetic. ``exact=False``: the fast path, in numba kernels for one-channel
+    networks (1-band low-res, grey guide: the packaged one) on the CPU in float32
+    uncompiled (mmf_cpu.py; ``metadata['fast_kernel']`` "numba"), else in PyTorch
+    ("pytorch"); float64 statistics in both. ``exact=None`` (default): the same, but the
+    exact path where the PyTorch form is not measured the better (``mmf_form``: thin
+    networks of the authors' geometry; the low_res geometries on a CPU without numba or on
+    an MPS device). Dask runs take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
     Weights of the low_res geometry (``hparams['geometry']`` in their header; models/mmfn.py)
     take ``low_res`` as it is (tiles: ``mmf_lowres.LowResMMFKernel``); their low-resolution
-    codes are at the input's resolution. Their fast path is the numba kernels' (one-channel
-    networks on the CPU); elsewhere they run the exact path.
+    codes are at the input's resolution. Their fast path: the numba kernels' (one-channel
+    networks on the CPU), else the PyTorch form (CUDA by default; the CPU with exact=False).
     progress(done, total) is called after every tile and may raise Cancelled.
 
     Dask: dask inputs (or ``client``/``scheduler``, as in fuse_infrared_visible) give a lazy
@@ -563,20 +603,15 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
                          f"low_res {h}x{w}")
     model = resolve_model(model, "mmf")
     dev = resolve_device(device)
-    # the numba kernels' networks (one-channel) on the CPU: the fast path by default, and the
-    # only fast form of the low_res geometry
-    cpu_kernels = not exact and not codes and mmf_cpu.applies(
-        model.network, precision_dtype(precision), dev, bool(compile))
-    if exact is None:
-        exact = model.network.hparams["code_channels"] < MMF_FAST_MIN_CODES and not cpu_kernels
+    form = "exact" if codes else mmf_form(model.network, dev, precision_dtype(precision),
+                                          bool(compile), exact)
+    exact = form == "exact"
     net_c, net_g = model.network.lr_channels, model.network.guide_channels
     c = lr_shape[nl] if chan else 1
     if c != net_c:
         raise ValueError(f"low_res: this {model.name} model expects {net_c} channel(s), got {c} "
                          f"(shape {lr_shape})")
     lr_input = model.info.get("header", {}).get("training", {}).get("lr_input")
-    if getattr(model.network, "geometry", "authors") in LOW_RES_GEOMETRIES and not cpu_kernels:
-        exact = True  # the PyTorch fast form is written for the authors' geometry only
     if lr_input not in (None, "native", "bicubic"):
         raise ValueError(f"model: low-res input preparation {lr_input!r} (recorded in "
                          f"{model.weights_label}) is not supported for inference; train with "
@@ -595,7 +630,7 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
         meta = base_metadata(model, dev, lazy.notes)
         meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), lazy=lazy.is_lazy,
                     tile=lazy.tile, precision=precision, path=run_path(model, exact),
-                    fast_kernel=kernel_name(model, exact, cpu_kernels),
+                    fast_kernel=FAST_KERNEL[form],
                     timings={"prepare_s": time.perf_counter() - t0})
         return FusionResult(lazy.image, {}, {}, meta)
     n_lr, n_g = normalise(lr_arr, "low_res"), normalise(g_arr, "guide")
@@ -623,16 +658,9 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     meta = base_metadata(model, dev, {"low_res": n_lr.note, "guide": n_g.note})
     meta.update(sources=["low_res", "guide"], scale=(H / h, W / w), planes=len(planes),
                 tile=tile, precision=precision, path="exact" if codes else run_path(model, exact),
-                fast_kernel=None if codes else kernel_name(model, exact, cpu_kernels),
+                fast_kernel=FAST_KERNEL[form],
                 timings={"prepare_s": t1 - t0, "network_s": time.perf_counter() - t1})
     return FusionResult(image, code_maps, {}, meta)
-
-
-def kernel_name(model: FusionModel, exact: bool, cpu_kernels: bool) -> str | None:
-    """What ran the fast path (metadata): "numba" (mmf_cpu.py), "torch", or None (exact)."""
-    if run_path(model, exact) != "fast":
-        return None
-    return "numba" if cpu_kernels else "torch"
 
 
 def _guided_plane(model: FusionModel, lr: np.ndarray, g: np.ndarray, dev: torch.device,

@@ -19,8 +19,8 @@ and the rest in element-wise passes, cumulative sums and padding, and the PyTorc
   decoder is dcu_kernel's q -> 1 row convolution with negated taps, so base + decoder.
 
 numba is optional: ``available()`` says whether it imported, is not switched off
-(CSCFUSION_NO_NUMBA) and compiled (engine/numba_jit.py); without it the engine runs the exact
-path (or the PyTorch fast form where asked).
+(CSCFUSION_NO_NUMBA) and compiled (engine/numba_jit.py); without it the fast path runs its
+PyTorch form (engine/mmf.py, ``mmf_form``), with a notice.
 """
 
 from __future__ import annotations
@@ -263,8 +263,13 @@ class MMFChains:
         self.radius, self.eps = int(net.radius), float(net.eps)
 
 
-def applies(net, dtype, device: torch.device, compile: bool) -> bool:
-    """Whether a fast-path run of ``net`` takes these kernels: a one-channel network (1-band
-    low-res, grey guide) in float32 on the CPU, uncompiled, with numba at hand."""
+def suits(net, dtype, device: torch.device, compile: bool) -> bool:
+    """Whether these kernels are the fast path's form for ``net``, numba at hand or not: a
+    one-channel network (1-band low-res, grey guide) in float32 on the CPU, uncompiled."""
     return (device.type == "cpu" and dtype is None and not compile
-            and net.lr_channels == 1 and net.guide_channels == 1 and available())
+            and net.lr_channels == 1 and net.guide_channels == 1)
+
+
+def applies(net, dtype, device: torch.device, compile: bool) -> bool:
+    """Whether a fast-path run of ``net`` takes these kernels: ``suits`` with numba at hand."""
+    return suits(net, dtype, device, compile) and available()

@@ -1,6 +1,7 @@
 """Tiles of CSC-MMFN's low_res geometry (models/mmfn.py): the low-res input at its own
 resolution, the guide's codes area-averaged to it, the guided filter's coefficients fitted
-there and upsampled with half-pixel centres, plus the bicubic upsampling of the input.
+there and upsampled with half-pixel centres, plus the bicubic upsampling of the input; in
+the exact arithmetic, the numba kernels (mmf_cpu.py) or the PyTorch fast form.
 
 ``LowResMMFKernel`` is an MMFKernel (tiling.py's protocol, lazy.py, ``guided_in_parts``) for
 that geometry: its own windows and per-tile arithmetic; per output tile it crops both inputs
@@ -12,11 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..models.folded import folded
 from ..models.mmfn import guided_coefficients
-from . import mmf_cpu
-from .mmf import MMFKernel
+from . import mmf, mmf_cpu
+from .fast import fast_network
+from .mmf import MMF_PIECE, MMFKernel
 from .resample import bicubic_span, bicubic_window, interp_axis
-from .tiling import Box, to_device, to_numpy
+from .tiling import Box, precision_dtype, sub_tiles, to_device, to_numpy
 
 
 def half_pixel_positions(out_range: range, n_in: int, n_out: int,
@@ -41,6 +44,29 @@ def area_bounds(i: int, n_low: int, n_high: int) -> tuple[int, int]:
     return (i * n_high) // n_low, -((-(i + 1) * n_high) // n_low)
 
 
+def area_means(z: torch.Tensor, dim: int, low: tuple[int, int], n_low: int, n_high: int,
+               offset: int) -> torch.Tensor:
+    """z averaged along ``dim`` over the high-res spans (``area_bounds``) of low-res indices
+    [low[0], low[1]); z holds high-res indices from ``offset`` on. Summed in float64, one
+    gather per position in a span (a span has at most ceil(n_high / n_low) + 1 of them):
+    ~one pass over z, where the exact path's dense averaging matrices multiply every row
+    by every column (``area_matrix``)."""
+    bounds = torch.tensor([area_bounds(i, n_low, n_high) for i in range(*low)]) - offset
+    start, stop = bounds[:, 0], bounds[:, 1]
+    shape = [1] * z.ndim
+    shape[dim] = -1
+    at = [slice(None)] * z.ndim
+    acc = None
+    for k in range(int((stop - start).max())):
+        inside = start + k < stop
+        at[dim] = torch.minimum(start + k, stop - 1).to(z.device)
+        term = z[tuple(at)].to(torch.float64)
+        if not bool(inside.all()):
+            term.mul_(inside.to(z.device, torch.float64).view(shape))
+        acc = term if acc is None else acc.add_(term)
+    return acc.div_((stop - start).to(z.device, torch.float64).view(shape))
+
+
 def area_matrix(low: tuple[int, int], n_low: int, n_high: int, offset: int,
                 n_crop: int) -> torch.Tensor:
     """(low rows, crop rows) averaging matrix of low-res indices [low[0], low[1]) over a crop
@@ -53,28 +79,49 @@ def area_matrix(low: tuple[int, int], n_low: int, n_high: int, offset: int,
 
 
 class LowResMMFKernel(MMFKernel):
-    """CSC-MMFN (low_res geometry) on one high-resolution tile; ``net`` is the folded network
-    (``models.folded``: encoders, ``decode_codes``, ``radius_``, ``eps``) of a CSCMMFN whose
-    ``geometry`` is 'low_res' or 'low_res_detail'. Tiles are cut in the guide's (output)
-    coordinates."""
+    """CSC-MMFN (low_res geometry) on one high-resolution tile; ``net`` is a CSCMMFN whose
+    ``geometry`` is 'low_res' or 'low_res_detail', run in the form ``mmf.mmf_form`` names
+    (``self.net``: its folded copy, ``models.folded``, or its PyTorch fast form,
+    ``fast.FastMMF``). Tiles are cut in the guide's (output) coordinates."""
 
     def __init__(self, net, lr_shape: tuple[int, int], hr_shape: tuple[int, int],
-                 device: torch.device, dtype: torch.dtype | None, c: int, q: int, g_c: int,
-                 chains=None):
-        # not MMFKernel.__init__: that prepares the authors' geometry (fast form, halo).
-        # ``chains`` (mmf_cpu.MMFChains): the fast path in the numba kernels, else exact
-        self.net, self.dtype, self.c, self.chains = net, dtype, c, chains
-        self.fast = chains is not None
+                 device: torch.device, precision: str | None = None, compile: bool = False,
+                 exact: bool = True):
+        # not MMFKernel.__init__: that prepares the authors' geometry. ``form`` (mmf.mmf_form):
+        # "numba" (mmf_cpu's kernels), "pytorch" (``torch_image``) or "exact"
+        self.dtype = precision_dtype(precision)
+        self.form = mmf.mmf_form(net, device, self.dtype, compile, exact)
+        mmf.form_notice(net, self.form, device, self.dtype, compile)
+        self.fast = self.form != "exact"
         self.path = "fast" if self.fast else "exact"
-        self.r_lr, self.r_g = net.lr_encoder.radius, net.guide_encoder.radius
+        self.geometry = net.geometry
+        self.chains = mmf_cpu.MMFChains(net) if self.form == "numba" else None
+        if self.form == "pytorch":  # BN folded, channels_last encoders (engine/fast.py)
+            self.net = fast_network("mmf", net, self.dtype, compile=compile)
+            self.r_lr, self.r_g = self.net.lr_radius, self.net.guide_radius
+        else:
+            self.net = folded("mmf", net, self.dtype, compile)
+            self.r_lr, self.r_g = self.net.lr_encoder.radius, self.net.guide_encoder.radius
+        c, q, g_c = net.lr_channels, net.hparams["code_channels"], net.guide_channels
+        self.c, self.q = c, q
         self.lr_shape, self.hr_shape, self.device = tuple(lr_shape), tuple(hr_shape), device
-        self.box = net.radius_
+        self.box = self.net.radius_
         scale = max(hr_shape[0] / lr_shape[0], hr_shape[1] / lr_shape[1])
         # context in output pixels (for the tile-size estimate only; crops are exact)
         self.halo = int(np.ceil((self.r_lr + self.box + 2) * scale)) + self.r_g + 2
-        self.bytes_per_pixel = 4 * (q * 4 + g_c + 2 * c) + 4 * (q * 6 + 2 * c) / (scale * scale)
-        if self.fast:  # the guide's codes; z_L, z_g, [a, b] at low resolution
+        self.piece = MMF_PIECE
+        if self.form == "numba":  # the guide's codes; z_L, z_g, [a, b] at low resolution
             self.bytes_per_pixel = 4 * (q + g_c + 2 * c) + 4 * (q * 4 + 2 * c) / (scale * scale)
+        elif self.form == "pytorch":
+            # the guide encoder's working set (three code maps) at full resolution; z_L,
+            # z_g and its float64 statistics, [a, b] at low resolution; the fused codes and
+            # the decoder in pieces (fixed_bytes)
+            self.bytes_per_pixel = 4 * (3 * q + g_c + 2 * c) + 4 * (q * 12 + 2 * c) / (
+                scale * scale)
+            self.fixed_bytes = 4 * 4 * q * (MMF_PIECE + 2) ** 2
+        else:
+            self.bytes_per_pixel = 4 * (q * 4 + g_c + 2 * c) + 4 * (q * 6 + 2 * c) / (
+                scale * scale)
 
     def windows(self, core: Box) -> dict[int, tuple[tuple[int, int], ...]]:
         """Per axis (y then x), global: D (core +- 1, the decoder's context), the low-res box
@@ -99,7 +146,8 @@ class LowResMMFKernel(MMFKernel):
     def __call__(self, crop, core: Box, stats=None, tick=None) -> dict[str, np.ndarray]:
         lr_np, g_np, core = crop
         if self.fast:
-            image = self.cpu_image(lr_np, g_np, core)
+            image = (self.cpu_image if self.form == "numba" else self.torch_image)(
+                lr_np, g_np, core)
             if tick is not None:
                 tick()
             return {"image": image}
@@ -116,7 +164,7 @@ class LowResMMFKernel(MMFKernel):
             # window means clipped at the crop: right on the rows the coefficients are read
             # at (the box window is grown by the radius), as in the whole image
             a, b = guided_coefficients(z_g, z_l, self.box, self.net.eps)
-            if self.net.geometry == "low_res_detail":  # plus the fit's residual (models/mmfn.py)
+            if self.geometry == "low_res_detail":  # plus the fit's residual (models/mmfn.py)
                 b = z_l - a * z_g
             qy = half_pixel_positions(range(*dy), h, H, dev)
             qx = half_pixel_positions(range(*dx), w, W, dev)
@@ -135,6 +183,51 @@ class LowResMMFKernel(MMFKernel):
         if tick is not None:
             tick()
         return {"image": image}
+
+    def torch_image(self, lr_np: np.ndarray, g_np: np.ndarray, core: Box) -> np.ndarray:
+        """The fast path's tile in PyTorch (a GPU's, and the CPU's without numba): the
+        encoders with batch norm folded (``fastpath.FastMMFN``), the guide's codes
+        area-averaged to the low-res box window and the coefficients with float64 sums and
+        statistics (why float64: ``MMFKernel.fast_image``), then the coefficients'
+        upsampling, the fused codes and the decoder in pieces of ``MMF_PIECE`` px, plus the
+        bicubic base."""
+        (dy, lby, lcy, gcy), (dx, lbx, lcx, gcx) = self.windows(core).values()
+        dev, dt, net, q = self.device, self.dtype, self.net, self.q
+        work = torch.float64 if dt == torch.float64 else torch.float32
+        (h, w), (H, W) = self.lr_shape, self.hr_shape
+        with torch.inference_mode():
+            lr = to_device(lr_np, dev, work)[None]
+            g = to_device(g_np, dev, dt)[None]
+            # NCHW throughout (the resampling gathers give NCHW; mixed formats are slow)
+            z_G = net.guide_encoder(g).to(work).contiguous()
+            z_l = net.lr_encoder(lr.to(dt) if dt else lr)[
+                ..., lby[0] - lcy[0]:lby[1] - lcy[0], lbx[0] - lcx[0]:lbx[1] - lcx[0]].to(work)
+            z_g = area_means(area_means(z_G, 2, lby, h, H, gcy[0]), 3, lbx, w, W, gcx[0])
+            ab = mmf.guided_coefficients(z_g, z_l, self.box, net.eps)
+            if self.geometry == "low_res_detail":  # b plus the fit's residual (models/mmfn.py)
+                ab[:, q:] = (z_l - ab[:, :q] * z_g).to(work)
+            del z_g, z_l
+            out = lr.new_empty((1, self.c, core[1] - core[0], core[3] - core[2]))
+            for t in sub_tiles(core, (dy[0], dy[1], dx[0], dx[1]), self.piece, 1):  # decoder: 1 px
+                (y0, y1), (x0, x1) = t.crop[:2], t.crop[2:]
+                sy, sx = half_pixel_span(y0, y1, h, H), half_pixel_span(x0, x1, w, W)
+                c = ab[..., sy[0] - lby[0]:sy[1] - lby[0], sx[0] - lbx[0]:sx[1] - lbx[0]]
+                c = interp_axis(c, 3, half_pixel_positions(range(x0, x1), w, W, dev), sx[0], w,
+                                lerp=True)
+                c = interp_axis(c, 2, half_pixel_positions(range(y0, y1), h, H, dev), sy[0], h,
+                                lerp=True)
+                z_f = c[:, :q].mul_(z_G[..., y0 - gcy[0]:y1 - gcy[0], x0 - gcx[0]:x1 - gcx[0]])
+                z_f.add_(c[:, q:])
+                del c
+                dec = net.decode_codes(z_f.to(dt) if dt else z_f).to(work)
+                iy0, iy1, ix0, ix1 = t.inner
+                c0, c1, c2, c3 = t.core
+                out[..., c0 - core[0]:c1 - core[0], c2 - core[2]:c3 - core[2]] = \
+                    dec[..., iy0:iy1, ix0:ix1]
+            del z_G
+            base = bicubic_window(lr_np, (lcy[0], lcx[0]), (h, w), (H, W), core)
+            out = out[0].add_(to_device(base, dev, work))
+            return to_numpy(out.clamp_(0.0, 1.0))
 
     def cpu_image(self, lr_np: np.ndarray, g_np: np.ndarray, core: Box) -> np.ndarray:
         """The fast path's tile in the numba kernels (mmf_cpu.py): both encoders, the guide's

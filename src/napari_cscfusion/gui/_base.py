@@ -12,7 +12,6 @@ inputs do not fit). Running, cancelling, progress, errors and output layers are 
 from __future__ import annotations
 
 import contextlib
-import time
 
 from magicgui.widgets import CheckBox, ComboBox, Container, ProgressBar, PushButton
 from napari.utils.notifications import show_error, show_warning
@@ -33,7 +32,7 @@ from ._common import (
 )
 from ._running import PROGRESS_STEPS, RunState
 from ._state import CancelToken, FusionJob, OutputTracker, RunOutcome
-from ._worker import make_worker, timing_text
+from ._worker import make_worker
 
 CUSTOM = "custom (see Advanced settings)"
 COMPARE, UNCOMPARE = "Compare side by side", "Back to the previous view"
@@ -92,7 +91,6 @@ class FusionWidget(RunState, Container):
         self.compare_button.changed.connect(self.toggle_compare)
         self._compare_saved: dict | None = None  # the view before "compare"
         self._compare_layers: list = []  # sources and result of the last run
-        self._running_text = ""
         if self.preset is not None:
             self.preset.changed.connect(self._apply_preset)
             for name in {k for p in self.PRESETS.values() for k in p}:
@@ -101,7 +99,6 @@ class FusionWidget(RunState, Container):
             self._apply_preset()
         self._tracker = OutputTracker()
         self._init_run_state()
-        self._started = 0.0
         self.last_outputs: list = []  # the layers the last run added
         self._job_key: tuple = ()  # the running job's key: holds its source layers' ids
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -136,13 +133,6 @@ class FusionWidget(RunState, Container):
         if values is not None and any(getattr(self, k).value != v for k, v in values.items()):
             self.preset.value = CUSTOM
 
-    def _poll_progress(self) -> None:
-        if self._token is not None:
-            self.progress.value = int(round(self._token.fraction * PROGRESS_STEPS))
-            elapsed = time.perf_counter() - self._started
-            timing = timing_text(elapsed, self._token.fraction)  # + time left, runs over 3 s
-            self.status.value = f"{self._running_text} ({timing or f'{elapsed:.0f} s'})"
-
     # --- actions --------------------------------------------------------------------------------
     def run(self, *_) -> None:
         if self.running:
@@ -161,10 +151,9 @@ class FusionWidget(RunState, Container):
         worker.errored.connect(lambda exc, token=token: self._on_crashed(token, exc))
         self._worker, self._token = worker, token
         self._job_key = job.key
-        self._started = time.perf_counter()
+        self._start_clock()
         self.progress.value = 0
-        self._running_text = f"running {self.title}…"
-        self.status.value = f"{self._running_text} (0 s)"
+        self._show_running(f"running {self.title}…")
         self._set_running(True)
         worker.start()
 
@@ -195,9 +184,7 @@ class FusionWidget(RunState, Container):
     def _on_yielded(self, value) -> None:
         done, total = value
         if total > 1 and self._token is not None:
-            self._running_text = f"running {self.title}: slice {done} of {total} done"
-            elapsed = time.perf_counter() - self._started
-            self.status.value = f"{self._running_text} ({elapsed:.0f} s)"
+            self._show_running(f"running {self.title}: slice {done} of {total} done")
 
     def _on_crashed(self, token: CancelToken, exc: BaseException) -> None:
         # run_job returns its errors; this is only reached for a bug in the worker itself,

@@ -1,15 +1,21 @@
 """The run state every background widget shares: Run / Cancel enabled by turn, the progress bar
-polled from the worker's CancelToken, and the token cancelled when the widget is destroyed.
+polled from the worker's CancelToken with the elapsed time and an estimate of the time left in
+the status (runs over a few seconds, issue 18), and the token cancelled when the widget is
+destroyed.
 
-Mixed into a magicgui Container that has ``run_button``, ``cancel_button`` and ``progress``
-(a ProgressBar of PROGRESS_STEPS); call ``_init_run_state()`` after making them.
+Mixed into a magicgui Container that has ``run_button``, ``cancel_button``, ``progress`` (a
+ProgressBar of PROGRESS_STEPS) and ``status`` (a Label); call ``_init_run_state()`` after
+making them, and ``_show_running(text)`` when a run starts and as it goes.
 """
 
 from __future__ import annotations
 
+import time
+
 from qtpy.QtCore import QTimer
 
 from ._state import CancelToken
+from ._worker import timing_text
 
 PROGRESS_STEPS = 1000
 
@@ -18,6 +24,8 @@ class RunState:
     def _init_run_state(self) -> None:
         self._worker = None
         self._token: CancelToken | None = None
+        self._started = 0.0  # the running job's start (perf_counter)
+        self._running_text = ""  # what the status says of it, before the timing
         self._timer = QTimer(self.native)
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll_progress)
@@ -44,6 +52,19 @@ class RunState:
     def _poll_progress(self) -> None:
         if self._token is not None:
             self.progress.value = int(round(self._token.fraction * PROGRESS_STEPS))
+            self._show_running(self._running_text)
+
+    def _start_clock(self) -> None:
+        self._started = time.perf_counter()
+
+    def _show_running(self, text: str) -> None:
+        """The status of a running job: ``text`` and the time so far ("running …
+        (12 s elapsed, about 30 s left)": ``timing_text``; a short run shows seconds only)."""
+        self._running_text = text
+        elapsed = time.perf_counter() - self._started
+        fraction = self._token.fraction if self._token is not None else 0.0
+        timing = timing_text(elapsed, fraction)
+        self.status.value = f"{text} ({timing or f'{elapsed:.0f} s'})"
 
     def _stop(self) -> bool:
         """Cancel the running worker's token and make the widget ready again; False when

@@ -285,7 +285,8 @@ class BatchFusionWidget(RunState, Container):
         self.failures.visible = False
         self.open_button.enabled = False
         self.progress.value = 0
-        self.status.value = f"fusing {len(plan)} item(s)…"
+        self._start_clock()
+        self._show_running(f"fusing {len(plan)} item(s)…")
         self._set_running(True)
         worker.start()
 
@@ -303,8 +304,8 @@ class BatchFusionWidget(RunState, Container):
             self.failures.visible = True
             self.failures.value += f"{outcome.item.name}: {outcome.error}\n"
         self._done += 1
-        self.status.value = (f"{self._done} of {len(self._plan)}: {outcome.item.name} "
-                             f"{outcome.status}")
+        self._show_running(f"{self._done} of {len(self._plan)}: {outcome.item.name} "
+                           f"{outcome.status}")
 
     def _on_done(self, token: CancelToken, summary: BatchSummary) -> None:
         self.last_summary = summary
