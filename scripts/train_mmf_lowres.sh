@@ -22,6 +22,11 @@
 #      -> runs/guide/lrd0.best.pt
 #   5. a continuation of a stage-4 file (INIT=, default runs/guide/lrd1.best.pt), a fresh
 #      cosine from ${LR:-2e-4} over ${EPOCHS:-15} epochs -> runs/guide/lrd2.best.pt
+#   6. (2026-12-07, third try) a continuation of a stage-4 file (INIT=, default
+#      runs/guide/lrd1.best.pt = mmf.pt) weighted towards the target scale: scales
+#      ${SCALES:-3 4} (half the batches an integer in that range, half uniform), crops
+#      ${CROP:-64} px, a fresh cosine from ${LR:-2e-4} over ${EPOCHS:-12} epochs, every epoch
+#      kept -> ${OUT:-runs/guide/lrd4.pt}
 set -e
 cd "$(dirname "$0")/.."
 mkdir -p runs/guide
@@ -44,6 +49,13 @@ if [ "${STAGE:-1}" = 5 ]; then
     --init "${INIT:-runs/guide/lrd1.best.pt}" --epochs ${EPOCHS:-15} --batch-size 16 --crop 64 \
     --lr ${LR:-2e-4} --schedule cosine --warmup-steps 10 --max-grad-norm 1 \
     --nonnegative-thresholds --seed ${SEED:-9} --threads 1 --no-progress "$@"
+fi
+if [ "${STAGE:-1}" = 6 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res_detail --out "${OUT:-runs/guide/lrd4.pt}" \
+    --init "${INIT:-runs/guide/lrd1.best.pt}" --epochs ${EPOCHS:-12} --batch-size 16 \
+    --crop ${CROP:-64} --scales ${SCALES:-3 4} --lr ${LR:-2e-4} --schedule cosine \
+    --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds --seed ${SEED:-11} \
+    --threads 1 --keep-epochs --no-progress "$@"
 fi
 if [ "${STAGE:-1}" = 3 ]; then
   OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res --out runs/guide/lr3.pt --init "${INIT:-runs/guide/lr1.best.pt}" \

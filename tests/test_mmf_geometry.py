@@ -189,6 +189,29 @@ def test_train_low_res_geometry_writes_it_and_feeds_plain_low_res_crops(tmp_path
               progress=False, device="cpu")
 
 
+@pytest.mark.skipif(not (DATA / "ivf" / "flir_train").is_dir(),
+                    reason=missing("data/ivf/flir_train"))
+def test_train_scales_option_sets_the_batches_scales_and_is_recorded(tmp_path, monkeypatch):
+    from napari_cscfusion.training import data as D
+    from napari_cscfusion.training.cli import main
+
+    monkeypatch.setenv(D.DATA_ENV, str(DATA))
+    src = D.MMFPairs(DATA, crop=24, batch_size=2, lr_input="native", scales=(3.0, 4.0))
+    scales = [float(src.batch(0, i)["scale"]) for i in range(12)]
+    assert all(3.0 <= s <= 4.0 for s in scales) and 3.0 in scales and 4.0 in scales
+    out = tmp_path / "m.pt"
+    assert main(["train", "mmf", "--geometry", "low_res_detail", "--out", str(out),
+                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "24",
+                 "--code-channels", "8", "--num-dcus", "1", "--scales", "4", "4",
+                 "--no-progress"]) == 0
+    tr = load_network("mmf", out)[1]["header"]["training"]
+    assert "scale 4.0-4.0" in tr["augment"]
+    for bad in (["mmf", "--scales", "1", "4"], ["mmf", "--scales", "4", "3"],
+                ["mef", "--scales", "2", "4"]):
+        with pytest.raises(SystemExit, match="--scales"):
+            main(["train", bad[0], "--out", str(tmp_path / "x.pt"), *bad[1:], "--no-progress"])
+
+
 def test_cli_runs_low_res_weights_as_the_api_does(tmp_path):
     import tifffile
 

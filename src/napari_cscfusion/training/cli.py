@@ -53,6 +53,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "is then the plain low-res crop); 'low_res_detail' adds the input's "
                         "codes that the fit leaves (the packaged mmf.pt); default 'authors' "
                         "(bicubic pre-upsampled input)")
+    p.add_argument("--scales", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="mmf: downsampling scale per batch, half the batches an integer in "
+                        "LO..HI, half uniform in [LO, HI] (default 2 4)")
     p.add_argument("--halo-weight", type=float, default=0.0, help="mef: weight of mean|grad Y|")
     p.add_argument("--counts", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="mef: exposures per training bracket, random in LO..HI (default 2 16)")
@@ -131,6 +134,13 @@ def run_train(args: argparse.Namespace) -> int:
             raise SystemExit("--geometry is only for mmf")
         hparams["geometry"] = args.geometry
         source["lr_input"] = "native" if args.geometry in LOW_RES_GEOMETRIES else "bicubic"
+    if args.scales is not None:
+        if args.task != "mmf":
+            raise SystemExit("--scales is only for mmf")
+        lo, hi = args.scales
+        if not 1 < lo <= hi:
+            raise SystemExit(f"--scales: expected 1 < LO <= HI, got {lo:g} {hi:g}")
+        source["scales"] = (lo, hi)
     for opt, key in (("counts", "counts"), ("spacing", "spacing"), ("black_level", "black"),
                      ("cover_prob", "cover_prob")):
         if getattr(args, opt) is not None:
