@@ -27,6 +27,11 @@
 #      ${SCALES:-3 4} (half the batches an integer in that range, half uniform), crops
 #      ${CROP:-64} px, a fresh cosine from ${LR:-2e-4} over ${EPOCHS:-12} epochs, every epoch
 #      kept -> ${OUT:-runs/guide/lrd4.pt}
+#   7. (2026-12-07, third try) a deeper guide backbone: a stage-4 file (INIT=, default
+#      runs/guide/lrd1.best.pt = mmf.pt) with ${GUIDE_DCUS:-6} DCUs in the guide's backbone
+#      (the extra units start as identities, models.mmfn.deepen_guide), scales ${SCALES:-2 4},
+#      a fresh cosine from ${LR:-5e-4} over ${EPOCHS:-12} epochs, every epoch kept
+#      -> ${OUT:-runs/guide/lrd6.pt}
 set -e
 cd "$(dirname "$0")/.."
 mkdir -p runs/guide
@@ -56,6 +61,13 @@ if [ "${STAGE:-1}" = 6 ]; then
     --crop ${CROP:-64} --scales ${SCALES:-3 4} --lr ${LR:-2e-4} --schedule cosine \
     --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds --seed ${SEED:-11} \
     --threads 1 --keep-epochs --no-progress "$@"
+fi
+if [ "${STAGE:-1}" = 7 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res_detail --out "${OUT:-runs/guide/lrd6.pt}" \
+    --init "${INIT:-runs/guide/lrd1.best.pt}" --guide-dcus ${GUIDE_DCUS:-6} --epochs ${EPOCHS:-12} \
+    --batch-size 16 --crop ${CROP:-64} --scales ${SCALES:-2 4} --lr ${LR:-5e-4} \
+    --schedule cosine --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds \
+    --seed ${SEED:-12} --threads 1 --keep-epochs --no-progress "$@"
 fi
 if [ "${STAGE:-1}" = 3 ]; then
   OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res --out runs/guide/lr3.pt --init "${INIT:-runs/guide/lr1.best.pt}" \

@@ -47,6 +47,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--code-channels", type=int, default=None, help="architecture (mmf only)")
     p.add_argument("--num-dcus", type=int, default=None, help="architecture (mmf only)")
+    p.add_argument("--guide-dcus", type=int, default=None, metavar="N",
+                   help="mmf: DCUs of the guide's backbone (default --num-dcus); with --init, "
+                        "the extra units start as copies of the file's last one")
     p.add_argument("--geometry", choices=MMF_GEOMETRIES, default=None,
                    help="mmf: 'low_res' keeps the low-res input at its resolution, fits the "
                         "guided filter there and adds a bicubic base (models.mmfn; the input "
@@ -128,6 +131,11 @@ def run_train(args: argparse.Namespace) -> int:
             hparams["code_channels"] = args.code_channels
         if args.num_dcus:
             hparams["num_dcus"] = args.num_dcus
+    if args.guide_dcus is not None:
+        if args.task != "mmf" or args.guide_dcus < 1:
+            raise SystemExit(f"--guide-dcus: a number >= 1, for mmf only (got "
+                             f"{args.guide_dcus} for {args.task})")
+        hparams["guide_num_dcus"] = args.guide_dcus
     source = {}
     if args.geometry is not None:
         if args.task != "mmf":
