@@ -198,7 +198,7 @@ def test_train_low_res_geometry_writes_it_and_feeds_plain_low_res_crops(tmp_path
 
 @pytest.mark.skipif(not (DATA / "ivf" / "flir_train").is_dir(),
                     reason=missing("data/ivf/flir_train"))
-def test_train_scales_and_guide_dcus_options(tmp_path, monkeypatch):
+def test_train_scales_flat_guide_and_guide_dcus_options(tmp_path, monkeypatch):
     from napari_cscfusion.training import data as D
     from napari_cscfusion.training.cli import main
 
@@ -206,13 +206,20 @@ def test_train_scales_and_guide_dcus_options(tmp_path, monkeypatch):
     src = D.MMFPairs(DATA, crop=24, batch_size=2, lr_input="native", scales=(3.0, 4.0))
     scales = [float(src.batch(0, i)["scale"]) for i in range(12)]
     assert all(3.0 <= s <= 4.0 for s in scales) and 3.0 in scales and 4.0 in scales
+    # --flat-guide: the same crops, every guide a constant at its crop's mean
+    flat = D.MMFPairs(DATA, crop=24, batch_size=2, lr_input="native", scales=(3.0, 4.0),
+                      flat_guide=True).batch(0, 1)
+    real = src.batch(0, 1)
+    assert torch.equal(flat["lr"], real["lr"]) and torch.equal(flat["target"], real["target"])
+    assert torch.equal(flat["guide"].amin((2, 3)), flat["guide"].amax((2, 3)))
+    torch.testing.assert_close(flat["guide"].mean((2, 3)), real["guide"].mean((2, 3)))
     out = tmp_path / "m.pt"
     assert main(["train", "mmf", "--geometry", "low_res_detail", "--out", str(out),
                  "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "24",
                  "--code-channels", "8", "--num-dcus", "1", "--scales", "4", "4",
-                 "--no-progress"]) == 0
+                 "--flat-guide", "--no-progress"]) == 0
     tr = load_network("mmf", out)[1]["header"]["training"]
-    assert "scale 4.0-4.0" in tr["augment"]
+    assert "scale 4.0-4.0" in tr["augment"] and tr["guide"].startswith("flat")
     # from that file with a deeper guide backbone (models.mmfn.deepen_guide)
     deep = tmp_path / "deep.pt"
     assert main(["train", "mmf", "--geometry", "low_res_detail", "--init", str(out),
@@ -223,7 +230,7 @@ def test_train_scales_and_guide_dcus_options(tmp_path, monkeypatch):
     assert info["header"]["hparams"]["guide_num_dcus"] == 3
     for bad in (["mmf", "--scales", "1", "4"], ["mmf", "--scales", "4", "3"],
                 ["mef", "--scales", "2", "4"], ["mmf", "--guide-dcus", "0"],
-                ["ivf", "--guide-dcus", "4"]):
+                ["ivf", "--guide-dcus", "4"], ["ivf", "--flat-guide"]):
         with pytest.raises(SystemExit, match=bad[1]):
             main(["train", bad[0], "--out", str(tmp_path / "x.pt"), *bad[1:], "--no-progress"])
 

@@ -59,6 +59,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scales", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="mmf: downsampling scale per batch, half the batches an integer in "
                         "LO..HI, half uniform in [LO, HI] (default 2 4)")
+    p.add_argument("--flat-guide", action="store_true",
+                   help="mmf: every training guide a constant at its crop's mean: the network "
+                        "trained without a guide (a baseline for what the guide adds, not a "
+                        "guided model)")
     p.add_argument("--halo-weight", type=float, default=0.0, help="mef: weight of mean|grad Y|")
     p.add_argument("--counts", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="mef: exposures per training bracket, random in LO..HI (default 2 16)")
@@ -149,6 +153,10 @@ def run_train(args: argparse.Namespace) -> int:
         if not 1 < lo <= hi:
             raise SystemExit(f"--scales: expected 1 < LO <= HI, got {lo:g} {hi:g}")
         source["scales"] = (lo, hi)
+    if args.flat_guide:
+        if args.task != "mmf":
+            raise SystemExit("--flat-guide is only for mmf")
+        source["flat_guide"] = True
     for opt, key in (("counts", "counts"), ("spacing", "spacing"), ("black_level", "black"),
                      ("cover_prob", "cover_prob")):
         if getattr(args, opt) is not None:
