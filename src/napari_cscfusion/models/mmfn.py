@@ -18,6 +18,10 @@ Three geometries (``hparams["geometry"]``, recorded in the weights file's header
   flat guide (a = 0) the fused codes are the input's own codes upsampled rather than their
   3x3 window mean, so the decoder can sharpen the input by itself as the authors' geometry
   does, and the guide's detail a (z_guide - z_guide_low) is added on top.
+
+``guide_num_dcus`` (hparams, only where it differs from ``num_dcus``; read off the tensors
+when a file is loaded): a guide backbone deeper than the low-res one (same code channels, as
+the guided filter pairs them channel by channel); ``deepen_guide`` grows a trained file's.
 """
 
 from __future__ import annotations
