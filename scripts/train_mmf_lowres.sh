@@ -27,7 +27,8 @@
 #      ${SCALES:-3 4} (half the batches an integer in that range, half uniform), crops
 #      ${CROP:-64} px, a fresh cosine from ${LR:-2e-4} over ${EPOCHS:-12} epochs, every epoch
 #      kept -> ${OUT:-runs/guide/lrd4.pt} (2026-12-07: 12 epochs, 14 min; CROP=96 OUT=runs/guide/lrd5.pt
-#      27 min; x4 flat-guide cost on validation 0.17 / 0.18 dB, as mmf.pt's 0.16: not shipped,
+#      27 min; SCALES="4 4" SEED=14 OUT=runs/guide/lrd9.pt 14 min; x4 flat-guide cost on
+#      validation 0.17 / 0.18 / 0.18 dB, as mmf.pt's 0.16: not shipped,
 #      weights/README.md "A guide that matters, third try")
 #   7. (2026-12-07, third try) a deeper guide backbone: a stage-4 file (INIT=, default
 #      runs/guide/lrd1.best.pt = mmf.pt) with ${GUIDE_DCUS:-6} DCUs in the guide's backbone
