@@ -22,6 +22,23 @@
 #      -> runs/guide/lrd0.best.pt
 #   5. a continuation of a stage-4 file (INIT=, default runs/guide/lrd1.best.pt), a fresh
 #      cosine from ${LR:-2e-4} over ${EPOCHS:-15} epochs -> runs/guide/lrd2.best.pt
+#   6. (2026-12-07, third try) a continuation of a stage-4 file (INIT=, default
+#      runs/guide/lrd1.best.pt = mmf.pt) weighted towards the target scale: scales
+#      ${SCALES:-3 4} (half the batches an integer in that range, half uniform), crops
+#      ${CROP:-64} px, a fresh cosine from ${LR:-2e-4} over ${EPOCHS:-12} epochs, every epoch
+#      kept -> ${OUT:-runs/guide/lrd4.pt} (2026-12-07: 12 epochs, 14 min; CROP=96 OUT=runs/guide/lrd5.pt
+#      27 min; SCALES="4 4" SEED=14 OUT=runs/guide/lrd9.pt 14 min; x4 flat-guide cost on
+#      validation 0.17 / 0.18 / 0.18 dB, as mmf.pt's 0.16: not shipped,
+#      weights/README.md "A guide that matters, third try")
+#   7. (2026-12-07, third try) a deeper guide backbone: a stage-4 file (INIT=, default
+#      runs/guide/lrd1.best.pt = mmf.pt) with ${GUIDE_DCUS:-6} DCUs in the guide's backbone
+#      (the extra units start as identities, models.mmfn.deepen_guide), scales ${SCALES:-2 4},
+#      a fresh cosine from ${LR:-5e-4} over ${EPOCHS:-12} epochs, every epoch kept
+#      -> ${OUT:-runs/guide/lrd6.pt} (2026-12-07: 12 epochs, 23 min; x4 flat-guide cost on
+#      validation 0.17 dB: not shipped). The same README section's other two runs:
+#      STAGE=6 SCALES="2 4" SEED=13 OUT=runs/guide/lrd8_noguide.pt sh $0 --flat-guide
+#      (the guide-free baseline) and STAGE=4 sh $0 --out runs/guide/lrd7.pt --epochs 80
+#      --steps-per-epoch 5 --keep-epochs (stage 4 traced every 5 steps; stopped after 150)
 set -e
 cd "$(dirname "$0")/.."
 mkdir -p runs/guide
@@ -44,6 +61,20 @@ if [ "${STAGE:-1}" = 5 ]; then
     --init "${INIT:-runs/guide/lrd1.best.pt}" --epochs ${EPOCHS:-15} --batch-size 16 --crop 64 \
     --lr ${LR:-2e-4} --schedule cosine --warmup-steps 10 --max-grad-norm 1 \
     --nonnegative-thresholds --seed ${SEED:-9} --threads 1 --no-progress "$@"
+fi
+if [ "${STAGE:-1}" = 6 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res_detail --out "${OUT:-runs/guide/lrd4.pt}" \
+    --init "${INIT:-runs/guide/lrd1.best.pt}" --epochs ${EPOCHS:-12} --batch-size 16 \
+    --crop ${CROP:-64} --scales ${SCALES:-3 4} --lr ${LR:-2e-4} --schedule cosine \
+    --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds --seed ${SEED:-11} \
+    --threads 1 --keep-epochs --no-progress "$@"
+fi
+if [ "${STAGE:-1}" = 7 ]; then
+  OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res_detail --out "${OUT:-runs/guide/lrd6.pt}" \
+    --init "${INIT:-runs/guide/lrd1.best.pt}" --guide-dcus ${GUIDE_DCUS:-6} --epochs ${EPOCHS:-12} \
+    --batch-size 16 --crop ${CROP:-64} --scales ${SCALES:-2 4} --lr ${LR:-5e-4} \
+    --schedule cosine --warmup-steps 10 --max-grad-norm 1 --nonnegative-thresholds \
+    --seed ${SEED:-12} --threads 1 --keep-epochs --no-progress "$@"
 fi
 if [ "${STAGE:-1}" = 3 ]; then
   OMP_NUM_THREADS=1 exec nice -n 19 $PY --geometry low_res --out runs/guide/lr3.pt --init "${INIT:-runs/guide/lr1.best.pt}" \

@@ -18,10 +18,11 @@ from napari_cscfusion.models.mmfn import CSCMMFN
 from ._shared import CKPT, DATA, MMF_AUTHORS_GEOMETRY, missing
 
 
-def _low_res_net(lr_channels=1, guide_channels=1, seed=0, geometry="low_res") -> CSCMMFN:
+def _low_res_net(lr_channels=1, guide_channels=1, seed=0, geometry="low_res",
+                 guide_num_dcus=None) -> CSCMMFN:
     torch.manual_seed(seed)
     net = CSCMMFN(lr_channels, guide_channels, code_channels=8, num_dcus=2,
-                  geometry=geometry).eval()
+                  geometry=geometry, guide_num_dcus=guide_num_dcus).eval()
     with torch.no_grad():  # visible residuals, codes with structure (not all thresholded)
         net.decoder.weight.mul_(5)
     return net
@@ -78,12 +79,18 @@ def test_low_res_base_is_bicubic_of_the_low_res_input():
         assert np.abs(out[0, 0].numpy() - ref).max() < 1e-5
 
 
-@pytest.mark.parametrize("geometry", ["low_res", "low_res_detail"])
+# (geometry, DCUs of the guide's backbone: None = as the low-res one's, 2; 4 = deeper, whose
+# tiles need the guide's larger context)
+@pytest.mark.parametrize("geometry", [("low_res", None), ("low_res_detail", None),
+                                      ("low_res_detail", 4)])
 @pytest.mark.parametrize("channels", [(1, 1), (3, 3)])
 def test_low_res_tiles_equal_the_whole_image(channels, geometry, tmp_path):
     c, g_c = channels
-    model = _saved(_low_res_net(c, g_c, geometry=geometry), tmp_path / "low.pt")
+    geometry, guide_dcus = geometry
+    model = _saved(_low_res_net(c, g_c, geometry=geometry, guide_num_dcus=guide_dcus),
+                   tmp_path / "low.pt")
     assert model.network.geometry == geometry
+    assert len(model.network.guide_encoder.dcus) == (guide_dcus or 2)
     guide = _scene(61, 77, 1)
     guide_in = guide if g_c == 1 else np.stack([guide, guide ** 2, 1 - guide], -1)
     for size in ((30, 38), (20, 25), (23, 31)):  # x2 (rounded), ~x3, non-integer x2.65/2.48
@@ -195,6 +202,68 @@ def test_train_low_res_geometry_writes_it_and_feeds_plain_low_res_crops(tmp_path
         train("mmf", tmp_path / "x.pt", epochs=1, steps_per_epoch=1, batch_size=2, crop=24, lr=1e-3,
               hparams={"code_channels": 8, "num_dcus": 1, "geometry": "low_res"},
               progress=False, device="cpu")
+
+
+@pytest.mark.skipif(not (DATA / "ivf" / "flir_train").is_dir(),
+                    reason=missing("data/ivf/flir_train"))
+def test_train_scales_flat_guide_and_guide_dcus_options(tmp_path, monkeypatch):
+    from napari_cscfusion.training import data as D
+    from napari_cscfusion.training.cli import main
+
+    monkeypatch.setenv(D.DATA_ENV, str(DATA))
+    src = D.MMFPairs(DATA, crop=24, batch_size=2, lr_input="native", scales=(3.0, 4.0))
+    scales = [float(src.batch(0, i)["scale"]) for i in range(12)]
+    assert all(3.0 <= s <= 4.0 for s in scales) and 3.0 in scales and 4.0 in scales
+    # --flat-guide: the same crops, every guide a constant at its crop's mean
+    flat = D.MMFPairs(DATA, crop=24, batch_size=2, lr_input="native", scales=(3.0, 4.0),
+                      flat_guide=True).batch(0, 1)
+    real = src.batch(0, 1)
+    assert torch.equal(flat["lr"], real["lr"]) and torch.equal(flat["target"], real["target"])
+    assert torch.equal(flat["guide"].amin((2, 3)), flat["guide"].amax((2, 3)))
+    torch.testing.assert_close(flat["guide"].mean((2, 3)), real["guide"].mean((2, 3)))
+    out = tmp_path / "m.pt"
+    assert main(["train", "mmf", "--geometry", "low_res_detail", "--out", str(out),
+                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "24",
+                 "--code-channels", "8", "--num-dcus", "1", "--scales", "4", "4",
+                 "--flat-guide", "--no-progress"]) == 0
+    tr = load_network("mmf", out)[1]["header"]["training"]
+    assert "scale 4.0-4.0" in tr["augment"] and tr["guide"].startswith("flat")
+    # from that file with a deeper guide backbone (models.mmfn.deepen_guide)
+    deep = tmp_path / "deep.pt"
+    assert main(["train", "mmf", "--geometry", "low_res_detail", "--init", str(out),
+                 "--guide-dcus", "3", "--out", str(deep), "--epochs", "1", "--steps-per-epoch",
+                 "1", "--batch-size", "2", "--crop", "24", "--no-progress"]) == 0
+    net, info = load_network("mmf", deep)
+    assert len(net.guide_encoder.dcus) == 3 and len(net.lr_encoder.dcus) == 1
+    assert info["header"]["hparams"]["guide_num_dcus"] == 3
+    for bad in (["mmf", "--scales", "1", "4"], ["mmf", "--scales", "4", "3"],
+                ["mef", "--scales", "2", "4"], ["mmf", "--guide-dcus", "0"],
+                ["ivf", "--guide-dcus", "4"], ["ivf", "--flat-guide"]):
+        with pytest.raises(SystemExit, match=bad[1]):
+            main(["train", bad[0], "--out", str(tmp_path / "x.pt"), *bad[1:], "--no-progress"])
+
+
+def test_deeper_guide_starts_as_the_shallower_network_and_loads_from_its_tensors(tmp_path):
+    from napari_cscfusion.models.mmfn import deepen_guide
+
+    net = _low_res_net(geometry="low_res_detail")
+    guides = torch.from_numpy(np.stack([_scene(48, 48, s) for s in range(4)])[:, None])
+    deeper = deepen_guide(net, 4, guides)
+    assert len(deeper.guide_encoder.dcus) == 4 and len(deeper.lr_encoder.dcus) == 2
+    assert deeper.hparams["guide_num_dcus"] == 4 and not deeper.training
+    lr = torch.from_numpy(cv2.resize(_scene(48, 48, 7), (16, 16),
+                                     interpolation=cv2.INTER_AREA))[None, None]
+    g = torch.from_numpy(_scene(48, 48, 7))[None, None]
+    with torch.no_grad():  # the extra units are identities at inference
+        assert (deeper(lr, g) - net(lr, g)).abs().max() < 1e-5
+        deeper.guide_encoder.dcus[3].adjoint.weight.add_(0.1)  # trainable: they can change it
+        assert (deeper(lr, g) - net(lr, g)).abs().max() > 1e-3
+    model = _saved(deeper, tmp_path / "deep.pt")  # the unit count is read off the tensors
+    assert model.network.hparams["guide_num_dcus"] == 4
+    assert len(model.network.guide_encoder.dcus) == 4
+    assert "guide_num_dcus" not in _saved(net, tmp_path / "plain.pt").network.hparams
+    with pytest.raises(ValueError, match="at least the network's 2"):
+        deepen_guide(net, 1, guides)
 
 
 def test_cli_runs_low_res_weights_as_the_api_does(tmp_path):

@@ -180,10 +180,14 @@ def infer_hparams(task: str, sd: Mapping[str, torch.Tensor]) -> dict:
                 "num_dcus": _count(keys, r"base\.dcus\.(\d+)\.")}
     if task == "mmf":
         w = sd["lr_encoder.stem.conv.weight"]
-        return {"lr_channels": w.shape[1],
-                "guide_channels": sd["guide_encoder.stem.conv.weight"].shape[1],
-                "code_channels": w.shape[0],
-                "num_dcus": _count(keys, r"lr_encoder\.dcus\.(\d+)\.")}
+        hp = {"lr_channels": w.shape[1],
+              "guide_channels": sd["guide_encoder.stem.conv.weight"].shape[1],
+              "code_channels": w.shape[0],
+              "num_dcus": _count(keys, r"lr_encoder\.dcus\.(\d+)\.")}
+        guide_dcus = _count(keys, r"guide_encoder\.dcus\.(\d+)\.")
+        if guide_dcus != hp["num_dcus"]:  # a deeper guide backbone
+            hp["guide_num_dcus"] = guide_dcus
+        return hp
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 

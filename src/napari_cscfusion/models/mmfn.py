@@ -18,6 +18,10 @@ Three geometries (``hparams["geometry"]``, recorded in the weights file's header
   flat guide (a = 0) the fused codes are the input's own codes upsampled rather than their
   3x3 window mean, so the decoder can sharpen the input by itself as the authors' geometry
   does, and the guide's detail a (z_guide - z_guide_low) is added on top.
+
+``guide_num_dcus`` (hparams, only where it differs from ``num_dcus``; read off the tensors
+when a file is loaded): a guide backbone deeper than the low-res one (same code channels, as
+the guided filter pairs them channel by channel); ``deepen_guide`` grows a trained file's.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def fast_guided_filter(
 class CSCMMFN(nn.Module):
     def __init__(self, lr_channels: int = 31, guide_channels: int = 3, code_channels: int = 256,
                  num_dcus: int = 3, radius: int = 1, eps: float = 1e-4,
-                 geometry: str = "authors"):
+                 geometry: str = "authors", guide_num_dcus: int | None = None):
         super().__init__()
         if geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
@@ -110,14 +114,18 @@ class CSCMMFN(nn.Module):
                         "radius": radius, "eps": eps}
         if geometry != "authors":  # files of the authors' geometry keep their hparams as they were
             self.hparams["geometry"] = geometry
+        # the guide's backbone may be deeper than the low-res one (codes of the same channels:
+        # the guided filter pairs them channel by channel); recorded only where it differs
+        if guide_num_dcus is not None and guide_num_dcus != num_dcus:
+            self.hparams["guide_num_dcus"] = guide_num_dcus
         self.radius, self.eps, self.geometry = radius, eps, geometry
 
-        def backbone(c: int) -> CSCEncoder:
-            return CSCEncoder(c, code_channels, num_dcus, "sst", stem=True, stem_norm=False,
+        def backbone(c: int, n: int) -> CSCEncoder:
+            return CSCEncoder(c, code_channels, n, "sst", stem=True, stem_norm=False,
                               nonnegative_threshold=True)
 
-        self.lr_encoder = backbone(lr_channels)
-        self.guide_encoder = backbone(guide_channels)
+        self.lr_encoder = backbone(lr_channels, num_dcus)
+        self.guide_encoder = backbone(guide_channels, guide_num_dcus or num_dcus)
         self.decoder = ReflectConv2d(code_channels, lr_channels, 3)
 
     @property
@@ -160,3 +168,29 @@ class CSCMMFN(nn.Module):
         lr, guide = code_activation(self.lr_encoder), code_activation(self.guide_encoder)
         return {"guide": guide, "low_res": lr,
                 "fused": lr if lr == guide else f"{lr} / {guide}"}
+
+
+@torch.no_grad()
+def deepen_guide(net: CSCMMFN, guide_num_dcus: int, guides: torch.Tensor) -> CSCMMFN:
+    """A copy of ``net`` whose guide backbone has ``guide_num_dcus`` DCUs (at least its own),
+    to train from a file of a shallower guide: every tensor as it was, and each extra unit an
+    identity at inference (Conv1 = 0, threshold 0, batch norm undoing itself on the statistics
+    of the codes it receives, measured on the guide images ``guides`` [N, g, H, W]), so the
+    deeper network starts as ``net`` and training shapes the extra units from there."""
+    n = len(net.guide_encoder.dcus)
+    if guide_num_dcus < n:
+        raise ValueError(f"guide_num_dcus: at least the network's {n}, got {guide_num_dcus}")
+    deeper = CSCMMFN(**{**net.hparams, "guide_num_dcus": guide_num_dcus})
+    deeper.load_state_dict(net.state_dict(), strict=False)
+    training = net.training
+    z = net.eval().guide_encoder(guides)
+    net.train(training)
+    mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+    for dcu in deeper.guide_encoder.dcus[n:]:
+        dcu.adjoint.weight.zero_()
+        dcu.shrink.theta.zero_()
+        dcu.norm.running_mean.copy_(mean)
+        dcu.norm.running_var.copy_(var)
+        dcu.norm.weight.copy_((var + dcu.norm.eps).sqrt())
+        dcu.norm.bias.copy_(mean)
+    return deeper.train(training)

@@ -47,12 +47,22 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--code-channels", type=int, default=None, help="architecture (mmf only)")
     p.add_argument("--num-dcus", type=int, default=None, help="architecture (mmf only)")
+    p.add_argument("--guide-dcus", type=int, default=None, metavar="N",
+                   help="mmf: DCUs of the guide's backbone (default --num-dcus); with --init, "
+                        "the extra units start as copies of the file's last one")
     p.add_argument("--geometry", choices=MMF_GEOMETRIES, default=None,
                    help="mmf: 'low_res' keeps the low-res input at its resolution, fits the "
                         "guided filter there and adds a bicubic base (models.mmfn; the input "
                         "is then the plain low-res crop); 'low_res_detail' adds the input's "
                         "codes that the fit leaves (the packaged mmf.pt); default 'authors' "
                         "(bicubic pre-upsampled input)")
+    p.add_argument("--scales", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="mmf: downsampling scale per batch, half the batches an integer in "
+                        "LO..HI, half uniform in [LO, HI] (default 2 4)")
+    p.add_argument("--flat-guide", action="store_true",
+                   help="mmf: every training guide a constant at its crop's mean: the network "
+                        "trained without a guide (a baseline for what the guide adds, not a "
+                        "guided model)")
     p.add_argument("--halo-weight", type=float, default=0.0, help="mef: weight of mean|grad Y|")
     p.add_argument("--counts", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="mef: exposures per training bracket, random in LO..HI (default 2 16)")
@@ -132,12 +142,28 @@ def run_train(args: argparse.Namespace) -> int:
             hparams["code_channels"] = args.code_channels
         if args.num_dcus:
             hparams["num_dcus"] = args.num_dcus
+    if args.guide_dcus is not None:
+        if args.task != "mmf" or args.guide_dcus < 1:
+            raise SystemExit(f"--guide-dcus: a number >= 1, for mmf only (got "
+                             f"{args.guide_dcus} for {args.task})")
+        hparams["guide_num_dcus"] = args.guide_dcus
     source = {}
     if args.geometry is not None:
         if args.task != "mmf":
             raise SystemExit("--geometry is only for mmf")
         hparams["geometry"] = args.geometry
         source["lr_input"] = "native" if args.geometry in LOW_RES_GEOMETRIES else "bicubic"
+    if args.scales is not None:
+        if args.task != "mmf":
+            raise SystemExit("--scales is only for mmf")
+        lo, hi = args.scales
+        if not 1 < lo <= hi:
+            raise SystemExit(f"--scales: expected 1 < LO <= HI, got {lo:g} {hi:g}")
+        source["scales"] = (lo, hi)
+    if args.flat_guide:
+        if args.task != "mmf":
+            raise SystemExit("--flat-guide is only for mmf")
+        source["flat_guide"] = True
     for opt, key in (("counts", "counts"), ("spacing", "spacing"), ("black_level", "black"),
                      ("cover_prob", "cover_prob")):
         if getattr(args, opt) is not None:

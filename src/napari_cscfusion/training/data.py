@@ -461,12 +461,16 @@ class MMFPairs(BatchSource):
 
     def __init__(self, data_root=None, *, crop: int = 96, batch_size: int = 16, seed: int = 0,
                  split: str = "train", scales: tuple[float, float] = MMF_SCALES,
-                 steps_per_epoch: int | None = None, lr_input: str = "bicubic"):
+                 steps_per_epoch: int | None = None, lr_input: str = "bicubic",
+                 flat_guide: bool = False):
         if lr_input not in MMF_LR_INPUTS:
             raise ValueError(f"lr_input must be one of {MMF_LR_INPUTS}, got {lr_input!r}")
         self.lr_input = lr_input
         self.pairs = [(str(a), str(b)) for a, b in flir_pairs(data_root, split)]
         self.crop, self.batch_size, self.seed, self.scales = crop, batch_size, seed, scales
+        # every guide a constant at its crop's mean: trains the network without a guide (its
+        # single-image super-resolution), a baseline for what a real guide adds
+        self.flat_guide = flat_guide
         self.split = split
         self.steps_per_epoch = steps_per_epoch or max(1, 2 * len(self.pairs) // batch_size)
 
@@ -477,6 +481,8 @@ class MMFPairs(BatchSource):
                            f"downsampling of the IR crop at a random scale "
                            f"{self.scales[0]}-{self.scales[1]} per batch",
                 "lr_input": self.lr_input,
+                **({"guide": "flat: a constant at each crop's mean (no guide)"}
+                   if self.flat_guide else {}),
                 "lr_input_note": "network input = training.data.prepare_mmf_lr(lr, (H, W), "
                                  f"{self.lr_input!r})"}
 
@@ -499,7 +505,7 @@ class MMFPairs(BatchSource):
             g = vis[y0:y0 + self.crop, x0:x0 + self.crop]
             t, g = random_flip_rot([t, g], rng)
             lrs.append(prepare_mmf_lr(area_downsample(t, scale), t.shape, self.lr_input))
-            guides.append(g)
+            guides.append(np.full_like(g, g.mean()) if self.flat_guide else g)
             targets.append(t)
         return {"lr": torch.from_numpy(np.stack(lrs)[:, None]),
                 "guide": torch.from_numpy(np.stack(guides)[:, None]),

@@ -31,7 +31,7 @@ from ..models import CSCIVFN, CSCMEFN, CSCMMFN, load_network, save_checkpoint
 from ..models.checkpoints import sha256_of
 from ..models.color import rgb_to_ycbcr
 from ..models.csc import SoftThreshold
-from ..models.mmfn import LOW_RES_GEOMETRIES
+from ..models.mmfn import LOW_RES_GEOMETRIES, deepen_guide
 from . import data as D
 from .losses import (
     BLACK_LEVEL,
@@ -573,6 +573,9 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
             net.hparams.pop("geometry", None)
             if geometry != "authors":
                 net.hparams["geometry"] = geometry
+        guide_dcus = (hparams or {}).get("guide_num_dcus")
+        if init_info is not None and guide_dcus not in (None, len(net.guide_encoder.dcus)):
+            net = deepen_guide(net, guide_dcus, src.batch(0, 0)["guide"])
         wanted = "native" if net.geometry in LOW_RES_GEOMETRIES else None
         if wanted and src.lr_input != wanted or not wanted and src.lr_input == "native":
             raise ValueError(f"mmf: the {net.geometry!r} geometry needs lr_input "
