@@ -471,9 +471,9 @@ def test_mmf_low_res_pytorch_form_matches_exact_on_a_flir_crop(monkeypatch, scal
                         progress=lambda done, total: tiles.append(total)).image
     assert tiles[-1] == 12  # 192x256 in 64 px tiles
     assert whole.metadata["path"] == "fast" and whole.metadata["fast_kernel"] == "pytorch"
-    # the default without numba on the CPU: the exact path (not measured faster on 2 threads)
-    assert not mmf.LOW_RES_PYTORCH_ON_CPU
-    assert mmf.mmf_form(model.network, torch.device("cpu"), None, False, None) == "exact"
+    # the default without numba on the CPU: the PyTorch form (measured faster on 2 threads)
+    assert mmf.LOW_RES_PYTORCH_ON_CPU
+    assert mmf.mmf_form(model.network, torch.device("cpu"), None, False, None) == "pytorch"
     for img in (whole.image, tiled):
         assert_close(img, exact)
         err = np.abs(img.astype(np.float64) - ref)
@@ -502,8 +502,9 @@ def test_mmf_form_on_cuda_is_the_pytorch_fast_form_for_the_packaged_network(monk
         assert mmf.mmf_form(packaged, cpu, None, False, None) == "numba"
     monkeypatch.setenv("CSCFUSION_NO_NUMBA", "1")
     assert mmf.mmf_form(packaged, cpu, None, False, False) == "pytorch"
-    monkeypatch.setattr(mmf, "LOW_RES_PYTORCH_ON_CPU", True)  # the switch, were it measured so
     assert mmf.mmf_form(packaged, cpu, None, False, None) == "pytorch"
+    monkeypatch.setattr(mmf, "LOW_RES_PYTORCH_ON_CPU", False)  # the switch back to exact
+    assert mmf.mmf_form(packaged, cpu, None, False, None) == "exact"
     monkeypatch.delenv("CSCFUSION_NO_NUMBA")
 
     kernel = mmf.mmf_kernel(packaged, (48, 64), (96, 128), cuda, exact=False)

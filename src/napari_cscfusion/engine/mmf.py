@@ -70,9 +70,10 @@ MMF_CPU_TILE = 384
 # kernels instead (mmf_cpu.py); see ``mmf_form`` (issue 18)
 MMF_FAST_MIN_CODES = 128
 # exact=None on the CPU without numba: the low_res geometries' PyTorch fast form (True) or
-# their exact path (False). Measured (benchmarks/README.md, 2026-12-07, load 8-21): 1.3-2.3x
-# faster on one thread, 0.85-1.17x on two, so not shown faster as users run it: exact
-LOW_RES_PYTORCH_ON_CPU = False
+# their exact path (False). Measured (benchmarks/README.md, 2026-12-07): 1.3-2.3x faster on
+# one thread; on two, 0.85-1.17x under load 8-21 but 1.23x / 1.38x at 1 / 4 Mpx on the quiet
+# rerun (load ~1), so the PyTorch form
+LOW_RES_PYTORCH_ON_CPU = True
 # metadata["fast_kernel"] of each form (as fuse_exposures names them)
 FAST_KERNEL = {"exact": None, "numba": "numba", "pytorch": "pytorch"}
 
@@ -412,9 +413,9 @@ def mmf_form(net, device: torch.device, dtype: torch.dtype | None, compile: bool
 
     ``exact=False`` takes the fast path in the first of numba and PyTorch that applies.
     ``exact=None`` (the default) too, except where the PyTorch form is not measured the
-    better: thin networks of the authors' geometry (0.74x the naive forward on the CPU), the
-    low_res geometries on the CPU without numba (``LOW_RES_PYTORCH_ON_CPU``), and any other
-    device than CUDA for them (MPS has no float64 for the statistics). On CUDA the low_res
+    better: thin networks of the authors' geometry (0.74x the naive forward on the CPU), and for
+    the low_res geometries any device but CUDA and the CPU (the CPU without numba by
+    ``LOW_RES_PYTORCH_ON_CPU``) (MPS has no float64 for the statistics). On CUDA the low_res
     geometries (the packaged network) take the PyTorch form: GPU speed unmeasured (no
     device at hand), its arithmetic tested on the CPU."""
     if not use_fast_path(net, bool(exact)):
@@ -567,8 +568,8 @@ def fuse_guided(low_res, guide, model=None, device="auto", codes: bool = False,
     uncompiled (mmf_cpu.py; ``metadata['fast_kernel']`` "numba"), else in PyTorch
     ("pytorch"); float64 statistics in both. ``exact=None`` (default): the same, but the
     exact path where the PyTorch form is not measured the better (``mmf_form``: thin
-    networks of the authors' geometry; the low_res geometries on a CPU without numba or on
-    an MPS device). Dask runs take the same path.
+    networks of the authors' geometry; the low_res geometries on an MPS device, or on a
+    CPU without numba if ``LOW_RES_PYTORCH_ON_CPU`` is off). Dask runs take the same path.
     ``codes=True`` returns the guide, low-resolution and fused codes and needs one plane,
     whole (no tiling; exact path).
     Weights of the low_res geometry (``hparams['geometry']`` in their header; models/mmfn.py)
