@@ -409,14 +409,13 @@ class IVFKernel:
         """The saliency rule with channel-mean weights: with the DCU kernel, its numba form
         (blocks of channels in parallel, the guided filter's box means in two sweeps)."""
         if self._saliency_kernel((0, z.shape[-2], 0, z.shape[-1])):
-            if stats is None:
-                lo, hi = SaliencyStats.extremes(z)
-                hist = None
-            else:
-                lo, hi = stats.lo, stats.hi
+            # no stats: the kernel's own pass takes the codes' extremes
+            lo = hi = hist = None
+            if stats is not None:
+                lo, hi = stats.lo.numpy(), stats.hi.numpy()
                 hist = None if stats.hist is None else stats.hist.numpy()
-            fused, w = dcu_kernel.saliency_fuse(z.numpy(), lo.numpy(), hi.numpy(), hist,
-                                                SALIENCY_RADIUS, SALIENCY_EPS)
+            fused, w = dcu_kernel.saliency_fuse(z.numpy(), lo, hi, hist, SALIENCY_RADIUS,
+                                                SALIENCY_EPS)
             return torch.from_numpy(fused), torch.from_numpy(w)
         return apply_rule("saliency", z, stats=stats, exact=self.exact_rules,
                           mean_weights=True)

@@ -413,9 +413,9 @@ def mmf_form(net, device: torch.device, dtype: torch.dtype | None, compile: bool
 
     ``exact=False`` takes the fast path in the first of numba and PyTorch that applies.
     ``exact=None`` (the default) too, except where the PyTorch form is not measured the
-    better: thin networks of the authors' geometry (0.74x the naive forward on the CPU), and for
-    the low_res geometries any device but CUDA and the CPU (the CPU without numba by
-    ``LOW_RES_PYTORCH_ON_CPU``) (MPS has no float64 for the statistics). On CUDA the low_res
+    better: thin networks of the authors' geometry (0.74x the naive forward on the CPU), and
+    the low_res geometries on any device but CUDA and the CPU (MPS has no float64 for the
+    statistics; the CPU without numba as ``LOW_RES_PYTORCH_ON_CPU`` says). On CUDA the low_res
     geometries (the packaged network) take the PyTorch form: GPU speed unmeasured (no
     device at hand), its arithmetic tested on the CPU."""
     if not use_fast_path(net, bool(exact)):
