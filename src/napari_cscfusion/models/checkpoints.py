@@ -84,7 +84,8 @@ def _map_mefn(key: str) -> str:
 
 
 def map_authors_mefn(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    indices = sorted({int(k.split(".")[1]) for k in sd if k.startswith("main.")})
+    # the same pattern as below: a damaged key ("main.3/norm...") is left to the key check
+    indices = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"main\.(\d+)\..*", k))})
     head = indices[-1] if indices else 5
     out = {}
     for k, v in sd.items():
