@@ -96,9 +96,9 @@ def test_mef_codes_are_sparse_on_memorial():
 
 @pytest.mark.parametrize("gain", [0.1, 0.5, 1.0, 2.0, 4.0, 16.0])
 def test_ivf_and_medical_black_in_black_out_at_any_code_gain(gain):
-    """Gains from 1 up stretch the contrast about the decoder's zero-code mid-grey, far above
-    black's codes; gains below 1 scale the codes' distance from black's codes (a fade towards
-    black), so black stays black at every gain (0.1 is the GUI's smallest)."""
+    """Gains above 1 stretch the contrast about flat mid-grey's codes, far above black's;
+    gains below 1 scale the codes' distance from black's codes (a fade towards black), so
+    black stays black at every gain (0.1 is the GUI's smallest)."""
     black = np.zeros((40, 56), np.float32)
     assert fuse_infrared_visible(black, black, code_gain=gain, device="cpu").image.max() \
         <= ONE_GREY_LEVEL
@@ -108,7 +108,7 @@ def test_ivf_and_medical_black_in_black_out_at_any_code_gain(gain):
 
 def _decoded_with_gain(net, fused_base, fused_detail, gain, pivot):
     """The reference network's image of fused codes (2-D arrays [q, H, W]) with the code gain
-    applied about ``pivot`` ((base, detail) codes of black, or None: about zero)."""
+    applied about ``pivot`` ((base, detail) codes of a flat image, or None: about zero)."""
     zb, zd = (torch.from_numpy(c)[None] for c in (fused_base, fused_detail))
     if pivot is not None:
         kb, kd = (p.view(1, -1, 1, 1) for p in pivot)
@@ -119,13 +119,13 @@ def _decoded_with_gain(net, fused_base, fused_detail, gain, pivot):
         return net.decode(zb, zd)[0, 0].numpy()
 
 
-@pytest.mark.parametrize("gain", [0.25, 0.5, 1.0, 2.0])
-def test_code_gain_pivots_at_black_below_one_for_the_packaged_weights_only(gain):
+@pytest.mark.parametrize("gain", [0.25, 0.5, 1.0, 2.0, 3.0])
+def test_code_gain_pivots_at_black_and_mid_grey_for_the_packaged_weights_only(gain):
     """What code_gain means, checked against the reference network on the fused codes: the
     packaged weights (black decodes to black) scale the codes' distance from black's codes
-    below gain 1 and the codes themselves from 1 up; the authors' weights (black decodes to 14
-    grey levels) scale the codes at every gain, as they always did."""
-    from napari_cscfusion.engine.ivf import black_codes
+    below gain 1 and from flat mid-grey's codes above it; the authors' weights (black decodes
+    to 14 grey levels) scale the codes themselves at every gain, as they always did."""
+    from napari_cscfusion.engine.ivf import MID_GREY, black_codes, flat_codes
 
     from ._shared import CKPT
 
@@ -140,14 +140,18 @@ def test_code_gain_pivots_at_black_below_one_for_the_packaged_weights_only(gain)
         assert keeps_black == (name == "packaged")
         res = fuse_infrared_visible(ir, vis, model, code_gain=gain, codes=True, device="cpu",
                                     exact=True)
-        pivot = (z_b, z_d) if keeps_black and gain < 1 else None
+        pivot = None
+        if keeps_black and gain != 1:
+            pivot = (z_b, z_d) if gain < 1 else flat_codes(net, MID_GREY)
         want = _decoded_with_gain(net, res.codes["fused_base"], res.codes["fused_detail"],
                                   gain, pivot)
         np.testing.assert_allclose(res.image, want, atol=2e-6, rtol=0)
-        if keeps_black and gain < 1:  # and it is not the zero-code pivot
+        if pivot is not None:  # and it is not the zero-code pivot
             zero_pivot = _decoded_with_gain(net, res.codes["fused_base"],
                                             res.codes["fused_detail"], gain, None)
-            assert np.abs(zero_pivot - res.image).mean() > 0.02
+            # above 1 the two pivots differ by the zero codes' offset from mid-grey only
+            assert np.abs(zero_pivot - res.image).mean() > (0.02 if gain < 1 else 0.005), \
+                np.abs(zero_pivot - res.image).mean()
 
 
 def test_medical_and_mef_black_in_black_out():
@@ -212,3 +216,26 @@ def test_harvard_mri_pet_pair_beats_the_average_keeps_black_and_the_pet_colour()
     fused_chroma = fused_ycc[..., 1:].numpy() - 0.5
     assert coloured.mean() > 0.01
     assert np.mean(np.sign(fused_chroma[coloured]) == np.sign(pet_chroma[coloured])) > 0.95
+
+
+def test_code_gain_stretches_contrast_about_mid_grey_for_the_packaged_weights():
+    """Above gain 1 the packaged weights stretch about flat mid-grey: a mid-grey image keeps
+    the grey it decodes to at gain 1, darker greys go darker and lighter ones lighter, by the
+    same logit on either side (the zero codes' grey, where the authors' pivot sits, is not
+    mid-grey for trained weights: gain 2 would darken or lighten a whole image by it)."""
+    def fused(level, gain):
+        flat = np.full((40, 56), level, np.float32)
+        return float(fuse_infrared_visible(flat, flat, code_gain=gain,
+                                           device="cpu").image[20, 28])
+
+    def logit(y):
+        return np.log(y / (1 - y))
+
+    mid = fused(0.5, 1.0)
+    assert abs(mid - 0.5) < 2 / 255  # the flat term: mid-grey decodes to itself
+    for gain in (2.0, 4.0):
+        assert abs(fused(0.5, gain) - mid) < 1e-4
+        for level in (0.3, 0.7):
+            stretched = logit(fused(level, gain)) - logit(mid)
+            assert stretched == pytest.approx(gain * (logit(fused(level, 1.0)) - logit(mid)),
+                                              rel=1e-3)

@@ -59,6 +59,7 @@ from .tiling import (
 
 IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per side
 BLACK_LEVEL = 1.0 / 255  # "black" for the black-pivot test of black_codes
+MID_GREY = 0.5  # the pivot of code gains above 1 for weights that keep black (gain_pivot)
 # Inner tiles on the CPU: the element-wise passes between convolutions (batch norm, padding,
 # soft threshold, residual) stream q maps per pixel and are memory-bound there, so the
 # encoders run on cache-sized pieces of each crop. Measured (benchmarks/README.md, 1 thread,
@@ -87,16 +88,47 @@ def check_code_gain(code_gain) -> float:
                      f"sources' intensity scale), got {code_gain!r}")
 
 
+def _flat_maps(net, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    p = next(net.parameters())
+    return net.encode(torch.full((1, 1, 16, 16), float(level), device=p.device, dtype=p.dtype))
+
+
+def flat_codes(net, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (base, detail) codes [q] (float32) of a flat image at ``level`` for the CSC-IVFN
+    ``net`` (a constant image encodes to constant maps: one pixel says it all)."""
+    with torch.inference_mode():
+        z_b, z_d = _flat_maps(net, level)
+        return z_b[0, :, 8, 8].float(), z_d[0, :, 8, 8].float()
+
+
 def black_codes(net) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(base, detail, keeps_black): the codes [q] (float32) of an all-black image for the
-    CSC-IVFN ``net`` (a constant image encodes to constant maps: one pixel says it all), and
-    whether the weights decode them, at code gain 1, to <= 1/255 (the second-generation
-    weights; the authors' give 14 grey levels)."""
-    p = next(net.parameters())
+    CSC-IVFN ``net``, and whether the weights decode them, at code gain 1, to <= 1/255 (the
+    second-generation weights; the authors' give 14 grey levels)."""
     with torch.inference_mode():
-        z_b, z_d = net.encode(torch.zeros(1, 1, 16, 16, device=p.device, dtype=p.dtype))
+        z_b, z_d = _flat_maps(net, 0.0)
         keeps = float(net.decode(z_b, z_d).max()) <= BLACK_LEVEL
         return z_b[0, :, 8, 8].float(), z_d[0, :, 8, 8].float(), keeps
+
+
+def gain_pivot(net, code_gain: float) -> torch.Tensor | None:
+    """The summed (base + detail) codes [q] that ``code_gain`` scales the fused codes about
+    (z_pivot + g (z - z_pivot)), or None for the authors' pivot, the zero codes.
+
+    Weights that decode black to black (black_codes: ours) pivot at the codes of black below
+    gain 1 (a fade towards black) and at the codes of flat mid-grey above it (a contrast
+    stretch about mid-grey). Zero codes decode to whatever grey the training left there, an
+    offset the autoencoder loss does not see (the decoder is affine: only the sum of the
+    codes' and the decoder's constants is fixed at gain 1): 0.525 for the first generation,
+    0.54-0.61 for the sparse files, and at gain 2 an image is darkened by that much
+    (benchmarks/README.md). The authors' weights (and any that lift black) keep zero codes:
+    their results stay exactly the authors'."""
+    if code_gain == 1.0:
+        return None
+    z_b, z_d, keeps_black = black_codes(net)
+    if not keeps_black:
+        return None
+    return z_b + z_d if code_gain < 1.0 else sum(flat_codes(net, MID_GREY))
 
 
 class IVFKernel:
@@ -114,12 +146,13 @@ class IVFKernel:
     decoder carries the authors' IVF_ALPHA = 2 (their infrared/visible heuristic); any other
     gain multiplies the summed fused codes by code_gain / IVF_ALPHA first (none for 2, so the
     default results are unchanged; 1 keeps a source fused with itself at its own scale).
-    Gains below 1, for weights that decode black to black (black_codes), scale the codes'
-    distance from the codes of black instead (z_black + g (z - z_black)): a fade towards
-    black rather than towards the mid-grey that the decoder gives zero codes, so black stays
-    black at any gain. Gains from 1 up keep the authors' pivot (zero codes, whose mid-grey
-    black's codes decode far below, so black stays black there too): pivoting at black would
-    turn a gain of 2 from a contrast stretch into a glare (mid-grey to white).
+    For weights that decode black to black (black_codes), the gain scales the codes'
+    distance from a pivot instead (z_pivot + g (z - z_pivot), gain_pivot): below 1 the codes
+    of black (a fade towards black rather than towards the grey of zero codes, so black
+    stays black at any gain), above 1 the codes of flat mid-grey (a contrast stretch about
+    mid-grey, whatever grey the training left at zero codes; black's codes decode far below
+    it, so black stays black there too; pivoting at black would turn a gain of 2 into a
+    glare). The authors' weights keep their pivot, the zero codes.
 
     ``exact``: the reference arithmetic (FoldedIVFN) even where the fast path applies; the
     fast path (engine/fast.py: weights with no negative soft threshold) runs the compiled
@@ -139,15 +172,15 @@ class IVFKernel:
         self.code_gain = check_code_gain(code_gain)
         # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
         self.code_scale = None if self.code_gain == IVF_ALPHA else self.code_gain / IVF_ALPHA
-        # the codes of black: the reference of the REFERENCE_RULES and the pivot of gains < 1
+        # the codes of black: the reference of the REFERENCE_RULES
         self.black = None
-        self.code_offset = None  # added to the scaled codes: (1 - g) / 2 * black's codes
-        if {base_rule, detail_rule} & REFERENCE_RULES or self.code_gain < 1.0:
-            z_b, z_d, keeps_black = black_codes(net)
+        if {base_rule, detail_rule} & REFERENCE_RULES:
+            z_b, z_d, _ = black_codes(net)
             self.black = {"base": z_b.to(device), "detail": z_d.to(device)}
-            if self.code_gain < 1.0 and keeps_black:
-                self.code_offset = ((1.0 - self.code_gain) / IVF_ALPHA * (z_b + z_d)).view(
-                    -1, 1, 1).to(device)
+        # added to the scaled codes: (1 - g) / 2 * the pivot's codes (gain_pivot)
+        pivot = gain_pivot(net, self.code_gain)
+        self.code_offset = None if pivot is None else (
+            (1.0 - self.code_gain) / IVF_ALPHA * pivot).view(-1, 1, 1).to(device)
         self.fast = use_fast_path(net, exact)
         self.path = "fast" if self.fast else "exact"
         if self.fast:
@@ -511,10 +544,11 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     code_gain: the factor applied to the fused base and detail codes before decoding (a
     finite number > 0). The default 2 is the authors' test-time heuristic for infrared/visible
     (it stretches the contrast); 1 keeps the sources' intensity scale (an image fused with
-    itself comes back as it was), as fuse_multimodal does for medical images. From 1 up the
-    codes are scaled about zero (a contrast stretch about the decoder's mid-grey); below 1,
-    for weights that decode black to black (the packaged ones), their distance from the codes
-    of an all-black image is scaled (a fade towards black: black stays black at any gain).
+    itself comes back as it was), as fuse_multimodal does for medical images. For weights that
+    decode black to black (the packaged ones) the codes' distance from a pivot is scaled:
+    above 1 from the codes of flat mid-grey (a contrast stretch about mid-grey), below 1 from
+    the codes of an all-black image (a fade towards black: black stays black at any gain);
+    the authors' weights are scaled about zero codes, as the authors do.
     progress(done, total) is called after every tile step and may raise Cancelled.
 
     Scale: ``tile`` is the tile side in pixels (None: the whole image when its working set
