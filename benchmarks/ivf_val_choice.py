@@ -25,6 +25,14 @@ Harvard figure of those runs was read):
    generation); chosen is the file with the fewest of the four more than 1 % below it, then
    the smallest worst loss, then the highest PSNR score (the shipping test of issue 17's item
    5, on validation pairs instead of TNO / FLIR-test).
+
+The rule of the 2026-12-07 morning runs (``--fusion-ref ... --rank-by recon_qabf --fusion-top
+2``, written down before any held-out figure of those runs was read): as above, but step 2
+ranks a run's eligible epochs by the Qabf of the self-reconstruction of 18 whole flir_train
+validation images (9 infrared, 9 visible: ``recon_qabf``), not by PSNR. On the five files
+measured before (first generation, stage 5, A6, D1, H1) it orders them as their
+validation-pair and their TNO / FLIR-test fusion Qabf do (0.937 > 0.907 > 0.897 > 0.893 ~
+0.894); the reconstruction PSNR orders them the other way.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import numpy as np
 import torch
 
 from napari_cscfusion import load_model
+from napari_cscfusion import metrics as M
 from napari_cscfusion.models import load_network
 from napari_cscfusion.models.checkpoints import sha256_of
 from napari_cscfusion.training import data as D
@@ -47,6 +56,7 @@ from napari_cscfusion.training.train import Validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ivf_weights_compare import KEYS, score_pair  # noqa: E402
+from quality import read_grey  # noqa: E402
 
 FLAT_SHOWN = (0.02, 0.05, 0.1, 0.5, 0.9, 0.95, 1.0)
 GAINS = (1.0, 2.0, 4.0)
@@ -87,6 +97,23 @@ def figures(net, images: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def validation_images(per_kind: int = 9) -> list[np.ndarray]:
+    """The first ``per_kind`` infrared and visible images of the flir_train validation pairs."""
+    pairs = D.flir_pairs(D.resolve_data_root(None), "val")[:per_kind]
+    return [read_grey(ir) for ir, _ in pairs] + [read_grey(vis) for _, vis in pairs]
+
+
+@torch.no_grad()
+def recon_qabf(net, images: list[np.ndarray]) -> float:
+    """Mean Qabf of each image's reconstruction (at code gain 1 a source fused with itself)
+    against the image: how well the network keeps edges, which no PSNR figure tells."""
+    scores = []
+    for a in images:
+        r = net(torch.from_numpy(a.astype(np.float32))[None, None])[0, 0].double().numpy()
+        scores.append(M.qabf([a], r))
+    return float(np.mean(scores))
+
+
 def val_fusion(path: str, cache: dict, cache_path: Path) -> dict[str, float]:
     """Mean MI / VIF / Qabf / SSIM of fuse_infrared_visible's defaults over the flir_train
     validation pairs, per-pair scores cached by the weights' sha256."""
@@ -115,14 +142,20 @@ def main(argv=None) -> None:
     p.add_argument("--min-zeros", type=float, default=0.73)
     p.add_argument("--max-black", type=float, default=0.25, help="grey levels")
     p.add_argument("--fusion-top", type=int, default=1)
+    p.add_argument("--rank-by", choices=("psnr", "recon_qabf"), default="psnr",
+                   help="step 2's ranking: the PSNR score (STAGE=7 runs) or the "
+                        "self-reconstruction Qabf of whole validation images (later runs)")
     p.add_argument("--cache", type=Path, default=Path("runs/ivf_val_fusion.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     images = Validator("ivf", D.resolve_data_root(None)).images
+    whole = validation_images() if a.rank_by == "recon_qabf" else []
     rows = []
     for path in a.weights:
         net = load_network("ivf", path)[0].eval()
         f = figures(net, images)
+        if whole:
+            f["recon_qabf"] = recon_qabf(net, whole)
         f["eligible"] = (f["zeros"] >= 0.72 and f["black"] <= 1.0 if a.fusion_ref is None
                          else f["zeros"] >= a.min_zeros and f["black"] <= a.max_black)
         rows.append((path, f))
@@ -130,9 +163,10 @@ def main(argv=None) -> None:
     print("| weights | " + " | ".join(keys) + " |\n| --- |" + " ---: |" * len(keys))
     for path, f in rows:
         cells = [f"{100 * v:.1f} %" if k == "zeros" else str(v) if isinstance(v, bool)
-                 else f"{v:.2f}" for k, v in f.items()]
+                 else f"{v:.4f}" if k == "recon_qabf" else f"{v:.2f}" for k, v in f.items()]
         print(f"| {path} | " + " | ".join(cells) + " |")
-    ok = [(f["score"], path) for path, f in rows if f["eligible"]]
+    rank = "recon_qabf" if a.rank_by == "recon_qabf" else "score"
+    ok = [(f[rank], path) for path, f in rows if f["eligible"]]
     if a.fusion_ref is None or not ok:
         print("\nchosen by the rule:", max(ok)[1] if ok else "none eligible")
         return
