@@ -34,6 +34,13 @@
 #      25 steps, every epoch kept (runs/g5/ivf_<NAME>.e<N>.pt), chosen with ivf_val_choice.py.
 #      Measured, NOT shipped (weights/README.md): run H (EDGE=2 SPARSITY=0.03 SEED=26, epoch 1)
 #      keeps items 1 and 3, self-fusion with clipped highlights 39.2 dB, but TNO Qabf -6.9 %
+#   8. (2026-12-07, issue 17 items 2 and 5) edges kept: the stage-5 file fine-tuned with the
+#      gradient term (--edge-weight 4), flat 0.05, black hinge 0.1/255, L1 0.1, 40 epochs of
+#      25 steps (runs/g6/ivf_r1.e<N>.pt), then its last epoch with the L1 at 0.03 and the edge
+#      weight 8, 40 more epochs (runs/g6/ivf_r4.e<N>.pt); SHIPPED: ivf_r4.e37.pt, chosen with
+#      `ivf_val_choice.py --rank-by recon_qabf --fusion-top 2 --fusion-ref <stage-4 file>`
+#      (weights/README.md). INIT= the stage-5 file (git show 06442f6:src/napari_cscfusion/
+#      weights/ivf.pt). ~20 min per half on a quiet 2-core CPU.
 # Run with STAGE=1, 2, 3, 4 in turn (each reads the previous stage's file).
 set -e
 cd "$(dirname "$0")/.."
@@ -78,5 +85,16 @@ case "${STAGE:-4}" in
        --epochs "${EPOCHS:-6}" --steps-per-epoch 25 --batch-size 8 --crop 48 \
        --lr "${LR:-2e-4}" --schedule cosine --warmup-steps 5 --seed "${SEED:-23}" \
        --threads 1 --keep-epochs --no-progress "$@" ;;
-  *) echo "STAGE must be 1, 2, 3, 4, 5, 6 or 7" >&2; exit 2 ;;
+  8) mkdir -p runs/g6
+     EIGHT="--freeze-bn --nonnegative-thresholds --black-weight 0.1 --black-target 0.1
+       --flat-weight 0.05 --extremes 0.3 --photometric 0.3 --min-val-sparsity 0.72 --epochs 40
+       --steps-per-epoch 25 --batch-size 8 --crop 48 --schedule cosine --keep-epochs --threads 1
+       --no-progress"
+     OMP_NUM_THREADS=1 nice -n 5 $PY --out runs/g6/ivf_r1.pt \
+       --init "${INIT:?INIT= the stage-5 ivf.pt}" --sparsity-weight 0.1 --edge-weight 4 \
+       --lr 2e-4 --warmup-steps 5 --seed 31 $EIGHT "$@"
+     OMP_NUM_THREADS=1 nice -n 5 $PY --out runs/g6/ivf_r4.pt --init runs/g6/ivf_r1.e40.pt \
+       --sparsity-weight 0.03 --edge-weight 8 --lr 1.5e-4 --warmup-steps 5 --seed 34 \
+       $EIGHT "$@" ;;
+  *) echo "STAGE must be 1, 2, 3, 4, 5, 6, 7 or 8" >&2; exit 2 ;;
 esac
