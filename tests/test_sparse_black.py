@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import logit
 
 from napari_cscfusion import fuse_exposures, fuse_infrared_visible, load_model
 from napari_cscfusion.demo import sample
@@ -227,9 +228,6 @@ def test_code_gain_stretches_contrast_about_mid_grey_for_the_packaged_weights():
         flat = np.full((40, 56), level, np.float32)
         return float(fuse_infrared_visible(flat, flat, code_gain=gain,
                                            device="cpu").image[20, 28])
-
-    def logit(y):
-        return np.log(y / (1 - y))
 
     mid = fused(0.5, 1.0)
     assert abs(mid - 0.5) < 2 / 255  # the flat term: mid-grey decodes to itself
