@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     ref = val_fusion(a.fusion_ref, cache, a.cache)
     print(f"\n#### flir_train validation pairs, fuse_infrared_visible defaults "
           f"(change against {a.fusion_ref})\n")
-    print("| weights | " + " | ".join(KEYS) + " | > 1 % below | worst | score |\n| --- |"
+    print("| weights | " + " | ".join(KEYS) + f" | > 1 % below | worst | {rank} |\n| --- |"
           + " ---: |" * (len(KEYS) + 3))
     print(f"| {a.fusion_ref} | " + " | ".join(f"{ref[k]:.4f}" for k in KEYS) + " | | | |")
     ranked = []
@@ -188,7 +188,7 @@ def main(argv=None) -> None:
         below, worst = sum(c < -1 for c in change.values()), min(change.values())
         ranked.append(((below, -worst, -score), path))
         print(f"| {path} | " + " | ".join(f"{m[k]:.4f} ({change[k]:+.1f} %)" for k in KEYS)
-              + f" | {below} | {worst:+.1f} % | {score:.2f} |")
+              + f" | {below} | {worst:+.1f} % | {score:.4f} |")
     print("\nchosen by the rule:", min(ranked)[1])
 
 
