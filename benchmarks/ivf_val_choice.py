@@ -33,6 +33,11 @@ validation images (9 infrared, 9 visible: ``recon_qabf``), not by PSNR. On the f
 measured before (first generation, stage 5, A6, D1, H1) it orders them as their
 validation-pair and their TNO / FLIR-test fusion Qabf do (0.937 > 0.907 > 0.897 > 0.893 ~
 0.894); the reconstruction PSNR orders them the other way.
+
+The rule of the 2026-12-07 tone runs (STAGE=9: ``--rank-by border_clip --min-recon-qabf
+0.9304 --fusion-top 2``, written down before any figure of those runs): eligible epochs must
+also keep the recon Qabf within 0.002 of the packaged file's (0.9324); a run's eligible epochs
+are ranked by the PSNR of the validation crops with black borders and 10 % clipped (item 2).
 """
 
 from __future__ import annotations
@@ -142,14 +147,18 @@ def main(argv=None) -> None:
     p.add_argument("--min-zeros", type=float, default=0.73)
     p.add_argument("--max-black", type=float, default=0.25, help="grey levels")
     p.add_argument("--fusion-top", type=int, default=1)
-    p.add_argument("--rank-by", choices=("psnr", "recon_qabf"), default="psnr",
-                   help="step 2's ranking: the PSNR score (STAGE=7 runs) or the "
-                        "self-reconstruction Qabf of whole validation images (later runs)")
+    p.add_argument("--rank-by", choices=("psnr", "recon_qabf", "border_clip"), default="psnr",
+                   help="step 2's ranking: the PSNR score (STAGE=7 runs), the "
+                        "self-reconstruction Qabf of whole validation images (STAGE=8) or the "
+                        "border+clip10 PSNR (STAGE=9)")
+    p.add_argument("--min-recon-qabf", type=float, default=None,
+                   help="eligible only with at least this self-reconstruction Qabf")
     p.add_argument("--cache", type=Path, default=Path("runs/ivf_val_fusion.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     images = Validator("ivf", D.resolve_data_root(None)).images
-    whole = validation_images() if a.rank_by == "recon_qabf" else []
+    whole = (validation_images() if a.rank_by != "psnr" or a.min_recon_qabf is not None
+             else [])
     rows = []
     for path in a.weights:
         net = load_network("ivf", path)[0].eval()
@@ -157,7 +166,8 @@ def main(argv=None) -> None:
         if whole:
             f["recon_qabf"] = recon_qabf(net, whole)
         f["eligible"] = (f["zeros"] >= 0.72 and f["black"] <= 1.0 if a.fusion_ref is None
-                         else f["zeros"] >= a.min_zeros and f["black"] <= a.max_black)
+                         else f["zeros"] >= a.min_zeros and f["black"] <= a.max_black
+                         and (a.min_recon_qabf is None or f["recon_qabf"] >= a.min_recon_qabf))
         rows.append((path, f))
     keys = list(rows[0][1])
     print("| weights | " + " | ".join(keys) + " |\n| --- |" + " ---: |" * len(keys))
@@ -165,7 +175,8 @@ def main(argv=None) -> None:
         cells = [f"{100 * v:.1f} %" if k == "zeros" else str(v) if isinstance(v, bool)
                  else f"{v:.4f}" if k == "recon_qabf" else f"{v:.2f}" for k, v in f.items()]
         print(f"| {path} | " + " | ".join(cells) + " |")
-    rank = "recon_qabf" if a.rank_by == "recon_qabf" else "score"
+    rank = {"psnr": "score", "recon_qabf": "recon_qabf", "border_clip": "border+clip10"}[
+        a.rank_by]
     ok = [(f[rank], path) for path, f in rows if f["eligible"]]
     if a.fusion_ref is None or not ok:
         print("\nchosen by the rule:", max(ok)[1] if ok else "none eligible")

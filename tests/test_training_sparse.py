@@ -1,7 +1,7 @@
 """Training options for the second-generation weights (issue 17): thresholds projected at >= 0,
 the L1 sparsity term, the IVF black term, the threshold warm start, the sparsity floor for the
-best epoch, training crops with black borders / clipped highlights, the flat-fidelity term and
-brightened crops. Tiny networks, a couple of steps (seconds)."""
+best epoch, training crops with black borders / clipped highlights, the flat-fidelity term,
+the edge and tone terms and brightened crops. Tiny networks, a couple of steps (seconds)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from napari_cscfusion.training.losses import (
     ivf_black_term,
     ivf_flat_term,
     ivf_loss,
+    ivf_tone_term,
 )
 from napari_cscfusion.training.train import build, compute_loss, train
 
@@ -119,6 +120,27 @@ def test_edge_term_sees_lost_edges_not_a_tone_shift(tmp_path):
     assert tr["edge_weight"] == 0.5 and "grad" in tr["edge_term"]
     with pytest.raises(ValueError, match="edge_weight"):
         _train("mef", "unused.pt", edge_weight=0.1)
+
+
+def test_tone_term_sees_a_tone_shift_not_lost_edges(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 32, 32)
+    # a tone shift: the local means of the error are the shift itself, everywhere
+    assert float(ivf_tone_term(x - 0.02, x)) == pytest.approx(0.02, rel=1e-4)
+    # fine texture lost (a checkerboard of +-0.1 added): its local means are ~0 (sigma 3 px)
+    checker = 0.1 * (1 - 2 * ((torch.arange(32)[:, None] + torch.arange(32)) % 2)).float()
+    assert float(ivf_tone_term(x + checker, x)) < 0.002
+    assert float(halo_term(checker)) > 0.3  # the edge term sees it instead
+    net = build("ivf", TINY_HP["ivf"]).eval()
+    z_b, z_d = net.encode(x)
+    recon = net.decode(z_b, z_d)
+    with_tone = compute_loss("ivf", net, {"image": x}, tone_weight=2.0)
+    assert torch.allclose(with_tone, ivf_loss(recon, x) + 2.0 * ivf_tone_term(recon, x))
+    out = _train("ivf", tmp_path / "t.pt", tone_weight=0.5)
+    tr = load_network("ivf", out)[1]["header"]["training"]
+    assert tr["tone_weight"] == 0.5 and "blur" in tr["tone_term"]
+    with pytest.raises(ValueError, match="tone_weight"):
+        _train("mef", "unused.pt", tone_weight=0.1)
 
 
 def test_black_term_is_zero_exactly_when_black_decodes_below_the_level():

@@ -99,6 +99,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edge-weight", type=float, default=0.0, metavar="W",
                    help="ivf: add W * mean|grad recon - grad x| (edges and detail kept in the "
                         "reconstruction; the authors' loss has only MSE and SSIM)")
+    p.add_argument("--tone-weight", type=float, default=0.0, metavar="W",
+                   help="ivf: add W * mean|blur recon - blur x| (local mean tones kept; the "
+                        "L1 on the codes otherwise darkens bright areas by a few grey levels)")
     p.add_argument("--flat-weight", type=float, default=0.0, metavar="W",
                    help="ivf: add W * the flat-fidelity term (flat greys 2-98 %% decode to "
                         "themselves at code gain 1, white stays white)")
@@ -194,6 +197,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm, nonnegative_thresholds=args.nonnegative_thresholds,
         sparsity_weight=args.sparsity_weight, black_weight=args.black_weight,
         flat_weight=args.flat_weight, edge_weight=args.edge_weight,
+        tone_weight=args.tone_weight,
         **({"black_target": args.black_target / 255} if args.black_target is not None else {}),
         min_val_sparsity=args.min_val_sparsity, threshold_warm_start=args.threshold_warm_start,
         threshold_floor=args.threshold_floor, keep_epochs=args.keep_epochs,

@@ -36,11 +36,13 @@ from . import data as D
 from .losses import (
     BLACK_LEVEL,
     FLAT_LEVELS,
+    TONE_SIGMA,
     code_l1,
     halo_term,
     ivf_black_term,
     ivf_flat_term,
     ivf_loss,
+    ivf_tone_term,
     mef_loss,
     mefn_fuse_batch,
     mmf_loss,
@@ -116,22 +118,25 @@ def recalibrate_bn(net: nn.Module, src: D.BatchSource, batches: int, task: str) 
 def compute_loss(task: str, net: nn.Module, batch: dict, halo_weight: float = 0.0,
                  sparsity_weight: float = 0.0, black_weight: float = 0.0,
                  flat_weight: float = 0.0, black_target: float = BLACK_LEVEL,
-                 edge_weight: float = 0.0):
+                 edge_weight: float = 0.0, tone_weight: float = 0.0):
     """The task's loss, plus ``sparsity_weight`` * mean|codes| (ivf: the detail codes; mef: the
     codes after the last DCU; mmf: both backbones' codes) and, for ivf, ``black_weight`` *
     ``ivf_black_term`` (two black sources must decode to at most ``black_target``, a grey
     level in [0, 1], at code gains >= 1) and
     ``flat_weight`` * ``ivf_flat_term`` (flat greys and white decode to themselves) and
-    ``edge_weight`` * mean|grad(recon) - grad(x)| (``halo_term`` of the error: edges kept)."""
+    ``edge_weight`` * mean|grad(recon) - grad(x)| (``halo_term`` of the error: edges kept) and
+    ``tone_weight`` * ``ivf_tone_term`` (local means kept)."""
     if task == "ivf":
         x = batch["image"]
-        if not (sparsity_weight or black_weight or flat_weight or edge_weight):
+        if not (sparsity_weight or black_weight or flat_weight or edge_weight or tone_weight):
             return ivf_loss(net(x), x)
         z_b, z_d = net.encode(x)
         recon = net.decode(z_b, z_d)
         loss = ivf_loss(recon, x)
         if edge_weight:
             loss = loss + edge_weight * halo_term(recon - x)
+        if tone_weight:
+            loss = loss + tone_weight * ivf_tone_term(recon, x)
         if sparsity_weight:
             loss = loss + sparsity_weight * code_l1(z_d)
         if black_weight:
@@ -411,6 +416,7 @@ class TrainConfig:
     flat_weight: float = 0.0
     black_target: float = BLACK_LEVEL
     edge_weight: float = 0.0
+    tone_weight: float = 0.0
     min_val_sparsity: float | None = None
     threshold_warm_start: float | None = None
     threshold_floor: float | None = None
@@ -460,6 +466,7 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     flat_weight: float,
     black_target: float,
     edge_weight: float,
+    tone_weight: float,
     min_val_sparsity: float | None,
     threshold_warm_start: float | None,
     threshold_floor: float | None,
@@ -491,8 +498,10 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     add that times ``losses.ivf_black_term`` with its hinge at ``black_target`` (a grey level
     in [0, 1]; default 0.5/255; recorded in the header); ``edge_weight`` (ivf): that times
     the mean absolute error of the reconstruction's finite differences; ``flat_weight``
-    (ivf): that times ``losses.ivf_flat_term``. ``min_val_sparsity``: an epoch whose validation
-    codes have fewer exact zeros than this fraction is not eligible as ``<out>.best.pt``.
+    (ivf): that times ``losses.ivf_flat_term``; ``tone_weight`` (ivf): that times
+    ``losses.ivf_tone_term`` (local means of the reconstruction kept). ``min_val_sparsity``: an
+    epoch whose validation codes have fewer exact zeros than this fraction is not eligible as
+    ``<out>.best.pt``.
     ``threshold_warm_start`` (a fraction): before training, ``warm_start_thresholds`` raises
     the last units' thresholds so that about that fraction of the codes are zero.
     ``threshold_floor`` (a fraction): ``ThresholdFloor`` keeps them there after every step.
@@ -514,11 +523,12 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm: a number > 0 or None, got {max_grad_norm!r}")
     for name, value in (("sparsity_weight", sparsity_weight), ("black_weight", black_weight),
-                        ("flat_weight", flat_weight), ("edge_weight", edge_weight)):
+                        ("flat_weight", flat_weight), ("edge_weight", edge_weight),
+                        ("tone_weight", tone_weight)):
         if not value >= 0:
             raise ValueError(f"{name}: a number >= 0, got {value!r}")
     for name, value in (("black_weight", black_weight), ("flat_weight", flat_weight),
-                        ("edge_weight", edge_weight)):
+                        ("edge_weight", edge_weight), ("tone_weight", tone_weight)):
         if value and task != "ivf":
             raise ValueError(f"{name}: for 'ivf' only (got {value!r} for {task!r})")
     if not 0 < black_target < 1 or black_target != BLACK_LEVEL and task != "ivf":
@@ -534,7 +544,7 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
         raise ValueError(f"threshold_floor: a fraction in (0, 1) or None, got "
                          f"{threshold_floor!r}")
     second_gen = bool(nonnegative_thresholds or sparsity_weight or black_weight or flat_weight
-                      or edge_weight or min_val_sparsity is not None
+                      or edge_weight or tone_weight or min_val_sparsity is not None
                       or threshold_warm_start or threshold_floor)
     out = Path(out)
     side = _paths(out)
@@ -650,6 +660,10 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                     "edge_term": "mean |grad recon - grad x| (horizontal and vertical "
                                  "differences, losses.halo_term of the error)"}
                    if edge_weight else {}),
+                **({"tone_weight": tone_weight,
+                    "tone_term": "mean |blur recon - blur x| (Gaussian sigma "
+                                 f"{TONE_SIGMA:g} px, losses.ivf_tone_term)"}
+                   if tone_weight else {}),
                 "min_val_sparsity": min_val_sparsity, "val_sparsity": val_sparsity,
                 "threshold_warm_start": threshold_warm_start,
                 "threshold_floor": threshold_floor,
@@ -726,7 +740,8 @@ def _train(  # the fields of a TrainConfig, all given (the defaults are TrainCon
                 batch = _to(src.batch(epoch, step), dev)
                 batch.pop("scale", None)
                 loss = compute_loss(task, net, batch, halo_weight, sparsity_weight,
-                                    black_weight, flat_weight, black_target, edge_weight)
+                                    black_weight, flat_weight, black_target, edge_weight,
+                                    tone_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"training {task}: the loss is {float(loss.detach())} at epoch "
