@@ -5,11 +5,12 @@ slices of ../shared/data/medical (ITK examples, Apache-2.0).
         [--checkpoints ../shared/reference-checkpoints] [--device cpu] [--no-alignment]
 
 Fusion table: MI, Qabf, VIF, SSIM (napari_cscfusion.metrics; MI and VIF summed over the two
-sources, SSIM averaged, Qabf ceiling 0.9748) of the fused image for CSC-IVFN (packaged weights
-when they exist, the authors' published weights when the checkpoints folder is there; default
-rules saliency/l1, and all-average rules), the pixel average, the classical baselines (Laplacian
-pyramid, choose-max) and each source taken alone as the "fused" image (a source scores MI(S, S) =
-H(S) and VIFp(S, S) = 1 with itself, so it sets a ceiling that fusion cannot pass on those two).
+sources, SSIM averaged, Qabf ceiling 0.9748) of the fused image for CSC-IVFN (packaged
+medical.pt and ivf.pt when they exist, the authors' published weights when the checkpoints
+folder is there; default rules saliency/l1, and all-average rules), the pixel average, the
+classical baselines (Laplacian pyramid, choose-max) and each source taken alone as the "fused"
+image (a source scores MI(S, S) = H(S) and VIFp(S, S) = 1 with itself, so it sets a ceiling that
+fusion cannot pass on those two).
 
 Alignment table: estimate_misalignment / register_rigid on the shifted (13 px in x, 17 in y) and
 the rotated (10 deg + shift) PD slices, against the ground truth (see tests/test_medical.py).
@@ -63,10 +64,11 @@ def fusion_table(data: Path, checkpoints: Path, device: str) -> str:
     methods: dict[str, np.ndarray] = {}
     notes = []
     models = {}
-    if packaged_weights_path("ivf").is_file():
-        models["packaged ivf.pt"] = load_model("ivf")
-    else:
-        notes.append("packaged ivf.pt: not present in this checkout, no row")
+    for name in ("medical", "ivf"):  # medical.pt: fuse_multimodal's default since 2026-12-07
+        if packaged_weights_path(name).is_file():
+            models[f"packaged {name}.pt"] = load_model(name)
+        else:
+            notes.append(f"packaged {name}.pt: not present in this checkout, no row")
     if checkpoints.is_dir():
         models["authors' weights"] = load_model("ivf", checkpoints)
     else:
@@ -146,8 +148,9 @@ def harvard_table(data: Path, checkpoints: Path, limit: int | None = None) -> st
     """Mean MI, Qabf, VIF, SSIM over the Harvard MRI/CT and MRI/PET pairs (for choosing the
     medical defaults; the held-out mri_spect is never read)."""
     models = {}
-    if packaged_weights_path("ivf").is_file():
-        models["packaged ivf.pt"] = load_model("ivf")
+    for name in ("medical", "ivf"):  # medical.pt: fuse_multimodal's default since 2026-12-07
+        if packaged_weights_path(name).is_file():
+            models[f"packaged {name}.pt"] = load_model(name)
     if checkpoints.is_dir():
         models["authors' weights"] = load_model("ivf", checkpoints)
     lines = []

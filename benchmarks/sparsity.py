@@ -3,15 +3,14 @@ default settings, on real images.
 
     .venv/bin/python benchmarks/sparsity.py [--ivf W ...] [--mef W ...] [--pairs 4]
 
-For every IVF weights file (default: the packaged one and the authors'): the fraction of exact
-zeros of the infrared / visible / fused detail codes and of the base codes on the first
-``--pairs`` TNO pairs (fuse_infrared_visible, default rules and code gain 2); the largest value
-(grey levels) two all-black 64x64 sources fuse to at code gains 1, 2, 4, at 0.5 and 0.1, and
-through
-fuse_multimodal; the PSNR of a TNO infrared image with black borders and clipped highlights
-fused with itself (fuse_multimodal, gain 1). For every MEF weights file: the zeros of the codes
-of the 16 Memorial exposures (fuse_exposures; also split into dark exposures, mean luma < 0.2,
-and the others) and the black-in value. Markdown to stdout.
+For every IVF weights file (default: packaged ivf.pt and medical.pt, the authors'): the
+fraction of exact zeros of the infrared / visible / fused detail codes and of the base codes on
+the first ``--pairs`` TNO pairs (fuse_infrared_visible, default rules and code gain 2); the
+largest value (grey levels) two all-black 64x64 sources fuse to at code gains 1, 2, 4, at 0.5
+and 0.1, and through fuse_multimodal; the PSNR of a TNO infrared image with black borders and
+clipped highlights fused with itself (fuse_multimodal, gain 1). For every MEF weights file: the
+zeros of the codes of the 16 Memorial exposures (fuse_exposures; also split into dark
+exposures, mean luma < 0.2, and the others) and the black-in value. Markdown to stdout.
 Nothing here chooses weights (that is the validation split, see weights/README.md).
 """
 
@@ -61,7 +60,7 @@ def self_fusion_row(label: str, weights, ir_path: Path) -> str:
     """Where a source fused with itself (fuse_multimodal, gain 1) loses: PSNR of the plain
     image, with the black borders only, with the brightest 10 % clipped only, with both; and
     the mean error (fused − source, grey levels) of the clipped image by source intensity."""
-    model = load_model("ivf", weights) if weights is not None else load_model("ivf")
+    model = _ivf_model(weights)
     plain = _read(ir_path).astype(np.float32) / 255
     borders = plain.copy()
     borders[:12] = 0.0
@@ -77,13 +76,18 @@ def self_fusion_row(label: str, weights, ir_path: Path) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+def _ivf_model(weights):
+    """A CSC-IVFN: 'ivf' / 'medical' for the packaged ivf.pt / medical.pt, else a path."""
+    return load_model(weights) if weights in ("ivf", "medical") else load_model("ivf", weights)
+
+
 def _psnr(a, b) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - b) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def ivf_row(label: str, weights, pairs) -> str:
-    model = load_model("ivf", weights) if weights is not None else load_model("ivf")
+    model = _ivf_model(weights)
     zeros: dict[str, list[float]] = {}
     for ir_p, vis_p in pairs:
         res = fuse_infrared_visible(_read(ir_p), _read(vis_p), model=model, codes=True,
@@ -126,8 +130,8 @@ def mef_row(label: str, weights) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ivf", nargs="*", default=None, help="IVF weights (default: packaged, "
-                                                          "authors')")
+    p.add_argument("--ivf", nargs="*", default=None, help="IVF weights (default: packaged "
+                                                          "ivf.pt and medical.pt, authors')")
     p.add_argument("--mef", nargs="*", default=None, help="MEF weights (default: packaged, "
                                                           "authors'; --mef alone: none)")
     p.add_argument("--pairs", type=int, default=4, help="TNO pairs (first N)")
@@ -136,7 +140,8 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    ivf = {w: w for w in a.ivf} if a.ivf else {"packaged ivf.pt": None, "authors'": CKPT}
+    ivf = {w: w for w in a.ivf} if a.ivf else {"packaged ivf.pt": "ivf",
+                                                "packaged medical.pt": "medical", "authors'": CKPT}
     mef = {w: w for w in a.mef} if a.mef is not None else {"packaged mef.pt": None,
                                                 "authors'": CKPT / "csc_mefn_authors.pth"}
     pairs = _pairs(a.pairs)

@@ -44,7 +44,10 @@
 #   9. (2026-12-07, issue 17 item 2) tones kept: the packaged STAGE=8 file fine-tuned with the
 #      R4 recipe plus the tone term (--tone-weight TONE=, default 2: mean |blur recon - blur x|,
 #      the L1 on the codes otherwise decodes bright areas 2-6 grey levels dark), lr 1e-4, 24
-#      epochs of 25 steps (runs/g7/ivf_tone<TONE>.e<N>.pt). ~12 min on a quiet 2-core CPU.
+#      epochs of 25 steps (runs/g7/ivf_tone<TONE><NAME>.e<N>.pt), ~10 min on a quiet 2-core
+#      CPU; SPARSITY= the L1 weight (default 0.03). SHIPPED as medical.pt (fuse_multimodal's
+#      default; not as ivf.pt: under the x2 stretch its correct highlights saturate):
+#      TONE=6 SPARSITY=0.05 NAME=s5 SEED=43, epoch 23 (weights/README.md, "Tones kept").
 # Run with STAGE=1, 2, 3, 4 in turn (each reads the previous stage's file).
 set -e
 cd "$(dirname "$0")/.."
@@ -101,12 +104,12 @@ case "${STAGE:-4}" in
        --sparsity-weight 0.03 --edge-weight 8 --lr 1.5e-4 --warmup-steps 5 --seed 34 \
        $EIGHT "$@" ;;
   9) mkdir -p runs/g7
-     OMP_NUM_THREADS=1 nice -n 5 $PY --out "runs/g7/ivf_tone${TONE:-2}.pt" \
+     OMP_NUM_THREADS=1 nice -n 5 $PY --out "runs/g7/ivf_tone${TONE:-2}${NAME:-}.pt" \
        --init "${INIT:-src/napari_cscfusion/weights/ivf.pt}" --tone-weight "${TONE:-2}" \
        --freeze-bn --nonnegative-thresholds --black-weight 0.1 --black-target 0.1 \
        --flat-weight 0.05 --extremes 0.3 --photometric 0.3 --min-val-sparsity 0.72 \
-       --sparsity-weight 0.03 --edge-weight 8 --epochs 24 --steps-per-epoch 25 --batch-size 8 \
-       --crop 48 --lr 1e-4 --schedule cosine --warmup-steps 5 --seed "${SEED:-41}" \
+       --sparsity-weight "${SPARSITY:-0.03}" --edge-weight 8 --epochs 24 --steps-per-epoch 25 \
+       --batch-size 8 --crop 48 --lr 1e-4 --schedule cosine --warmup-steps 5 --seed "${SEED:-41}" \
        --keep-epochs --threads 1 --no-progress "$@" ;;
   *) echo "STAGE must be 1, 2, 3, 4, 5, 6, 7, 8 or 9" >&2; exit 2 ;;
 esac

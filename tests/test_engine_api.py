@@ -127,6 +127,27 @@ def test_ivf_bad_input(pair, change, words):
         fuse_infrared_visible(*args, model=authors_model("ivf"), **kwargs)
 
 
+def test_medical_weights_are_a_csc_ivfn_of_their_own():
+    """fuse_multimodal's default is packaged medical.pt, a CSC-IVFN: any CSC-IVFN model is
+    accepted for medical fusion, a CSC-MEFN one is refused by name."""
+    from napari_cscfusion.engine.medical import fuse_multimodal
+
+    medical, ivf = load_model("medical"), load_model("ivf")
+    assert (medical.task, medical.name, medical.weights_label) == \
+        ("ivf", "CSC-IVFN", "packaged medical.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(medical.network.state_dict().values(),
+                                                       ivf.network.state_dict().values(),
+                                                       strict=True))
+    x = np.random.default_rng(0).random((24, 32), np.float32)
+    assert fuse_multimodal([x, x], device="cpu").metadata["weights"] == "packaged medical.pt"
+    with_ivf = fuse_multimodal([x, x], model=ivf, device="cpu")
+    assert with_ivf.metadata["weights"] == "packaged ivf.pt"
+    with pytest.raises(ValueError, match="CSC-MEFN.*needs a CSC-IVFN"):
+        fuse_multimodal([x, x], model=load_model("mef"), device="cpu")
+    with pytest.raises(ValueError, match="task must be one of ivf, mef, mmf, medical"):
+        load_model("medicine")
+
+
 @needs_shared
 def test_model_of_another_task_is_refused(pair):
     ir, vis = pair

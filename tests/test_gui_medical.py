@@ -21,7 +21,7 @@ CROP = (slice(60, 124), slice(50, 114))  # 64x64 of the brain: short CPU runs
 
 @pytest.fixture(scope="module")
 def weights():
-    if packaged_weights_path("ivf").is_file():
+    if packaged_weights_path("medical").is_file():
         return None
     if CKPT.is_dir():
         return str(CKPT)
@@ -63,12 +63,14 @@ def messages_since(n, word):
 
 
 def _model(weights):
-    return load_model("ivf", weights) if weights else load_model("ivf")
+    return load_model("medical", weights) if weights else load_model("medical")
 
 
 def test_three_layers_fused_with_the_first_layers_placement(widget_viewer, brain, qtbot,
                                                             weights):
     viewer, widget = widget_viewer
+    if weights is None:  # the medical widget's own packaged file, a CSC-IVFN
+        assert widget.weights.source.current_choice == "packaged (medical.pt)"
     t1, pd = brain["t1"][CROP], brain["pd"][CROP]
     t2 = (255 - t1).astype(np.uint8)
     layers = [viewer.add_image(a, name=n, scale=(0.9, 0.9), translate=(5.0, -2.0))

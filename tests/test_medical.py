@@ -44,8 +44,8 @@ ROTATED_TRUTH = ROTATED_TRUTH_B20 @ _PAD
 
 @pytest.fixture(scope="module")
 def model():
-    if packaged_weights_path("ivf").is_file():
-        return load_model("ivf")
+    if packaged_weights_path("medical").is_file():
+        return load_model("medical")
     if CKPT.is_dir():
         return load_model("ivf", CKPT)
     pytest.skip("no packaged IVFN weights and no reference checkpoints")
@@ -152,7 +152,11 @@ def test_colour_functional_keeps_chroma(model, brain):
     # the output's luminance is the grey fusion of the MRI with the PET's luminance, everywhere
     y_f = fuse_multimodal({"MRI": mri, "PET": ycc_in[..., 0]}, model=model, device="cpu").image
     np.testing.assert_allclose(ycc_out[..., 0], y_f, atol=1e-5)
-    assert np.abs(ycc_out[..., 0] - ycc_in[..., 0]).mean() > 0.02  # the anatomy went in
+    # the anatomy went in: the luminance now follows the MRI (correlation 0.10 here, the
+    # PET's own -0.001); a mean difference from the PET would also count a tone shift
+    t1 = mri.astype(np.float64).ravel()
+    assert np.corrcoef(ycc_out[..., 0].ravel(), t1)[0, 1] \
+        > np.corrcoef(ycc_in[..., 0].ravel(), t1)[0, 1] + 0.05
     # where the PET's chroma fits the RGB cube at the new luminance, Cb/Cr survive exactly
     raw = ycbcr_to_rgb(torch.from_numpy(np.stack([y_f, ycc_in[..., 1], ycc_in[..., 2]], -1)),
                        dim=-1).numpy()

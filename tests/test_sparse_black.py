@@ -45,7 +45,7 @@ def _with_extremes(img: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("task", ["ivf", "mef", "mmf"])
+@pytest.mark.parametrize("task", ["ivf", "medical", "mef", "mmf"])
 def test_packaged_soft_thresholds_are_all_nonnegative(task):
     net = load_model(task).network
     thetas = [m.theta.detach() for m in net.modules() if isinstance(m, SoftThreshold)]
@@ -166,20 +166,22 @@ def test_medical_and_mef_black_in_black_out():
 
 
 def test_a_source_fused_with_itself_comes_back_and_its_black_border_stays_black():
-    """Code gain 1 (IVF) and the medical defaults: a real infrared image fused with itself comes
-    back at >= 40 dB, and with black borders and clipped highlights added its border stays
-    black (the clipped plateaus do not reach 40 dB: 30.3 dB over the whole image, the
-    issue's target not met there, see weights/README.md)."""
+    """A real infrared image fused with itself comes back at >= 40 dB, also with black borders
+    and its brightest 10 % clipped, through the medical defaults (packaged medical.pt: tones
+    kept); its border stays black. ivf.pt at code gain 1 comes back at >= 40 dB plain, but its
+    highlights decode a few grey levels dark (35.4 dB with the extremes on the whole TNO 1
+    image; weights/README.md), a darkening its x2 default stretch is tuned with."""
     plain = _grey(sample("tno_01_ir.png"))
     x = _with_extremes(plain)
     assert (x == 0).mean() > 0.04 and (x == 1).mean() > 0.05
-    for fuse in (lambda a: fuse_infrared_visible(a, a, code_gain=1.0, device="cpu").image,
-                 lambda a: fuse_multimodal([a, a], device="cpu").image):
+    for fuse, extremes_psnr in (
+            (lambda a: fuse_infrared_visible(a, a, code_gain=1.0, device="cpu").image, 29.0),
+            (lambda a: fuse_multimodal([a, a], device="cpu").image, 40.0)):
         assert _psnr(fuse(plain), plain) >= 40.0
         extreme = fuse(x)
         # the border beyond the decoder's reach of the image content (3 px) stays black
         assert extreme[:9].max() <= ONE_GREY_LEVEL and extreme[:, :17].max() <= ONE_GREY_LEVEL
-        assert _psnr(extreme, x) >= 29.0
+        assert _psnr(extreme, x) >= extremes_psnr
     rgb = sample("courtyard_ev+0.png")[..., :3].astype(np.float32) / 255
     rgb = np.clip(rgb * 1.5, 0, 1)
     rgb[:10] = 0.0
@@ -189,10 +191,10 @@ def test_a_source_fused_with_itself_comes_back_and_its_black_border_stays_black(
 
 def test_harvard_mri_pet_pair_beats_the_average_keeps_black_and_the_pet_colour():
     """A real clinical pair (Harvard MRI/PET 11): the medical defaults (choose-max / l1-black,
-    gain 1) beat the pixel average of the luminances on SSIM and Qabf (0.715 vs 0.661, 0.786
-    vs 0.469; the first-generation weights with saliency / l1 had SSIM 0.29, the
-    second-generation ones 0.61 with a Qabf of 0.07), the background stays black and the PET's
-    colour is kept. The max of the luminances is not beaten on Qabf (0.915 here;
+    gain 1, packaged medical.pt) beat the pixel average of the luminances on SSIM and Qabf
+    (0.721 vs 0.661, 0.825 vs 0.469; the first-generation weights with saliency / l1 had SSIM
+    0.29, the second-generation ones 0.61 with a Qabf of 0.07), the background stays black and
+    the PET's colour is kept. The max of the luminances is not beaten on Qabf (0.915 here;
     weights/README.md)."""
     folder = DATA / "medical" / "harvard" / "mri_pet"
     mri_path, pet_path = folder / "MRI" / "11.png", folder / "PET" / "11.png"

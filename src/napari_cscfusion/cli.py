@@ -30,7 +30,6 @@ from .engine import (
 )
 from .engine.batch import (
     FORMATS,
-    MODEL_TASK,
     TASKS,
     WrongInputs,
     fuse_sources,
@@ -45,7 +44,7 @@ from .models.color import luma
 
 
 def _model(task: str, weights: str | None):
-    return load_model(MODEL_TASK[task], weights) if weights else None
+    return load_model(task, weights) if weights else None
 
 
 def _write(result, out: Path, codes_out: Path | None, quiet: bool) -> None:

@@ -18,7 +18,7 @@ from .engine.io import read_image, to_grey, write_tiff
 from .engine.planes import downsample_area
 from .engine.registry import load_model, packaged_weights_path
 
-AUTHORS_FALLBACK = {"ivf": "", "mef": "csc_mefn_authors.pth", "mmf": None}
+AUTHORS_FALLBACK = {"ivf": "", "medical": "", "mef": "csc_mefn_authors.pth", "mmf": None}
 
 
 def sample(name: str) -> np.ndarray:
@@ -76,12 +76,12 @@ def run_demo(out: Path, device: str = "auto", weights_dir: Path | None = None,
         # the BrainWeb PNGs are stored as grey-valued RGB: fuse their luminance
         save("medical_t1_pd", fuse_multimodal([to_grey(sample("brainweb_t1.png")),
                                                to_grey(sample("brainweb_pd.png"))],
-                                              model=model("ivf"), base_rule=base_rule,
+                                              model=model("medical"), base_rule=base_rule,
                                               device=device))
         print("medical, simulated (MNI152 T1 + a PET map in hot colours, CSC-IVFN):")
         save("medical_mri_pet", fuse_multimodal({"T1": sample("mni152_t1.png"),
                                                  "PET": sample("simulated_pet.png")},
-                                                model=model("ivf"), base_rule=base_rule,
+                                                model=model("medical"), base_rule=base_rule,
                                                 device=device))
     print(f"done in {time.perf_counter() - t:.0f} s: {len(written)} files in {out}")
     return written

@@ -41,7 +41,6 @@ from .medical import MEDICAL_CODE_GAIN, fuse_multimodal
 from .registry import FusionModel, resolve_model
 
 TASKS = ("ivf", "mef", "mmf", "medical")
-MODEL_TASK = {"ivf": "ivf", "mef": "mef", "mmf": "mmf", "medical": "ivf"}  # medical: CSC-IVFN
 FOLDER_ROLES = {"ivf": ("infrared", "visible"), "mmf": ("low-res", "guide"),
                 "mef": ("brackets",)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp") + TIFF_SUFFIXES
@@ -327,7 +326,7 @@ def run_batch(plan: BatchPlan, model: FusionModel | str | None = None, *,
     FusionModel). progress(done, total) is the engine's per-item callback (it may raise
     Cancelled, which stops the batch: it is raised, not reported as a failure). options:
     device, base_rule, detail_rule, code_gain, tile, scheduler (see fuse_sources)."""
-    model = resolve_model(model, MODEL_TASK[plan.task])
+    model = resolve_model(model, plan.task)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     names = None
     if plan.task == "medical":

@@ -286,7 +286,7 @@ def fuse_multimodal(images, model=None, base_rule: str = MEDICAL_BASE_RULE,
         raise ValueError(f"codes: sparse codes are returned for 2D images only ({n_planes} "
                          f"planes here would need 64 maps per voxel and source); fuse one slice "
                          f"with codes=True to inspect them")
-    model = resolve_model(model, "ivf")
+    model = resolve_model(model, "medical")
     dev = resolve_device(device)
     out_shape = spatial + ((3,) if colour else ())
     image = np.empty(out_shape, np.float32)
@@ -389,7 +389,7 @@ class MedicalVolume:
         code_gain = check_code_gain(code_gain)
         if codes not in (True, False):
             raise ValueError(f"codes: expected True or False, got {codes!r}")
-        model = resolve_model(model, "ivf")
+        model = resolve_model(model, "medical")
         dev = resolve_device(device)
         planes = self.sources.planes(self.sources.index(index, self.loop_axes))
         t1 = time.perf_counter()

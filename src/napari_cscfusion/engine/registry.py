@@ -11,9 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.checkpoints import TASKS, load_network
+from ..models.checkpoints import load_network
 
-TASK_NAMES = {"ivf": "CSC-IVFN", "mef": "CSC-MEFN", "mmf": "CSC-MMFN"}
+TASK_NAMES = {"ivf": "CSC-IVFN", "mef": "CSC-MEFN", "mmf": "CSC-MMFN", "medical": "CSC-IVFN"}
+# The network each name's packaged weights are for. medical.pt is a CSC-IVFN of its own:
+# fuse_multimodal runs at code gain 1, where a source fused with itself must come back as it
+# was (tones kept), while ivf.pt's slightly dark highlights suit the x2 infrared/visible stretch.
+NETWORK_OF = {"ivf": "ivf", "mef": "mef", "mmf": "mmf", "medical": "ivf"}
 
 
 @dataclass
@@ -49,6 +53,7 @@ class FusionModel:
 
 
 def packaged_weights_path(task: str) -> Path:
+    """The packaged weights of ``task`` ('ivf', 'mef', 'mmf' or 'medical')."""
     return Path(str(resources.files("napari_cscfusion") / "weights" / f"{task}.pt"))
 
 
@@ -59,13 +64,15 @@ _cache_lock = threading.Lock()
 def load_model(task: str, weights: str | Path | None = None) -> FusionModel:
     """Load a fusion network.
 
-    task: 'ivf' (infrared + visible, also used for medical multi-modal fusion), 'mef'
-    (multi-exposure) or 'mmf' (guided super-resolution).
+    task: 'ivf' (infrared + visible), 'medical' (a CSC-IVFN for medical multi-modal fusion:
+    packaged medical.pt), 'mef' (multi-exposure) or 'mmf' (guided super-resolution).
     weights: None for the weights shipped with the package; a checkpoint file (ours or the
-    authors'); for 'ivf' also a folder holding the authors' base/detail/decoder files.
+    authors'); for 'ivf' and 'medical' also a folder holding the authors' base/detail/decoder
+    files.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in NETWORK_OF:
+        raise ValueError(f"task must be one of {', '.join(NETWORK_OF)}, got {task!r}")
+    network = NETWORK_OF[task]
     if weights is None:
         with _cache_lock:
             if task in _packaged_cache:
@@ -75,24 +82,25 @@ def load_model(task: str, weights: str | Path | None = None) -> FusionModel:
                 raise FileNotFoundError(
                     f"no packaged weights for {task!r} in this installation ({path}); pass a "
                     f"checkpoint with weights=... (e.g. the authors' published file)")
-            net, info = load_network(task, path)
+            net, info = load_network(network, path)
             info["label"] = f"packaged {task}.pt"
-            model = FusionModel(task, net, info)
+            model = FusionModel(network, net, info)
             _packaged_cache[task] = model
             return model
-    net, info = load_network(task, weights)
+    net, info = load_network(network, weights)
     info["label"] = str(weights)
-    return FusionModel(task, net, info)
+    return FusionModel(network, net, info)
 
 
 def resolve_model(model, task: str) -> FusionModel:
-    """Accept None (packaged), a FusionModel, or a path to weights."""
+    """Accept None (``task``'s packaged weights), a FusionModel, or a path to weights."""
     if model is None:
         return load_model(task)
     if isinstance(model, FusionModel):
-        if model.task != task:
+        if model.task != NETWORK_OF[task]:
             raise ValueError(f"model: this is a {model.name} ({model.task!r}) model; this "
-                             f"function needs a {TASK_NAMES[task]} ({task!r}) model")
+                             f"function needs a {TASK_NAMES[task]} "
+                             f"({NETWORK_OF[task]!r}) model")
         return model
     if isinstance(model, (str, Path)):
         return load_model(task, model)

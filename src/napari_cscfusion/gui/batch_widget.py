@@ -29,7 +29,6 @@ from napari.qt.threading import create_worker
 from ..engine import Cancelled
 from ..engine.batch import (
     FORMATS,
-    MODEL_TASK,
     BatchOutcome,
     BatchPlan,
     default_code_gain,
@@ -39,6 +38,7 @@ from ..engine.batch import (
 )
 from ..engine.io import read_image
 from ..engine.notices import recorded_only
+from ..engine.registry import NETWORK_OF
 from ._common import (
     META_KEY,
     WeightsChooser,
@@ -103,7 +103,7 @@ def run_plan(plan: BatchPlan, token: CancelToken, weights, overwrite: bool, opti
 
     try:
         with CancelMode(token):
-            model = MODELS.get(MODEL_TASK[plan.task], weights)
+            model = MODELS.get(plan.task, weights)
         outcomes = run_batch(plan, model, overwrite=overwrite, progress=progress, **options)
         while True:
             if token.cancelled:
@@ -216,12 +216,11 @@ class BatchFusionWidget(RunState, Container):
         self.code_gain.visible = gain is not None
         if gain is not None:
             self.code_gain.value = gain
-        model_task = MODEL_TASK[task]
-        if self.weights.task != model_task:  # the chooser names the network's packaged file
+        if self.weights.task != task:  # the chooser names the task's packaged file
             at = self.advanced.index(self.weights.source)
             for w in self.weights.widgets:
                 self.advanced.remove(w)
-            self.weights = WeightsChooser(model_task, folders=model_task == "ivf")
+            self.weights = WeightsChooser(task, folders=NETWORK_OF[task] == "ivf")
             for k, w in enumerate(self.weights.widgets):
                 self.advanced.insert(at + k, w)
 

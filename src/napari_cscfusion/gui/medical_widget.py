@@ -56,7 +56,7 @@ def _spatial_ndim(layer) -> int:
 class MedicalFusionWidget(FusionWidget):
     """Fuse two or more registered medical layers; check and fix their alignment first."""
 
-    task = "ivf"
+    task = "medical"  # packaged medical.pt, a CSC-IVFN
     network = "CSC-IVFN"
     title = "medical fusion"
     weight_folders = True
