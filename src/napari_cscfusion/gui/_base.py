@@ -149,13 +149,8 @@ class FusionWidget(RunState, Container):
         worker.returned.connect(lambda outcome, job=job, token=token:
                                 self._on_returned(job, token, outcome))
         worker.errored.connect(lambda exc, token=token: self._on_crashed(token, exc))
-        self._worker, self._token = worker, token
         self._job_key = job.key
-        self._start_clock()
-        self.progress.value = 0
-        self._show_running(f"running {self.title}…")
-        self._set_running(True)
-        worker.start()
+        self._start_run(worker, token, f"running {self.title}…")
 
     def cancel(self, *_) -> None:
         """Stop the run: the worker stops at its next cancellation point (about one network

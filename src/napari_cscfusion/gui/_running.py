@@ -5,7 +5,8 @@ destroyed.
 
 Mixed into a magicgui Container that has ``run_button``, ``cancel_button``, ``progress`` (a
 ProgressBar of PROGRESS_STEPS) and ``status`` (a Label); call ``_init_run_state()`` after
-making them, and ``_show_running(text)`` when a run starts and as it goes.
+making them, ``_start_run(worker, token, text)`` to start a run, and ``_show_running(text)``
+as it goes.
 """
 
 from __future__ import annotations
@@ -54,8 +55,15 @@ class RunState:
             self.progress.value = int(round(self._token.fraction * PROGRESS_STEPS))
             self._show_running(self._running_text)
 
-    def _start_clock(self) -> None:
+    def _start_run(self, worker, token: CancelToken, text: str) -> None:
+        """Start ``worker`` (cancelled through ``token``): progress at 0, the clock started,
+        ``text`` in the status, Run disabled and Cancel enabled."""
+        self._worker, self._token = worker, token
+        self.progress.value = 0
         self._started = time.perf_counter()
+        self._show_running(text)
+        self._set_running(True)
+        worker.start()
 
     def _show_running(self, text: str) -> None:
         """The status of a running job: ``text`` and the time so far ("running …

@@ -278,16 +278,12 @@ class BatchFusionWidget(RunState, Container):
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(lambda outcome, token=token: self._on_item(token, outcome))
         worker.returned.connect(lambda summary, token=token: self._on_done(token, summary))
-        self._worker, self._token, self._plan = worker, token, plan
+        self._plan = plan
         self._done = 0
         self.failures.value = ""
         self.failures.visible = False
         self.open_button.enabled = False
-        self.progress.value = 0
-        self._start_clock()
-        self._show_running(f"fusing {len(plan)} item(s)…")
-        self._set_running(True)
-        worker.start()
+        self._start_run(worker, token, f"fusing {len(plan)} item(s)…")
 
     def cancel(self, *_) -> None:
         """Stop after the current network step; results written so far stay."""
