@@ -244,6 +244,9 @@ def fuse_multimodal(images, model=None, base_rule: str = MEDICAL_BASE_RULE,
     fused and whose chroma is kept (RGB output). Values are mapped to [0, 1] as in the other
     fusion functions (unsigned integers / dtype max, floats in [0, 1] as they are, else min-max
     over the whole array).
+    model: None for the packaged medical.pt (a CSC-IVFN trained to keep tones at code gain 1),
+      or any CSC-IVFN: a FusionModel (``load_model("medical" | "ivf", weights)``) or a weights
+      path (ours, or the authors' file or folder).
     base_rule / detail_rule: default 'choose-max' (base: per pixel every code of the source
       whose codes are farthest from the codes of an all-black image, 3x3 activity, the choices
       checked by a 5x5 majority vote) and 'l1-black' (detail: the authors' l1 attention with
