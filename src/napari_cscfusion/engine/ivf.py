@@ -111,7 +111,7 @@ def black_codes(net) -> tuple[torch.Tensor, torch.Tensor, bool]:
         return z_b[0, :, 8, 8].float(), z_d[0, :, 8, 8].float(), keeps
 
 
-def gain_pivot(net, code_gain: float) -> torch.Tensor | None:
+def gain_pivot(net, code_gain: float, black=None) -> torch.Tensor | None:
     """The summed (base + detail) codes [q] that ``code_gain`` scales the fused codes about
     (z_pivot + g (z - z_pivot)), or None for the authors' pivot, the zero codes.
 
@@ -122,10 +122,10 @@ def gain_pivot(net, code_gain: float) -> torch.Tensor | None:
     codes' and the decoder's constants is fixed at gain 1): 0.525 for the first generation,
     0.54-0.61 for the sparse files, and at gain 2 an image is darkened by that much
     (benchmarks/README.md). The authors' weights (and any that lift black) keep zero codes:
-    their results stay exactly the authors'."""
+    their results stay exactly the authors'. ``black``: black_codes(net), if already known."""
     if code_gain == 1.0:
         return None
-    z_b, z_d, keeps_black = black_codes(net)
+    z_b, z_d, keeps_black = black if black is not None else black_codes(net)
     if not keeps_black:
         return None
     return z_b + z_d if code_gain < 1.0 else sum(flat_codes(net, MID_GREY))
@@ -172,13 +172,14 @@ class IVFKernel:
         self.code_gain = check_code_gain(code_gain)
         # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
         self.code_scale = None if self.code_gain == IVF_ALPHA else self.code_gain / IVF_ALPHA
-        # the codes of black: the reference of the REFERENCE_RULES
-        self.black = None
-        if {base_rule, detail_rule} & REFERENCE_RULES:
-            z_b, z_d, _ = black_codes(net)
-            self.black = {"base": z_b.to(device), "detail": z_d.to(device)}
+        # the codes of black (encoded once): the reference of the REFERENCE_RULES, and what
+        # gain_pivot tests the weights with
+        reference = bool({base_rule, detail_rule} & REFERENCE_RULES)
+        black = black_codes(net) if reference or self.code_gain != 1.0 else None
+        self.black = {"base": black[0].to(device), "detail": black[1].to(device)} \
+            if reference else None
         # added to the scaled codes: (1 - g) / 2 * the pivot's codes (gain_pivot)
-        pivot = gain_pivot(net, self.code_gain)
+        pivot = gain_pivot(net, self.code_gain, black)
         self.code_offset = None if pivot is None else (
             (1.0 - self.code_gain) / IVF_ALPHA * pivot).view(-1, 1, 1).to(device)
         self.fast = use_fast_path(net, exact)
