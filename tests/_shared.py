@@ -98,3 +98,12 @@ def authors_model(task: str):
 
 def grey(img: np.ndarray) -> np.ndarray:
     return img[..., 0] if img.ndim == 3 else img
+
+
+def harvard_mri_pet(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Harvard MRI/PET pair ``index``: the MRI (grey uint8) and the PET (RGB uint8); the test
+    skips (naming them) when the files are absent."""
+    folder = "data/medical/harvard/mri_pet"
+    mri = read(shared_path(f"{folder}/MRI/{index}.png"))
+    pet = read(shared_path(f"{folder}/PET/{index}.png"))
+    return grey(mri), pet[..., :3]

@@ -14,7 +14,15 @@ from scipy import ndimage as ndi
 from napari_cscfusion.engine import FusionModel, load_model, mmf_cpu
 from napari_cscfusion.models import fastpath
 
-from ._shared import DATA, MMF_AUTHORS_GEOMETRY, authors_model, grey, needs_shared, read
+from ._shared import (
+    DATA,
+    MMF_AUTHORS_GEOMETRY,
+    authors_model,
+    grey,
+    harvard_mri_pet,
+    needs_shared,
+    read,
+)
 
 MAX_DIFF, MEAN_DIFF = 1e-3, 1e-5
 
@@ -129,9 +137,7 @@ def test_medical_fast_path_matches_exact_with_the_packaged_medical_weights():
     an even split for l1-black and the first source for choose-max on both paths)."""
     from napari_cscfusion.engine.medical import fuse_multimodal
 
-    folder = DATA / "medical" / "harvard" / "mri_pet"
-    mri, pet = read(folder / "MRI" / "11.png"), read(folder / "PET" / "11.png")[..., :3]
-    mri = mri[..., 0] if mri.ndim == 3 else mri
+    mri, pet = harvard_mri_pet(11)
     model = load_model("medical")
     exact = fuse_multimodal({"MRI": mri, "PET": pet}, model, device="cpu", exact=True)
     fast = fuse_multimodal({"MRI": mri, "PET": pet}, model, device="cpu")

@@ -20,7 +20,7 @@ from napari_cscfusion.metrics import qabf, ssim_fusion
 from napari_cscfusion.models.color import rgb_to_ycbcr
 from napari_cscfusion.models.csc import SoftThreshold
 
-from ._shared import DATA, read
+from ._shared import DATA, harvard_mri_pet, read
 
 ONE_GREY_LEVEL = 1.0 / 255
 MIN_ZEROS = 0.70  # issue 17: IVF detail codes and MEF codes, default settings, real images
@@ -196,12 +196,7 @@ def test_harvard_mri_pet_pair_beats_the_average_keeps_black_and_the_pet_colour()
     0.29, the second-generation ones 0.61 with a Qabf of 0.07), the background stays black and
     the PET's colour is kept. The max of the luminances is not beaten on Qabf (0.915 here;
     weights/README.md)."""
-    folder = DATA / "medical" / "harvard" / "mri_pet"
-    mri_path, pet_path = folder / "MRI" / "11.png", folder / "PET" / "11.png"
-    if not (mri_path.is_file() and pet_path.is_file()):
-        pytest.skip(f"Harvard MRI/PET pair not found under {folder}")
-    mri_u8, pet_u8 = read(mri_path), read(pet_path)[..., :3]
-    mri_u8 = mri_u8[..., 0] if mri_u8.ndim == 3 else mri_u8
+    mri_u8, pet_u8 = harvard_mri_pet(11)
     fused = fuse_multimodal({"MRI": mri_u8, "PET": pet_u8}, device="cpu").image
     mri = mri_u8 / 255.0
     ycc = rgb_to_ycbcr(torch.from_numpy(pet_u8 / 255.0), dim=-1)
