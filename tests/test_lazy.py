@@ -88,6 +88,26 @@ def test_3d_stack_is_fused_plane_by_plane_like_a_loop():
 
 
 @needs_shared
+def test_packaged_weights_stretch_each_plane_about_its_own_mean_lazily_too():
+    """With the packaged weights the default code gain pivots at each plane's mean grey: a
+    dask stack (tiled) equals the in-memory loop over its planes, one plane at a third of
+    the other's brightness included, and the dark plane keeps its mean."""
+    ir, vis = tno_stack()
+    ir, vis = np.stack([ir[0], ir[1] // 3]), np.stack([vis[0], vis[1] // 3])
+    packaged = load_model("ivf")
+    loop = [fuse_infrared_visible(ir[t], vis[t], packaged, "l1", "l1", device="cpu",
+                                  exact=True).image for t in range(2)]
+    lazy = fuse_infrared_visible(da.from_array(ir, chunks=(1, 28, 36)),
+                                 da.from_array(vis, chunks=(1, 28, 36)), packaged, "l1", "l1",
+                                 device="cpu", tile=32)
+    got = lazy.image.compute()
+    for t in range(2):
+        np.testing.assert_allclose(got[t], loop[t], atol=1e-5, rtol=0)
+    scene = (ir[1].mean() + vis[1].mean()) / 2 / 255
+    assert scene < 0.25 and abs(float(got[1].mean()) - scene) < 0.03, (scene, got[1].mean())
+
+
+@needs_shared
 def test_dask_in_dask_out_same_values_tiled_and_by_plane():
     ir, vis = tno_stack()
     ref = fuse_infrared_visible(ir, vis, model("ivf"), "l1", "l1", device="cpu", tile=0)

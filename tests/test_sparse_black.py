@@ -121,11 +121,12 @@ def _decoded_with_gain(net, fused_base, fused_detail, gain, pivot):
 
 
 @pytest.mark.parametrize("gain", [0.25, 0.5, 1.0, 2.0, 3.0])
-def test_code_gain_pivots_at_black_and_mid_grey_for_the_packaged_weights_only(gain):
+def test_code_gain_pivots_at_black_and_the_scene_mean_for_the_packaged_weights_only(gain):
     """What code_gain means, checked against the reference network on the fused codes: the
     packaged weights (black decodes to black) scale the codes' distance from black's codes
-    below gain 1 and from flat mid-grey's codes above it; the authors' weights (black decodes
-    to 14 grey levels) scale the codes themselves at every gain, as they always did."""
+    below gain 1 and above it from the codes of a flat image at the scene's mean grey (the
+    mean of the two sources' means); the authors' weights (black decodes to 14 grey levels)
+    scale the codes themselves at every gain, as they always did."""
     from napari_cscfusion.engine.ivf import MID_GREY, black_codes, flat_codes
 
     from ._shared import CKPT
@@ -143,16 +144,38 @@ def test_code_gain_pivots_at_black_and_mid_grey_for_the_packaged_weights_only(ga
                                     exact=True)
         pivot = None
         if keeps_black and gain != 1:
-            pivot = (z_b, z_d) if gain < 1 else flat_codes(net, MID_GREY)
+            level = (ir.mean(dtype=np.float64) + vis.mean(dtype=np.float64)) / 2
+            assert abs(level - MID_GREY) > 0.1  # a scene whose mean is not mid-grey
+            pivot = (z_b, z_d) if gain < 1 else flat_codes(net, level)
         want = _decoded_with_gain(net, res.codes["fused_base"], res.codes["fused_detail"],
                                   gain, pivot)
         np.testing.assert_allclose(res.image, want, atol=2e-6, rtol=0)
-        if pivot is not None:  # and it is not the zero-code pivot
-            zero_pivot = _decoded_with_gain(net, res.codes["fused_base"],
-                                            res.codes["fused_detail"], gain, None)
-            # above 1 the two pivots differ by the zero codes' offset from mid-grey only
-            assert np.abs(zero_pivot - res.image).mean() > (0.02 if gain < 1 else 0.005), \
-                np.abs(zero_pivot - res.image).mean()
+        if pivot is not None:  # and it is not the zero-code pivot (below 1), nor mid-grey's
+            other = None if gain < 1 else flat_codes(net, MID_GREY)
+            other = _decoded_with_gain(net, res.codes["fused_base"], res.codes["fused_detail"],
+                                       gain, other)
+            assert np.abs(other - res.image).mean() > 0.02, np.abs(other - res.image).mean()
+
+
+@pytest.mark.parametrize("level", [0.15, 0.5, 0.85])
+def test_a_flat_scene_keeps_its_grey_at_the_default_code_gain(level):
+    """The infrared/visible default (code gain 2) stretches contrast about the scene's mean:
+    a flat grey fused with itself comes back as that grey (about mid-grey, 0.15 went to 0.03
+    and 0.85 to 0.97), and a dark scene's mean stays dark."""
+    flat = np.full((48, 64), level, np.float32)
+    out = fuse_infrared_visible(flat, flat, device="cpu").image
+    assert abs(float(out.mean()) - level) < 3 / 255, float(out.mean())
+    assert float(out.max() - out.min()) < 1 / 255
+
+
+def test_an_underexposed_pair_keeps_its_mean_at_the_default_code_gain():
+    """A real pair at 40 % of its exposure (mean grey 0.21): the default stretch about the
+    scene's mean keeps it near that mean (about mid-grey it came out at 0.07)."""
+    ir = _grey(sample("tno_01_ir.png")) * np.float32(0.4)
+    vis = _grey(sample("tno_01_vis.png")) * np.float32(0.4)
+    scene = (ir.mean() + vis.mean()) / 2
+    fused = fuse_infrared_visible(ir, vis, device="cpu").image
+    assert abs(float(fused.mean()) - scene) < 0.03, (scene, fused.mean())
 
 
 def test_medical_and_mef_black_in_black_out():
@@ -216,21 +239,31 @@ def test_harvard_mri_pet_pair_beats_the_average_keeps_black_and_the_pet_colour()
     assert np.mean(np.sign(fused_chroma[coloured]) == np.sign(pet_chroma[coloured])) > 0.95
 
 
-def test_code_gain_stretches_contrast_about_mid_grey_for_the_packaged_weights():
-    """Above gain 1 the packaged weights stretch about flat mid-grey: a mid-grey image keeps
-    the grey it decodes to at gain 1, darker greys go darker and lighter ones lighter, by the
-    same logit on either side (the zero codes' grey, where the authors' pivot sits, is not
-    mid-grey for trained weights: gain 2 would darken or lighten a whole image by it)."""
-    def fused(level, gain):
-        flat = np.full((40, 56), level, np.float32)
-        return float(fuse_infrared_visible(flat, flat, code_gain=gain,
-                                           device="cpu").image[20, 28])
+def test_code_gain_stretches_contrast_about_the_scene_mean_for_the_packaged_weights():
+    """Above gain 1 the packaged weights stretch about the scene's mean grey: a flat image
+    keeps the grey it decodes to at gain 1, and in a two-tone scene the darker tone goes
+    darker and the lighter one lighter, by the same logit from the grey a flat image at the
+    scene's mean decodes to (not from mid-grey, nor from the zero codes' grey)."""
+    def fused(image, gain):
+        return fuse_infrared_visible(image, image, code_gain=gain, device="cpu").image
 
-    mid = fused(0.5, 1.0)
-    assert abs(mid - 0.5) < 2 / 255  # the flat term: mid-grey decodes to itself
-    for gain in (2.0, 4.0):
-        assert abs(fused(0.5, gain) - mid) < 1e-4
-        for level in (0.3, 0.7):
-            stretched = logit(fused(level, gain)) - logit(mid)
-            assert stretched == pytest.approx(gain * (logit(fused(level, 1.0)) - logit(mid)),
-                                              rel=1e-3)
+    def flat(level):
+        return np.full((40, 56), level, np.float32)
+
+    assert abs(float(fused(flat(0.5), 1.0)[20, 28]) - 0.5) < 2 / 255  # the flat term
+    for level in (0.3, 0.5, 0.7):
+        for gain in (2.0, 4.0):
+            assert abs(float(fused(flat(level), gain)[20, 28])
+                       - float(fused(flat(level), 1.0)[20, 28])) < 1e-4
+    for dark, light in ((0.3, 0.7), (0.15, 0.45)):
+        # two flat halves 96 px wide: their centres are beyond the network's 28 px reach
+        scene = np.full((64, 192), dark, np.float32)
+        scene[:, 96:] = light
+        pivot = float(fused(flat((dark + light) / 2), 1.0)[20, 28])
+        at_1 = fused(scene, 1.0)
+        for gain in (2.0, 4.0):
+            at_g = fused(scene, gain)
+            for x in (48, 144):
+                stretched = logit(float(at_g[32, x])) - logit(pivot)
+                assert stretched == pytest.approx(
+                    gain * (logit(float(at_1[32, x])) - logit(pivot)), rel=1e-3)

@@ -37,6 +37,12 @@ class Normaliser:
         """The normalised float32 values of ``array[index]`` (a new array)."""
         return map_values(self.array[index], self.kind, self.lo, self.span, self.halve)
 
+    def mean(self) -> float:
+        """The mean of the normalised values, from one float64 pass over the raw ones (no
+        float32 copy: the mapping is affine, so it maps the raw mean)."""
+        return mapped_mean(np.mean(self.array, dtype=np.float64), self.kind, self.lo,
+                           self.span, self.halve)
+
 
 def value_mapping(dtype, lo, hi) -> tuple[str, float, float, bool]:
     """The normalisation rule (module docstring) for an image of ``dtype`` whose values span
@@ -73,6 +79,13 @@ def map_values(a, kind: str, lo: float = 0.0, span: float = 1.0,
     if halve:
         a = a * 0.5
     return ((a - lo) / span).astype(np.float32)
+
+
+def mapped_mean(raw_mean: float, kind: str, lo: float = 0.0, span: float = 1.0,
+                halve: bool = False) -> float:
+    """The mean of an image's normalised values from the mean of its raw values (``map_values``
+    is affine): the in-memory and lazy paths compute a plane's mean grey by it alike."""
+    return float(map_values(np.float64(raw_mean), kind, lo, span, halve))
 
 
 def normaliser(array, name: str) -> Normaliser:
@@ -135,6 +148,10 @@ class NormalisedStack:
         parts = self.parts[first] if isinstance(first, slice) else [self.parts[first]]
         out = np.stack([p(rest) for p in parts])
         return out if isinstance(first, slice) else out[0]
+
+    def mean_level(self) -> float:
+        """The mean grey of the sources: each source's mean normalised value, averaged."""
+        return float(np.mean([p.mean() for p in self.parts]))
 
     def plane(self, index: tuple[int, ...]) -> NormalisedStack:
         """The stack of plane ``index`` of every source (still lazy)."""

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -24,6 +25,7 @@ from .lazy import (
     norm_spec,
     normalised_crops,
     outcome,
+    plane_mean_level,
     planes_graph,
     split_outputs,
 )
@@ -59,7 +61,9 @@ from .tiling import (
 
 IVF_MIN_SIZE = 6  # the 11x11 reflection-padded blur needs more than 5 px per side
 BLACK_LEVEL = 1.0 / 255  # "black" for the black-pivot test of black_codes
-MID_GREY = 0.5  # the pivot of code gains above 1 for weights that keep black (gain_pivot)
+# the pivot of code gains above 1 for weights that keep black when no scene is given
+# (gain_pivot; the fuse functions give each plane's mean grey)
+MID_GREY = 0.5
 # Inner tiles on the CPU: the element-wise passes between convolutions (batch norm, padding,
 # soft threshold, residual) stream q maps per pixel and are memory-bound there, so the
 # encoders run on cache-sized pieces of each crop. Measured (benchmarks/README.md, 1 thread,
@@ -111,24 +115,31 @@ def black_codes(net) -> tuple[torch.Tensor, torch.Tensor, bool]:
         return z_b[0, :, 8, 8].float(), z_d[0, :, 8, 8].float(), keeps
 
 
-def gain_pivot(net, code_gain: float, black=None) -> torch.Tensor | None:
+def gain_pivot(net, code_gain: float, black=None, level: float = MID_GREY
+               ) -> torch.Tensor | None:
     """The summed (base + detail) codes [q] that ``code_gain`` scales the fused codes about
     (z_pivot + g (z - z_pivot)), or None for the authors' pivot, the zero codes.
 
     Weights that decode black to black (black_codes: ours) pivot at the codes of black below
-    gain 1 (a fade towards black) and at the codes of flat mid-grey above it (a contrast
-    stretch about mid-grey). Zero codes decode to whatever grey the training left there, an
-    offset the autoencoder loss does not see (the decoder is affine: only the sum of the
-    codes' and the decoder's constants is fixed at gain 1): 0.525 for the first generation,
-    0.54-0.61 for the sparse files, and at gain 2 an image is darkened by that much
-    (benchmarks/README.md). The authors' weights (and any that lift black) keep zero codes:
-    their results stay exactly the authors'. ``black``: black_codes(net), if already known."""
+    gain 1 (a fade towards black) and above it at the codes of a flat image at ``level``,
+    the scene's mean grey (a contrast stretch about the scene's mean, as PIL's
+    ImageEnhance.Contrast: the scene keeps its brightness). The decoder ends in a sigmoid and
+    is affine before it, so the result is sigmoid(g logit(f1) - (g - 1) logit(level)), f1 the
+    gain-1 fusion (to the pivot's own decoding error): about mid-grey, a bright scene's
+    highlights went into the sigmoid's flat end and a dark scene went darker (validation
+    and held-out figures: weights/README.md). Zero codes decode to whatever grey the training
+    left there, an offset the autoencoder loss does not see (the decoder is affine: only the
+    sum of the codes' and the decoder's constants is fixed at gain 1): 0.525 for the first
+    generation, 0.54-0.61 for the sparse files, and at gain 2 an image is darkened by that
+    much (benchmarks/README.md). The authors' weights (and any that lift black) keep zero
+    codes: their results stay exactly the authors'. ``black``: black_codes(net), if already
+    known."""
     if code_gain == 1.0:
         return None
     z_b, z_d, keeps_black = black if black is not None else black_codes(net)
     if not keeps_black:
         return None
-    return z_b + z_d if code_gain < 1.0 else sum(flat_codes(net, MID_GREY))
+    return z_b + z_d if code_gain < 1.0 else sum(flat_codes(net, level))
 
 
 class IVFKernel:
@@ -149,10 +160,11 @@ class IVFKernel:
     For weights that decode black to black (black_codes), the gain scales the codes'
     distance from a pivot instead (z_pivot + g (z - z_pivot), gain_pivot): below 1 the codes
     of black (a fade towards black rather than towards the grey of zero codes, so black
-    stays black at any gain), above 1 the codes of flat mid-grey (a contrast stretch about
-    mid-grey, whatever grey the training left at zero codes; black's codes decode far below
-    it, so black stays black there too; pivoting at black would turn a gain of 2 into a
-    glare). The authors' weights keep their pivot, the zero codes.
+    stays black at any gain), above 1 the codes of a flat image at ``scene_level``, the mean
+    grey of the plane's sources (a contrast stretch about the scene's mean, whatever grey the
+    training left at zero codes; None: mid-grey; black stays black, its codes decode below
+    any scene's mean). The authors' weights keep their pivot, the zero codes.
+    ``with_scene_level`` gives the kernel for another plane (lazy stacks build one kernel).
 
     ``exact``: the reference arithmetic (FoldedIVFN) even where the fast path applies; the
     fast path (engine/fast.py: weights with no negative soft threshold) runs the compiled
@@ -167,7 +179,8 @@ class IVFKernel:
                  device: torch.device, codes: bool = False, weights: bool = True,
                  precision: str | None = None, compile: bool = False,
                  inner: int | None = None, exact_rules: bool = False,
-                 code_gain: float = IVF_ALPHA, exact: bool = True):
+                 code_gain: float = IVF_ALPHA, exact: bool = True,
+                 scene_level: float | None = None):
         self.dtype = precision_dtype(precision)
         self.code_gain = check_code_gain(code_gain)
         # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
@@ -178,10 +191,8 @@ class IVFKernel:
         black = black_codes(net) if reference or self.code_gain != 1.0 else None
         self.black = {"base": black[0].to(device), "detail": black[1].to(device)} \
             if reference else None
-        # added to the scaled codes: (1 - g) / 2 * the pivot's codes (gain_pivot)
-        pivot = gain_pivot(net, self.code_gain, black)
-        self.code_offset = None if pivot is None else (
-            (1.0 - self.code_gain) / IVF_ALPHA * pivot).view(-1, 1, 1).to(device)
+        self._pivot_of = (net, black, device)  # what with_scene_level needs
+        self.code_offset = self._code_offset(scene_level)
         self.fast = use_fast_path(net, exact)
         self.path = "fast" if self.fast else "exact"
         if self.fast:
@@ -233,6 +244,23 @@ class IVFKernel:
         else:  # the encoders' transients span the whole crop
             self.fixed_bytes = 0
             self.bytes_per_pixel += 4 * 4 * self.q * self.S
+
+    def _code_offset(self, scene_level: float | None) -> torch.Tensor | None:
+        """What apply_gain adds to the scaled codes: (1 - g) / 2 * the pivot's codes."""
+        net, black, device = self._pivot_of
+        level = MID_GREY if scene_level is None else float(scene_level)
+        pivot = gain_pivot(net, self.code_gain, black, level)
+        return None if pivot is None else (
+            (1.0 - self.code_gain) / IVF_ALPHA * pivot).view(-1, 1, 1).to(device)
+
+    def with_scene_level(self, scene_level: float) -> IVFKernel:
+        """This kernel for a plane of mean grey ``scene_level`` (the pivot of gains above 1):
+        itself where the level plays no part, else a shallow copy sharing the networks."""
+        if self.code_gain <= 1.0 or self.code_offset is None:
+            return self
+        kernel = copy.copy(self)
+        kernel.code_offset = self._code_offset(scene_level)
+        return kernel
 
     def crop(self, x, t: Tile):
         return x[:, t.crop_slices[0], t.crop_slices[1]], t.inner
@@ -499,6 +527,13 @@ def fuse_grey_sources(images: dict[str, np.ndarray], model: FusionModel, base_ru
                             exact_rules=exact_rules, code_gain=code_gain, exact=exact)
 
 
+def scene_level(x: np.ndarray | NormalisedStack) -> float:
+    """The mean grey of the sources x [S, H, W] in [0, 1] (each source's mean, averaged)."""
+    if isinstance(x, NormalisedStack):
+        return x.mean_level()
+    return float(np.mean(np.mean(x, axis=(1, 2), dtype=np.float64)))
+
+
 def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: FusionModel,
                      base_rule: str, detail_rule: str, device: torch.device, codes: bool,
                      progress=None, *, tile=None, weights: bool = True,
@@ -508,6 +543,8 @@ def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: F
     """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1] (an array or
     a NormalisedStack, which converts the crops the tiles read)."""
     code_gain = check_code_gain(code_gain)
+    # the pivot of gains above 1 (IVFKernel): the plane's mean grey, read once
+    level = scene_level(x) if code_gain > 1.0 else None
 
     def attempt(dev: torch.device) -> dict:
         net = model.network_on(dev)
@@ -516,7 +553,8 @@ def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: F
                            weights=weights, precision=precision,
                            compile=auto_compile("ivf", fast, dev) if compile is None
                            else compile,
-                           exact_rules=exact_rules, code_gain=code_gain, exact=exact)
+                           exact_rules=exact_rules, code_gain=code_gain, exact=exact,
+                           scene_level=level)
         side = resolve_tile(tile, x.shape[-2:], kernel, dev,
                             held=result_bytes(kernel, x.shape[-2:]))
         return run_tiled(kernel, x, side, progress)
@@ -547,9 +585,11 @@ def fuse_infrared_visible(ir, vis, model=None, base_rule: str = "saliency",
     (it stretches the contrast); 1 keeps the sources' intensity scale (an image fused with
     itself comes back as it was), as fuse_multimodal does for medical images. For weights that
     decode black to black (the packaged ones) the codes' distance from a pivot is scaled:
-    above 1 from the codes of flat mid-grey (a contrast stretch about mid-grey), below 1 from
-    the codes of an all-black image (a fade towards black: black stays black at any gain);
-    the authors' weights are scaled about zero codes, as the authors do.
+    above 1 from the codes of a flat image at the scene's mean grey (the mean of the two
+    sources' means, per plane: a contrast stretch about the scene's mean; a flat grey fused
+    with itself comes back as it was), below 1 from the codes of an all-black image (a fade
+    towards black: black stays black at any gain); the authors' weights are scaled about zero
+    codes, as the authors do.
     progress(done, total) is called after every tile step and may raise Cancelled.
 
     Scale: ``tile`` is the tile side in pixels (None: the whole image when its working set
@@ -685,8 +725,15 @@ def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device
         blocks = [a[idx + t.crop_slices] for a in arrays]
         return dask.delayed(normalised_crops)(blocks, specs, names)
 
+    def plane_kernel(idx, key):
+        # the pivot of gains above 1 is the plane's mean grey: a lazy value per plane
+        means = [a[idx].mean(dtype=np.float64) for a in arrays]
+        level = dask.delayed(plane_mean_level)(means, [a.dtype for a in arrays], specs)
+        return dask.delayed(IVFKernel.with_scene_level)(key, level)
+
     out, side = planes_graph(kernel, device, tile, lead, (H, W), crop_of, client=client,
-                             scheduler=scheduler)
+                             scheduler=scheduler,
+                             plane_kernel=plane_kernel if code_gain > 1.0 else None)
     parts = split_outputs(kernel, out, len(lead))
     result = {"image": parts["image"][(slice(None),) * len(lead) + (0,)]}
     if weights:

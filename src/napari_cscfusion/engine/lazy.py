@@ -32,7 +32,7 @@ import torch
 
 from .device import module_on_cpu
 from .fast import fast_on_cpu
-from .inputs import map_values, value_mapping
+from .inputs import map_values, mapped_mean, value_mapping
 from .notices import free_cached, is_oom, notify, release_freed_memory
 from .tiling import (
     combine_extremes,
@@ -81,6 +81,13 @@ def norm_spec(a, name: str):
         return f"divided by the {dt} maximum {np.iinfo(dt).max}", None, None
     return (f"{dt}: dtype maximum, or [0,1] as is, or min-max over the whole array, as for "
             f"numpy inputs (decided when computed)"), a.min(), a.max()
+
+
+def plane_mean_level(raw_means, dtypes, specs) -> float:
+    """The mean grey of a plane's normalised sources (each source's mean, averaged) from the
+    raw means of its sources and their (lo, hi), as ``normalise_block`` maps them."""
+    return float(np.mean([mapped_mean(m, *value_mapping(dt, lo, hi))
+                          for m, dt, (lo, hi) in zip(raw_means, dtypes, specs, strict=True)]))
 
 
 def normalise_block(block: np.ndarray, lo, hi, name: str = "image") -> np.ndarray:
@@ -317,19 +324,23 @@ def _kernel_key(kernel):
 
 
 def planes_graph(kernel, device, tile, lead: tuple, shape: tuple[int, int], crop_of, *,
-                 client=None, scheduler: str | None = None, stats_of=None):
+                 client=None, scheduler: str | None = None, stats_of=None,
+                 plane_kernel=None):
     """``kernel`` over every plane of the leading (time, z, ...) axes ``lead``, each plane of
     ``shape`` (H, W): (a dask array (*lead, C, H, W), C the kernel's output channels in
     ``outputs()`` order; the tile side it is cut in, from ``tile`` as in the fuse functions).
     ``crop_of(idx, tile)``: one tile's inputs from plane ``idx``, a delayed value;
-    ``stats_of(idx)``: that plane's statistics for every tile task (delayed), or None."""
+    ``stats_of(idx)``: that plane's statistics for every tile task (delayed), or None;
+    ``plane_kernel(idx, key)``: the kernel plane ``idx`` runs (delayed, made from the shared
+    kernel's graph node ``key``: same geometry, a per-plane setting), or None for ``key``."""
     import dask.array as da
 
     side = resolve_tile(tile, shape, kernel, device, parallel=_parallel_tiles(client, scheduler))
     if client is not None or scheduler is not None:
         check_workers_load(kernel, client if client is not None else _client_for(scheduler))
     key = _kernel_key(kernel)
-    planes = [_plane_graph(kernel, key, partial(crop_of, idx), shape, side,
+    planes = [_plane_graph(kernel, key if plane_kernel is None else plane_kernel(idx, key),
+                           partial(crop_of, idx), shape, side,
                            None if stats_of is None else stats_of(idx))
               for idx in np.ndindex(*lead)]
     out = da.stack(planes).reshape(*lead, -1, *shape) if lead else planes[0]

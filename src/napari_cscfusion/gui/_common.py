@@ -160,7 +160,8 @@ def rule_combo(label: str, value: str, what: str) -> ComboBox:
 
 
 CODE_GAIN_HELP = ("how strongly the fused image is drawn from the network's codes. 2: the "
-                  "authors' infrared/visible setting, which stretches the contrast; 1: the fused "
+                  "authors' infrared/visible setting, which stretches the contrast (packaged "
+                  "weights: about the scene's mean grey); 1: the fused "
                   "image keeps the sources' intensity scale (an image fused with itself comes "
                   "back unchanged), for quantitative images such as MRI, CT or PET; below 1 "
                   "(packaged weights): the image fades towards black, black stays black")
