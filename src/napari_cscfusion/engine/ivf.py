@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 
@@ -160,11 +161,11 @@ class IVFKernel:
     For weights that decode black to black (black_codes), the gain scales the codes'
     distance from a pivot instead (z_pivot + g (z - z_pivot), gain_pivot): below 1 the codes
     of black (a fade towards black rather than towards the grey of zero codes, so black
-    stays black at any gain), above 1 the codes of a flat image at ``scene_level``, the mean
-    grey of the plane's sources (a contrast stretch about the scene's mean, whatever grey the
-    training left at zero codes; None: mid-grey; black stays black, its codes decode below
-    any scene's mean). The authors' weights keep their pivot, the zero codes.
-    ``with_scene_level`` gives the kernel for another plane (lazy stacks build one kernel).
+    stays black at any gain), above 1 the codes of a flat image at the scene's mean grey (a
+    contrast stretch about the scene's mean, whatever grey the training left at zero codes;
+    black stays black, its codes decode below any scene's mean): a kernel starts at mid-grey
+    and ``with_scene_level`` gives it for a plane (where ``uses_scene_level``). The authors'
+    weights keep their pivot, the zero codes.
 
     ``exact``: the reference arithmetic (FoldedIVFN) even where the fast path applies; the
     fast path (engine/fast.py: weights with no negative soft threshold) runs the compiled
@@ -179,8 +180,7 @@ class IVFKernel:
                  device: torch.device, codes: bool = False, weights: bool = True,
                  precision: str | None = None, compile: bool = False,
                  inner: int | None = None, exact_rules: bool = False,
-                 code_gain: float = IVF_ALPHA, exact: bool = True,
-                 scene_level: float | None = None):
+                 code_gain: float = IVF_ALPHA, exact: bool = True):
         self.dtype = precision_dtype(precision)
         self.code_gain = check_code_gain(code_gain)
         # None: the folded decoder's x IVF_ALPHA as it is (bit-identical default results)
@@ -192,7 +192,9 @@ class IVFKernel:
         self.black = {"base": black[0].to(device), "detail": black[1].to(device)} \
             if reference else None
         self._pivot_of = (net, black, device)  # what with_scene_level needs
-        self.code_offset = self._code_offset(scene_level)
+        self.code_offset = self._code_offset(MID_GREY)
+        # the pivot is a flat image at the scene's mean grey: gains above 1, our weights
+        self.uses_scene_level = self.code_gain > 1.0 and self.code_offset is not None
         self.fast = use_fast_path(net, exact)
         self.path = "fast" if self.fast else "exact"
         if self.fast:
@@ -245,18 +247,17 @@ class IVFKernel:
             self.fixed_bytes = 0
             self.bytes_per_pixel += 4 * 4 * self.q * self.S
 
-    def _code_offset(self, scene_level: float | None) -> torch.Tensor | None:
+    def _code_offset(self, level: float) -> torch.Tensor | None:
         """What apply_gain adds to the scaled codes: (1 - g) / 2 * the pivot's codes."""
         net, black, device = self._pivot_of
-        level = MID_GREY if scene_level is None else float(scene_level)
-        pivot = gain_pivot(net, self.code_gain, black, level)
+        pivot = gain_pivot(net, self.code_gain, black, float(level))
         return None if pivot is None else (
             (1.0 - self.code_gain) / IVF_ALPHA * pivot).view(-1, 1, 1).to(device)
 
     def with_scene_level(self, scene_level: float) -> IVFKernel:
         """This kernel for a plane of mean grey ``scene_level`` (the pivot of gains above 1):
         itself where the level plays no part, else a shallow copy sharing the networks."""
-        if self.code_gain <= 1.0 or self.code_offset is None:
+        if not self.uses_scene_level:
             return self
         kernel = copy.copy(self)
         kernel.code_offset = self._code_offset(scene_level)
@@ -543,8 +544,8 @@ def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: F
     """fuse_grey_sources on sources already stacked: x [S, H, W] float32 in [0,1] (an array or
     a NormalisedStack, which converts the crops the tiles read)."""
     code_gain = check_code_gain(code_gain)
-    # the pivot of gains above 1 (IVFKernel): the plane's mean grey, read once
-    level = scene_level(x) if code_gain > 1.0 else None
+    # the pivot of gains above 1 for our weights (IVFKernel): the plane's mean grey, read once
+    plane_level = functools.cache(lambda: scene_level(x))
 
     def attempt(dev: torch.device) -> dict:
         net = model.network_on(dev)
@@ -553,8 +554,9 @@ def _fuse_grey_stack(x: np.ndarray | NormalisedStack, names: list[str], model: F
                            weights=weights, precision=precision,
                            compile=auto_compile("ivf", fast, dev) if compile is None
                            else compile,
-                           exact_rules=exact_rules, code_gain=code_gain, exact=exact,
-                           scene_level=level)
+                           exact_rules=exact_rules, code_gain=code_gain, exact=exact)
+        if kernel.uses_scene_level:
+            kernel = kernel.with_scene_level(plane_level())
         side = resolve_tile(tile, x.shape[-2:], kernel, dev,
                             held=result_bytes(kernel, x.shape[-2:]))
         return run_tiled(kernel, x, side, progress)
@@ -733,7 +735,7 @@ def fuse_grey_lazy(images: dict, model, base_rule: str, detail_rule: str, device
 
     out, side = planes_graph(kernel, device, tile, lead, (H, W), crop_of, client=client,
                              scheduler=scheduler,
-                             plane_kernel=plane_kernel if code_gain > 1.0 else None)
+                             plane_kernel=plane_kernel if kernel.uses_scene_level else None)
     parts = split_outputs(kernel, out, len(lead))
     result = {"image": parts["image"][(slice(None),) * len(lead) + (0,)]}
     if weights:
