@@ -88,23 +88,29 @@ def test_3d_stack_is_fused_plane_by_plane_like_a_loop():
 
 
 @needs_shared
-def test_packaged_weights_stretch_each_plane_about_its_own_mean_lazily_too():
+@pytest.mark.parametrize("as_float", [False, True])
+def test_packaged_weights_stretch_each_plane_about_its_own_mean_lazily_too(as_float):
     """With the packaged weights the default code gain pivots at each plane's mean grey: a
-    dask stack (tiled) equals the in-memory loop over its planes, one plane at a third of
-    the other's brightness included, and the dark plane keeps its mean."""
+    dask stack (tiled) equals the in-memory run, one plane at a third of the other's
+    brightness included, and the dark plane keeps its mean; uint8 (divided by 255) and floats
+    outside [0, 1] (min-max over the whole stack: the mean is mapped as the pixels are)."""
     ir, vis = tno_stack()
     ir, vis = np.stack([ir[0], ir[1] // 3]), np.stack([vis[0], vis[1] // 3])
+    if as_float:
+        ir, vis = ir.astype(np.float32) * 3 - 5, vis.astype(np.float32) * 2 + 1
     packaged = load_model("ivf")
-    loop = [fuse_infrared_visible(ir[t], vis[t], packaged, "l1", "l1", device="cpu",
-                                  exact=True).image for t in range(2)]
+    ref = fuse_infrared_visible(ir, vis, packaged, "l1", "l1", device="cpu", exact=True)
     lazy = fuse_infrared_visible(da.from_array(ir, chunks=(1, 28, 36)),
                                  da.from_array(vis, chunks=(1, 28, 36)), packaged, "l1", "l1",
                                  device="cpu", tile=32)
-    got = lazy.image.compute()
-    for t in range(2):
-        np.testing.assert_allclose(got[t], loop[t], atol=1e-5, rtol=0)
-    scene = (ir[1].mean() + vis[1].mean()) / 2 / 255
-    assert scene < 0.25 and abs(float(got[1].mean()) - scene) < 0.03, (scene, got[1].mean())
+    np.testing.assert_allclose(lazy.image.compute(), ref.image, atol=1e-5, rtol=0)
+    if not as_float:  # each plane has its own pivot: fused alone it comes out the same
+        one = fuse_infrared_visible(ir[1], vis[1], packaged, "l1", "l1", device="cpu",
+                                    exact=True)
+        np.testing.assert_allclose(ref.image[1], one.image, atol=1e-6, rtol=0)
+        scene = (ir[1].mean() + vis[1].mean()) / 2 / 255
+        assert scene < 0.25 and abs(float(ref.image[1].mean()) - scene) < 0.03, \
+            (scene, ref.image[1].mean())
 
 
 @needs_shared
