@@ -191,8 +191,9 @@ class IVFKernel:
         black = black_codes(net) if reference or self.code_gain != 1.0 else None
         self.black = {"base": black[0].to(device), "detail": black[1].to(device)} \
             if reference else None
-        self._pivot_of = (net, black, device)  # what with_scene_level needs
-        self.code_offset = self._code_offset(MID_GREY)
+        self._pivot_of = (net, black)  # what with_scene_level and tensors_to need
+        self.pivot_level = MID_GREY
+        self.code_offset = self._code_offset(MID_GREY, device)
         # the pivot is a flat image at the scene's mean grey: gains above 1, our weights
         self.uses_scene_level = self.code_gain > 1.0 and self.code_offset is not None
         self.fast = use_fast_path(net, exact)
@@ -247,9 +248,9 @@ class IVFKernel:
             self.fixed_bytes = 0
             self.bytes_per_pixel += 4 * 4 * self.q * self.S
 
-    def _code_offset(self, level: float) -> torch.Tensor | None:
+    def _code_offset(self, level: float, device: torch.device) -> torch.Tensor | None:
         """What apply_gain adds to the scaled codes: (1 - g) / 2 * the pivot's codes."""
-        net, black, device = self._pivot_of
+        net, black = self._pivot_of
         pivot = gain_pivot(net, self.code_gain, black, float(level))
         return None if pivot is None else (
             (1.0 - self.code_gain) / IVF_ALPHA * pivot).view(-1, 1, 1).to(device)
@@ -260,8 +261,20 @@ class IVFKernel:
         if not self.uses_scene_level:
             return self
         kernel = copy.copy(self)
-        kernel.code_offset = self._code_offset(scene_level)
+        kernel.__dict__.pop("_cpu_twin", None)  # a twin made for this kernel has its pivot
+        kernel.pivot_level = float(scene_level)
+        kernel.code_offset = self._code_offset(scene_level, self.device)
         return kernel
+
+    def tensors_to(self, device: torch.device) -> None:
+        """Its own tensors (black's codes, the code gain's offset) made again on ``device``
+        from the network's: the lazy path's CPU twin of a GPU kernel (lazy._cpu_twin) calls
+        it on its copy."""
+        _, black = self._pivot_of
+        if self.black is not None:
+            self.black = {"base": black[0].to(device), "detail": black[1].to(device)}
+        if self.code_offset is not None:
+            self.code_offset = self._code_offset(self.pivot_level, device)
 
     def crop(self, x, t: Tile):
         return x[:, t.crop_slices[0], t.crop_slices[1]], t.inner

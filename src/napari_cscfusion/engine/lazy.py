@@ -139,6 +139,8 @@ def _cpu_twin(kernel):
             else:  # a fast form (engine/fast.py: closures over its tensors) is built again
                 twin.net = fast_on_cpu(kernel.net)
             twin.device = cpu
+            if hasattr(twin, "tensors_to"):  # tensors of its own besides the network's
+                twin.tensors_to(cpu)
             if hasattr(kernel, "INNER_TILE"):
                 twin.inner = inner_tile(kernel.INNER_TILE, cpu)
             kernel._cpu_twin = twin
