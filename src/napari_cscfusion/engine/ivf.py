@@ -143,6 +143,11 @@ def gain_pivot(net, code_gain: float, black=None, level: float = MID_GREY
     return z_b + z_d if code_gain < 1.0 else sum(flat_codes(net, level))
 
 
+def _by_encoder(black, device: torch.device) -> dict[str, torch.Tensor]:
+    """black_codes(net)'s codes by encoder, on ``device`` (the reference rules' reference)."""
+    return {"base": black[0].to(device), "detail": black[1].to(device)}
+
+
 class IVFKernel:
     """CSC-IVFN fusion of S grey sources on one crop [S, h, w].
 
@@ -189,8 +194,7 @@ class IVFKernel:
         # gain_pivot tests the weights with
         reference = bool({base_rule, detail_rule} & REFERENCE_RULES)
         black = black_codes(net) if reference or self.code_gain != 1.0 else None
-        self.black = {"base": black[0].to(device), "detail": black[1].to(device)} \
-            if reference else None
+        self.black = _by_encoder(black, device) if reference else None
         self._pivot_of = (net, black)  # what with_scene_level and tensors_to need
         self.pivot_level = MID_GREY
         self.code_offset = self._code_offset(MID_GREY, device)
@@ -270,9 +274,8 @@ class IVFKernel:
         """Its own tensors (black's codes, the code gain's offset) made again on ``device``
         from the network's: the lazy path's CPU twin of a GPU kernel (lazy._cpu_twin) calls
         it on its copy."""
-        _, black = self._pivot_of
         if self.black is not None:
-            self.black = {"base": black[0].to(device), "detail": black[1].to(device)}
+            self.black = _by_encoder(self._pivot_of[1], device)
         if self.code_offset is not None:
             self.code_offset = self._code_offset(self.pivot_level, device)
 
